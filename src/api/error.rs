@@ -1,0 +1,76 @@
+//! API errors: each variant is one HTTP status and a JSON body
+//! `{"error": {"type", "message", "field"?}}` that names what was wrong.
+
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("storage unavailable")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid { field: field.into(), message: message.into() }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Conflict(m) => Self::Conflict(m),
+            StorageError::TooLarge(m) => Self::TooLarge(m),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            Self::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::NotReady(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Conflict(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        let message = match &self {
+            Self::Invalid { message, .. } => message.clone(),
+            Self::Unavailable(detail) => {
+                // Details stay in our logs, not in the answer.
+                tracing::error!(error = %detail, "storage error while answering a request");
+                "storage is unavailable; retry later".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut body = serde_json::json!({"error": {"type": kind, "message": message}});
+        match &self {
+            Self::Invalid { field, .. } => body["error"]["field"] = field.clone().into(),
+            Self::TooLarge(_) => body["error"]["field"] = "body".into(),
+            _ => {}
+        }
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,381 @@
+//! The HTTP API: submit, inspect, cancel and read jobs; usage; metrics.
+//!
+//! One `axum::Router` serves `ratepool serve` and (through the Lambda
+//! adapter) API Gateway, so both answer the same routes with the same
+//! validation, authentication and bodies.
+
+mod error;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::TenantKey;
+use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::engine::router::OrgStatus;
+use crate::spec::{JobSpec, SpecLimits};
+use crate::storage::gcra::{self, BucketParams};
+use crate::storage::{
+    BucketKey, CreateOutcome, JobQueue, JobRecord, JobStatus, JobStore, NewJob, OrgCounters, QueueMessage, QuotaLedger,
+    UsageStore,
+};
+use crate::telemetry::Telemetry;
+pub use error::ApiError;
+
+/// One org of the pool and its ledger parameters, for `/v1/usage`.
+#[derive(Debug, Clone)]
+pub struct PoolOrg {
+    pub name: OrgName,
+    pub models: BTreeMap<ModelName, BucketParams>,
+}
+
+/// Where the live org states (breaker, rotation) come from, when workers
+/// run in this process.
+pub trait OrgStatusSource: Send + Sync {
+    fn org_status(&self) -> Vec<OrgStatus>;
+}
+
+impl OrgStatusSource for crate::engine::Router {
+    fn org_status(&self) -> Vec<OrgStatus> {
+        self.status()
+    }
+}
+
+pub struct ApiState {
+    pub jobs: Arc<dyn JobStore>,
+    pub queue: Arc<dyn JobQueue>,
+    pub ledger: Arc<dyn QuotaLedger>,
+    pub usage: Arc<dyn UsageStore>,
+    pub tenants: Vec<TenantKey>,
+    pub pool: Vec<PoolOrg>,
+    pub limits: SpecLimits,
+    pub clock: Arc<dyn Clock>,
+    pub telemetry: Arc<Telemetry>,
+    pub org_status: Option<Arc<dyn OrgStatusSource>>,
+}
+
+impl ApiState {
+    fn serves_model(&self, m: &ModelName) -> bool {
+        self.pool.iter().any(|o| o.models.contains_key(m))
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    // Slightly above the spec limit so the spec parser, not the extractor,
+    // names the limit in its message for bodies just over it.
+    let body_limit = state.limits.max_body_bytes + 1;
+    Router::new()
+        .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(job_status))
+        .route("/v1/jobs/{id}/result", get(job_result))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/usage", get(usage))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The tenant whose key is in `Authorization: Bearer KEY`. Every tenant's
+/// key is compared in constant time, and all of them are compared, so the
+/// answer time does not say which tenant (or how much of a key) matched.
+fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let mut found: Option<&TenantId> = None;
+    for t in &state.tenants {
+        let eq: bool = t.key.expose_secret().as_bytes().ct_eq(presented.as_bytes()).into();
+        if eq {
+            found = Some(&t.tenant);
+        }
+    }
+    found.cloned().ok_or(ApiError::Unauthorized)
+}
+
+fn rfc3339(us: Micros) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Serialize)]
+struct Accepted {
+    id: JobId,
+    status: JobStatus,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    calls: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl From<Usage> for UsageView {
+    fn from(u: Usage) -> Self {
+        Self { calls: u.calls, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens() }
+    }
+}
+
+#[derive(Serialize)]
+struct JobView {
+    id: JobId,
+    name: String,
+    status: JobStatus,
+    priority: crate::storage::Priority,
+    steps_total: u32,
+    steps_done: u32,
+    usage: UsageView,
+    error: Option<String>,
+    created_at: String,
+    updated_at: String,
+    finished_at: Option<String>,
+}
+
+impl From<JobRecord> for JobView {
+    fn from(j: JobRecord) -> Self {
+        Self {
+            id: j.id,
+            name: j.name,
+            status: j.status,
+            priority: j.priority,
+            steps_total: j.steps_total,
+            steps_done: j.steps_done,
+            usage: j.usage.into(),
+            error: j.error,
+            created_at: rfc3339(j.created_at),
+            updated_at: rfc3339(j.updated_at),
+            finished_at: j.finished_at.map(rfc3339),
+        }
+    }
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let s = v.to_str().ok().map(str::trim).unwrap_or("");
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+        ));
+    }
+    Ok(Some(s.to_string()))
+}
+
+async fn submit(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("request body is larger than {} bytes", state.limits.max_body_bytes))
+        } else {
+            ApiError::invalid("body", e.body_text())
+        }
+    })?;
+    let key = idempotency_key(&headers)?;
+    let spec = JobSpec::parse(&body, &state.limits, &|m| state.serves_model(m)).map_err(|e| {
+        if e.field == "body" && body.len() > state.limits.max_body_bytes {
+            ApiError::TooLarge(e.message)
+        } else {
+            ApiError::invalid(e.field, e.message)
+        }
+    })?;
+    let job = NewJob {
+        id: JobId::generate(),
+        tenant: tenant.clone(),
+        name: spec.name.clone(),
+        priority: spec.priority,
+        spec_json: spec.to_stored(),
+        steps_total: spec.steps.len() as u32,
+        idempotency: key.map(|k| (k, hex::encode(Sha256::digest(&body)))),
+        created_at: state.clock.now(),
+    };
+    let message = |r: &JobRecord| QueueMessage { job_id: r.id.clone(), tenant: r.tenant.clone(), priority: r.priority };
+    match state.jobs.create_job(&job).await? {
+        CreateOutcome::Created(record) => {
+            if let Err(e) = state.queue.send(&message(&record)).await {
+                // Nothing half-written: the job must not sit "queued" with
+                // no message that would ever run it.
+                let _ = state.jobs.fail_unleased(&record.id, "could not be enqueued", state.clock.now()).await;
+                return Err(e.into());
+            }
+            tracing::info!(job = %record.id, tenant = %tenant, steps = record.steps_total, "job accepted");
+            Ok((StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response())
+        }
+        CreateOutcome::Existing(record) => {
+            // A retry of a request whose first answer was lost. Re-send while
+            // still queued: the first send may be what failed, and a second
+            // message for the same job is harmless (the lease dedups runs).
+            if record.status == JobStatus::Queued {
+                state.queue.send(&message(&record)).await?;
+            }
+            let mut resp = (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
+            resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+    }
+}
+
+/// The job, if it exists and belongs to `tenant`; another tenant's job is
+/// answered exactly like a missing one.
+async fn owned_job(state: &ApiState, tenant: &TenantId, id: &str) -> Result<JobRecord, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no job {id:?}"));
+    let id = JobId::parse(id).map_err(|_| not_found())?;
+    match state.jobs.get_job(&id).await? {
+        Some(j) if &j.tenant == tenant => Ok(j),
+        _ => Err(not_found()),
+    }
+}
+
+async fn job_status(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    Ok(Json(owned_job(&state, &tenant, &id).await?.into()))
+}
+
+#[derive(Serialize)]
+struct ResultView {
+    id: JobId,
+    status: JobStatus,
+    outputs: BTreeMap<String, String>,
+}
+
+async fn job_result(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ResultView>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let job = owned_job(&state, &tenant, &id).await?;
+    if job.status != JobStatus::Succeeded {
+        return Err(ApiError::NotReady(format!(
+            "job is {} ({}/{} steps done); the result is available once it has succeeded",
+            job.status.as_str(),
+            job.steps_done,
+            job.steps_total
+        )));
+    }
+    let outputs = state.jobs.checkpoints(&job.id).await?.into_iter().map(|c| (c.step_id.to_string(), c.output)).collect();
+    Ok(Json(ResultView { id: job.id, status: job.status, outputs }))
+}
+
+async fn cancel(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Accepted>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    let job = owned_job(&state, &tenant, &id).await?;
+    match state.jobs.cancel_job(&job.id, state.clock.now()).await? {
+        Some(JobStatus::Cancelled) => {
+            tracing::info!(job = %job.id, tenant = %tenant, "job cancelled");
+            Ok(Json(Accepted { id: job.id, status: JobStatus::Cancelled }))
+        }
+        Some(other) => Err(ApiError::NotReady(format!("job already {}; it cannot be cancelled", other.as_str()))),
+        None => Err(ApiError::NotFound(format!("no job {id:?}"))),
+    }
+}
+
+#[derive(Serialize)]
+struct Headroom {
+    requests_remaining: u64,
+    tokens_remaining: u64,
+    requests_per_minute: u64,
+    tokens_per_minute: u64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct OrgUsageView {
+    org: OrgName,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out_of_rotation: Option<crate::engine::router::OutOfRotation>,
+    /// This tenant's use of the org.
+    #[serde(flatten)]
+    counters: OrgCounters,
+    /// The org's current headroom per model (pool-wide).
+    headroom: BTreeMap<ModelName, Headroom>,
+}
+
+#[derive(Serialize)]
+struct UsageReport {
+    tenant: TenantId,
+    orgs: Vec<OrgUsageView>,
+}
+
+async fn usage(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Json<UsageReport>, ApiError> {
+    let tenant = authenticate(&state, &headers)?;
+    // Include what this process has not written yet.
+    if let Err(e) = state.telemetry.flush(state.usage.as_ref()).await {
+        tracing::warn!(error = %e, "usage flush failed; report may lag");
+    }
+    let mine: BTreeMap<OrgName, OrgCounters> = state.usage.usage(&tenant).await?.into_iter().collect();
+    let statuses: BTreeMap<OrgName, OrgStatus> = state
+        .org_status
+        .as_ref()
+        .map(|s| s.org_status().into_iter().map(|o| (o.org.clone(), o)).collect())
+        .unwrap_or_default();
+    let now = state.clock.now();
+    let mut orgs = Vec::new();
+    for org in &state.pool {
+        let mut headroom = BTreeMap::new();
+        for (model, params) in &org.models {
+            let st = state.ledger.state(&BucketKey::new(&org.name, model)).await?;
+            headroom.insert(
+                model.clone(),
+                Headroom {
+                    requests_remaining: params.requests.remaining(st.requests_tat, now),
+                    tokens_remaining: params.tokens.remaining(st.tokens_tat, now),
+                    requests_per_minute: params.requests.limit,
+                    tokens_per_minute: params.tokens.limit,
+                    ratio: gcra::headroom(&st, params, now),
+                },
+            );
+        }
+        let status = statuses.get(&org.name);
+        orgs.push(OrgUsageView {
+            org: org.name.clone(),
+            state: status.map_or("unknown", |s| s.state),
+            out_of_rotation: status.and_then(|s| s.out_of_rotation.clone()),
+            counters: mine.get(&org.name).cloned().unwrap_or_default(),
+            headroom,
+        });
+    }
+    Ok(Json(UsageReport { tenant, orgs }))
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    match state.queue.stats().await {
+        Ok(s) => state.telemetry.set_queue(s),
+        Err(e) => tracing::warn!(error = %e, "queue stats unavailable for /metrics"),
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.telemetry.render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(state): State<Arc<ApiState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = state.queue.stats().await?;
+    Ok(Json(serde_json::json!({"status": "ok", "queue": q})))
+}
+
+/// Models served by the pool, for messages.
+pub fn pool_models(pool: &[PoolOrg]) -> BTreeSet<ModelName> {
+    pool.iter().flat_map(|o| o.models.keys().cloned()).collect()
+}

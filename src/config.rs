@@ -1,0 +1,527 @@
+//! The configuration file (TOML) and its validation.
+//!
+//! The file names environment variables for every secret, never the secret
+//! itself. Field-level mistakes are caught while deserializing, so the error
+//! carries the file's line and column; cross-field mistakes (duplicate
+//! names) use the span of the offending value for the same reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::domain::{ModelName, OrgName, TenantId};
+use crate::spec::SpecLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0}")]
+    Secret(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub orgs: Vec<OrgConfig>,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+    /// Settings of the built-in simulator used by `serve --simulate`.
+    #[serde(default)]
+    pub simulator: SimulatorConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "default_backend")]
+    pub backend: StorageKind,
+    /// The SQLite file; relative paths are taken from the working directory.
+    #[serde(default = "default_db_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { backend: default_backend(), path: default_db_path() }
+    }
+}
+
+fn default_backend() -> StorageKind {
+    StorageKind::Sqlite
+}
+fn default_db_path() -> PathBuf {
+    PathBuf::from("ratepool.db")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Jobs in flight in this process.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: NonZeroU64,
+    /// Steps of one job run at once, unless the job asks for fewer.
+    #[serde(default = "default_step_parallelism")]
+    pub step_parallelism: NonZeroU64,
+    /// How long a received job stays hidden from other workers without a
+    /// heartbeat; a dead worker's job is picked up after about this long.
+    #[serde(default = "default_visibility")]
+    pub visibility_timeout_secs: NonZeroU64,
+    /// Receives after which a job that keeps killing its worker is
+    /// dead-lettered and failed.
+    #[serde(default = "default_max_receives")]
+    pub max_receives: NonZeroU64,
+    /// Provider calls one step may make on transient errors (5xx, timeouts,
+    /// dropped connections) before the job fails. Rate limits do not count.
+    #[serde(default = "default_step_attempts")]
+    pub step_max_attempts: NonZeroU64,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: default_concurrency(),
+            step_parallelism: default_step_parallelism(),
+            visibility_timeout_secs: default_visibility(),
+            max_receives: default_max_receives(),
+            step_max_attempts: default_step_attempts(),
+        }
+    }
+}
+
+fn nz(v: u64) -> NonZeroU64 {
+    NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN)
+}
+fn default_concurrency() -> NonZeroU64 {
+    nz(64)
+}
+fn default_step_parallelism() -> NonZeroU64 {
+    nz(4)
+}
+fn default_visibility() -> NonZeroU64 {
+    nz(30)
+}
+fn default_max_receives() -> NonZeroU64 {
+    nz(5)
+}
+fn default_step_attempts() -> NonZeroU64 {
+    nz(12)
+}
+
+impl WorkersConfig {
+    pub fn visibility_timeout(&self) -> Duration {
+        Duration::from_secs(self.visibility_timeout_secs.get())
+    }
+}
+
+/// Size limits on submissions (see `crate::spec::SpecLimits`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_steps")]
+    pub max_steps: usize,
+    #[serde(default = "default_rendered")]
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: default_body(), max_steps: default_steps(), max_prompt_bytes: default_rendered() }
+    }
+}
+
+fn default_body() -> usize {
+    1 << 20
+}
+fn default_steps() -> usize {
+    500
+}
+fn default_rendered() -> usize {
+    2 << 20
+}
+
+impl LimitsConfig {
+    pub fn spec_limits(&self) -> SpecLimits {
+        SpecLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_steps: self.max_steps,
+            max_rendered_bytes: self.max_prompt_bytes,
+            ..SpecLimits::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    pub rpm: NonZeroU64,
+    pub tpm: NonZeroU64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgConfig {
+    pub name: Spanned<OrgName>,
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The environment variable holding this org's API key.
+    pub api_key_env: String,
+    pub models: BTreeMap<ModelName, ModelLimits>,
+    /// Characters per token of the provider's prompt estimate (OpenAI
+    /// counts roughly 4) — the ledger charges what the provider will.
+    #[serde(default = "default_chars_per_token")]
+    pub chars_per_token: f64,
+    /// Fraction of each limit left unused, for traffic the ledger cannot see.
+    #[serde(default)]
+    pub safety_margin: f64,
+    /// Pull the ledger toward the provider's `x-ratelimit-*` headers.
+    #[serde(default = "default_true")]
+    pub header_sync: bool,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: NonZeroU64,
+}
+
+fn default_base_url() -> String {
+    "https://api.openai.com/v1".into()
+}
+fn default_chars_per_token() -> f64 {
+    4.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout() -> NonZeroU64 {
+    nz(120)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: Spanned<TenantId>,
+    pub api_key_env: String,
+}
+
+/// The built-in simulator's behaviour under `serve --simulate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorConfig {
+    #[serde(default = "default_sim_base")]
+    pub latency_base_ms: u64,
+    #[serde(default = "default_sim_per_token")]
+    pub latency_per_token_ms: f64,
+    #[serde(default = "default_sim_scale")]
+    pub time_scale: f64,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            latency_base_ms: default_sim_base(),
+            latency_per_token_ms: default_sim_per_token(),
+            time_scale: default_sim_scale(),
+        }
+    }
+}
+
+fn default_sim_base() -> u64 {
+    300
+}
+fn default_sim_per_token() -> f64 {
+    4.0
+}
+fn default_sim_scale() -> f64 {
+    1.0
+}
+
+/// Tenant keys that are placeholders, not secrets; the server refuses them.
+const PLACEHOLDER_KEYS: &[&str] = &["changeme", "change-me", "default", "secret", "password", "test", "key", "xxx"];
+
+/// Minimum tenant key length: short keys are guessable.
+const MIN_TENANT_KEY_LEN: usize = 16;
+
+impl Config {
+    /// Reads and validates a file; the error names the line and the reason.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), String> {
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        };
+        if self.orgs.is_empty() {
+            return Err("no [[orgs]]: at least one provider organization is needed".into());
+        }
+        let mut seen = BTreeSet::new();
+        for org in &self.orgs {
+            if !seen.insert(org.name.get_ref().clone()) {
+                return Err(at(org.name.span(), format!("duplicate org name {:?}", org.name.get_ref().as_str())));
+            }
+            let bad = |m: String| at(org.name.span(), format!("org {}: {m}", org.name.get_ref()));
+            if org.models.is_empty() {
+                return Err(bad("no models: add [orgs.models.\"MODEL\"] with rpm and tpm".into()));
+            }
+            if !(org.chars_per_token.is_finite() && org.chars_per_token >= 0.5) {
+                return Err(bad("chars_per_token must be a number of at least 0.5".into()));
+            }
+            if !(0.0..0.9).contains(&org.safety_margin) {
+                return Err(bad("safety_margin must be in [0, 0.9)".into()));
+            }
+            if !(org.base_url.starts_with("http://") || org.base_url.starts_with("https://")) {
+                return Err(bad(format!("base_url {:?} must start with http:// or https://", org.base_url)));
+            }
+            check_env_name(&org.api_key_env).map_err(bad)?;
+        }
+        if self.tenants.is_empty() {
+            return Err("no [[tenants]]: at least one tenant is needed to submit jobs".into());
+        }
+        let mut seen = BTreeSet::new();
+        let mut envs = BTreeSet::new();
+        for t in &self.tenants {
+            let bad = |m: String| at(t.name.span(), m);
+            if !seen.insert(t.name.get_ref().clone()) {
+                return Err(bad(format!("duplicate tenant name {:?}", t.name.get_ref().as_str())));
+            }
+            check_env_name(&t.api_key_env).map_err(|m| bad(format!("tenant {}: {m}", t.name.get_ref())))?;
+            if !envs.insert(t.api_key_env.clone()) {
+                return Err(bad(format!("tenant {}: api_key_env {} is shared with another tenant", t.name.get_ref(), t.api_key_env)));
+            }
+        }
+        if self.limits.max_body_bytes < 1024 || self.limits.max_steps == 0 {
+            return Err("[limits]: max_body_bytes must be at least 1024 and max_steps at least 1".into());
+        }
+        if !(self.simulator.time_scale.is_finite() && self.simulator.time_scale >= 0.0) {
+            return Err("[simulator]: time_scale must be a number >= 0".into());
+        }
+        Ok(())
+    }
+
+    /// Every model some org serves.
+    pub fn models(&self) -> BTreeSet<ModelName> {
+        self.orgs.iter().flat_map(|o| o.models.keys().cloned()).collect()
+    }
+}
+
+fn check_env_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("api_key_env {name:?} is not an environment variable name (the key itself goes in the environment, not in this file)"))
+    }
+}
+
+/// Reads secrets from an environment (injected so tests need not mutate
+/// the process environment).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// A tenant with its resolved key.
+#[derive(Debug, Clone)]
+pub struct TenantKey {
+    pub tenant: TenantId,
+    pub key: SecretString,
+}
+
+/// Resolves every tenant's key, refusing empty, placeholder or short keys.
+pub fn tenant_keys(cfg: &Config, env: &dyn Env) -> Result<Vec<TenantKey>, ConfigError> {
+    let mut out = Vec::new();
+    for t in &cfg.tenants {
+        let name = t.name.get_ref();
+        let key = env.var(&t.api_key_env).unwrap_or_default();
+        let trimmed = key.trim();
+        if trimmed.is_empty() {
+            return Err(ConfigError::Secret(format!(
+                "tenant {name}: environment variable {} is not set or empty; set it to a random key (e.g. `openssl rand -hex 24`)",
+                t.api_key_env
+            )));
+        }
+        if trimmed.len() < MIN_TENANT_KEY_LEN || PLACEHOLDER_KEYS.contains(&trimmed.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::Secret(format!(
+                "tenant {name}: the key in {} is a placeholder or shorter than {MIN_TENANT_KEY_LEN} characters; use a random key",
+                t.api_key_env
+            )));
+        }
+        out.push(TenantKey { tenant: name.clone(), key: SecretString::from(trimmed.to_string()) });
+    }
+    for (i, a) in out.iter().enumerate() {
+        if out[i + 1..].iter().any(|b| b.key.expose_secret() == a.key.expose_secret()) {
+            return Err(ConfigError::Secret(format!("tenant {}: its key is also another tenant's key", a.tenant)));
+        }
+    }
+    Ok(out)
+}
+
+/// Org keys: `Ok(None)` when none of them is in the environment (the caller
+/// may then use the simulator); an error when only some are.
+pub fn org_keys(cfg: &Config, env: &dyn Env) -> Result<Option<Vec<SecretString>>, ConfigError> {
+    let keys: Vec<Option<String>> = cfg
+        .orgs
+        .iter()
+        .map(|o| env.var(&o.api_key_env).filter(|k| !k.trim().is_empty()))
+        .collect();
+    if keys.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for (org, key) in cfg.orgs.iter().zip(keys) {
+        match key {
+            Some(k) => out.push(SecretString::from(k.trim().to_string())),
+            None => {
+                return Err(ConfigError::Secret(format!(
+                    "org {}: environment variable {} is not set (other orgs' keys are)",
+                    org.name.get_ref(),
+                    org.api_key_env
+                )));
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[storage]
+backend = "sqlite"
+path = "ratepool.db"
+[workers]
+concurrency = 64
+[[orgs]]
+name = "org-a"
+base_url = "https://api.openai.com/v1"
+api_key_env = "ORG_A_KEY"
+[orgs.models."gpt-4o-mini"]
+rpm = 10000
+tpm = 10000000
+[[tenants]]
+name = "screenplays"
+api_key_env = "SCREENPLAYS_API_KEY"
+"#;
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.workers.concurrency.get(), 64);
+        assert_eq!(c.workers.step_parallelism.get(), 4);
+        assert_eq!(c.orgs[0].chars_per_token, 4.0);
+        assert!(c.orgs[0].header_sync);
+        assert_eq!(c.models().len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let cases = [
+            (GOOD.replace("rpm = 10000", "rpm = 0"), "line 14"),
+            (GOOD.replace("concurrency = 64", "concurrency = \"many\""), "line 8"),
+            (GOOD.replace("name = \"org-a\"", "name = \"org a\""), "line 10"),
+            (GOOD.replace("[workers]", "[workers]\ncolour = 1"), "unknown field"),
+            (format!("{GOOD}\n[[orgs]]\nname = \"org-a\"\napi_key_env = \"B\"\n[orgs.models.\"m\"]\nrpm = 1\ntpm = 1\n"), "line 21: duplicate org name"),
+            (GOOD.replace("ORG_A_KEY", "sk-live-abc def"), "not an environment variable name"),
+            (GOOD.replace("backend = \"sqlite\"", "backend = \"mysql\""), "line 5"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn tenant_keys_refuse_empty_placeholder_and_short_keys() {
+        let c = Config::parse(GOOD).unwrap();
+        let env = |v: &str| BTreeMap::from([("SCREENPLAYS_API_KEY".to_string(), v.to_string())]);
+        assert!(tenant_keys(&c, &BTreeMap::new()).is_err());
+        assert!(tenant_keys(&c, &env("   ")).is_err());
+        assert!(tenant_keys(&c, &env("changeme")).is_err());
+        assert!(tenant_keys(&c, &env("short")).is_err());
+        let keys = tenant_keys(&c, &env("0123456789abcdef0123")).unwrap();
+        assert_eq!(keys[0].key.expose_secret(), "0123456789abcdef0123");
+        // The key never shows in Debug output.
+        assert!(!format!("{keys:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn org_keys_all_or_none() {
+        let mut c = Config::parse(GOOD).unwrap();
+        assert!(org_keys(&c, &BTreeMap::new()).unwrap().is_none());
+        let env = BTreeMap::from([("ORG_A_KEY".to_string(), "sk-1".to_string())]);
+        assert_eq!(org_keys(&c, &env).unwrap().unwrap().len(), 1);
+        let mut second = c.orgs[0].clone();
+        second.api_key_env = "ORG_B_KEY".into();
+        c.orgs.push(second);
+        assert!(org_keys(&c, &env).is_err());
+    }
+}

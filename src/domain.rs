@@ -1,0 +1,186 @@
+//! Validated identifiers and small value types shared by every layer.
+//!
+//! Each newtype is built once by a parser that can fail; everything downstream
+//! takes the validated type, so an id that reached the engine is known good.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidId(pub String);
+
+fn check_token(kind: &str, s: &str, max: usize) -> Result<(), InvalidId> {
+    if s.is_empty() {
+        return Err(InvalidId(format!("{kind} must not be empty")));
+    }
+    if s.len() > max {
+        return Err(InvalidId(format!("{kind} is longer than {max} characters")));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(InvalidId(format!(
+            "{kind} {s:?} may contain only letters, digits, '-', '_', '.' and ':'"
+        )));
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(s: impl Into<String>) -> Result<Self, InvalidId> {
+                let s = s.into();
+                check_token($kind, &s, $max)?;
+                Ok(Self(s))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = InvalidId;
+            fn try_from(s: String) -> Result<Self, InvalidId> {
+                Self::parse(s)
+            }
+        }
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A job's id: a UUIDv7 string minted by the API, so ids sort by creation.
+    JobId, "job id", 64
+);
+id_type!(
+    /// A tenant (an API client team), as named in the config.
+    TenantId, "tenant name", 64
+);
+id_type!(
+    /// A provider organization, as named in the config.
+    OrgName, "org name", 64
+);
+id_type!(
+    /// A step's id inside one job spec.
+    StepId, "step id", 64
+);
+id_type!(
+    /// A model name as the provider spells it (`gpt-4o-mini`).
+    ModelName, "model", 128
+);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+}
+
+/// Token and call counts of finished work, as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+    pub fn add(&mut self, other: &Usage) {
+        self.calls += other.calls;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// Microseconds since the Unix epoch. Leases, checkpoints and ledger TATs are
+/// compared across processes, so they use wall-clock time, not `Instant`.
+pub type Micros = i64;
+
+/// Where "now" comes from; injected so leases and the ledger are tested
+/// without sleeping.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Micros;
+}
+
+/// The machine's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Micros {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        d.as_micros() as Micros
+    }
+}
+
+/// A clock that moves only when told to; for tests.
+#[derive(Debug, Default)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    pub fn new(start: Micros) -> Self {
+        Self(std::sync::atomic::AtomicI64::new(start))
+    }
+    pub fn advance(&self, by: std::time::Duration) {
+        self.0
+            .fetch_add(by.as_micros() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn set(&self, to: Micros) {
+        self.0.store(to, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Micros {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_bad_characters_and_lengths() {
+        assert!(StepId::parse("scene_01").is_ok());
+        assert!(StepId::parse("").is_err());
+        assert!(StepId::parse("a b").is_err());
+        assert!(StepId::parse("x".repeat(65)).is_err());
+        assert!(serde_json::from_str::<StepId>("\"ok-1\"").is_ok());
+        assert!(serde_json::from_str::<StepId>("\"no/slash\"").is_err());
+    }
+
+    #[test]
+    fn generated_job_ids_parse() {
+        let id = JobId::generate();
+        assert_eq!(JobId::parse(id.as_str()).unwrap(), id);
+    }
+}

@@ -1,0 +1,329 @@
+//! One job run: lease, heartbeat, load checkpoints, run the ready steps up
+//! to the job's parallelism, checkpoint each as it finishes, finish.
+//!
+//! Control flow that is not a failure (lease lost, shutdown hand-back) is
+//! kept apart from real failures: only a step the provider refused, or one
+//! that cannot be routed, fails a job.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Engine;
+use super::router::{CallError, CallRequest};
+use crate::domain::{JobId, StepId, TenantId};
+use crate::provider::{ChatMessage, ChatRequest};
+use crate::spec::JobSpec;
+use crate::storage::{Checkpoint, Delivery, JobOutcome, JobStatus, Lease, LeaseOutcome, StorageError};
+
+/// Shutdown signals shared by every job of one engine.
+#[derive(Clone, Default)]
+pub(crate) struct Stop {
+    /// Start no new steps; hand the job back once running steps are done.
+    pub drain: CancellationToken,
+    /// Abandon running steps and hand back now.
+    pub abort: CancellationToken,
+}
+
+/// What to do with the queue message once the run ends.
+enum Ack {
+    Delete,
+    /// Hand back to the queue now (shutdown).
+    HandBack,
+    /// Keep hidden this long (another worker holds a live lease).
+    Hide(Duration),
+    /// Leave it: it reappears after its visibility timeout.
+    Leave,
+}
+
+pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop) {
+    let job = delivery.message.job_id.clone();
+    let ack = match run(engine, &delivery, &stop).await {
+        Ok(ack) => ack,
+        Err(e) => {
+            tracing::warn!(job = %job, error = %e, "job run interrupted by a storage error; it will be retried");
+            Ack::Leave
+        }
+    };
+    let q = &engine.backend.queue;
+    let res = match ack {
+        Ack::Delete => q.delete(&delivery.receipt).await,
+        Ack::HandBack => q.extend(&delivery.receipt, Duration::ZERO).await,
+        Ack::Hide(d) => q.extend(&delivery.receipt, d).await,
+        Ack::Leave => Ok(()),
+    };
+    if let Err(e) = res {
+        tracing::warn!(job = %job, error = %e, "could not acknowledge the queue message");
+    }
+}
+
+async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, StorageError> {
+    let jobs = &engine.backend.jobs;
+    let cfg = &engine.config;
+    let id = &delivery.message.job_id;
+    if delivery.receive_count > cfg.max_receives {
+        let reason = format!(
+            "dead-lettered after {} deliveries: every worker that took this job stopped before finishing it",
+            delivery.receive_count - 1
+        );
+        tracing::error!(job = %id, %reason);
+        jobs.fail_unleased(id, &reason, engine.clock.now()).await?;
+        engine.backend.queue.dead_letter(delivery).await?;
+        return Ok(Ack::Leave);
+    }
+    let lease = match jobs.acquire_lease(id, &cfg.owner, cfg.lease_ttl, engine.clock.now()).await? {
+        LeaseOutcome::Acquired(l) => l,
+        LeaseOutcome::Held { expires_at, .. } => {
+            let left = (expires_at - engine.clock.now()).max(0) as u64;
+            return Ok(Ack::Hide(Duration::from_micros(left) + Duration::from_secs(1)));
+        }
+        LeaseOutcome::Finished(_) | LeaseOutcome::Missing => return Ok(Ack::Delete),
+    };
+    let Some(record) = jobs.get_job(id).await? else { return Ok(Ack::Delete) };
+    let spec = match JobSpec::from_stored(&record.spec_json, &cfg.spec_limits) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            let outcome = JobOutcome::Failed(format!("stored spec is unreadable: {e}"));
+            return finish(engine, &lease, &record.tenant, outcome, record.created_at).await;
+        }
+    };
+    tracing::info!(job = %id, steps = spec.steps.len(), receive = delivery.receive_count, "job started");
+
+    let lease = Arc::new(Mutex::new(lease));
+    let lost = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat(
+        engine.backend.clone(),
+        engine.clock.clone(),
+        delivery.receipt.clone(),
+        lease.clone(),
+        lost.clone(),
+        cfg.lease_ttl,
+    ));
+    let result = run_steps(engine, &record.tenant, id, &spec, &lease, &lost, stop).await;
+    heartbeat.abort();
+    let lease = current(&lease);
+    match result {
+        Ok(StepsEnd::AllDone) => finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await,
+        Ok(StepsEnd::Failed(reason)) => finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await,
+        Ok(StepsEnd::HandBack) => {
+            jobs.release_lease(&lease).await?;
+            tracing::info!(job = %id, "job handed back to the queue");
+            Ok(Ack::HandBack)
+        }
+        Ok(StepsEnd::LeaseLost) | Err(StorageError::LeaseLost) => {
+            // Cancelled, or another worker took over: ours is done either way.
+            let status = jobs.get_job(id).await?.map(|j| j.status);
+            tracing::info!(job = %id, ?status, "job lease lost; stopping this run");
+            Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::Leave })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn finish(engine: &Engine, lease: &Lease, tenant: &TenantId, outcome: JobOutcome, created_at: i64) -> Result<Ack, StorageError> {
+    let now = engine.clock.now();
+    match engine.backend.jobs.finish_job(lease, &outcome, now).await {
+        Ok(()) => {}
+        Err(StorageError::LeaseLost) => return Ok(Ack::Delete),
+        Err(e) => return Err(e),
+    }
+    let status = match &outcome {
+        JobOutcome::Succeeded => JobStatus::Succeeded,
+        JobOutcome::Failed(reason) => {
+            tracing::warn!(job = %lease.job_id, tenant = %tenant, %reason, "job failed");
+            JobStatus::Failed
+        }
+    };
+    if status == JobStatus::Succeeded {
+        tracing::info!(job = %lease.job_id, tenant = %tenant, "job succeeded");
+    }
+    engine.telemetry.job_finished(status, Duration::from_micros((now - created_at).max(0) as u64));
+    Ok(Ack::Delete)
+}
+
+fn current(lease: &Mutex<Lease>) -> Lease {
+    lease.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Keeps the queue message hidden and the lease alive every third of the
+/// TTL; a lost lease (cancel, takeover) cancels `lost`.
+async fn heartbeat(
+    backend: crate::storage::Backend,
+    clock: Arc<dyn crate::domain::Clock>,
+    receipt: String,
+    lease: Arc<Mutex<Lease>>,
+    lost: CancellationToken,
+    ttl: Duration,
+) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        if let Err(e) = backend.queue.extend(&receipt, ttl).await {
+            tracing::warn!(error = %e, "heartbeat: could not extend the message's visibility");
+        }
+        let held = current(&lease);
+        match backend.jobs.renew_lease(&held, ttl, clock.now()).await {
+            Ok(renewed) => *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed,
+            Err(StorageError::LeaseLost) => {
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(job = %held.job_id, error = %e, "heartbeat: could not renew the lease"),
+        }
+    }
+}
+
+enum StepsEnd {
+    AllDone,
+    Failed(String),
+    HandBack,
+    LeaseLost,
+}
+
+struct StepDone {
+    index: usize,
+    checkpoint: Checkpoint,
+    provider_time: Duration,
+    started: tokio::time::Instant,
+}
+
+enum StepError {
+    Failed(String),
+    Cancelled,
+    Storage(StorageError),
+}
+
+async fn run_steps(
+    engine: &Engine,
+    tenant: &TenantId,
+    id: &JobId,
+    spec: &Arc<JobSpec>,
+    lease: &Arc<Mutex<Lease>>,
+    lost: &CancellationToken,
+    stop: &Stop,
+) -> Result<StepsEnd, StorageError> {
+    let jobs = &engine.backend.jobs;
+    let mut outputs: HashMap<StepId, Arc<str>> = HashMap::new();
+    let mut done = HashSet::new();
+    for cp in jobs.checkpoints(id).await? {
+        if let Some(i) = spec.step_index(&cp.step_id) {
+            done.insert(i);
+            outputs.insert(cp.step_id, Arc::from(cp.output));
+        }
+    }
+    let parallel = spec
+        .max_parallel
+        .map_or(engine.config.step_parallelism, |p| (p as usize).min(engine.config.step_parallelism))
+        .max(1);
+    let steps_cancel = CancellationToken::new();
+    let _cancel_on_exit = steps_cancel.clone().drop_guard();
+    let mut running = HashSet::new();
+    let mut tasks: JoinSet<Result<StepDone, StepError>> = JoinSet::new();
+    loop {
+        if !stop.drain.is_cancelled() {
+            for i in spec.ready(&done, &running) {
+                if running.len() >= parallel {
+                    break;
+                }
+                running.insert(i);
+                let deps: HashMap<StepId, Arc<str>> = spec.steps[i]
+                    .deps
+                    .iter()
+                    .filter_map(|&d| {
+                        let sid = &spec.steps[d].id;
+                        outputs.get(sid).map(|o| (sid.clone(), o.clone()))
+                    })
+                    .collect();
+                let ctx = StepCtx {
+                    router: engine.router.clone(),
+                    clock: engine.clock.clone(),
+                    max_prompt_bytes: engine.config.spec_limits.max_rendered_bytes,
+                    tenant: tenant.clone(),
+                    job: id.clone(),
+                    spec: spec.clone(),
+                    index: i,
+                    cancel: steps_cancel.child_token(),
+                };
+                tasks.spawn(run_step(ctx, deps));
+            }
+        }
+        if running.is_empty() {
+            return Ok(if done.len() == spec.steps.len() { StepsEnd::AllDone } else { StepsEnd::HandBack });
+        }
+        let joined = tokio::select! {
+            j = tasks.join_next() => j,
+            _ = lost.cancelled() => return Ok(StepsEnd::LeaseLost),
+            _ = stop.abort.cancelled() => return Ok(StepsEnd::HandBack),
+        };
+        let Some(joined) = joined else { continue };
+        let step = match joined {
+            Ok(r) => r,
+            Err(e) => return Ok(StepsEnd::Failed(format!("step task crashed: {e}"))),
+        };
+        match step {
+            Ok(s) => {
+                let held = current(lease);
+                jobs.put_checkpoint(&held, &s.checkpoint, engine.clock.now()).await?;
+                let total = s.started.elapsed();
+                engine.telemetry.step_done(total.saturating_sub(s.provider_time));
+                running.remove(&s.index);
+                done.insert(s.index);
+                outputs.insert(s.checkpoint.step_id, Arc::from(s.checkpoint.output));
+            }
+            Err(StepError::Failed(reason)) => return Ok(StepsEnd::Failed(reason)),
+            Err(StepError::Cancelled) => return Ok(StepsEnd::HandBack),
+            Err(StepError::Storage(e)) => return Err(e),
+        }
+    }
+}
+
+struct StepCtx {
+    router: Arc<super::Router>,
+    clock: Arc<dyn crate::domain::Clock>,
+    max_prompt_bytes: usize,
+    tenant: TenantId,
+    job: JobId,
+    spec: Arc<JobSpec>,
+    index: usize,
+    cancel: CancellationToken,
+}
+
+async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepDone, StepError> {
+    let started = tokio::time::Instant::now();
+    let started_at = ctx.clock.now();
+    let step = &ctx.spec.steps[ctx.index];
+    let lookup = |id: &StepId| deps.get(id).map(|s| &**s);
+    let mut messages = Vec::with_capacity(step.messages.len());
+    let mut budget = ctx.max_prompt_bytes;
+    for (m, msg) in step.messages.iter().enumerate() {
+        let content = msg.content.render(&ctx.spec.inputs, &lookup, budget).map_err(|e| {
+            StepError::Failed(format!("step {}: messages[{m}]: {e}", step.id))
+        })?;
+        budget = budget.saturating_sub(content.len());
+        messages.push(ChatMessage { role: msg.role.as_str().to_string(), content });
+    }
+    let chat = ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
+    let req = CallRequest { tenant: ctx.tenant.clone(), chat, request_id: format!("{}/{}", ctx.job, step.id) };
+    let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
+        CallError::Cancelled => StepError::Cancelled,
+        CallError::Storage(e) => StepError::Storage(e),
+        other => StepError::Failed(format!("step {}: {other}", step.id)),
+    })?;
+    Ok(StepDone {
+        index: ctx.index,
+        checkpoint: Checkpoint {
+            step_id: step.id.clone(),
+            output: result.content,
+            usage: result.usage,
+            org: result.org,
+            model: step.model.clone(),
+            attempts: result.attempts,
+            started_at,
+            finished_at: ctx.clock.now(),
+        },
+        provider_time: result.provider_time,
+        started,
+    })
+}

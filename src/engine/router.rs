@@ -1,0 +1,522 @@
+//! Routing one provider call over the pool of organizations.
+//!
+//! For a call of a given model the router takes, among the orgs that serve
+//! it and are in rotation, the one with the most headroom (from the bucket
+//! state cached from every ledger write), charges its quota in the ledger,
+//! and sends the call. When no org has room it sleeps until the earliest one
+//! will — never spinning, never failing the job for it. Admissions of one
+//! model are serialized through a fair (FIFO) gate so that waiting callers
+//! do not stampede the ledger when capacity returns: one ledger write per
+//! admitted call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use super::breaker::{Breaker, BreakerPolicy, full_jitter};
+use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::provider::{ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure, RateLimitHeaders};
+use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
+use crate::storage::{Acquisition, BucketKey, CallEvent, CallOutcome, QuotaLedger, StorageError};
+use crate::telemetry::{BreakerGauge, Telemetry};
+
+/// One org as the router sees it.
+#[derive(Debug, Clone)]
+pub struct OrgSettings {
+    pub endpoint: OrgEndpoint,
+    /// Per model: the ledger's bucket parameters (limits less the safety margin).
+    pub models: BTreeMap<ModelName, BucketParams>,
+    /// The provider's own limits per model, used to read its headers.
+    pub provider_limits: BTreeMap<ModelName, (u64, u64)>,
+    pub chars_per_token: f64,
+    pub header_sync: bool,
+}
+
+impl OrgSettings {
+    /// Builds the settings of one configured org.
+    pub fn from_config(org: &crate::config::OrgConfig, base_url: String, api_key: SecretString) -> Self {
+        let keep = 1.0 - org.safety_margin;
+        let mut models = BTreeMap::new();
+        let mut provider_limits = BTreeMap::new();
+        for (model, lim) in &org.models {
+            let scaled = |v: u64| ((v as f64 * keep).floor() as u64).max(1);
+            models.insert(
+                model.clone(),
+                BucketParams { requests: Rate::per_minute(scaled(lim.rpm.get())), tokens: Rate::per_minute(scaled(lim.tpm.get())) },
+            );
+            provider_limits.insert(model.clone(), (lim.rpm.get(), lim.tpm.get()));
+        }
+        Self {
+            endpoint: OrgEndpoint {
+                name: org.name.get_ref().clone(),
+                base_url,
+                api_key,
+                timeout: Duration::from_secs(org.timeout_secs.get()),
+            },
+            models,
+            provider_limits,
+            chars_per_token: org.chars_per_token,
+            header_sync: org.header_sync,
+        }
+    }
+}
+
+/// How the router retries.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Transient failures (5xx, timeout, dropped connection) one call may
+    /// have before it is given up.
+    pub max_transient_failures: u32,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub breaker: BreakerPolicy,
+    /// How long an org that answered `insufficient_quota` or refused its
+    /// key stays out of rotation before it is tried again.
+    pub out_of_rotation_for: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_transient_failures: 12,
+            backoff_base: Duration::from_millis(200),
+            backoff_cap: Duration::from_secs(20),
+            breaker: BreakerPolicy::default(),
+            out_of_rotation_for: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Why an org is out of rotation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutOfRotation {
+    pub reason: String,
+    pub until: Micros,
+}
+
+struct OrgState {
+    settings: OrgSettings,
+    breaker: Mutex<Breaker>,
+    out: Mutex<Option<OutOfRotation>>,
+    /// Last bucket state seen per model. TATs only grow, so a cached state
+    /// is never more pessimistic than the stored one: skipping an org the
+    /// cache calls full is safe.
+    cache: Mutex<HashMap<ModelName, BucketState>>,
+}
+
+/// What the caller wants called.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    pub tenant: TenantId,
+    pub chat: ChatRequest,
+    /// Sent as `X-Client-Request-Id`: `{job}/{step}`.
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CallResult {
+    pub content: String,
+    pub usage: Usage,
+    pub org: OrgName,
+    pub attempts: u32,
+    /// Time spent in provider calls (the rest of the step is our overhead).
+    pub provider_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The provider refused the request itself; the step fails with this.
+    #[error("{0}")]
+    Request(String),
+    /// Transient failures exceeded the retry budget.
+    #[error("gave up after {attempts} attempts: {last}")]
+    Exhausted { attempts: u32, last: String },
+    /// No org can ever admit this call (cost above every org's limit, or
+    /// no org serves the model).
+    #[error("{0}")]
+    Unroutable(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Per-org status for `/v1/usage`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrgStatus {
+    pub org: OrgName,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_of_rotation: Option<OutOfRotation>,
+}
+
+pub struct Router {
+    orgs: Vec<OrgState>,
+    by_model: HashMap<ModelName, Vec<usize>>,
+    gates: HashMap<ModelName, tokio::sync::Mutex<()>>,
+    ledger: Arc<dyn QuotaLedger>,
+    client: ProviderClient,
+    clock: Arc<dyn Clock>,
+    telemetry: Arc<Telemetry>,
+    policy: RetryPolicy,
+}
+
+fn prompt_chars(chat: &ChatRequest) -> usize {
+    chat.messages.iter().map(|m| m.content.chars().count()).sum()
+}
+
+/// The provider's reservation for a call: prompt estimated from its
+/// character count, plus the whole `max_tokens`.
+pub fn call_cost(chat: &ChatRequest, chars_per_token: f64) -> Cost {
+    let prompt = (prompt_chars(chat) as f64 / chars_per_token).ceil() as u64;
+    Cost { requests: 1, tokens: prompt + u64::from(chat.max_tokens) }
+}
+
+fn to_micros(d: Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
+
+impl Router {
+    pub fn new(
+        orgs: Vec<OrgSettings>,
+        ledger: Arc<dyn QuotaLedger>,
+        client: ProviderClient,
+        clock: Arc<dyn Clock>,
+        telemetry: Arc<Telemetry>,
+        policy: RetryPolicy,
+    ) -> Self {
+        let mut by_model: HashMap<ModelName, Vec<usize>> = HashMap::new();
+        for (i, o) in orgs.iter().enumerate() {
+            for m in o.models.keys() {
+                by_model.entry(m.clone()).or_default().push(i);
+            }
+        }
+        let gates = by_model.keys().map(|m| (m.clone(), tokio::sync::Mutex::new(()))).collect();
+        let orgs = orgs
+            .into_iter()
+            .map(|settings| {
+                telemetry.set_breaker(&settings.endpoint.name, BreakerGauge::Closed);
+                telemetry.set_out_of_rotation(&settings.endpoint.name, false);
+                OrgState {
+                    settings,
+                    breaker: Mutex::new(Breaker::new(policy.breaker)),
+                    out: Mutex::new(None),
+                    cache: Mutex::new(HashMap::new()),
+                }
+            })
+            .collect();
+        Self { orgs, by_model, gates, ledger, client, clock, telemetry, policy }
+    }
+
+    pub fn serves(&self, model: &ModelName) -> bool {
+        self.by_model.contains_key(model)
+    }
+
+    pub fn status(&self) -> Vec<OrgStatus> {
+        let now = self.clock.now();
+        self.orgs
+            .iter()
+            .map(|o| {
+                let out = lock(&o.out).clone().filter(|x| x.until > now);
+                let state = if out.is_some() {
+                    "out_of_rotation"
+                } else {
+                    match lock(&o.breaker).gauge() {
+                        BreakerGauge::Closed => "ok",
+                        BreakerGauge::HalfOpen => "half_open",
+                        BreakerGauge::Open => "breaker_open",
+                    }
+                };
+                OrgStatus { org: o.settings.endpoint.name.clone(), state, out_of_rotation: out }
+            })
+            .collect()
+    }
+
+    /// Sends one call, routing and retrying as the module doc says.
+    pub async fn call(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<CallResult, CallError> {
+        let mut attempts = 0u32;
+        let mut transient = 0u32;
+        let mut provider_time = Duration::ZERO;
+        loop {
+            let idx = self.admit(req, cancel).await?;
+            let org = &self.orgs[idx];
+            let name = &org.settings.endpoint.name;
+            attempts += 1;
+            let sent_at = self.clock.now();
+            let started = tokio::time::Instant::now();
+            let answer = tokio::select! {
+                a = self.client.chat(&org.settings.endpoint, &req.chat, &req.request_id) => a,
+                _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            };
+            let latency = started.elapsed();
+            provider_time += latency;
+            let event = |outcome, usage| CallEvent {
+                tenant: req.tenant.clone(),
+                org: name.clone(),
+                model: req.chat.model.clone(),
+                outcome,
+                usage,
+                latency,
+            };
+            match answer {
+                Ok(ok) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::Ok, ok.usage));
+                    self.sync_headers(idx, &req.chat.model, &ok.limits, sent_at, None).await;
+                    return Ok(CallResult { content: ok.content, usage: ok.usage, org: name.clone(), attempts, provider_time });
+                }
+                Err(ProviderFailure::RateLimited { retry_after, limits, message }) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
+                    tracing::info!(org = %name, model = %req.chat.model, %message, "rate limited by provider; re-routing");
+                    self.sync_headers(idx, &req.chat.model, &limits, sent_at, Some(retry_after.unwrap_or(Duration::from_secs(1)))).await;
+                }
+                Err(ProviderFailure::InsufficientQuota { message }) => {
+                    self.telemetry.record_call(&event(CallOutcome::InsufficientQuota, Usage::default()));
+                    self.take_out(idx, format!("insufficient_quota: {message}"));
+                }
+                Err(ProviderFailure::Unauthorized { status, message }) => {
+                    self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
+                    self.take_out(idx, format!("credentials refused ({status}): {message}"));
+                }
+                Err(ProviderFailure::Request { status, message }) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
+                    return Err(CallError::Request(format!("provider rejected the request ({status}): {message}")));
+                }
+                Err(failure) => {
+                    let outcome = match failure {
+                        ProviderFailure::Timeout => CallOutcome::Timeout,
+                        ProviderFailure::Connection(_) => CallOutcome::ConnectionError,
+                        _ => CallOutcome::ServerError,
+                    };
+                    self.telemetry.record_call(&event(outcome, Usage::default()));
+                    let opened = lock(&org.breaker).on_failure(self.clock.now());
+                    if let Some(g) = opened {
+                        tracing::warn!(org = %name, "circuit breaker opened after repeated failures");
+                        self.telemetry.set_breaker(name, g);
+                    }
+                    transient += 1;
+                    if transient >= self.policy.max_transient_failures {
+                        return Err(CallError::Exhausted { attempts, last: failure.to_string() });
+                    }
+                    let hint = match &failure {
+                        ProviderFailure::Server { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    let wait = full_jitter(transient - 1, self.policy.backoff_base, self.policy.backoff_cap, rand::random::<f64>())
+                        .max(hint.unwrap_or_default().min(self.policy.backoff_cap));
+                    tracing::debug!(org = %name, error = %failure, ?wait, "transient provider failure; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return Err(CallError::Cancelled),
+                    }
+                }
+            }
+        }
+    }
+
+    fn breaker_success(&self, org: &OrgState) {
+        if let Some(g) = lock(&org.breaker).on_success() {
+            tracing::info!(org = %org.settings.endpoint.name, "circuit breaker closed");
+            self.telemetry.set_breaker(&org.settings.endpoint.name, g);
+        }
+    }
+
+    fn take_out(&self, idx: usize, reason: String) {
+        let org = &self.orgs[idx];
+        let until = self.clock.now() + to_micros(self.policy.out_of_rotation_for);
+        tracing::error!(org = %org.settings.endpoint.name, %reason, "org taken out of rotation");
+        *lock(&org.out) = Some(OutOfRotation { reason, until });
+        self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, true);
+    }
+
+    /// Waits for and charges capacity on the best org; returns its index.
+    async fn admit(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<usize, CallError> {
+        let model = &req.chat.model;
+        let (Some(candidates), Some(gate)) = (self.by_model.get(model), self.gates.get(model)) else {
+            return Err(CallError::Unroutable(format!("no configured org serves model {model}")));
+        };
+        let _turn = tokio::select! {
+            g = gate.lock() => g,
+            _ = cancel.cancelled() => return Err(CallError::Cancelled),
+        };
+        loop {
+            let now = self.clock.now();
+            // (headroom, index, cost, cached state) of every org that may take a call now.
+            let mut ready = Vec::new();
+            let mut wake_at: Option<Micros> = None;
+            let mut never = 0usize;
+            for &i in candidates {
+                let org = &self.orgs[i];
+                if let Some(out) = lock(&org.out).clone() {
+                    if out.until > now {
+                        wake_at = min_opt(wake_at, out.until);
+                        continue;
+                    }
+                    *lock(&org.out) = None;
+                    self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, false);
+                }
+                if let Some(until) = lock(&org.breaker).blocked_until(now) {
+                    wake_at = min_opt(wake_at, until);
+                    continue;
+                }
+                let Some(params) = org.settings.models.get(model) else { continue };
+                let cost = call_cost(&req.chat, org.settings.chars_per_token);
+                let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
+                match gcra::available_at(&cached, params, cost, now) {
+                    None => never += 1,
+                    Some(at) if at > now => wake_at = min_opt(wake_at, at),
+                    Some(_) => ready.push((gcra::headroom(&cached, params, now), i, cost, *params)),
+                }
+            }
+            if never == candidates.len() {
+                return Err(CallError::Unroutable(format!(
+                    "a call of this size exceeds the per-minute limits of every org serving {model}"
+                )));
+            }
+            ready.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for (_, i, cost, params) in ready {
+                let org = &self.orgs[i];
+                let key = BucketKey::new(&org.settings.endpoint.name, model);
+                match self.ledger.acquire(&key, &params, cost, now).await? {
+                    Acquisition::Granted(state) => {
+                        self.telemetry.ledger_op("acquire");
+                        self.remember(i, model, state, &params, now);
+                        lock(&org.breaker).on_dispatch();
+                        return Ok(i);
+                    }
+                    Acquisition::Denied { retry_at, state } => {
+                        self.telemetry.ledger_op("denied");
+                        self.remember(i, model, state, &params, now);
+                        wake_at = min_opt(wake_at, retry_at);
+                    }
+                    Acquisition::Never => {}
+                }
+            }
+            // Nothing free: sleep until the earliest capacity. Out-of-rotation
+            // orgs are looked at again at least once a minute.
+            let wait = wake_at.map_or(60_000_000, |t| (t - now).clamp(1_000, 60_000_000));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
+                _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            }
+        }
+    }
+
+    fn remember(&self, idx: usize, model: &ModelName, state: BucketState, params: &BucketParams, now: Micros) {
+        let org = &self.orgs[idx];
+        let mut cache = lock(&org.cache);
+        let slot = cache.entry(model.clone()).or_default();
+        *slot = gcra::raise(*slot, state);
+        self.telemetry.set_headroom(&org.settings.endpoint.name, model, gcra::headroom(slot, params, now));
+    }
+
+    /// Moves the ledger to the provider's view when it shows less headroom.
+    /// `sent_at` stands in for the provider's admission time: using it (not
+    /// the time the answer arrived) never overstates the provider's usage.
+    /// `blocked_for` (after a 429) keeps the org out until the provider's
+    /// retry time even if its headers say nothing.
+    async fn sync_headers(
+        &self,
+        idx: usize,
+        model: &ModelName,
+        h: &RateLimitHeaders,
+        sent_at: Micros,
+        blocked_for: Option<Duration>,
+    ) {
+        let org = &self.orgs[idx];
+        if !org.settings.header_sync && blocked_for.is_none() {
+            return;
+        }
+        let Some(params) = org.settings.models.get(model) else { return };
+        let (prov_rpm, prov_tpm) = org.settings.provider_limits.get(model).copied().unwrap_or((params.requests.limit, params.tokens.limit));
+        let mut floor = BucketState::default();
+        if org.settings.header_sync {
+            floor = provider_floor(params, h, prov_rpm, prov_tpm, sent_at);
+        }
+        if let Some(d) = blocked_for {
+            // Available again (for one request) at now + retry-after.
+            let again = self.clock.now() + to_micros(d);
+            floor.requests_tat = floor.requests_tat.max(again + params.requests.tolerance() - params.requests.increment(1));
+        }
+        let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
+        // Write only when the provider is ahead by more than one request's
+        // or a rounding's worth: the common case costs no ledger write.
+        let slack_r = params.requests.increment(1);
+        let slack_t = params.tokens.increment(params.tokens.limit / 1000 + 1);
+        let ahead = floor.requests_tat > cached.requests_tat + slack_r || floor.tokens_tat > cached.tokens_tat + slack_t;
+        if !ahead {
+            return;
+        }
+        let key = BucketKey::new(&org.settings.endpoint.name, model);
+        match self.ledger.raise(&key, floor).await {
+            Ok(state) => {
+                self.telemetry.ledger_op("raise");
+                tracing::debug!(org = %key.org, model = %model, "ledger moved toward the provider's headers");
+                self.remember(idx, model, state, params, self.clock.now());
+            }
+            Err(e) => tracing::warn!(org = %key.org, error = %e, "could not sync the ledger to provider headers"),
+        }
+    }
+}
+
+/// The bucket state the provider's headers imply, at `at`.
+pub fn provider_floor(params: &BucketParams, h: &RateLimitHeaders, prov_rpm: u64, prov_tpm: u64, at: Micros) -> BucketState {
+    let tat = |rate: &Rate, limit: Option<u64>, default_limit: u64, remaining: Option<u64>, reset: Option<Duration>| {
+        match (remaining, reset) {
+            (Some(rem), _) => rate.tat_for_remaining(limit.unwrap_or(default_limit), rem, at),
+            (None, Some(reset)) => at + to_micros(reset),
+            (None, None) => 0,
+        }
+    };
+    BucketState {
+        requests_tat: tat(&params.requests, h.limit_requests, prov_rpm, h.remaining_requests, h.reset_requests),
+        tokens_tat: tat(&params.tokens, h.limit_tokens, prov_tpm, h.remaining_tokens, h.reset_tokens),
+    }
+}
+
+fn min_opt(a: Option<Micros>, b: Micros) -> Option<Micros> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::ChatMessage;
+
+    #[test]
+    fn cost_is_prompt_estimate_plus_max_tokens() {
+        let chat = ChatRequest {
+            model: ModelName::parse("m").unwrap(),
+            messages: vec![
+                ChatMessage { role: "system".into(), content: "abcd".repeat(10) },
+                ChatMessage { role: "user".into(), content: "x".repeat(3) },
+            ],
+            max_tokens: 100,
+            temperature: 0.0,
+        };
+        // 43 characters / 4 → 11 tokens (rounded up) + 100.
+        assert_eq!(call_cost(&chat, 4.0), Cost { requests: 1, tokens: 111 });
+    }
+
+    #[test]
+    fn provider_floor_reads_remaining_in_our_units() {
+        let p = BucketParams { requests: Rate::per_minute(60), tokens: Rate::per_minute(6_000) };
+        let h = RateLimitHeaders { remaining_requests: Some(30), remaining_tokens: Some(1_500), ..Default::default() };
+        let f = provider_floor(&p, &h, 60, 6_000, 0);
+        assert_eq!(p.requests.remaining(f.requests_tat, 0), 30);
+        assert_eq!(p.tokens.remaining(f.tokens_tat, 0), 1_500);
+        // Reset only: the bucket is full again at `at + reset`.
+        let h = RateLimitHeaders { reset_tokens: Some(Duration::from_secs(6)), ..Default::default() };
+        assert_eq!(provider_floor(&p, &h, 60, 6_000, 10).tokens_tat, 10 + 6_000_000);
+        assert_eq!(provider_floor(&p, &RateLimitHeaders::default(), 60, 6_000, 10), BucketState::default());
+    }
+}

@@ -1,0 +1,25 @@
+//! ratepool: durable chains of LLM calls spread over the rate limits of
+//! several provider organizations.
+//!
+//! - [`spec`]: the job spec, its validation, templates and DAG.
+//! - [`engine`]: workers, the scheduler, the router and its quota ledger use.
+//! - [`provider`]: the OpenAI-compatible client and its header parsing.
+//! - [`storage`]: the traits every backend implements; [`local`] is the
+//!   one-machine backend (SQLite).
+//! - [`api`]: the HTTP API (axum), shared by `ratepool serve` and the Lambda.
+//! - [`sim`]: the provider simulator (`ratepool sim`).
+//! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
+//!   client, logging and Prometheus metrics.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod local;
+pub mod provider;
+pub mod serve;
+pub mod sim;
+pub mod spec;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,397 @@
+//! Job records, leases and step checkpoints.
+//!
+//! Every write that a lease guards checks owner, epoch, expiry and status in
+//! the same statement or transaction as the write itself, so a worker that
+//! lost its lease can never change the job, however late it wakes up.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, TransactionBehavior};
+
+use super::{OrBackend, SqliteBackend, int, micros, parse_priority, parsed, priority_str, uint};
+use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+use crate::storage::{
+    Checkpoint, CreateOutcome, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob, StorageError,
+    StorageResult,
+};
+
+/// The columns `job_from_row` reads, in its order.
+macro_rules! job_columns {
+    () => {
+        "id, tenant, name, priority, status, spec_json, steps_total, steps_done, calls, prompt_tokens, \
+         completion_tokens, error, created_at, updated_at, finished_at, lease_owner, lease_expires_at"
+    };
+}
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        id: parsed(r, 0, JobId::parse)?,
+        tenant: parsed(r, 1, TenantId::parse)?,
+        name: r.get(2)?,
+        priority: parse_priority(r, 3)?,
+        status: status_of(r, 4)?,
+        spec_json: r.get(5)?,
+        steps_total: r.get(6)?,
+        steps_done: r.get(7)?,
+        usage: Usage { calls: uint(r, 8)?, prompt_tokens: uint(r, 9)?, completion_tokens: uint(r, 10)? },
+        error: r.get(11)?,
+        created_at: r.get(12)?,
+        updated_at: r.get(13)?,
+        finished_at: r.get(14)?,
+        lease_owner: r.get(15)?,
+        lease_expires_at: r.get(16)?,
+    })
+}
+
+fn status_of(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<JobStatus> {
+    let s: String = r.get(idx)?;
+    JobStatus::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, format!("unknown job status {s:?}").into())
+    })
+}
+
+fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    Ok(Checkpoint {
+        step_id: parsed(r, 0, StepId::parse)?,
+        output: r.get(1)?,
+        usage: Usage { calls: uint(r, 2)?, prompt_tokens: uint(r, 3)?, completion_tokens: uint(r, 4)? },
+        org: parsed(r, 5, OrgName::parse)?,
+        model: parsed(r, 6, ModelName::parse)?,
+        attempts: r.get(7)?,
+        started_at: r.get(8)?,
+        finished_at: r.get(9)?,
+    })
+}
+
+/// The record `create_job` stores, without reading it back.
+fn fresh_record(job: &NewJob) -> JobRecord {
+    JobRecord {
+        id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        name: job.name.clone(),
+        priority: job.priority,
+        status: JobStatus::Queued,
+        spec_json: job.spec_json.clone(),
+        steps_total: job.steps_total,
+        steps_done: 0,
+        usage: Usage::default(),
+        error: None,
+        created_at: job.created_at,
+        updated_at: job.created_at,
+        finished_at: None,
+        lease_owner: None,
+        lease_expires_at: None,
+    }
+}
+
+#[async_trait]
+impl JobStore for SqliteBackend {
+    /// A new job whose id already exists (not via its idempotency key) is a
+    /// `Conflict`: ids are minted fresh, so that is a caller bug.
+    async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
+        let job = job.clone();
+        self.write(move |conn| {
+            // IMMEDIATE: the key lookup and the insert see one state, even
+            // with another process on the file.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            if let Some((key, hash)) = &job.idempotency {
+                let earlier = tx
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        job_columns!(),
+                        ", request_hash FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2"
+                    ))
+                    .db()?
+                    .query_row(rusqlite::params![job.tenant.as_str(), key], |r| {
+                        Ok((job_from_row(r)?, r.get::<_, Option<String>>(17)?))
+                    })
+                    .optional()
+                    .db()?;
+                if let Some((record, stored_hash)) = earlier {
+                    return if stored_hash.as_deref() == Some(hash.as_str()) {
+                        Ok(CreateOutcome::Existing(record))
+                    } else {
+                        Err(StorageError::Conflict(format!(
+                            "idempotency key {key:?} was used with a different request"
+                        )))
+                    };
+                }
+            }
+            let (key, hash) = match &job.idempotency {
+                Some((k, h)) => (Some(k.as_str()), Some(h.as_str())),
+                None => (None, None),
+            };
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (id, tenant, name, priority, status, spec_json, steps_total,
+                                       created_at, updated_at, idempotency_key, request_hash)
+                     VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?7, ?8, ?9)
+                     ON CONFLICT DO NOTHING",
+                )
+                .db()?
+                .execute(rusqlite::params![
+                    job.id.as_str(),
+                    job.tenant.as_str(),
+                    job.name,
+                    priority_str(job.priority),
+                    job.spec_json,
+                    job.steps_total,
+                    job.created_at,
+                    key,
+                    hash,
+                ])
+                .db()?;
+            if inserted == 0 {
+                return Err(StorageError::Conflict(format!("job {} already exists", job.id)));
+            }
+            tx.commit().db()?;
+            Ok(CreateOutcome::Created(fresh_record(&job)))
+        })
+        .await
+    }
+
+    async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>> {
+        let id = id.clone();
+        self.read(move |conn| {
+            conn.prepare_cached(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1"))
+                .db()?
+                .query_row([id.as_str()], job_from_row)
+                .optional()
+                .db()
+        })
+        .await
+    }
+
+    /// A lease is valid while `now < lease_expires_at`; at the expiry instant
+    /// it may be taken over. The same owner string does not get around an
+    /// unexpired lease: a second acquisition by it is `Held` too.
+    async fn acquire_lease(&self, id: &JobId, owner: &str, ttl: Duration, now: Micros) -> StorageResult<LeaseOutcome> {
+        let id = id.clone();
+        let owner = owner.to_owned();
+        let expires_at = now.saturating_add(micros(ttl));
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            let current = tx
+                .prepare_cached("SELECT status, lease_owner, lease_expires_at, lease_epoch FROM jobs WHERE id = ?1")
+                .db()?
+                .query_row([id.as_str()], |r| {
+                    Ok((
+                        status_of(r, 0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<Micros>>(2)?,
+                        uint::<u64>(r, 3)?,
+                    ))
+                })
+                .optional()
+                .db()?;
+            let Some((status, held_by, held_until, epoch)) = current else {
+                return Ok(LeaseOutcome::Missing);
+            };
+            if status.is_terminal() {
+                return Ok(LeaseOutcome::Finished(status));
+            }
+            if let (Some(holder), Some(until)) = (held_by, held_until) {
+                if now < until {
+                    return Ok(LeaseOutcome::Held { owner: holder, expires_at: until });
+                }
+            }
+            let epoch = epoch + 1;
+            tx.prepare_cached(
+                "UPDATE jobs SET status = 'running', lease_owner = ?2, lease_epoch = ?3,
+                                 lease_expires_at = ?4, updated_at = ?5
+                  WHERE id = ?1",
+            )
+            .db()?
+            .execute(rusqlite::params![id.as_str(), owner, int(epoch), expires_at, now])
+            .db()?;
+            tx.commit().db()?;
+            Ok(LeaseOutcome::Acquired(Lease { job_id: id, owner, epoch, expires_at }))
+        })
+        .await
+    }
+
+    /// No expiry check: a lease that lapsed but that nobody took over is
+    /// still this worker's, and renewing it is how it recovers.
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration, now: Micros) -> StorageResult<Lease> {
+        let mut renewed = lease.clone();
+        renewed.expires_at = now.saturating_add(micros(ttl));
+        let l = renewed.clone();
+        let changed = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE jobs SET lease_expires_at = ?4, updated_at = ?5
+                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3 AND status = 'running'",
+                )
+                .db()?
+                .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), l.expires_at, now])
+                .db()
+            })
+            .await?;
+        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(renewed) }
+    }
+
+    /// Releasing a lease that is no longer held changes nothing and is not
+    /// an error: the caller was giving it up anyway. The job stays `running`
+    /// (it has started) until the next worker acquires it.
+    async fn release_lease(&self, lease: &Lease) -> StorageResult<()> {
+        let l = lease.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL
+                  WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+            )
+            .db()?
+            .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch)])
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()> {
+        let l = lease.clone();
+        let cp = checkpoint.clone();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            // The lease check and the progress update are one statement; the
+            // insert below rolls it back if the step was already written.
+            let held = tx
+                .prepare_cached(
+                    "UPDATE jobs SET steps_done = steps_done + 1,
+                                     calls = calls + ?5,
+                                     prompt_tokens = prompt_tokens + ?6,
+                                     completion_tokens = completion_tokens + ?7,
+                                     updated_at = ?4
+                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                        AND lease_expires_at > ?4 AND status = 'running'",
+                )
+                .db()?
+                .execute(rusqlite::params![
+                    l.job_id.as_str(),
+                    l.owner,
+                    int(l.epoch),
+                    now,
+                    int(cp.usage.calls),
+                    int(cp.usage.prompt_tokens),
+                    int(cp.usage.completion_tokens),
+                ])
+                .db()?;
+            if held == 0 {
+                return Err(StorageError::LeaseLost);
+            }
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT INTO checkpoints (job_id, step_id, output, calls, prompt_tokens, completion_tokens,
+                                              org, model, attempts, started_at, finished_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     ON CONFLICT (job_id, step_id) DO NOTHING",
+                )
+                .db()?
+                .execute(rusqlite::params![
+                    l.job_id.as_str(),
+                    cp.step_id.as_str(),
+                    cp.output,
+                    int(cp.usage.calls),
+                    int(cp.usage.prompt_tokens),
+                    int(cp.usage.completion_tokens),
+                    cp.org.as_str(),
+                    cp.model.as_str(),
+                    cp.attempts,
+                    cp.started_at,
+                    cp.finished_at,
+                ])
+                .db()?;
+            if inserted == 0 {
+                // Dropping `tx` rolls back the progress update.
+                return Err(StorageError::Conflict(format!("step {} already has a checkpoint", cp.step_id)));
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+
+    /// In the order they were written.
+    async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>> {
+        let id = id.clone();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT step_id, output, calls, prompt_tokens, completion_tokens, org, model, attempts,
+                        started_at, finished_at
+                   FROM checkpoints WHERE job_id = ?1 ORDER BY rowid",
+            )
+            .db()?
+            .query_map([id.as_str()], checkpoint_from_row)
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()
+        })
+        .await
+    }
+
+    /// Like `put_checkpoint`, requires the lease unexpired at `now`: a worker
+    /// whose lease lapsed renews it first.
+    async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
+        let l = lease.clone();
+        let (status, error) = match outcome {
+            JobOutcome::Succeeded => (JobStatus::Succeeded, None),
+            JobOutcome::Failed(e) => (JobStatus::Failed, Some(e.clone())),
+        };
+        let changed = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE jobs SET status = ?5, error = ?6, finished_at = ?4, updated_at = ?4,
+                                     lease_owner = NULL, lease_expires_at = NULL
+                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                        AND lease_expires_at > ?4 AND status = 'running'",
+                )
+                .db()?
+                .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, status.as_str(), error])
+                .db()
+            })
+            .await?;
+        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(()) }
+    }
+
+    async fn cancel_job(&self, id: &JobId, now: Micros) -> StorageResult<Option<JobStatus>> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            tx.prepare_cached(
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?2, updated_at = ?2,
+                                 lease_owner = NULL, lease_expires_at = NULL
+                  WHERE id = ?1 AND status IN ('queued', 'running')",
+            )
+            .db()?
+            .execute(rusqlite::params![id.as_str(), now])
+            .db()?;
+            let status = tx
+                .prepare_cached("SELECT status FROM jobs WHERE id = ?1")
+                .db()?
+                .query_row([id.as_str()], |r| status_of(r, 0))
+                .optional()
+                .db()?;
+            tx.commit().db()?;
+            Ok(status)
+        })
+        .await
+    }
+
+    /// An unknown job is a no-op, like a finished one.
+    async fn fail_unleased(&self, id: &JobId, reason: &str, now: Micros) -> StorageResult<()> {
+        let id = id.clone();
+        let reason = reason.to_owned();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3, updated_at = ?3,
+                                 lease_owner = NULL, lease_expires_at = NULL
+                  WHERE id = ?1 AND status IN ('queued', 'running')",
+            )
+            .db()?
+            .execute(rusqlite::params![id.as_str(), reason, now])
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,92 @@
+//! The quota ledger: one row per (org, model) holding both buckets' TATs.
+//!
+//! `acquire` reads, decides with [`gcra::decide`] and writes in one
+//! IMMEDIATE transaction, writing nothing when it denies.
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, TransactionBehavior};
+
+use super::{OrBackend, SqliteBackend};
+use crate::domain::Micros;
+use crate::storage::gcra::{self, Decision};
+use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult};
+
+const READ_STATE: &str = "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
+
+fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BucketState> {
+    Ok(BucketState { requests_tat: r.get(0)?, tokens_tat: r.get(1)? })
+}
+
+#[async_trait]
+impl QuotaLedger for SqliteBackend {
+    async fn acquire(&self, key: &BucketKey, params: &BucketParams, cost: Cost, now: Micros) -> StorageResult<Acquisition> {
+        let key = key.clone();
+        let params = *params;
+        self.write(move |conn| {
+            // IMMEDIATE takes the write lock before the read, so another
+            // process cannot change the row between decide and write.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            let state = tx
+                .prepare_cached(READ_STATE)
+                .db()?
+                .query_row([key.org.as_str(), key.model.as_str()], state_from_row)
+                .optional()
+                .db()?
+                .unwrap_or_default();
+            match gcra::decide(state, &params, cost, now) {
+                Decision::Allow(after) => {
+                    tx.prepare_cached(
+                        "INSERT INTO ledger (org, model, requests_tat, tokens_tat) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (org, model) DO UPDATE
+                            SET requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat",
+                    )
+                    .db()?
+                    .execute(rusqlite::params![key.org.as_str(), key.model.as_str(), after.requests_tat, after.tokens_tat])
+                    .db()?;
+                    tx.commit().db()?;
+                    Ok(Acquisition::Granted(after))
+                }
+                // Nothing written; dropping `tx` just ends the read.
+                Decision::Deny { retry_at } => Ok(Acquisition::Denied { retry_at, state }),
+                Decision::Never => Ok(Acquisition::Never),
+            }
+        })
+        .await
+    }
+
+    async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState> {
+        let key = key.clone();
+        self.write(move |conn| {
+            // `max` per column is `gcra::raise` written as one UPSERT, so the
+            // raise needs no transaction and can never lower a TAT.
+            conn.prepare_cached(
+                "INSERT INTO ledger (org, model, requests_tat, tokens_tat) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (org, model) DO UPDATE
+                    SET requests_tat = max(requests_tat, excluded.requests_tat),
+                        tokens_tat = max(tokens_tat, excluded.tokens_tat)
+                 RETURNING requests_tat, tokens_tat",
+            )
+            .db()?
+            .query_row(
+                rusqlite::params![key.org.as_str(), key.model.as_str(), floor.requests_tat, floor.tokens_tat],
+                state_from_row,
+            )
+            .db()
+        })
+        .await
+    }
+
+    async fn state(&self, key: &BucketKey) -> StorageResult<BucketState> {
+        let key = key.clone();
+        self.read(move |conn| {
+            Ok(conn
+                .prepare_cached(READ_STATE)
+                .db()?
+                .query_row([key.org.as_str(), key.model.as_str()], state_from_row)
+                .optional()
+                .db()?
+                .unwrap_or_default())
+        })
+        .await
+    }
+}

@@ -1,0 +1,143 @@
+//! Connection settings and the database schema, created on open.
+//!
+//! The schema version lives in `PRAGMA user_version`; a file written by a
+//! newer binary is refused rather than misread.
+
+use rusqlite::Connection;
+
+use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
+use crate::storage::{StorageError, StorageResult};
+
+/// The version this binary writes and understands.
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+/// Per-connection pragmas.
+pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
+    conn.busy_timeout(BUSY_TIMEOUT).db()?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    if read_only {
+        conn.pragma_update(None, "query_only", true).db()?;
+        return Ok(());
+    }
+    // WAL: readers do not block the writer and a commit is one append.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).db()?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StorageError::Backend(format!("sqlite refused WAL mode (journal_mode is {mode})")));
+    }
+    // NORMAL under WAL syncs only at checkpoints: a committed transaction
+    // survives a crash of the process (our failure model: SIGKILL, OOM), and
+    // only a power loss or kernel crash can drop the last few commits. FULL
+    // would add an fsync to every checkpoint and lease write.
+    conn.pragma_update(None, "synchronous", "NORMAL").db()?;
+    conn.pragma_update(None, "foreign_keys", true).db()?;
+    Ok(())
+}
+
+/// Creates the tables if missing and records the version.
+pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).db()?;
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::Backend(format!(
+            "database schema version {version} is newer than this binary understands ({SCHEMA_VERSION})"
+        )));
+    }
+    // One batch in one transaction: a crash mid-way leaves no half schema.
+    conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"))
+        .db()
+}
+
+const SCHEMA: &str = r#"
+-- Waiting and in-flight queue messages. `lane` 0 is interactive, 1 batch,
+-- so `ORDER BY lane, id` serves interactive first, oldest first.
+CREATE TABLE IF NOT EXISTS queue (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id        TEXT    NOT NULL,
+    tenant        TEXT    NOT NULL,
+    lane          INTEGER NOT NULL,
+    visible_at    INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    -- Fresh on every receive, so a holder whose visibility lapsed and whose
+    -- message was received again cannot extend or delete it.
+    receipt       TEXT,
+    created_at    INTEGER NOT NULL
+);
+-- Covers the receive scan: the in-flight rows it skips are bounded by the
+-- number of workers, while the waiting backlog may be long.
+CREATE INDEX IF NOT EXISTS queue_order ON queue (lane, id, visible_at);
+CREATE UNIQUE INDEX IF NOT EXISTS queue_receipt ON queue (receipt);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id        TEXT    NOT NULL,
+    tenant        TEXT    NOT NULL,
+    lane          INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL,
+    created_at    INTEGER NOT NULL,
+    dead_at       INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id                TEXT    PRIMARY KEY NOT NULL,
+    tenant            TEXT    NOT NULL,
+    name              TEXT    NOT NULL,
+    priority          TEXT    NOT NULL,
+    status            TEXT    NOT NULL,
+    spec_json         TEXT    NOT NULL,
+    steps_total       INTEGER NOT NULL,
+    steps_done        INTEGER NOT NULL DEFAULT 0,
+    calls             INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    error             TEXT,
+    created_at        INTEGER NOT NULL,
+    updated_at        INTEGER NOT NULL,
+    finished_at       INTEGER,
+    lease_owner       TEXT,
+    -- Grows on every acquisition; never reset, so an old lease never matches.
+    lease_epoch       INTEGER NOT NULL DEFAULT 0,
+    lease_expires_at  INTEGER,
+    idempotency_key   TEXT,
+    request_hash      TEXT
+);
+-- NULL keys are distinct in SQLite, so jobs without a key never collide.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key);
+
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id            TEXT    NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    step_id           TEXT    NOT NULL,
+    output            TEXT    NOT NULL,
+    calls             INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    org               TEXT    NOT NULL,
+    model             TEXT    NOT NULL,
+    attempts          INTEGER NOT NULL,
+    started_at        INTEGER NOT NULL,
+    finished_at       INTEGER NOT NULL,
+    PRIMARY KEY (job_id, step_id)
+);
+
+-- One row per (org, model) holding both GCRA buckets' TATs.
+CREATE TABLE IF NOT EXISTS ledger (
+    org          TEXT    NOT NULL,
+    model        TEXT    NOT NULL,
+    requests_tat INTEGER NOT NULL,
+    tokens_tat   INTEGER NOT NULL,
+    PRIMARY KEY (org, model)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS usage (
+    tenant             TEXT    NOT NULL,
+    org                TEXT    NOT NULL,
+    calls              INTEGER NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    rate_limited       INTEGER NOT NULL,
+    insufficient_quota INTEGER NOT NULL,
+    server_errors      INTEGER NOT NULL,
+    timeouts           INTEGER NOT NULL,
+    connection_errors  INTEGER NOT NULL,
+    request_errors     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, org)
+) WITHOUT ROWID;
+"#;

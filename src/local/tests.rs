@@ -1,0 +1,1 @@
+//! SQLite specifics the conformance suite cannot see.

@@ -1,0 +1,155 @@
+//! The `ratepool` binary: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use ratepool::client::ApiClient;
+use ratepool::config::Config;
+use ratepool::serve::{self, Simulate};
+
+#[derive(Parser)]
+#[command(name = "ratepool", version, about = "Durable LLM job chains over a pool of provider organizations")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The ratepool server.
+    #[arg(long, env = "RATEPOOL_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// A file holding the tenant API key (else RATEPOOL_API_KEY).
+    #[arg(long, env = "RATEPOOL_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let key = match &self.api_key_file {
+            Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            None => std::env::var("RATEPOOL_API_KEY").context("set RATEPOOL_API_KEY or --api-key-file to the tenant's API key")?,
+        };
+        ApiClient::new(&self.url, SecretString::from(key.trim().to_string()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API and the workers in one process on the embedded backend.
+    Serve {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: PathBuf,
+        /// Use the built-in simulator even if provider keys are set.
+        #[arg(long)]
+        simulate: bool,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Run the OpenAI-compatible provider simulator.
+    Sim {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's listen address.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Submit a job spec (JSON file).
+    Submit {
+        file: PathBuf,
+        /// Wait for the job to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job's status.
+    Status {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a finished job's outputs.
+    Result {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn print(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, simulate, json_logs } => {
+            ratepool::telemetry::init_logging(json_logs);
+            let cfg = Config::load(&config)?;
+            let shutdown = CancellationToken::new();
+            serve::cancel_on_signals(shutdown.clone());
+            serve::run(cfg, if simulate { Simulate::Always } else { Simulate::Auto }, shutdown).await
+        }
+        Command::Sim { config, listen } => {
+            ratepool::telemetry::init_logging(false);
+            let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
+            let mut cfg = ratepool::sim::SimConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
+            if listen.is_some() {
+                cfg.listen = listen;
+            }
+            let listener = tokio::net::TcpListener::bind(cfg.listen_addr()).await.with_context(|| format!("cannot listen on {}", cfg.listen_addr()))?;
+            println!("ratepool sim listening on http://{}", listener.local_addr()?);
+            let sim = ratepool::sim::Simulator::new(cfg, std::sync::Arc::new(ratepool::domain::SystemClock));
+            let shutdown = CancellationToken::new();
+            serve::cancel_on_signals(shutdown.clone());
+            ratepool::sim::serve(listener, sim, async move { shutdown.cancelled().await }).await?;
+            Ok(())
+        }
+        Command::Submit { file, wait, idempotency_key, client } => {
+            let api = client.client()?;
+            let spec = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let accepted = api.submit(spec, idempotency_key.as_deref()).await?;
+            let Some(id) = accepted["id"].as_str() else { anyhow::bail!("unexpected answer: {accepted}") };
+            if !wait {
+                return print(&accepted);
+            }
+            eprintln!("job {id} accepted");
+            let job = api.wait(id).await?;
+            print(&job)?;
+            if job["status"] != "succeeded" {
+                anyhow::bail!("job {id} ended {}", job["status"]);
+            }
+            Ok(())
+        }
+        Command::Status { id, client } => print(&client.client()?.status(&id).await?),
+        Command::Result { id, client } => print(&client.client()?.result(&id).await?),
+        Command::Cancel { id, client } => print(&client.client()?.cancel(&id).await?),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match main_inner(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The client for OpenAI-compatible chat-completions endpoints.
+//!
+//! It makes one call and classifies the answer; what to do about it (route
+//! elsewhere, back off, fail the step) is the router's decision
+//! (`crate::engine::router`).
+
+pub mod headers;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ModelName, OrgName, Usage};
+pub use headers::RateLimitHeaders;
+
+/// One organization's endpoint. The key is a `SecretString`: it prints as
+/// `[REDACTED]` and is exposed only to build the `Authorization` header.
+#[derive(Debug, Clone)]
+pub struct OrgEndpoint {
+    pub name: OrgName,
+    /// Base URL up to and including `/v1`, without trailing slash.
+    pub base_url: String,
+    pub api_key: SecretString,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A chat-completions request as ratepool sends it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatRequest {
+    pub model: ModelName,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatSuccess {
+    pub content: String,
+    pub usage: Usage,
+    pub limits: RateLimitHeaders,
+}
+
+/// Why a call did not produce an answer, in the classes the router acts on.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderFailure {
+    /// 429 rate limit: this org is out of capacity for now.
+    #[error("rate limited: {message}")]
+    RateLimited { retry_after: Option<Duration>, limits: RateLimitHeaders, message: String },
+    /// 429 insufficient_quota: billing; the org leaves the rotation.
+    #[error("insufficient quota: {message}")]
+    InsufficientQuota { message: String },
+    /// 401/403: the org's key is refused; the org leaves the rotation.
+    #[error("org credentials refused ({status}): {message}")]
+    Unauthorized { status: u16, message: String },
+    /// Another 4xx: the request itself is wrong; retrying will not help.
+    #[error("request rejected by provider ({status}): {message}")]
+    Request { status: u16, message: String },
+    /// 5xx: transient on the provider's side.
+    #[error("provider error ({status}): {message}")]
+    Server { status: u16, retry_after: Option<Duration>, limits: RateLimitHeaders, message: String },
+    #[error("provider call timed out")]
+    Timeout,
+    /// The connection failed or was dropped before a whole answer arrived.
+    #[error("connection error: {0}")]
+    Connection(String),
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<UsageBody>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: ChoiceMessage,
+}
+
+#[derive(Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UsageBody {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// Error bodies are capped when quoted back to users.
+const MAX_ERROR_MESSAGE: usize = 2_000;
+
+/// One HTTP client shared by every org (connection pools are per host).
+#[derive(Debug, Clone)]
+pub struct ProviderClient {
+    http: reqwest::Client,
+}
+
+impl ProviderClient {
+    pub fn new() -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("ratepool/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Makes one call. `client_request_id` is sent as `X-Client-Request-Id`
+    /// (OpenAI's tracing header) so a call can be matched to its job step.
+    pub async fn chat(
+        &self,
+        org: &OrgEndpoint,
+        req: &ChatRequest,
+        client_request_id: &str,
+    ) -> Result<ChatSuccess, ProviderFailure> {
+        let url = format!("{}/chat/completions", org.base_url.trim_end_matches('/'));
+        let sent = self
+            .http
+            .post(url)
+            .bearer_auth(org.api_key.expose_secret())
+            .header("x-client-request-id", client_request_id)
+            .timeout(org.timeout)
+            .json(req)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Err(transport_failure(&e)),
+        };
+        let status = resp.status().as_u16();
+        let limits = RateLimitHeaders::from_headers(resp.headers());
+        let retry_after = headers::retry_after(resp.headers());
+        let body = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Err(transport_failure(&e)),
+        };
+        if (200..300).contains(&status) {
+            let parsed: CompletionBody = serde_json::from_slice(&body)
+                .map_err(|e| ProviderFailure::Server { status, retry_after: None, limits, message: format!("unreadable completion: {e}") })?;
+            let content = parsed
+                .choices
+                .into_iter()
+                .next()
+                .and_then(|c| c.message.content)
+                .unwrap_or_default();
+            let usage = parsed.usage.map_or(Usage { calls: 1, ..Usage::default() }, |u| Usage {
+                calls: 1,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            });
+            return Ok(ChatSuccess { content, usage, limits });
+        }
+        Err(classify_error(status, &body, retry_after, limits))
+    }
+}
+
+fn transport_failure(e: &reqwest::Error) -> ProviderFailure {
+    if e.is_timeout() {
+        ProviderFailure::Timeout
+    } else {
+        // The whole source chain: reqwest's top-level message alone ("error
+        // sending request") does not say whether the peer reset or closed.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        ProviderFailure::Connection(msg)
+    }
+}
+
+/// Sorts a non-2xx answer into the router's classes.
+pub fn classify_error(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    limits: RateLimitHeaders,
+) -> ProviderFailure {
+    let parsed: Option<ErrorBody> = serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error);
+    let mut message = match &parsed {
+        Some(b) if !b.message.is_empty() => b.message.clone(),
+        _ => String::from_utf8_lossy(body).trim().to_string(),
+    };
+    if message.is_empty() {
+        message = format!("HTTP {status}");
+    }
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut cut = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    let kind = parsed.as_ref().and_then(|b| b.kind.as_deref()).unwrap_or("");
+    let code = parsed.as_ref().and_then(|b| b.code.as_deref()).unwrap_or("");
+    match status {
+        429 if kind == "insufficient_quota" || code == "insufficient_quota" => {
+            ProviderFailure::InsufficientQuota { message }
+        }
+        429 => ProviderFailure::RateLimited { retry_after, limits, message },
+        401 | 403 => ProviderFailure::Unauthorized { status, message },
+        408 => ProviderFailure::Timeout,
+        400..=499 => ProviderFailure::Request { status, message },
+        _ => ProviderFailure::Server { status, retry_after, limits, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(status: u16, body: &str) -> ProviderFailure {
+        classify_error(status, body.as_bytes(), None, RateLimitHeaders::default())
+    }
+
+    #[test]
+    fn error_bodies_sort_into_router_classes() {
+        let rl = r#"{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert!(matches!(classify(429, rl), ProviderFailure::RateLimited { .. }));
+        let iq = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        assert!(matches!(classify(429, iq), ProviderFailure::InsufficientQuota { .. }));
+        let bad = r#"{"error":{"message":"'messages' is required","type":"invalid_request_error"}}"#;
+        assert_eq!(
+            classify(400, bad),
+            ProviderFailure::Request { status: 400, message: "'messages' is required".into() }
+        );
+        assert!(matches!(classify(401, "{}"), ProviderFailure::Unauthorized { status: 401, .. }));
+        assert!(matches!(classify(503, "upstream overloaded"), ProviderFailure::Server { status: 503, .. }));
+        assert!(matches!(classify(502, ""), ProviderFailure::Server { status: 502, ref message, .. } if message == "HTTP 502"));
+    }
+
+    #[test]
+    fn long_error_messages_are_capped_on_a_char_boundary() {
+        let long = "é".repeat(5_000);
+        match classify(400, &long) {
+            ProviderFailure::Request { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE),
+            other => panic!("{other:?}"),
+        }
+    }
+}

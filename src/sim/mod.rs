@@ -1,0 +1,454 @@
+//! `ratepool sim`: an OpenAI-compatible provider simulator for tests, demos
+//! and capacity planning.
+//!
+//! It impersonates several organizations, each with per-model RPM/TPM limits
+//! enforced the way OpenAI documents them (continuously refilling buckets,
+//! charged at arrival with prompt estimate + max_tokens, a refused call
+//! charges nothing), answers with deterministic text so reruns are
+//! comparable, injects seeded faults (5xx, dropped connections, stalls), and
+//! keeps the books a test needs: who was admitted how often, and the busiest
+//! minute of every (org, model) against what its limits allow.
+//!
+//! Checks run in this order, like the real provider's:
+//! auth → parse → model → down (503) → injected faults → insufficient_quota
+//! → rate limit → latency → answer.
+
+mod config;
+mod limits;
+mod stats;
+mod text;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::Clock;
+use crate::storage::gcra::Cost;
+
+pub use config::{DEFAULT_LISTEN, FaultConfig, LatencyConfig, SimConfig, SimLimits, SimOrg};
+pub use stats::{ModelStats, OrgStats, SimStats};
+pub use wire::format_go_duration;
+
+use config::FaultPatch;
+use limits::{LimitKind, ModelLimiter};
+use stats::RequestLedger;
+use wire::ApiError;
+
+/// A handle on one running simulator; clones share its state.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    clock: Arc<dyn Clock>,
+    latency: LatencyConfig,
+    chars_per_token: f64,
+    /// API key → index into `Shared::orgs`; orgs are never added or removed,
+    /// so an index found here is always valid.
+    keys: HashMap<String, usize>,
+    /// Every chat request received; outside the lock because it is counted
+    /// before anything else is known.
+    total_calls: AtomicU64,
+    /// Never held across an `.await`.
+    state: Mutex<Shared>,
+    /// Cancelled when [`serve`] shuts down, so calls sleeping through their
+    /// latency or a stall end (as dropped connections) instead of holding
+    /// the graceful shutdown open.
+    closing: CancellationToken,
+}
+
+struct Shared {
+    orgs: Vec<OrgState>,
+    faults: FaultConfig,
+    /// One draw per request that reaches fault injection, so a given seed
+    /// and arrival order replay the same faults.
+    rng: StdRng,
+    requests: RequestLedger,
+}
+
+struct OrgState {
+    name: String,
+    down: bool,
+    insufficient_quota: bool,
+    models: BTreeMap<String, ModelLimiter>,
+    /// The counters; `models` in here stays empty (filled from the limiters
+    /// when stats are read).
+    counts: OrgStats,
+}
+
+enum Fault {
+    ServerError(StatusCode),
+    Drop,
+    Stall(Duration),
+}
+
+impl Shared {
+    fn draw_fault(faults: &FaultConfig, rng: &mut StdRng) -> Option<Fault> {
+        let u: f64 = rng.random();
+        let mut edge = faults.server_error_rate;
+        if u < edge {
+            let status = match rng.random_range(0..3u8) {
+                0 => StatusCode::INTERNAL_SERVER_ERROR,
+                1 => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return Some(Fault::ServerError(status));
+        }
+        edge += faults.drop_rate;
+        if u < edge {
+            return Some(Fault::Drop);
+        }
+        edge += faults.stall_rate;
+        if u < edge {
+            return Some(Fault::Stall(Duration::from_millis(faults.stall_ms)));
+        }
+        None
+    }
+}
+
+impl Simulator {
+    /// Builds a simulator; `config` is taken as valid (see
+    /// [`SimConfig::from_toml`]). If two orgs share a key the first wins.
+    pub fn new(config: SimConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut keys = HashMap::new();
+        let orgs = config
+            .orgs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                keys.entry(o.api_key.clone()).or_insert(i);
+                OrgState {
+                    name: o.name.clone(),
+                    down: o.down,
+                    insufficient_quota: o.insufficient_quota,
+                    models: o.models.iter().map(|(m, l)| (m.clone(), ModelLimiter::new(*l))).collect(),
+                    counts: OrgStats::default(),
+                }
+            })
+            .collect();
+        let state = Shared {
+            orgs,
+            faults: config.faults,
+            rng: StdRng::seed_from_u64(config.seed),
+            requests: RequestLedger::default(),
+        };
+        Self {
+            inner: Arc::new(Inner {
+                clock,
+                latency: config.latency,
+                chars_per_token: config.chars_per_token,
+                keys,
+                total_calls: AtomicU64::new(0),
+                state: Mutex::new(state),
+                closing: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The chat routes (`/v1/chat/completions`, `/chat/completions`) and the
+    /// `/_sim/*` control routes.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/chat/completions", post(chat))
+            .route("/_sim/stats", get(get_stats))
+            .route("/_sim/requests", get(get_requests))
+            .route("/_sim/orgs/{name}", post(update_org))
+            .route("/_sim/faults", post(update_faults))
+            .with_state(self.clone())
+    }
+
+    /// What `GET /_sim/stats` returns.
+    pub fn stats(&self) -> SimStats {
+        let st = self.inner.lock();
+        let mut s = SimStats { total_calls: self.inner.total_calls.load(Ordering::Relaxed), ..SimStats::default() };
+        st.requests.fill(&mut s);
+        for o in &st.orgs {
+            let mut os = o.counts.clone();
+            os.models = o.models.iter().map(|(m, l)| (m.clone(), l.stats())).collect();
+            s.orgs.insert(o.name.clone(), os);
+        }
+        s
+    }
+}
+
+/// Serves `sim` on `listener` until `shutdown` resolves; calls still
+/// sleeping then are cut off as dropped connections.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sim: Simulator,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let closing = sim.inner.closing.clone();
+    let app = sim.router();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.cancel();
+        })
+        .await
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves counters, never broken
+        // invariants, so the state is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn authenticate(&self, headers: &HeaderMap) -> Result<usize, ApiError> {
+        let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return Err(ApiError::invalid_api_key(
+                "You didn't provide an API key. You need to provide your API key in an Authorization header \
+                 using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                    .into(),
+            ));
+        };
+        let key = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        key.and_then(|k| self.keys.get(k).copied())
+            .ok_or_else(|| ApiError::invalid_api_key("Incorrect API key provided.".into()))
+    }
+
+    /// Sleeps `d` unless the server is shutting down; false if it is.
+    async fn pause(&self, d: Duration) -> bool {
+        if d.is_zero() {
+            return !self.closing.is_cancelled();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.closing.cancelled() => false,
+        }
+    }
+
+    fn latency(&self, completion_tokens: u64) -> Duration {
+        let l = &self.latency;
+        let ms = (l.base_ms + l.per_token_ms * completion_tokens as f64) * l.time_scale;
+        Duration::try_from_secs_f64(ms / 1_000.0).unwrap_or(Duration::ZERO)
+    }
+
+    async fn chat(&self, headers: &HeaderMap, body: &[u8]) -> Response {
+        self.total_calls.fetch_add(1, Ordering::Relaxed);
+        let org = match self.authenticate(headers) {
+            Ok(org) => org,
+            Err(e) => return e.into_response(),
+        };
+        let call = match wire::parse_chat(body) {
+            Ok(call) => call,
+            Err(e) => return e.into_response(),
+        };
+
+        // Model, outage and injected faults.
+        let stall = {
+            let mut guard = self.lock();
+            let Shared { orgs, faults, rng, .. } = &mut *guard;
+            let o = &mut orgs[org];
+            let Some(limiter) = o.models.get(&call.model) else {
+                return ApiError::model_not_found(&call.model).into_response();
+            };
+            let headers = wire::ratelimit_headers(&limiter.snapshot(self.clock.now()));
+            if o.down {
+                o.counts.unavailable += 1;
+                return (headers, ApiError::server_error(StatusCode::SERVICE_UNAVAILABLE)).into_response();
+            }
+            match Shared::draw_fault(faults, rng) {
+                None => None,
+                Some(Fault::ServerError(status)) => {
+                    o.counts.server_errors += 1;
+                    tracing::debug!(org = %o.name, %status, "sim: injected server error");
+                    return (headers, ApiError::server_error(status)).into_response();
+                }
+                Some(Fault::Drop) => {
+                    o.counts.dropped += 1;
+                    tracing::debug!(org = %o.name, "sim: injected dropped connection");
+                    return dropped_connection();
+                }
+                Some(Fault::Stall(d)) => {
+                    o.counts.stalled += 1;
+                    tracing::debug!(org = %o.name, ?d, "sim: injected stall");
+                    Some(d)
+                }
+            }
+        };
+        if let Some(d) = stall
+            && !self.pause(d).await
+        {
+            return dropped_connection();
+        }
+
+        // Billing, then the limiter: both buckets taken at arrival or nothing.
+        let prompt_tokens = call.prompt_tokens(self.chars_per_token);
+        let cost = Cost { requests: 1, tokens: prompt_tokens.saturating_add(call.max_tokens) };
+        let answer = call.answer();
+        {
+            let mut guard = self.lock();
+            let Shared { orgs, requests, .. } = &mut *guard;
+            let o = &mut orgs[org];
+            let Some(limiter) = o.models.get_mut(&call.model) else {
+                return ApiError::model_not_found(&call.model).into_response();
+            };
+            let now = self.clock.now();
+            if o.insufficient_quota {
+                o.counts.insufficient_quota += 1;
+                let headers = wire::ratelimit_headers(&limiter.snapshot(now));
+                return (headers, ApiError::insufficient_quota()).into_response();
+            }
+            if let Err(refusal) = limiter.try_take(cost, now) {
+                match refusal.kind {
+                    LimitKind::Requests => o.counts.rate_limited_requests += 1,
+                    LimitKind::Tokens => o.counts.rate_limited_tokens += 1,
+                }
+                let mut headers = wire::ratelimit_headers(&limiter.snapshot(now));
+                if let Some(wait) = refusal.retry_after {
+                    headers.extend(wire::retry_headers(wait));
+                }
+                return (headers, ApiError::rate_limited(&refusal, &call.model, &o.name)).into_response();
+            }
+            o.counts.accepted_calls += 1;
+            o.counts.accepted_prompt_tokens += prompt_tokens;
+            o.counts.accepted_completion_tokens += answer.tokens;
+            o.counts.charged_tokens += cost.tokens;
+            requests.record(&request_id(headers, body));
+        }
+
+        // Generation time, after admission as at the real provider.
+        if !self.pause(self.latency(answer.tokens)).await {
+            return dropped_connection();
+        }
+        let text = answer.text();
+        // Headers describe the buckets when the answer leaves, so a client
+        // that reads "remaining"/"reset" relative to receipt is not misled
+        // by the generation time.
+        let headers = {
+            let st = self.lock();
+            match st.orgs[org].models.get(&call.model) {
+                Some(l) => wire::ratelimit_headers(&l.snapshot(self.clock.now())),
+                None => HeaderMap::new(),
+            }
+        };
+        let body = json!({
+            "id": answer.id,
+            "object": "chat.completion",
+            "created": self.clock.now().div_euclid(1_000_000),
+            "model": call.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": answer.finish_reason,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": answer.tokens,
+                "total_tokens": prompt_tokens + answer.tokens,
+            },
+        });
+        (headers, Json(body)).into_response()
+    }
+}
+
+/// The id a call is counted under: the client's `X-Client-Request-Id`
+/// (OpenAI accepts it for the same purpose), else a hash of the body.
+fn request_id(headers: &HeaderMap, body: &[u8]) -> String {
+    match headers.get("x-client-request-id").and_then(|v| v.to_str().ok()) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => hex::encode(Sha256::digest(body)),
+    }
+}
+
+/// A response whose body fails before its first byte: hyper then closes the
+/// connection without writing anything, so the client sees a connection
+/// error, not an HTTP answer — what a provider crash or a cut network does.
+fn dropped_connection() -> Response {
+    let failing = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("connection dropped by the simulator"))
+    });
+    Response::new(Body::from_stream(failing))
+}
+
+async fn chat(State(sim): State<Simulator>, headers: HeaderMap, body: Bytes) -> Response {
+    sim.inner.chat(&headers, &body).await
+}
+
+async fn get_stats(State(sim): State<Simulator>) -> Json<SimStats> {
+    Json(sim.stats())
+}
+
+async fn get_requests(State(sim): State<Simulator>) -> Json<BTreeMap<String, u64>> {
+    Json(sim.inner.lock().requests.counts())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrgPatch {
+    down: Option<bool>,
+    insufficient_quota: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct OrgStatus {
+    name: String,
+    down: bool,
+    insufficient_quota: bool,
+}
+
+fn bad_control_request(e: impl std::fmt::Display) -> Response {
+    ApiError::invalid_request(e.to_string(), None, None).into_response()
+}
+
+async fn update_org(State(sim): State<Simulator>, Path(name): Path<String>, body: Bytes) -> Response {
+    let patch: OrgPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad_control_request(e),
+    };
+    let mut st = sim.inner.lock();
+    let Some(o) = st.orgs.iter_mut().find(|o| o.name == name) else {
+        let e = ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no org named {name:?}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        };
+        return e.into_response();
+    };
+    if let Some(down) = patch.down {
+        o.down = down;
+    }
+    if let Some(q) = patch.insufficient_quota {
+        o.insufficient_quota = q;
+    }
+    tracing::info!(org = %o.name, down = o.down, insufficient_quota = o.insufficient_quota, "sim: org updated");
+    Json(OrgStatus { name: o.name.clone(), down: o.down, insufficient_quota: o.insufficient_quota }).into_response()
+}
+
+async fn update_faults(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let patch: FaultPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad_control_request(e),
+    };
+    let mut st = sim.inner.lock();
+    match st.faults.patched(&patch) {
+        Ok(next) => {
+            st.faults = next;
+            tracing::info!(faults = ?next, "sim: faults updated");
+            Json(next).into_response()
+        }
+        Err(e) => bad_control_request(format!("{e:#}")),
+    }
+}

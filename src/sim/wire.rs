@@ -1,0 +1,318 @@
+//! OpenAI's wire format as the simulator speaks it: the chat request it
+//! reads, the error bodies and rate-limit headers it writes, and the Go-style
+//! durations those headers use.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::domain::Micros;
+
+use super::limits::{Refusal, Snapshot};
+use super::text::ChatCall;
+
+/// max_tokens when the request names none. OpenAI's default is the model's
+/// whole output window; a moderate value keeps unbounded demo calls cheap.
+pub(super) const DEFAULT_MAX_TOKENS: u64 = 1024;
+
+/// Above every current model's output window; larger values are refused
+/// like OpenAI refuses them, and bound the text we generate.
+const MAX_MAX_TOKENS: u64 = 131_072;
+
+#[derive(Deserialize)]
+struct RawChat {
+    model: String,
+    messages: Vec<RawMessage>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<RawContent>,
+}
+
+/// A message's content: a string, or content parts of which only the text
+/// ones count toward the prompt.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawContent {
+    Text(String),
+    Parts(Vec<RawPart>),
+}
+
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Reads a chat completion request; other fields are ignored as OpenAI's
+/// optional parameters would be.
+pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_request(
+            format!("We could not parse the JSON body of your request. ({e})"),
+            None,
+            None,
+        )
+    })?;
+    for field in ["model", "messages"] {
+        if value.get(field).is_none() {
+            return Err(ApiError::invalid_request(
+                format!("Missing required parameter: '{field}'."),
+                Some(field),
+                Some("missing_required_parameter"),
+            ));
+        }
+    }
+    let raw: RawChat = serde_json::from_value(value)
+        .map_err(|e| ApiError::invalid_request(format!("Invalid request body: {e}"), None, None))?;
+    if raw.messages.is_empty() {
+        return Err(ApiError::invalid_request(
+            "'messages' must contain at least one message.".into(),
+            Some("messages"),
+            None,
+        ));
+    }
+    // max_completion_tokens is the newer name; OpenAI honours it first.
+    let (param, max_tokens) = match (raw.max_completion_tokens, raw.max_tokens) {
+        (Some(n), _) => ("max_completion_tokens", n),
+        (None, Some(n)) => ("max_tokens", n),
+        (None, None) => ("max_tokens", DEFAULT_MAX_TOKENS),
+    };
+    if !(1..=MAX_MAX_TOKENS).contains(&max_tokens) {
+        return Err(ApiError::invalid_request(
+            format!("Invalid '{param}': {max_tokens}. It must be between 1 and {MAX_MAX_TOKENS}."),
+            Some(param),
+            Some("invalid_value"),
+        ));
+    }
+    let messages = raw
+        .messages
+        .into_iter()
+        .map(|m| {
+            let text = match m.content {
+                None => String::new(),
+                Some(RawContent::Text(t)) => t,
+                Some(RawContent::Parts(parts)) => parts.into_iter().filter_map(|p| p.text).collect(),
+            };
+            (m.role, text)
+        })
+        .collect();
+    Ok(ChatCall { model: raw.model, messages, max_tokens, temperature: raw.temperature })
+}
+
+/// An OpenAI-style error answer:
+/// `{"error":{"message","type","param","code"}}` with its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub(super) fn invalid_request(message: String, param: Option<&'static str>, code: Option<&'static str>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message, kind: "invalid_request_error", param, code }
+    }
+
+    pub(super) fn invalid_api_key(message: String) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message,
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub(super) fn model_not_found(model: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("model_not_found"),
+        }
+    }
+
+    pub(super) fn insufficient_quota() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "You exceeded your current quota, please check your plan and billing details.".into(),
+            kind: "insufficient_quota",
+            param: None,
+            code: Some("insufficient_quota"),
+        }
+    }
+
+    pub(super) fn server_error(status: StatusCode) -> Self {
+        let message = match status {
+            StatusCode::BAD_GATEWAY => "Bad gateway.",
+            StatusCode::SERVICE_UNAVAILABLE => "The server is overloaded or not ready yet.",
+            _ => "The server had an error while processing your request. Sorry about that!",
+        };
+        Self { status, message: message.into(), kind: "server_error", param: None, code: None }
+    }
+
+    pub(super) fn rate_limited(r: &Refusal, model: &str, org: &str) -> Self {
+        let message = match r.retry_after {
+            Some(wait) => format!(
+                "Rate limit reached for {model} in organization {org} on {}: Limit {}, Used {}, Requested {}. \
+                 Please try again in {}.",
+                r.kind.label(),
+                r.limit,
+                r.used,
+                r.requested,
+                format_go_duration(micros_to_duration(wait)),
+            ),
+            None => format!(
+                "Request too large for {model} in organization {org} on {}: Limit {}, Requested {}. \
+                 The input or output tokens must be reduced in order to run successfully.",
+                r.kind.label(),
+                r.limit,
+                r.requested,
+            ),
+        };
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message,
+            kind: r.kind.as_str(),
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
+    }
+
+    pub(super) fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers for one (org, model).
+pub(super) fn ratelimit_headers(s: &Snapshot) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("x-ratelimit-limit-requests", s.limit_requests.to_string());
+    put("x-ratelimit-limit-tokens", s.limit_tokens.to_string());
+    put("x-ratelimit-remaining-requests", s.remaining_requests.to_string());
+    put("x-ratelimit-remaining-tokens", s.remaining_tokens.to_string());
+    put("x-ratelimit-reset-requests", format_go_duration(micros_to_duration(s.reset_requests)));
+    put("x-ratelimit-reset-tokens", format_go_duration(micros_to_duration(s.reset_tokens)));
+    h
+}
+
+/// `retry-after-ms` and `retry-after` (whole seconds, rounded up so a client
+/// that only reads the coarse one never retries early).
+pub(super) fn retry_headers(wait: Micros) -> HeaderMap {
+    let ms = (wait.max(0) as u64).div_ceil(1_000);
+    let mut h = HeaderMap::new();
+    h.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(ms));
+    h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1_000)));
+    h
+}
+
+fn micros_to_duration(us: Micros) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
+}
+
+/// Formats a duration as OpenAI's headers do — Go's `time.Duration` string
+/// at millisecond resolution: `6m0s`, `1h0m0s`, `1.5s`, `120ms`, `0s`.
+/// Rounds up to the millisecond, so "wait this long" is never too short,
+/// and OpenAI never sends the sub-millisecond units Go would use below 1 ms.
+pub fn format_go_duration(d: Duration) -> String {
+    let ms = d.as_micros().div_ceil(1_000);
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let (h, m) = (ms / 3_600_000, ms / 60_000 % 60);
+    let (s, frac) = (ms / 1_000 % 60, ms % 1_000);
+    let secs = if frac == 0 {
+        format!("{s}s")
+    } else {
+        let digits = format!("{frac:03}");
+        format!("{s}.{}s", digits.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_look_like_openai_headers() {
+        let f = |ms: u64| format_go_duration(Duration::from_millis(ms));
+        assert_eq!(f(360_000), "6m0s");
+        assert_eq!(f(1_500), "1.5s");
+        assert_eq!(f(120), "120ms");
+        assert_eq!(f(0), "0s");
+        assert_eq!(f(6_600), "6.6s");
+        assert_eq!(f(1_000), "1s");
+        assert_eq!(f(61_050), "1m1.05s");
+        assert_eq!(f(3_600_000), "1h0m0s");
+        assert_eq!(f(3_723_500), "1h2m3.5s");
+        assert_eq!(format_go_duration(Duration::from_micros(1)), "1ms");
+        assert_eq!(format_go_duration(Duration::from_micros(1_000_001)), "1.001s");
+    }
+
+    #[test]
+    fn chat_requests_parse_with_openai_defaults() {
+        let c = parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"},
+                {"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{}}]},
+                {"role":"assistant","content":null}],"stream":false,"max_tokens":5}"#,
+        )
+        .unwrap();
+        assert_eq!(c.max_tokens, 5);
+        assert_eq!(c.messages[1].1, "a");
+        assert_eq!(c.messages[2].1, "");
+        let c = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":7,"max_tokens":9}"#).unwrap();
+        assert_eq!(c.max_tokens, 7);
+        let c = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert_eq!((c.max_tokens, c.temperature), (DEFAULT_MAX_TOKENS, None));
+    }
+
+    #[test]
+    fn malformed_requests_are_400_with_the_parameter() {
+        let e = parse_chat(b"{nope").unwrap_err();
+        assert_eq!((e.status, e.kind), (StatusCode::BAD_REQUEST, "invalid_request_error"));
+        let e = parse_chat(br#"{"model":"m"}"#).unwrap_err();
+        assert_eq!((e.param, e.code), (Some("messages"), Some("missing_required_parameter")));
+        let e = parse_chat(br#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(e.param, Some("messages"));
+        let e = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#).unwrap_err();
+        assert_eq!(e.param, Some("max_tokens"));
+        let e = parse_chat(br#"{"model":"m","messages":[{"content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+}

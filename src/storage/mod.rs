@@ -1,0 +1,395 @@
+//! The storage roles the engine depends on, one trait each: the job queue,
+//! the job store (records, step checkpoints, leases), the quota ledger and
+//! the metrics sink.
+//!
+//! The engine sees only these traits. Backends live beside each other
+//! (`crate::local` for one machine, `crate::aws` for production) and all pass
+//! the same conformance suite in `tests/conformance/`.
+
+pub mod gcra;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+pub use gcra::{BucketParams, BucketState, Cost};
+
+/// Errors a backend reports. The engine decides on the variant: a lost lease
+/// stops the job run quietly, a backend error is retried, the rest fail.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The caller no longer holds the job's lease (it expired and another
+    /// worker took it, or the job was cancelled or finished meanwhile).
+    #[error("job lease lost")]
+    LeaseLost,
+    /// A conditional write found a state it may not change (for example an
+    /// idempotency key reused with a different request).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A record is larger than the backend stores.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The backend itself failed (I/O, network, throttling). Retryable.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+// ---------------------------------------------------------------- queue
+
+/// Which lane a job waits in; interactive is served first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+/// What the queue carries: a pointer to the job record, never the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueMessage {
+    pub job_id: JobId,
+    pub tenant: TenantId,
+    pub priority: Priority,
+}
+
+/// One received message, invisible to other receivers until its visibility
+/// timeout ends or it is deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub message: QueueMessage,
+    /// Opaque handle for extend/delete (SQS receipt handle, SQLite row token).
+    pub receipt: String,
+    /// How many times this message has been received, this time included.
+    pub receive_count: u32,
+}
+
+/// Approximate queue depths, for metrics and scaling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub visible: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn send(&self, message: &QueueMessage) -> StorageResult<()>;
+    /// Up to `max` messages, waiting up to `wait` for the first one. Each is
+    /// hidden for the queue's visibility timeout and its receive count raised.
+    async fn receive(&self, max: usize, wait: Duration) -> StorageResult<Vec<Delivery>>;
+    /// Hides a received message for `timeout` from now (the heartbeat); a
+    /// zero timeout hands it back at once.
+    async fn extend(&self, receipt: &str, timeout: Duration) -> StorageResult<()>;
+    /// Removes a received message for good.
+    async fn delete(&self, receipt: &str) -> StorageResult<()>;
+    /// Moves a received message to the dead-letter queue.
+    async fn dead_letter(&self, delivery: &Delivery) -> StorageResult<()>;
+    /// Messages in the dead-letter queue, oldest first (not removed).
+    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>>;
+    async fn stats(&self) -> StorageResult<QueueStats>;
+}
+
+// ---------------------------------------------------------------- jobs
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// A job as submitted, before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub name: String,
+    pub priority: Priority,
+    /// The validated spec, serialized; the worker parses it again.
+    pub spec_json: String,
+    pub steps_total: u32,
+    /// `(key, hash of the request body)`: a second submission with the same
+    /// key returns the first job; with a different body it is a conflict.
+    pub idempotency: Option<(String, String)>,
+    pub created_at: Micros,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub name: String,
+    pub priority: Priority,
+    pub status: JobStatus,
+    pub spec_json: String,
+    pub steps_total: u32,
+    pub steps_done: u32,
+    pub usage: Usage,
+    pub error: Option<String>,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub finished_at: Option<Micros>,
+    /// Current lease holder and expiry, if any.
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<Micros>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created(JobRecord),
+    /// The idempotency key was seen before with the same request.
+    Existing(JobRecord),
+}
+
+/// Proof of holding a job: every checkpoint and the final status write are
+/// conditional on it. `epoch` grows on every acquisition, so a worker whose
+/// lease lapsed and was taken over cannot write even if its owner string
+/// happens to repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: JobId,
+    pub owner: String,
+    pub epoch: u64,
+    pub expires_at: Micros,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Acquired(Lease),
+    /// Another worker holds an unexpired lease.
+    Held { owner: String, expires_at: Micros },
+    /// Nothing left to run.
+    Finished(JobStatus),
+    /// No such job.
+    Missing,
+}
+
+/// One finished step, written before anything that depends on it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub step_id: StepId,
+    pub output: String,
+    pub usage: Usage,
+    pub org: OrgName,
+    pub model: ModelName,
+    /// Provider calls made for this step, retries included.
+    pub attempts: u32,
+    pub started_at: Micros,
+    pub finished_at: Micros,
+}
+
+/// How a leased run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    Succeeded,
+    Failed(String),
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job in `queued`, or returns the job an earlier request
+    /// with the same idempotency key created (`Conflict` if its body differs).
+    async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome>;
+    async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>>;
+    /// Takes the job for `owner` until `now + ttl` if it is unleased or its
+    /// lease expired, moving it to `running`.
+    async fn acquire_lease(&self, id: &JobId, owner: &str, ttl: Duration, now: Micros) -> StorageResult<LeaseOutcome>;
+    /// Extends a held lease; `LeaseLost` if another epoch took it or the job
+    /// is no longer running (cancelled). Returns the new lease.
+    async fn renew_lease(&self, lease: &Lease, ttl: Duration, now: Micros) -> StorageResult<Lease>;
+    /// Gives the lease up without finishing the job (shutdown hand-back).
+    async fn release_lease(&self, lease: &Lease) -> StorageResult<()>;
+    /// Writes one step's checkpoint and adds it to the job's progress and
+    /// usage, only if `lease` is held and unexpired at `now` (else
+    /// `LeaseLost`). Writing a step that already has a checkpoint is a
+    /// `Conflict` and changes nothing.
+    async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()>;
+    async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>>;
+    /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
+    async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()>;
+    /// Cancels a queued or running job; a finished job is left as it is.
+    /// Returns the status after the call, `None` if there is no such job.
+    async fn cancel_job(&self, id: &JobId, now: Micros) -> StorageResult<Option<JobStatus>>;
+    /// Fails a job without holding its lease (dead-lettered after too many
+    /// receives). A finished job is left as it is.
+    async fn fail_unleased(&self, id: &JobId, reason: &str, now: Micros) -> StorageResult<()>;
+}
+
+// ---------------------------------------------------------------- ledger
+
+/// One (org, model): the unit that holds both of its buckets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BucketKey {
+    pub org: OrgName,
+    pub model: ModelName,
+}
+
+impl BucketKey {
+    pub fn new(org: &OrgName, model: &ModelName) -> Self {
+        Self { org: org.clone(), model: model.clone() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquisition {
+    /// Charged; the bucket state after the charge.
+    Granted(BucketState),
+    /// Not charged; capacity returns at `retry_at`. `state` is the stored
+    /// state the decision was made on, for the caller's cache.
+    Denied { retry_at: Micros, state: BucketState },
+    /// The cost exceeds a whole period's allowance of this bucket.
+    Never,
+}
+
+#[async_trait]
+pub trait QuotaLedger: Send + Sync + 'static {
+    /// Checks and takes `cost` from both buckets of `key` in one atomic
+    /// operation (GCRA, see [`gcra::decide`]).
+    async fn acquire(&self, key: &BucketKey, params: &BucketParams, cost: Cost, now: Micros) -> StorageResult<Acquisition>;
+    /// Raises the stored TATs to at least `floor` (the provider showed less
+    /// headroom than the ledger believed). Returns the state after.
+    async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState>;
+    /// The stored state (default if never written).
+    async fn state(&self, key: &BucketKey) -> StorageResult<BucketState>;
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// How one provider call ended, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    Ok,
+    RateLimited,
+    InsufficientQuota,
+    ServerError,
+    Timeout,
+    ConnectionError,
+    RequestError,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::RateLimited => "rate_limited",
+            Self::InsufficientQuota => "insufficient_quota",
+            Self::ServerError => "server_error",
+            Self::Timeout => "timeout",
+            Self::ConnectionError => "connection_error",
+            Self::RequestError => "request_error",
+        }
+    }
+}
+
+/// One provider call as the metrics see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallEvent {
+    pub tenant: TenantId,
+    pub org: OrgName,
+    pub model: ModelName,
+    pub outcome: CallOutcome,
+    pub usage: Usage,
+    pub latency: Duration,
+}
+
+/// Per-org counters since the metrics store was created.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgCounters {
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub rate_limited: u64,
+    pub insufficient_quota: u64,
+    pub server_errors: u64,
+    pub timeouts: u64,
+    pub connection_errors: u64,
+    pub request_errors: u64,
+}
+
+impl OrgCounters {
+    pub fn record(&mut self, ev: &CallEvent) {
+        match ev.outcome {
+            CallOutcome::Ok => {
+                self.calls += 1;
+                self.prompt_tokens += ev.usage.prompt_tokens;
+                self.completion_tokens += ev.usage.completion_tokens;
+            }
+            CallOutcome::RateLimited => self.rate_limited += 1,
+            CallOutcome::InsufficientQuota => self.insufficient_quota += 1,
+            CallOutcome::ServerError => self.server_errors += 1,
+            CallOutcome::Timeout => self.timeouts += 1,
+            CallOutcome::ConnectionError => self.connection_errors += 1,
+            CallOutcome::RequestError => self.request_errors += 1,
+        }
+    }
+    pub fn merge(&mut self, o: &OrgCounters) {
+        self.calls += o.calls;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.rate_limited += o.rate_limited;
+        self.insufficient_quota += o.insufficient_quota;
+        self.server_errors += o.server_errors;
+        self.timeouts += o.timeouts;
+        self.connection_errors += o.connection_errors;
+        self.request_errors += o.request_errors;
+    }
+}
+
+/// Durable per-tenant, per-org usage counters. Events are aggregated in
+/// memory and written in batches by `flush`, never one write per call.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Adds a batch of per-(tenant, org) counter deltas.
+    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()>;
+    /// The tenant's totals per org.
+    async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>>;
+}
+
+/// A storage backend: one value of each role.
+#[derive(Clone)]
+pub struct Backend {
+    pub queue: std::sync::Arc<dyn JobQueue>,
+    pub jobs: std::sync::Arc<dyn JobStore>,
+    pub ledger: std::sync::Arc<dyn QuotaLedger>,
+    pub usage: std::sync::Arc<dyn UsageStore>,
+}
+
+/// Turns a step id list into a lookup-friendly form for callers.
+pub fn checkpoint_ids(cps: &[Checkpoint]) -> std::collections::HashSet<StepId> {
+    cps.iter().map(|c| c.step_id.clone()).collect()
+}

@@ -1,0 +1,252 @@
+//! Logging set-up and the in-process metrics: Prometheus counters for
+//! `/metrics`, and per-(tenant, org) usage aggregated in memory and written
+//! to the durable [`UsageStore`] in batches.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::domain::{OrgName, TenantId};
+use crate::storage::{CallEvent, OrgCounters, QueueStats, StorageResult, UsageStore};
+
+/// Logs go to stderr: as JSON lines when `json` (Fargate, CloudWatch Logs),
+/// human-readable otherwise. `RUST_LOG` overrides the default level.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests) is harmless; ignore its error.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    org: String,
+    model: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OrgLabels {
+    org: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OrgModelLabels {
+    org: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    org: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+fn overhead_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Circuit breaker states as gauge values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerGauge {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}
+
+/// Every metric the process exports, and the pending usage deltas.
+pub struct Telemetry {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    latency: HistogramFamily<OrgLabels>,
+    headroom: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
+    breaker_state: Family<OrgLabels, Gauge>,
+    breaker_opened: Family<OrgLabels, Counter>,
+    out_of_rotation: Family<OrgLabels, Gauge>,
+    ledger_ops: Family<OpLabels, Counter>,
+    jobs_finished: Family<StatusLabels, Counter>,
+    job_duration: HistogramFamily<StatusLabels>,
+    steps_done: Counter,
+    step_overhead: Histogram,
+    jobs_in_flight: Gauge,
+    queue_visible: Gauge,
+    queue_in_flight: Gauge,
+    queue_dead: Gauge,
+    pending_usage: Mutex<HashMap<(TenantId, OrgName), OrgCounters>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ratepool");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("provider_calls", "Provider calls by org, model and outcome", calls.clone());
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register("provider_tokens", "Tokens the provider reported, by org and kind", tokens.clone());
+        let latency: HistogramFamily<OrgLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register("provider_latency_seconds", "Provider call latency by org", latency.clone());
+        let headroom = Family::<OrgModelLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register("org_headroom_ratio", "Free fraction of the tighter bucket, as the ledger last saw it", headroom.clone());
+        let breaker_state = Family::<OrgLabels, Gauge>::default();
+        registry.register("org_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", breaker_state.clone());
+        let breaker_opened = Family::<OrgLabels, Counter>::default();
+        registry.register("org_breaker_opened", "Times the org's circuit breaker opened", breaker_opened.clone());
+        let out_of_rotation = Family::<OrgLabels, Gauge>::default();
+        registry.register("org_out_of_rotation", "1 while the org is out of rotation (insufficient quota, bad key)", out_of_rotation.clone());
+        let ledger_ops = Family::<OpLabels, Counter>::default();
+        registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
+        let jobs_finished = Family::<StatusLabels, Counter>::default();
+        registry.register("jobs_finished", "Jobs that reached a final status", jobs_finished.clone());
+        let job_duration: HistogramFamily<StatusLabels> = Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 14)));
+        registry.register("job_duration_seconds", "Submission to final status", job_duration.clone());
+        let steps_done = Counter::default();
+        registry.register("steps_checkpointed", "Steps finished and checkpointed", steps_done.clone());
+        let step_overhead = overhead_histogram();
+        registry.register("step_overhead_seconds", "Time per step spent in ratepool (everything but the provider call)", step_overhead.clone());
+        let jobs_in_flight = Gauge::default();
+        registry.register("jobs_in_flight", "Jobs this process is running", jobs_in_flight.clone());
+        let queue_visible = Gauge::default();
+        registry.register("queue_visible", "Jobs waiting in the queue", queue_visible.clone());
+        let queue_in_flight = Gauge::default();
+        registry.register("queue_in_flight", "Jobs received and not yet finished", queue_in_flight.clone());
+        let queue_dead = Gauge::default();
+        registry.register("queue_dead_letters", "Jobs in the dead-letter queue", queue_dead.clone());
+        Self {
+            registry,
+            calls,
+            tokens,
+            latency,
+            headroom,
+            breaker_state,
+            breaker_opened,
+            out_of_rotation,
+            ledger_ops,
+            jobs_finished,
+            job_duration,
+            steps_done,
+            step_overhead,
+            jobs_in_flight,
+            queue_visible,
+            queue_in_flight,
+            queue_dead,
+            pending_usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn record_call(&self, ev: &CallEvent) {
+        let org = ev.org.to_string();
+        self.calls
+            .get_or_create(&CallLabels { org: org.clone(), model: ev.model.to_string(), outcome: ev.outcome.as_str() })
+            .inc();
+        if ev.usage.prompt_tokens + ev.usage.completion_tokens > 0 {
+            self.tokens.get_or_create(&TokenLabels { org: org.clone(), kind: "prompt" }).inc_by(ev.usage.prompt_tokens);
+            self.tokens.get_or_create(&TokenLabels { org: org.clone(), kind: "completion" }).inc_by(ev.usage.completion_tokens);
+        }
+        self.latency.get_or_create(&OrgLabels { org }).observe(ev.latency.as_secs_f64());
+        let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
+        pending.entry((ev.tenant.clone(), ev.org.clone())).or_default().record(ev);
+    }
+
+    pub fn set_headroom(&self, org: &OrgName, model: &crate::domain::ModelName, ratio: f64) {
+        self.headroom.get_or_create(&OrgModelLabels { org: org.to_string(), model: model.to_string() }).set(ratio);
+    }
+
+    pub fn set_breaker(&self, org: &OrgName, state: BreakerGauge) {
+        self.breaker_state.get_or_create(&OrgLabels { org: org.to_string() }).set(state as i64);
+        if state == BreakerGauge::Open {
+            self.breaker_opened.get_or_create(&OrgLabels { org: org.to_string() }).inc();
+        }
+    }
+
+    pub fn set_out_of_rotation(&self, org: &OrgName, out: bool) {
+        self.out_of_rotation.get_or_create(&OrgLabels { org: org.to_string() }).set(i64::from(out));
+    }
+
+    /// Counts a ledger storage operation: "acquire", "denied", "raise".
+    pub fn ledger_op(&self, op: &'static str) {
+        self.ledger_ops.get_or_create(&OpLabels { op }).inc();
+    }
+
+    pub fn ledger_ops(&self, op: &'static str) -> u64 {
+        self.ledger_ops.get_or_create(&OpLabels { op }).get()
+    }
+
+    pub fn job_finished(&self, status: crate::storage::JobStatus, duration: std::time::Duration) {
+        let l = StatusLabels { status: status.as_str() };
+        self.jobs_finished.get_or_create(&l).inc();
+        self.job_duration.get_or_create(&l).observe(duration.as_secs_f64());
+    }
+
+    pub fn step_done(&self, overhead: std::time::Duration) {
+        self.steps_done.inc();
+        self.step_overhead.observe(overhead.as_secs_f64());
+    }
+
+    pub fn jobs_in_flight(&self) -> &Gauge {
+        &self.jobs_in_flight
+    }
+
+    pub fn set_queue(&self, s: QueueStats) {
+        self.queue_visible.set(s.visible as i64);
+        self.queue_in_flight.set(s.in_flight as i64);
+        self.queue_dead.set(s.dead as i64);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Writes the pending usage deltas in one batch; on failure they are
+    /// put back so nothing is lost.
+    pub async fn flush(&self, store: &dyn UsageStore) -> StorageResult<()> {
+        let batch: Vec<_> = {
+            let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
+            pending.drain().map(|((t, o), c)| (t, o, c)).collect()
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = store.add(&batch).await {
+            let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
+            for (t, o, c) in batch {
+                pending.entry((t, o)).or_default().merge(&c);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}

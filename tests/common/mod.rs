@@ -1,0 +1,177 @@
+//! Helpers for end-to-end tests: start `ratepool sim` and `ratepool serve`
+//! as real processes on port 0, talk to them over HTTP, kill them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ratepool");
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `ratepool ARGS` and waits for its "listening on http://…" line.
+fn spawn(args: &[&str], envs: &[(&str, &str)], log: &Path) -> Proc {
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start ratepool");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(u) => u,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("ratepool {args:?} did not start; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+    };
+    Proc { child, url, log: log.to_path_buf() }
+}
+
+/// One simulated org.
+pub struct OrgSpec {
+    pub name: &'static str,
+    pub rpm: u64,
+    pub tpm: u64,
+}
+
+pub fn org_key(name: &str) -> String {
+    format!("sk-sim-{name}-0123456789")
+}
+
+pub fn start_sim(dir: &Path, orgs: &[OrgSpec], latency: (f64, f64, f64)) -> Proc {
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\n[latency]\nbase_ms = {}\nper_token_ms = {}\ntime_scale = {}\n",
+        latency.0, latency.1, latency.2
+    );
+    for o in orgs {
+        toml.push_str(&format!(
+            "[[orgs]]\nname = \"{}\"\napi_key = \"{}\"\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
+            o.name,
+            org_key(o.name),
+            o.rpm,
+            o.tpm
+        ));
+    }
+    let path = dir.join("sim.toml");
+    std::fs::write(&path, toml).unwrap();
+    spawn(&["sim", "--config", path.to_str().unwrap()], &[], &dir.join("sim.log"))
+}
+
+pub const TENANT_A_KEY: &str = "tenant-a-key-0123456789abcdef";
+pub const TENANT_B_KEY: &str = "tenant-b-key-0123456789abcdef";
+
+/// Writes a serve config pointing every org at the simulator.
+pub fn write_serve_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], extra: &str) -> PathBuf {
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nbackend = \"sqlite\"\npath = \"{}\"\n{extra}\n",
+        dir.join("ratepool.db").display()
+    );
+    for o in orgs {
+        toml.push_str(&format!(
+            "[[orgs]]\nname = \"{}\"\nbase_url = \"{sim_url}/v1\"\napi_key_env = \"ORG_{}_KEY\"\ntimeout_secs = 20\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
+            o.name,
+            o.name.to_uppercase().replace('-', "_"),
+            o.rpm,
+            o.tpm
+        ));
+    }
+    toml.push_str("[[tenants]]\nname = \"alpha\"\napi_key_env = \"TENANT_A_KEY\"\n[[tenants]]\nname = \"beta\"\napi_key_env = \"TENANT_B_KEY\"\n");
+    let path = dir.join("ratepool.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+pub fn start_server(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str) -> Proc {
+    let keys: Vec<(String, String)> =
+        orgs.iter().map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name))).collect();
+    let mut envs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    envs.push(("TENANT_A_KEY", TENANT_A_KEY));
+    envs.push(("TENANT_B_KEY", TENANT_B_KEY));
+    spawn(&["serve", "--config", config.to_str().unwrap()], &envs, &dir.join(log_name))
+}
+
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub fn get(url: &str, key: &str) -> (u16, Value) {
+    let r = http().get(url).bearer_auth(key).send().expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+pub fn submit(base: &str, key: &str, body: &str) -> (u16, Value) {
+    let r = http().post(format!("{base}/v1/jobs")).bearer_auth(key).body(body.to_string()).send().expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The screenplay example with its inputs varied by `n`, so jobs differ.
+pub fn screenplay(n: usize) -> String {
+    let mut v: Value = serde_json::from_str(include_str!("../../examples/screenplay.json")).unwrap();
+    let inputs = v["inputs"].as_object_mut().expect("screenplay has inputs");
+    let first = inputs.keys().next().cloned().expect("an input");
+    let old = inputs[&first].as_str().unwrap_or("").to_string();
+    inputs.insert(first, Value::String(format!("{old} (variation {n})")));
+    v.to_string()
+}
+
+/// Polls until every job is final; returns their status documents.
+pub fn wait_all(base: &str, key: &str, ids: &[String], timeout: Duration) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let docs: Vec<Value> = ids.iter().map(|id| get(&format!("{base}/v1/jobs/{id}"), key).1).collect();
+        let done = docs.iter().all(|d| matches!(d["status"].as_str(), Some("succeeded" | "failed" | "cancelled")));
+        if done {
+            return docs;
+        }
+        if start.elapsed() > timeout {
+            let summary: Vec<String> = docs.iter().map(|d| format!("{}:{}/{}", d["status"], d["steps_done"], d["steps_total"])).collect();
+            panic!("jobs did not finish in {timeout:?}: {summary:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn sim_stats(sim: &Proc) -> Value {
+    http().get(format!("{}/_sim/stats", sim.url)).send().unwrap().json().unwrap()
+}
+
+pub fn sim_requests(sim: &Proc) -> std::collections::BTreeMap<String, u64> {
+    http().get(format!("{}/_sim/requests", sim.url)).send().unwrap().json().unwrap()
+}
