@@ -11,12 +11,12 @@ use common::*;
 #[test]
 fn twenty_screenplays_over_three_orgs_stay_within_limits() {
     let dir = tempfile::tempdir().unwrap();
-    // Limits small enough that the workload (≈1.4M tokens) is more than the
+    // Limits small enough that the workload (≈5.8M tokens) is more than the
     // three orgs' first-minute burst, so the ledger has to pace the calls.
     let orgs = [
-        OrgSpec { name: "org-a", rpm: 400, tpm: 200_000 },
-        OrgSpec { name: "org-b", rpm: 400, tpm: 200_000 },
-        OrgSpec { name: "org-c", rpm: 400, tpm: 200_000 },
+        OrgSpec { name: "org-a", rpm: 3_000, tpm: 1_500_000 },
+        OrgSpec { name: "org-b", rpm: 3_000, tpm: 1_500_000 },
+        OrgSpec { name: "org-c", rpm: 3_000, tpm: 1_500_000 },
     ];
     let sim = start_sim(dir.path(), &orgs, (20.0, 0.2, 1.0));
     let cfg = write_serve_config(dir.path(), &sim.url, &orgs, "[workers]\nconcurrency = 32\nstep_parallelism = 4\n");

@@ -23,6 +23,10 @@ use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
 use crate::storage::{Acquisition, BucketKey, CallEvent, CallOutcome, QuotaLedger, StorageError};
 use crate::telemetry::{BreakerGauge, Telemetry};
 
+/// Time between the ledger's charge and the provider's, allowed for in the
+/// burst tolerance (see [`Rate::with_slack`]).
+const TRANSIT_ALLOWANCE_US: i64 = 250_000;
+
 /// One org as the router sees it.
 #[derive(Debug, Clone)]
 pub struct OrgSettings {
@@ -45,7 +49,10 @@ impl OrgSettings {
             let scaled = |v: u64| ((v as f64 * keep).floor() as u64).max(1);
             models.insert(
                 model.clone(),
-                BucketParams { requests: Rate::per_minute(scaled(lim.rpm.get())), tokens: Rate::per_minute(scaled(lim.tpm.get())) },
+                BucketParams {
+                    requests: Rate::per_minute(scaled(lim.rpm.get())).with_slack(TRANSIT_ALLOWANCE_US),
+                    tokens: Rate::per_minute(scaled(lim.tpm.get())).with_slack(TRANSIT_ALLOWANCE_US),
+                },
             );
             provider_limits.insert(model.clone(), (lim.rpm.get(), lim.tpm.get()));
         }

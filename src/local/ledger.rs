@@ -9,17 +9,29 @@ use rusqlite::{OptionalExtension, TransactionBehavior};
 use super::{OrBackend, SqliteBackend};
 use crate::domain::Micros;
 use crate::storage::gcra::{self, Decision};
-use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult};
+use crate::storage::{
+    Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult,
+};
 
-const READ_STATE: &str = "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
+const READ_STATE: &str =
+    "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
 
 fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BucketState> {
-    Ok(BucketState { requests_tat: r.get(0)?, tokens_tat: r.get(1)? })
+    Ok(BucketState {
+        requests_tat: r.get(0)?,
+        tokens_tat: r.get(1)?,
+    })
 }
 
 #[async_trait]
 impl QuotaLedger for SqliteBackend {
-    async fn acquire(&self, key: &BucketKey, params: &BucketParams, cost: Cost, now: Micros) -> StorageResult<Acquisition> {
+    async fn acquire(
+        &self,
+        key: &BucketKey,
+        params: &BucketParams,
+        cost: Cost,
+        now: Micros,
+    ) -> StorageResult<Acquisition> {
         let key = key.clone();
         let params = *params;
         self.write(move |conn| {
@@ -68,7 +80,12 @@ impl QuotaLedger for SqliteBackend {
             )
             .db()?
             .query_row(
-                rusqlite::params![key.org.as_str(), key.model.as_str(), floor.requests_tat, floor.tokens_tat],
+                rusqlite::params![
+                    key.org.as_str(),
+                    key.model.as_str(),
+                    floor.requests_tat,
+                    floor.tokens_tat
+                ],
                 state_from_row,
             )
             .db()

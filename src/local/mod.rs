@@ -6,10 +6,10 @@
 //! call runs on tokio's blocking pool, never on the async runtime, and uses
 //! cached prepared statements so an operation costs tens of microseconds.
 //!
-//! - [`queue`]: the job queue with visibility timeouts and a dead-letter table.
-//! - [`jobs`]: job records, leases and step checkpoints.
-//! - [`ledger`]: the GCRA quota ledger (the math is [`crate::storage::gcra`]).
-//! - [`usage`]: per-tenant, per-org usage counters.
+//! - `queue`: the job queue with visibility timeouts and a dead-letter table.
+//! - `jobs`: job records, leases and step checkpoints.
+//! - `ledger`: the GCRA quota ledger (the math is [`crate::storage::gcra`]).
+//! - `usage`: per-tenant, per-org usage counters.
 
 mod jobs;
 mod ledger;
@@ -40,7 +40,10 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self { visibility_timeout: Duration::from_secs(30), clock: Arc::new(SystemClock) }
+        Self {
+            visibility_timeout: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+        }
     }
 }
 
@@ -97,7 +100,12 @@ impl SqliteBackend {
     /// The four roles, all backed by this one database.
     pub fn backend(&self) -> Backend {
         let me = Arc::new(self.clone());
-        Backend { queue: me.clone(), jobs: me.clone(), ledger: me.clone(), usage: me }
+        Backend {
+            queue: me.clone(),
+            jobs: me.clone(),
+            ledger: me.clone(),
+            usage: me,
+        }
     }
 
     fn now(&self) -> Micros {
@@ -162,9 +170,15 @@ fn micros(d: Duration) -> Micros {
 
 /// Reads a validated id from column `idx`; a stored value that no longer
 /// parses is reported as a conversion failure rather than trusted.
-fn parsed<T>(row: &rusqlite::Row<'_>, idx: usize, parse: impl FnOnce(String) -> Result<T, InvalidId>) -> rusqlite::Result<T> {
+fn parsed<T>(
+    row: &rusqlite::Row<'_>,
+    idx: usize,
+    parse: impl FnOnce(String) -> Result<T, InvalidId>,
+) -> rusqlite::Result<T> {
     let s: String = row.get(idx)?;
-    parse(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    parse(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 /// SQLite integers are `i64`; counters never reach 2^63, so saturating is
@@ -180,7 +194,9 @@ where
     T::Error: std::error::Error + Send + Sync + 'static,
 {
     let v: i64 = row.get(idx)?;
-    T::try_from(v).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e)))
+    T::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e))
+    })
 }
 
 fn priority_str(p: Priority) -> &'static str {

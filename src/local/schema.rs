@@ -20,9 +20,13 @@ pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()>
         return Ok(());
     }
     // WAL: readers do not block the writer and a commit is one append.
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).db()?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .db()?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StorageError::Backend(format!("sqlite refused WAL mode (journal_mode is {mode})")));
+        return Err(StorageError::Backend(format!(
+            "sqlite refused WAL mode (journal_mode is {mode})"
+        )));
     }
     // NORMAL under WAL syncs only at checkpoints: a committed transaction
     // survives a crash of the process (our failure model: SIGKILL, OOM), and
@@ -35,22 +39,27 @@ pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()>
 
 /// Creates the tables if missing and records the version.
 pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).db()?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .db()?;
     if version > SCHEMA_VERSION {
         return Err(StorageError::Backend(format!(
             "database schema version {version} is newer than this binary understands ({SCHEMA_VERSION})"
         )));
     }
     // One batch in one transaction: a crash mid-way leaves no half schema.
-    conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"))
-        .db()
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    ))
+    .db()
 }
 
 const SCHEMA: &str = r#"
 -- Waiting and in-flight queue messages. `lane` 0 is interactive, 1 batch,
 -- so `ORDER BY lane, id` serves interactive first, oldest first.
+-- A plain rowid is enough for arrival order: a new row gets max(id) + 1.
 CREATE TABLE IF NOT EXISTS queue (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            INTEGER PRIMARY KEY,
     job_id        TEXT    NOT NULL,
     tenant        TEXT    NOT NULL,
     lane          INTEGER NOT NULL,
@@ -67,7 +76,7 @@ CREATE INDEX IF NOT EXISTS queue_order ON queue (lane, id, visible_at);
 CREATE UNIQUE INDEX IF NOT EXISTS queue_receipt ON queue (receipt);
 
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            INTEGER PRIMARY KEY,
     job_id        TEXT    NOT NULL,
     tenant        TEXT    NOT NULL,
     lane          INTEGER NOT NULL,

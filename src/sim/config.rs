@@ -4,6 +4,24 @@
 //! Read from TOML by [`SimConfig::from_toml`], which also checks the values
 //! that would otherwise make the simulator misbehave silently (duplicate
 //! keys, probabilities outside `[0, 1]`).
+//!
+//! ```toml
+//! listen = "127.0.0.1:9100"
+//! seed = 7
+//! [latency]            # (base_ms + per_token_ms × completion tokens) × time_scale
+//! base_ms = 200
+//! per_token_ms = 5
+//! time_scale = 0.1
+//! [faults]             # exclusive per-request probabilities
+//! server_error_rate = 0.01
+//! drop_rate = 0.005
+//! stall_rate = 0.001
+//! stall_ms = 30000
+//! [[orgs]]
+//! name = "org-a"
+//! api_key = "sk-sim-a"
+//! models."gpt-4o-mini" = { rpm = 500, tpm = 200000 }
+//! ```
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;

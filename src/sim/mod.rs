@@ -452,3 +452,6 @@ async fn update_faults(State(sim): State<Simulator>, body: Bytes) -> Response {
         Err(e) => bad_control_request(format!("{e:#}")),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,18 +14,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::Micros;
 
-/// A limit of `limit` units per `period_us`.
+/// A limit of `limit` units per `period_us`, with burst tolerance
+/// `tolerance_us` (normally the whole period).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rate {
     pub limit: u64,
     pub period_us: i64,
+    pub tolerance_us: i64,
 }
 
 pub const MINUTE_US: i64 = 60_000_000;
 
 impl Rate {
     pub fn per_minute(limit: u64) -> Self {
-        Self { limit, period_us: MINUTE_US }
+        Self { limit, period_us: MINUTE_US, tolerance_us: MINUTE_US }
+    }
+
+    /// The same rate with `slack_us` less burst tolerance. The provider
+    /// charges a call when it arrives, a little after the ledger did; when
+    /// the bucket had refilled, that moves the provider's TAT ahead of ours
+    /// by up to the transit time. Keeping that much tolerance in hand means
+    /// the provider never sees a call the ledger admitted as over the limit.
+    /// It trims the burst, not the sustained rate.
+    pub fn with_slack(self, slack_us: i64) -> Self {
+        Self { tolerance_us: (self.period_us - slack_us.max(0)).max(1), ..self }
     }
 
     /// The TAT increment of `n` units: `n·T`, rounded up so rounding never
@@ -39,9 +51,9 @@ impl Rate {
         inc.min((Micros::MAX / 4) as u128) as Micros
     }
 
-    /// τ: the whole period may be spent at once.
+    /// τ: how much of the period may be spent at once.
     pub fn tolerance(&self) -> Micros {
-        self.period_us
+        self.tolerance_us
     }
 
     /// Units still available at `now` for a bucket at `tat`.
@@ -51,7 +63,9 @@ impl Rate {
         }
         let used_us = (tat - now).max(0) as u128;
         let used = (used_us * self.limit as u128).div_ceil(self.period_us as u128) as u64;
-        self.limit.saturating_sub(used)
+        // Units the trimmed tolerance keeps in hand are not available.
+        let held = ((self.period_us - self.tolerance_us).max(0) as u128 * self.limit as u128 / self.period_us as u128) as u64;
+        self.limit.saturating_sub(used).saturating_sub(held)
     }
 
     /// The TAT of a bucket that has `remaining` of `limit` units left at `at`,
@@ -262,6 +276,30 @@ mod tests {
         assert_eq!(p.tokens.remaining(st.tokens_tat, 0), 6_000);
         let tat = p.tokens.tat_for_remaining(6_000, 1_500, 0);
         assert_eq!(p.tokens.remaining(tat, 0), 1_500);
+    }
+
+    #[test]
+    fn slack_keeps_a_late_arrival_within_the_providers_bucket() {
+        // The ledger admits at a_i, the provider charges at a_i + d_i with
+        // d_i <= D. With D of slack the provider's own check always passes.
+        let limit = 1_000u64;
+        let d = 50_000;
+        let ledger_p = params(1_000_000, limit);
+        let ledger_p = BucketParams { tokens: ledger_p.tokens.with_slack(d), ..ledger_p };
+        let prov_p = params(1_000_000, limit);
+        let (mut ledger, mut prov) = (BucketState::default(), BucketState::default());
+        let mut seed = 7u64;
+        let mut now = 0;
+        for i in 0..5_000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            now += (seed >> 33) as i64 % 40_000;
+            let n = 1 + (seed >> 12) % 60;
+            // Alternate worst cases: earlier calls arrive late, this one early.
+            let delay = if i % 2 == 0 { d } else { 0 };
+            if run(&mut ledger, &ledger_p, n, now) {
+                assert!(run(&mut prov, &prov_p, n, now + delay), "provider rejected call {i}");
+            }
+        }
     }
 
     #[test]
