@@ -11,6 +11,8 @@
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod api;
 pub mod client;
 pub mod config;

@@ -133,7 +133,7 @@ pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -
         usage: backend.usage.clone(),
         tenants,
         pool,
-        limits: engine_cfg.spec_limits.clone(),
+        limits: engine_cfg.spec_limits,
         clock: clock.clone(),
         telemetry: telemetry.clone(),
         org_status: Some(router.clone()),

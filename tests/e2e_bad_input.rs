@@ -119,7 +119,7 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
     let (status, _) = get(&format!("{}/v1/jobs/{id}", server.url), "");
     assert_eq!(status, 401);
 
-    let docs = wait_all(&server.url, TENANT_A_KEY, &[id.clone()], Duration::from_secs(60));
+    let docs = wait_all(&server.url, TENANT_A_KEY, std::slice::from_ref(&id), Duration::from_secs(60));
     assert_eq!(docs[0]["status"], "succeeded", "tenant B's cancel must not have touched it: {}", docs[0]);
     let (jobs, _, checkpoints) = counts(&db);
     assert_eq!((jobs, checkpoints), (1, 2));
