@@ -107,8 +107,8 @@ pub struct WorkersConfig {
     /// heartbeat; a dead worker's job is picked up after about this long.
     #[serde(default = "default_visibility")]
     pub visibility_timeout_secs: NonZeroU64,
-    /// Receives after which a job that keeps killing its worker is
-    /// dead-lettered and failed.
+    /// Runs in a row without a finished step after which a job (that keeps
+    /// killing its worker) is dead-lettered and failed.
     #[serde(default = "default_max_receives")]
     pub max_receives: NonZeroU64,
     /// Provider calls one step may make on transient errors (5xx, timeouts,

@@ -55,6 +55,7 @@ conformance_tests!(
     queue_receive_returns_early_when_sent,
     jobs_create_and_get,
     jobs_idempotent_create,
+    stalled_runs_count_acquisitions_since_progress,
     lease_acquire_held_and_takeover,
     lease_renew_extends,
     lease_release_lets_another_worker_in,

@@ -64,16 +64,6 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     let jobs = &engine.backend.jobs;
     let cfg = &engine.config;
     let id = &delivery.message.job_id;
-    if delivery.receive_count > cfg.max_receives {
-        let reason = format!(
-            "dead-lettered after {} deliveries: every worker that took this job stopped before finishing it",
-            delivery.receive_count - 1
-        );
-        tracing::error!(job = %id, %reason);
-        jobs.fail_unleased(id, &reason, engine.clock.now()).await?;
-        engine.backend.queue.dead_letter(delivery).await?;
-        return Ok(Ack::Leave);
-    }
     let lease = match jobs.acquire_lease(id, &cfg.owner, cfg.lease_ttl, engine.clock.now()).await? {
         LeaseOutcome::Acquired(l) => l,
         LeaseOutcome::Held { expires_at, .. } => {
@@ -83,6 +73,17 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
         LeaseOutcome::Finished(_) | LeaseOutcome::Missing => return Ok(Ack::Delete),
     };
     let Some(record) = jobs.get_job(id).await? else { return Ok(Ack::Delete) };
+    if record.stalled_runs > cfg.max_receives {
+        let reason = format!(
+            "dead-lettered: {} runs in a row ended without finishing a step (the job keeps stopping its worker)",
+            record.stalled_runs - 1
+        );
+        tracing::error!(job = %id, %reason);
+        finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await?;
+        // The message moves to the dead-letter queue; nothing left to ack.
+        engine.backend.queue.dead_letter(delivery).await?;
+        return Ok(Ack::Leave);
+    }
     let spec = match JobSpec::from_stored(&record.spec_json, &cfg.spec_limits) {
         Ok(s) => Arc::new(s),
         Err(e) => {

@@ -29,8 +29,8 @@ pub struct EngineConfig {
     /// The queue's visibility timeout and the job lease's time to live; the
     /// heartbeat renews both every third of it.
     pub lease_ttl: Duration,
-    /// A message received more often than this is dead-lettered and its job
-    /// failed: it kept taking its workers down.
+    /// A job whose runs ended this many times in a row without finishing a
+    /// step is dead-lettered and failed: it keeps taking its workers down.
     pub max_receives: u32,
     /// How long one receive waits for a message.
     pub poll_wait: Duration,

@@ -16,11 +16,11 @@ use crate::storage::{
     NewJob, StorageError, StorageResult,
 };
 
-/// The columns `job_from_row` reads, in its order.
+/// The columns `job_from_row` reads, in its order (18 of them).
 macro_rules! job_columns {
     () => {
         "id, tenant, name, priority, status, spec_json, steps_total, steps_done, calls, prompt_tokens, \
-         completion_tokens, error, created_at, updated_at, finished_at, lease_owner, lease_expires_at"
+         completion_tokens, error, created_at, updated_at, finished_at, lease_owner, lease_expires_at, stalled_runs"
     };
 }
 
@@ -45,6 +45,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         finished_at: r.get(14)?,
         lease_owner: r.get(15)?,
         lease_expires_at: r.get(16)?,
+        stalled_runs: r.get(17)?,
     })
 }
 
@@ -94,6 +95,7 @@ fn fresh_record(job: &NewJob) -> JobRecord {
         finished_at: None,
         lease_owner: None,
         lease_expires_at: None,
+        stalled_runs: 0,
     }
 }
 
@@ -118,7 +120,7 @@ impl JobStore for SqliteBackend {
                     ))
                     .db()?
                     .query_row(rusqlite::params![job.tenant.as_str(), key], |r| {
-                        Ok((job_from_row(r)?, r.get::<_, Option<String>>(17)?))
+                        Ok((job_from_row(r)?, r.get::<_, Option<String>>(18)?))
                     })
                     .optional()
                     .db()?;
@@ -226,7 +228,7 @@ impl JobStore for SqliteBackend {
             let epoch = epoch + 1;
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'running', lease_owner = ?2, lease_epoch = ?3,
-                                 lease_expires_at = ?4, updated_at = ?5
+                                 lease_expires_at = ?4, updated_at = ?5, stalled_runs = stalled_runs + 1
                   WHERE id = ?1",
             )
             .db()?
@@ -294,7 +296,7 @@ impl JobStore for SqliteBackend {
             // insert below rolls it back if the step was already written.
             let held = tx
                 .prepare_cached(
-                    "UPDATE jobs SET steps_done = steps_done + 1,
+                    "UPDATE jobs SET steps_done = steps_done + 1, stalled_runs = 0,
                                      calls = calls + ?5,
                                      prompt_tokens = prompt_tokens + ?6,
                                      completion_tokens = completion_tokens + ?7,

@@ -106,7 +106,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_epoch       INTEGER NOT NULL DEFAULT 0,
     lease_expires_at  INTEGER,
     idempotency_key   TEXT,
-    request_hash      TEXT
+    request_hash      TEXT,
+    -- Lease acquisitions since the last checkpoint (poison detection).
+    stalled_runs      INTEGER NOT NULL DEFAULT 0
 );
 -- NULL keys are distinct in SQLite, so jobs without a key never collide.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key);

@@ -166,6 +166,11 @@ pub struct JobRecord {
     /// Current lease holder and expiry, if any.
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<Micros>,
+    /// Lease acquisitions since the last checkpoint. A job whose runs keep
+    /// ending without progress (it takes its worker down) is poison; one
+    /// that made progress between crashes is merely unlucky. Counting this
+    /// rather than queue receives keeps the two apart.
+    pub stalled_runs: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,7 +231,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome>;
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>>;
     /// Takes the job for `owner` until `now + ttl` if it is unleased or its
-    /// lease expired, moving it to `running`.
+    /// lease expired, moving it to `running` and adding one to
+    /// `stalled_runs` (which `put_checkpoint` resets to 0).
     async fn acquire_lease(&self, id: &JobId, owner: &str, ttl: Duration, now: Micros) -> StorageResult<LeaseOutcome>;
     /// Extends a held lease; `LeaseLost` if another epoch took it or the job
     /// is no longer running (cancelled). Returns the new lease.

@@ -426,6 +426,7 @@ pub async fn jobs_create_and_get(h: &Harness) {
         finished_at: None,
         lease_owner: None,
         lease_expires_at: None,
+        stalled_runs: 0,
     };
     assert_eq!(created, expected);
     assert_eq!(
@@ -579,6 +580,28 @@ pub async fn checkpoint_with_held_lease(h: &Harness) {
         h.backend.jobs.checkpoints(&id).await.expect("checkpoints"),
         vec![cp]
     );
+}
+
+pub async fn stalled_runs_count_acquisitions_since_progress(h: &Harness) {
+    let id = create(h).await;
+    assert_eq!(get(h, &id).await.stalled_runs, 0);
+    // Two runs die without progress (their leases lapse).
+    acquire(h, &id, "worker-a", T0).await;
+    acquire(h, &id, "worker-b", T0 + TTL_US).await;
+    assert_eq!(get(h, &id).await.stalled_runs, 2);
+    // A refused acquisition (lease held) is not a run.
+    assert!(matches!(
+        h.backend.jobs.acquire_lease(&id, "worker-c", TTL, T0 + TTL_US + 1).await.expect("acquire"),
+        LeaseOutcome::Held { .. }
+    ));
+    assert_eq!(get(h, &id).await.stalled_runs, 2);
+    // The third run makes progress: the count starts over.
+    let c = acquire(h, &id, "worker-c", T0 + 2 * TTL_US).await;
+    assert_eq!(get(h, &id).await.stalled_runs, 3);
+    h.backend.jobs.put_checkpoint(&c, &checkpoint("s1", "x", 1), T0 + 2 * TTL_US + 1).await.expect("checkpoint");
+    assert_eq!(get(h, &id).await.stalled_runs, 0);
+    acquire(h, &id, "worker-d", T0 + 4 * TTL_US).await;
+    assert_eq!(get(h, &id).await.stalled_runs, 1);
 }
 
 pub async fn checkpoint_with_stale_epoch_is_lease_lost(h: &Harness) {
