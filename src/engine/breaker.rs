@@ -56,10 +56,22 @@ impl Breaker {
         }
     }
 
-    /// A call was dispatched to this org.
-    pub fn on_dispatch(&mut self) {
-        if let State::HalfOpen { cooldown_us, .. } = self.state {
+    /// A call was dispatched to this org. Returns true if it is the
+    /// half-open probe, whose answer the breaker now waits for.
+    pub fn on_dispatch(&mut self) -> bool {
+        if let State::HalfOpen { cooldown_us, probe_in_flight: false } = self.state {
             self.state = State::HalfOpen { probe_in_flight: true, cooldown_us };
+            return true;
+        }
+        false
+    }
+
+    /// The probe's call ended without any answer from the org (cancelled,
+    /// or its future dropped): let the next call probe instead. Without
+    /// this the breaker would wait forever for a verdict that never comes.
+    pub fn on_abandoned(&mut self) {
+        if let State::HalfOpen { cooldown_us, probe_in_flight: true } = self.state {
+            self.state = State::HalfOpen { probe_in_flight: false, cooldown_us };
         }
     }
 
@@ -120,7 +132,11 @@ mod tests {
 
     #[test]
     fn opens_after_threshold_probes_then_closes() {
-        let mut b = Breaker::new(BreakerPolicy { threshold: 3, cooldown: Duration::from_secs(2), max_cooldown: Duration::from_secs(8) });
+        let mut b = Breaker::new(BreakerPolicy {
+            threshold: 3,
+            cooldown: Duration::from_secs(2),
+            max_cooldown: Duration::from_secs(8),
+        });
         assert_eq!(b.blocked_until(0), None);
         assert_eq!(b.on_failure(0), None);
         assert_eq!(b.on_failure(0), None);
@@ -141,8 +157,33 @@ mod tests {
     }
 
     #[test]
+    fn an_abandoned_probe_lets_the_next_call_probe() {
+        let mut b = Breaker::new(BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_secs(2),
+            max_cooldown: Duration::from_secs(8),
+        });
+        b.on_failure(0);
+        assert_eq!(b.blocked_until(2 * S), None);
+        assert!(b.on_dispatch(), "the first call after the cool-down is the probe");
+        assert!(b.blocked_until(2 * S).is_some());
+        b.on_abandoned();
+        assert_eq!(b.blocked_until(2 * S), None);
+        assert!(b.on_dispatch());
+        // Abandoning outside half-open changes nothing.
+        assert_eq!(b.on_success(), Some(BreakerGauge::Closed));
+        assert!(!b.on_dispatch());
+        b.on_abandoned();
+        assert_eq!(b.gauge(), BreakerGauge::Closed);
+    }
+
+    #[test]
     fn cooldown_is_capped() {
-        let mut b = Breaker::new(BreakerPolicy { threshold: 1, cooldown: Duration::from_secs(2), max_cooldown: Duration::from_secs(5) });
+        let mut b = Breaker::new(BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_secs(2),
+            max_cooldown: Duration::from_secs(5),
+        });
         let mut now = 0;
         b.on_failure(now);
         for _ in 0..5 {

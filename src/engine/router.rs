@@ -248,16 +248,20 @@ impl Router {
         let mut transient = 0u32;
         let mut provider_time = Duration::ZERO;
         loop {
-            let idx = self.admit(req, cancel).await?;
+            let (idx, probe) = self.admit(req, cancel).await?;
             let org = &self.orgs[idx];
             let name = &org.settings.endpoint.name;
             attempts += 1;
             let sent_at = self.clock.now();
             let started = tokio::time::Instant::now();
+            // Hands the breaker's probe back if this call ends unanswered
+            // (cancelled here, or the caller drops this future).
+            let probe = ProbeGuard(probe.then_some(&org.breaker));
             let answer = tokio::select! {
                 a = self.client.chat(&org.settings.endpoint, &req.chat, &req.request_id) => a,
                 _ = cancel.cancelled() => return Err(CallError::Cancelled),
             };
+            probe.answered();
             let latency = started.elapsed();
             provider_time += latency;
             let event = |outcome, usage| CallEvent {
@@ -273,19 +277,36 @@ impl Router {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::Ok, ok.usage));
                     self.sync_headers(idx, &req.chat.model, &ok.limits, sent_at, None).await;
-                    return Ok(CallResult { content: ok.content, usage: ok.usage, org: name.clone(), attempts, provider_time });
+                    return Ok(CallResult {
+                        content: ok.content,
+                        usage: ok.usage,
+                        org: name.clone(),
+                        attempts,
+                        provider_time,
+                    });
                 }
                 Err(ProviderFailure::RateLimited { retry_after, limits, message }) => {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
                     tracing::info!(org = %name, model = %req.chat.model, %message, "rate limited by provider; re-routing");
-                    self.sync_headers(idx, &req.chat.model, &limits, sent_at, Some(retry_after.unwrap_or(Duration::from_secs(1)))).await;
+                    self.sync_headers(
+                        idx,
+                        &req.chat.model,
+                        &limits,
+                        sent_at,
+                        Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                    )
+                    .await;
                 }
                 Err(ProviderFailure::InsufficientQuota { message }) => {
+                    // The org answered: healthy as far as the breaker goes
+                    // (a half-open probe would otherwise wait forever).
+                    self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::InsufficientQuota, Usage::default()));
                     self.take_out(idx, format!("insufficient_quota: {message}"));
                 }
                 Err(ProviderFailure::Unauthorized { status, message }) => {
+                    self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
                     self.take_out(idx, format!("credentials refused ({status}): {message}"));
                 }
@@ -314,8 +335,13 @@ impl Router {
                         ProviderFailure::Server { retry_after, .. } => *retry_after,
                         _ => None,
                     };
-                    let wait = full_jitter(transient - 1, self.policy.backoff_base, self.policy.backoff_cap, rand::random::<f64>())
-                        .max(hint.unwrap_or_default().min(self.policy.backoff_cap));
+                    let wait = full_jitter(
+                        transient - 1,
+                        self.policy.backoff_base,
+                        self.policy.backoff_cap,
+                        rand::random::<f64>(),
+                    )
+                    .max(hint.unwrap_or_default().min(self.policy.backoff_cap));
                     tracing::debug!(org = %name, error = %failure, ?wait, "transient provider failure; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -341,8 +367,9 @@ impl Router {
         self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, true);
     }
 
-    /// Waits for and charges capacity on the best org; returns its index.
-    async fn admit(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<usize, CallError> {
+    /// Waits for and charges capacity on the best org; returns its index
+    /// and whether the call is that org's half-open breaker probe.
+    async fn admit(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<(usize, bool), CallError> {
         let model = &req.chat.model;
         let (Some(candidates), Some(gate)) = (self.by_model.get(model), self.gates.get(model)) else {
             return Err(CallError::Unroutable(format!("no configured org serves model {model}")));
@@ -359,14 +386,19 @@ impl Router {
             let mut never = 0usize;
             for &i in candidates {
                 let org = &self.orgs[i];
-                if let Some(out) = lock(&org.out).clone() {
-                    if out.until > now {
-                        wake_at = min_opt(wake_at, out.until);
+                // One guard for the check and the reset: a guard taken in an
+                // `if let` scrutinee lives through its body, so locking again
+                // there would deadlock the first admission after the time out.
+                let mut out = lock(&org.out);
+                if let Some(o) = out.as_ref() {
+                    if o.until > now {
+                        wake_at = min_opt(wake_at, o.until);
                         continue;
                     }
-                    *lock(&org.out) = None;
+                    *out = None;
                     self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, false);
                 }
+                drop(out);
                 if let Some(until) = lock(&org.breaker).blocked_until(now) {
                     wake_at = min_opt(wake_at, until);
                     continue;
@@ -393,8 +425,8 @@ impl Router {
                     Acquisition::Granted(state) => {
                         self.telemetry.ledger_op("acquire");
                         self.remember(i, model, state, &params, now);
-                        lock(&org.breaker).on_dispatch();
-                        return Ok(i);
+                        let probe = lock(&org.breaker).on_dispatch();
+                        return Ok((i, probe));
                     }
                     Acquisition::Denied { retry_at, state } => {
                         self.telemetry.ledger_op("denied");
@@ -440,7 +472,8 @@ impl Router {
             return;
         }
         let Some(params) = org.settings.models.get(model) else { return };
-        let (prov_rpm, prov_tpm) = org.settings.provider_limits.get(model).copied().unwrap_or((params.requests.limit, params.tokens.limit));
+        let (prov_rpm, prov_tpm) =
+            org.settings.provider_limits.get(model).copied().unwrap_or((params.requests.limit, params.tokens.limit));
         let mut floor = BucketState::default();
         if org.settings.header_sync {
             floor = provider_floor(params, h, prov_rpm, prov_tpm, sent_at);
@@ -448,14 +481,16 @@ impl Router {
         if let Some(d) = blocked_for {
             // Available again (for one request) at now + retry-after.
             let again = self.clock.now() + to_micros(d);
-            floor.requests_tat = floor.requests_tat.max(again + params.requests.tolerance() - params.requests.increment(1));
+            floor.requests_tat =
+                floor.requests_tat.max(again + params.requests.tolerance() - params.requests.increment(1));
         }
         let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
         // Write only when the provider is ahead by more than one request's
         // or a rounding's worth: the common case costs no ledger write.
         let slack_r = params.requests.increment(1);
         let slack_t = params.tokens.increment(params.tokens.limit / 1000 + 1);
-        let ahead = floor.requests_tat > cached.requests_tat + slack_r || floor.tokens_tat > cached.tokens_tat + slack_t;
+        let ahead =
+            floor.requests_tat > cached.requests_tat + slack_r || floor.tokens_tat > cached.tokens_tat + slack_t;
         if !ahead {
             return;
         }
@@ -472,10 +507,19 @@ impl Router {
 }
 
 /// The bucket state the provider's headers imply, at `at`.
-pub fn provider_floor(params: &BucketParams, h: &RateLimitHeaders, prov_rpm: u64, prov_tpm: u64, at: Micros) -> BucketState {
+pub fn provider_floor(
+    params: &BucketParams,
+    h: &RateLimitHeaders,
+    prov_rpm: u64,
+    prov_tpm: u64,
+    at: Micros,
+) -> BucketState {
     let tat = |rate: &Rate, limit: Option<u64>, default_limit: u64, remaining: Option<u64>, reset: Option<Duration>| {
         match (remaining, reset) {
-            (Some(rem), _) => rate.tat_for_remaining(limit.unwrap_or(default_limit), rem, at),
+            // Used = limit − remaining, with our own limit when the provider's
+            // is lower (misconfigured, or its tier was cut): the ledger then
+            // believes in no more than the provider says is left.
+            (Some(rem), _) => rate.tat_for_remaining(limit.unwrap_or(default_limit).max(rate.limit), rem, at),
             (None, Some(reset)) => at + to_micros(reset),
             (None, None) => 0,
         }
@@ -483,6 +527,25 @@ pub fn provider_floor(params: &BucketParams, h: &RateLimitHeaders, prov_rpm: u64
     BucketState {
         requests_tat: tat(&params.requests, h.limit_requests, prov_rpm, h.remaining_requests, h.reset_requests),
         tokens_tat: tat(&params.tokens, h.limit_tokens, prov_tpm, h.remaining_tokens, h.reset_tokens),
+    }
+}
+
+/// The breaker of an org whose half-open probe is out, until the probe's
+/// answer arrives ([`ProbeGuard::answered`]); dropped before that, it
+/// releases the probe so the next call may probe instead.
+struct ProbeGuard<'a>(Option<&'a Mutex<Breaker>>);
+
+impl ProbeGuard<'_> {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            lock(breaker).on_abandoned();
+        }
     }
 }
 
@@ -525,5 +588,8 @@ mod tests {
         let h = RateLimitHeaders { reset_tokens: Some(Duration::from_secs(6)), ..Default::default() };
         assert_eq!(provider_floor(&p, &h, 60, 6_000, 10).tokens_tat, 10 + 6_000_000);
         assert_eq!(provider_floor(&p, &RateLimitHeaders::default(), 60, 6_000, 10), BucketState::default());
+        // The provider's limit is below ours: what it has left is all we may use.
+        let h = RateLimitHeaders { limit_requests: Some(3), remaining_requests: Some(2), ..Default::default() };
+        assert_eq!(p.requests.remaining(provider_floor(&p, &h, 3, 6_000, 0).requests_tat, 0), 2);
     }
 }

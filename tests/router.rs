@@ -1,0 +1,587 @@
+//! Integration tests of the router against an in-process simulator.
+//!
+//! Every test gets its own simulator on `127.0.0.1:0`, its own SQLite ledger
+//! in a temp dir and its own `Router`, all on the system clock (the ledger's
+//! GCRA and the simulator's must agree on time). Latency is scaled to zero
+//! and the retry policy is short, so the file runs in a few seconds; the
+//! tests that must wait compute how long from the GCRA and check the router
+//! waited that long and not much longer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ratepool::config::Config;
+use ratepool::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
+use ratepool::engine::breaker::BreakerPolicy;
+use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router};
+use ratepool::local::{SqliteBackend, SqliteOptions};
+use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
+use ratepool::sim::{OrgStats, SimConfig, Simulator};
+use ratepool::storage::gcra::BucketParams;
+use ratepool::storage::{Acquisition, BucketKey, Cost, QuotaLedger};
+use ratepool::telemetry::Telemetry;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+const MODEL: &str = "gpt-4o-mini";
+
+/// One org: the limits the simulator enforces and the ones ratepool is
+/// configured with (they differ only where a test says so).
+#[derive(Clone)]
+struct OrgDef {
+    name: &'static str,
+    sim: (u64, u64),
+    ours: (u64, u64),
+    header_sync: bool,
+    /// Models ratepool believes the org serves that the simulator lacks.
+    extra_models: &'static [&'static str],
+}
+
+fn org(name: &'static str, rpm: u64, tpm: u64) -> OrgDef {
+    OrgDef { name, sim: (rpm, tpm), ours: (rpm, tpm), header_sync: true, extra_models: &[] }
+}
+
+fn key(name: &str) -> String {
+    format!("sk-test-{name}-0123456789")
+}
+
+fn fast_policy() -> RetryPolicy {
+    RetryPolicy {
+        max_transient_failures: 12,
+        backoff_base: Duration::from_millis(10),
+        backoff_cap: Duration::from_millis(200),
+        breaker: BreakerPolicy {
+            threshold: 3,
+            cooldown: Duration::from_millis(300),
+            max_cooldown: Duration::from_millis(1_200),
+        },
+        out_of_rotation_for: Duration::from_secs(60),
+    }
+}
+
+struct Harness {
+    sim: Simulator,
+    base: String,
+    http: reqwest::Client,
+    router: Arc<Router>,
+    ledger: Arc<dyn QuotaLedger>,
+    telemetry: Arc<Telemetry>,
+    orgs: Vec<OrgSettings>,
+    clock: Arc<dyn Clock>,
+    stop: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start(defs: &[OrgDef], policy: RetryPolicy) -> Harness {
+    let mut sim_toml = String::from("seed = 7\n[latency]\ntime_scale = 0\n");
+    for d in defs {
+        sim_toml.push_str(&format!(
+            "[[orgs]]\nname = \"{}\"\napi_key = \"{}\"\nmodels.\"{MODEL}\" = {{ rpm = {}, tpm = {} }}\n",
+            d.name,
+            key(d.name),
+            d.sim.0,
+            d.sim.1
+        ));
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let sim = Simulator::new(SimConfig::from_toml(&sim_toml).unwrap(), clock.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(ratepool::sim::serve(listener, sim.clone(), async move {
+        let _ = stopped.await;
+    }));
+
+    // Ratepool's side goes through the real config parser and
+    // `OrgSettings::from_config`, so the ledger gets production parameters
+    // (transit allowance included).
+    let mut cfg = String::new();
+    for d in defs {
+        cfg.push_str(&format!(
+            "[[orgs]]\nname = \"{}\"\napi_key_env = \"UNUSED_KEY\"\nheader_sync = {}\ntimeout_secs = 5\n\
+             models.\"{MODEL}\" = {{ rpm = {}, tpm = {} }}\n",
+            d.name, d.header_sync, d.ours.0, d.ours.1
+        ));
+        for m in d.extra_models {
+            cfg.push_str(&format!("models.\"{m}\" = {{ rpm = {}, tpm = {} }}\n", d.ours.0, d.ours.1));
+        }
+    }
+    cfg.push_str("[[tenants]]\nname = \"t\"\napi_key_env = \"UNUSED_TENANT_KEY\"\n");
+    let cfg = Config::parse(&cfg).unwrap();
+    let orgs: Vec<OrgSettings> = cfg
+        .orgs
+        .iter()
+        .map(|o| OrgSettings::from_config(o, format!("{base}/v1"), SecretString::from(key(o.name.get_ref().as_str()))))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteBackend::open(
+        &dir.path().join("ledger.db"),
+        SqliteOptions { visibility_timeout: Duration::from_secs(30), clock: clock.clone() },
+    )
+    .unwrap();
+    let ledger = sqlite.backend().ledger;
+    let telemetry = Arc::new(Telemetry::new());
+    let router = Arc::new(Router::new(
+        orgs.clone(),
+        ledger.clone(),
+        ProviderClient::new().unwrap(),
+        clock.clone(),
+        telemetry.clone(),
+        policy,
+    ));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    Harness { sim, base, http, router, ledger, telemetry, orgs, clock, stop: Some(stop), _dir: dir }
+}
+
+/// A request costing `ceil(prompt_chars / 4) + max_tokens` tokens.
+fn chat(model: &str, prompt_chars: usize, max_tokens: u32) -> ChatRequest {
+    ChatRequest {
+        model: ModelName::parse(model).unwrap(),
+        messages: vec![ChatMessage { role: "user".into(), content: "x".repeat(prompt_chars) }],
+        max_tokens,
+        temperature: 0.0,
+    }
+}
+
+fn request(id: impl Into<String>, chat: ChatRequest) -> CallRequest {
+    CallRequest { tenant: TenantId::parse("t").unwrap(), chat, request_id: id.into() }
+}
+
+impl Harness {
+    async fn call(&self, id: impl Into<String>, chat: ChatRequest) -> Result<CallResult, CallError> {
+        self.router.call(&request(id, chat), &CancellationToken::new()).await
+    }
+
+    fn org_stats(&self, name: &str) -> OrgStats {
+        self.sim.stats().orgs[name].clone()
+    }
+
+    fn rate_limited(&self) -> u64 {
+        self.sim.stats().orgs.values().map(|o| o.rate_limited_requests + o.rate_limited_tokens).sum()
+    }
+
+    fn bucket(&self, name: &str) -> (BucketKey, BucketParams) {
+        let o = self.orgs.iter().find(|o| o.endpoint.name.as_str() == name).unwrap();
+        let model = ModelName::parse(MODEL).unwrap();
+        (BucketKey::new(&o.endpoint.name, &model), o.models[&model])
+    }
+
+    fn state_of(&self, name: &str) -> &'static str {
+        let org = OrgName::parse(name).unwrap();
+        self.router.status().into_iter().find(|s| s.org == org).unwrap().state
+    }
+
+    async fn control(&self, path: &str, body: Value) {
+        let resp = self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.text().await.unwrap_or_default());
+    }
+
+    /// A Prometheus sample `name{org="ORG"}` from `/metrics`.
+    fn metric(&self, name: &str, org: &str) -> Option<f64> {
+        let prefix = format!("{name}{{org=\"{org}\"}} ");
+        self.telemetry.render().lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics after `within`.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// 1 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_calls_spread_evenly_and_avoid_a_spent_org() {
+    let h = start(&[org("a", 1_000, 100_000), org("b", 1_000, 100_000), org("c", 1_000, 100_000)], fast_policy()).await;
+    for i in 0..30 {
+        h.call(format!("even/{i}"), chat(MODEL, 40, 100)).await.unwrap();
+    }
+    let counts: Vec<u64> = ["a", "b", "c"].iter().map(|o| h.org_stats(o).accepted_calls).collect();
+    for (o, n) in ["a", "b", "c"].iter().zip(&counts) {
+        assert!((9..=11).contains(n), "org {o} got {n} of 30 calls: {counts:?}");
+    }
+
+    // Another worker spends 90% of a's tokens behind this router's back: its
+    // cache still thinks a is the emptiest, so at most one call (whose
+    // ledger write corrects the cache) may still go there.
+    let (key, params) = h.bucket("a");
+    let granted = h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 90_000 }, h.clock.now()).await.unwrap();
+    assert!(matches!(granted, Acquisition::Granted(_)), "{granted:?}");
+    for i in 0..20 {
+        h.call(format!("skew/{i}"), chat(MODEL, 40, 100)).await.unwrap();
+    }
+    let after: Vec<u64> =
+        ["a", "b", "c"].iter().zip(&counts).map(|(o, before)| h.org_stats(o).accepted_calls - before).collect();
+    assert!(after[0] <= 1, "spent org a still got {} of 20 calls: {after:?}", after[0]);
+    assert!(after[1] >= 9 && after[2] >= 9, "b and c should share the 20 calls: {after:?}");
+    assert_eq!(h.rate_limited(), 0);
+}
+
+// 2 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhaustion_waits_exactly_as_long_as_the_gcra_says_without_spinning() {
+    let h = start(&[org("a", 1_000, 60_000), org("b", 1_000, 60_000)], fast_policy()).await;
+    // One big call per org leaves each about 1.75 s of token budget (of 60 s).
+    for i in 0..2 {
+        h.call(format!("big/{i}"), chat(MODEL, 40, 57_990)).await.unwrap();
+    }
+    assert_eq!((h.org_stats("a").accepted_calls, h.org_stats("b").accepted_calls), (1, 1));
+    let (ka, params) = h.bucket("a");
+    let (kb, _) = h.bucket("b");
+    let tat_a = h.ledger.state(&ka).await.unwrap().tokens_tat;
+    let tat_b = h.ledger.state(&kb).await.unwrap().tokens_tat;
+
+    // Twelve concurrent 500-token calls: more than the 2 × 3 that fit now.
+    const N: i64 = 12;
+    let small = || chat(MODEL, 40, 490);
+    let inc = params.tokens.increment(500);
+    assert_eq!(inc, 500_000, "500 tokens at 1000 tokens/s");
+    // GCRA: the k-th further call on an org fits once tat + k·inc − now ≤ τ.
+    // Whatever the split, the last admission is no earlier than this.
+    let fits = |tat: i64, k: i64| if k == 0 { i64::MIN } else { tat + k * inc - params.tokens.tolerance() };
+    let earliest_last = (0..=N).map(|k| fits(tat_a, k).max(fits(tat_b, N - k))).min().unwrap();
+    assert!(earliest_last > h.clock.now() + 800_000, "the test should make calls wait");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let router = h.router.clone();
+        let req = request(format!("small/{i}"), small());
+        tasks.spawn(async move { router.call(&req, &CancellationToken::new()).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().expect("a call waiting for capacity must not fail");
+    }
+    let end = h.clock.now();
+    assert!(end >= earliest_last, "finished {} µs before the GCRA allows", earliest_last - end);
+    assert!(end - earliest_last < 1_000_000, "overslept by {} µs", end - earliest_last);
+    assert_eq!(h.rate_limited(), 0, "the provider never saw an over-limit call");
+    // One ledger write per admitted call; waiting is sleeping, not polling.
+    assert_eq!(h.telemetry.ledger_ops("acquire"), 2 + N as u64);
+    assert!(h.telemetry.ledger_ops("denied") <= 2, "denied {} times", h.telemetry.ledger_ops("denied"));
+}
+
+// 3 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_limit_below_the_configured_one_is_learned_and_routed_around() {
+    // Ratepool believes a allows 600 rpm; the provider allows 3.
+    let a = OrgDef { sim: (3, 100_000), ours: (600, 100_000), ..org("a", 0, 0) };
+    let h = start(&[a, org("b", 600, 100_000)], fast_policy()).await;
+    let first = h.call("first", chat(MODEL, 40, 100)).await.unwrap();
+    assert_eq!(first.org.as_str(), "a", "equal headroom: the first org is taken");
+    // a answered "2 of 3 requests left": the ledger must not believe in more.
+    let (ka, pa) = h.bucket("a");
+    let st = h.ledger.state(&ka).await.unwrap();
+    let left = pa.requests.remaining(st.requests_tat, h.clock.now());
+    assert!(left <= 2, "ledger still thinks a has {left} requests left; the provider said 2");
+    assert!(h.telemetry.ledger_ops("raise") >= 1);
+
+    let mut attempts = first.attempts;
+    for i in 0..20 {
+        let r = h.call(format!("c/{i}"), chat(MODEL, 40, 100)).await.unwrap();
+        attempts += r.attempts;
+    }
+    let (sa, sb) = (h.org_stats("a"), h.org_stats("b"));
+    assert_eq!(sa.accepted_calls + sb.accepted_calls, 21);
+    assert!(sa.accepted_calls <= 3, "{sa:?}");
+    let limited = h.rate_limited();
+    assert!(limited <= 1, "{limited} 429s");
+    assert_eq!(u64::from(attempts), 21 + limited, "each 429 costs exactly one retry");
+}
+
+// 4 ------------------------------------------------------------------------
+
+/// Another client spends half of a's tokens directly; ratepool then sends
+/// enough to overshoot a if it believed its own ledger. Returns the 429s.
+async fn half_spent_by_another_client(header_sync: bool) -> u64 {
+    let a = OrgDef { header_sync, ..org("a", 1_000, 60_000) };
+    let b = OrgDef { header_sync, ..org("b", 1_000, 60_000) };
+    let h = start(&[a, b], fast_policy()).await;
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .bearer_auth(key("a"))
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(40)}], "max_tokens": 29_990}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let before = h.clock.now();
+    let first = h.call("first", chat(MODEL, 40, 1_990)).await.unwrap();
+    assert_eq!(first.org.as_str(), "a");
+    let (ka, pa) = h.bucket("a");
+    let st = h.ledger.state(&ka).await.unwrap();
+    let left = pa.tokens.remaining(st.tokens_tat, h.clock.now());
+    if header_sync {
+        // Provider: 60 000 − 30 000 − 2 000 = 28 000 left, less the 250
+        // the transit allowance holds back, plus a few ms of refill.
+        assert!((27_000..=28_500).contains(&left), "ledger shows {left} tokens left on a");
+        assert!(st.tokens_tat >= before + 31_000_000);
+    } else {
+        assert!(left > 55_000, "without sync the ledger only knows its own call: {left}");
+    }
+    // 40 more calls of 2 000: 80 000 tokens; a really has 28 000, b 60 000.
+    for i in 0..40 {
+        h.call(format!("c/{i}"), chat(MODEL, 40, 1_990)).await.unwrap();
+    }
+    assert_eq!(h.org_stats("a").accepted_calls + h.org_stats("b").accepted_calls, 42);
+    h.rate_limited()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_sync_sees_traffic_from_other_clients() {
+    assert_eq!(half_spent_by_another_client(true).await, 0);
+    // The same run without sync does overshoot: the scenario is not vacuous.
+    assert!(half_spent_by_another_client(false).await >= 1);
+}
+
+// 5 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_quota_takes_the_org_out_of_rotation() {
+    let h = start(&[org("a", 600, 100_000), org("b", 600, 100_000)], fast_policy()).await;
+    h.control("/_sim/orgs/a", json!({"insufficient_quota": true})).await;
+    let r = h.call("first", chat(MODEL, 40, 100)).await.unwrap();
+    assert_eq!((r.org.as_str(), r.attempts), ("b", 2));
+    let status = h.router.status();
+    let a = status.iter().find(|s| s.org.as_str() == "a").unwrap();
+    assert_eq!(a.state, "out_of_rotation");
+    let out = a.out_of_rotation.as_ref().unwrap();
+    assert!(out.reason.contains("insufficient_quota") && out.reason.contains("quota"), "{}", out.reason);
+    assert!(out.until > h.clock.now() + 50_000_000);
+    assert_eq!(h.state_of("b"), "ok");
+    assert_eq!(h.metric("ratepool_org_out_of_rotation", "a"), Some(1.0));
+
+    for i in 0..10 {
+        let r = h.call(format!("c/{i}"), chat(MODEL, 40, 100)).await.unwrap();
+        assert_eq!((r.org.as_str(), r.attempts), ("b", 1));
+    }
+    let (sa, sb) = (h.org_stats("a"), h.org_stats("b"));
+    assert_eq!((sa.insufficient_quota, sa.accepted_calls), (1, 0));
+    assert_eq!(sb.accepted_calls, 11);
+}
+
+// 6 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_that_is_down_opens_its_breaker_and_a_probe_closes_it() {
+    let policy = fast_policy();
+    let h = start(&[org("a", 6_000, 1_000_000), org("b", 6_000, 1_000_000)], policy.clone()).await;
+    h.control("/_sim/orgs/a", json!({"down": true})).await;
+    let mut calls = 0;
+    while h.state_of("a") != "breaker_open" {
+        assert!(calls < 20, "breaker did not open after {calls} calls");
+        let r = h.call(format!("down/{calls}"), chat(MODEL, 40, 100)).await.unwrap();
+        assert_eq!(r.org.as_str(), "b");
+        calls += 1;
+    }
+    // Opened at exactly `threshold` failures; nothing is sent while open.
+    assert_eq!(h.org_stats("a").unavailable, u64::from(policy.breaker.threshold));
+    assert_eq!(h.metric("ratepool_org_breaker_state", "a"), Some(2.0));
+    assert_eq!(h.metric("ratepool_org_breaker_opened_total", "a"), Some(1.0));
+    for i in 0..5 {
+        let r = h.call(format!("open/{i}"), chat(MODEL, 40, 100)).await.unwrap();
+        assert_eq!((r.org.as_str(), r.attempts), ("b", 1));
+    }
+    assert_eq!(h.org_stats("a").unavailable, u64::from(policy.breaker.threshold));
+
+    h.control("/_sim/orgs/a", json!({"down": false})).await;
+    // The cool-down is time itself, not an event to wait for.
+    tokio::time::sleep(policy.breaker.cooldown + Duration::from_millis(50)).await;
+    // a has the most headroom (it was charged less), so the next call probes it.
+    let r = h.call("probe", chat(MODEL, 40, 100)).await.unwrap();
+    assert_eq!((r.org.as_str(), r.attempts), ("a", 1));
+    assert_eq!(h.state_of("a"), "ok");
+    assert_eq!(h.metric("ratepool_org_breaker_state", "a"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_dropped_connections_are_retried_within_budget() {
+    let policy = RetryPolicy {
+        breaker: BreakerPolicy {
+            threshold: 5,
+            cooldown: Duration::from_millis(50),
+            max_cooldown: Duration::from_millis(200),
+        },
+        ..fast_policy()
+    };
+    let h = start(&[org("a", 6_000, 1_000_000)], policy.clone()).await;
+    h.control("/_sim/faults", json!({"server_error_rate": 0.3, "drop_rate": 0.1})).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let router = h.router.clone();
+        let req = request(format!("f/{i}"), chat(MODEL, 40, 50));
+        tasks.spawn(async move { router.call(&req, &CancellationToken::new()).await });
+    }
+    let mut attempts = 0u64;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap().expect("every call succeeds eventually");
+        assert!(r.attempts <= policy.max_transient_failures, "{} attempts", r.attempts);
+        attempts += u64::from(r.attempts);
+    }
+    let s = h.org_stats("a");
+    assert_eq!(s.accepted_calls, 30);
+    assert!(s.server_errors > 0 && s.dropped > 0, "faults should have been injected: {s:?}");
+    assert_eq!(attempts - 30, s.server_errors + s.dropped, "one retry per failure: {s:?}");
+    assert_eq!(h.sim.stats().total_calls, attempts, "no hidden retries below the router");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_probe_does_not_wedge_the_breaker() {
+    let policy = RetryPolicy {
+        breaker: BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_millis(200),
+            max_cooldown: Duration::from_millis(200),
+        },
+        ..fast_policy()
+    };
+    let h = start(&[org("a", 6_000, 1_000_000)], policy).await;
+    // Down answers before faults are drawn, so the stall only hits once a is up.
+    h.control("/_sim/faults", json!({"stall_rate": 1.0, "stall_ms": 10_000})).await;
+    h.control("/_sim/orgs/a", json!({"down": true})).await;
+    let cancel = CancellationToken::new();
+    let first = {
+        let router = h.router.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move { router.call(&request("probe", chat(MODEL, 40, 50)), &cancel).await })
+    };
+    eventually(Duration::from_secs(5), "breaker opens", || h.state_of("a") == "breaker_open").await;
+    h.control("/_sim/orgs/a", json!({"down": false})).await;
+    // After the cool-down the retry is the half-open probe, and it hangs.
+    eventually(Duration::from_secs(5), "the probe stalls", || h.org_stats("a").stalled >= 1).await;
+    assert_eq!(h.state_of("a"), "half_open");
+    cancel.cancel();
+    assert!(matches!(first.await.unwrap(), Err(CallError::Cancelled)));
+
+    h.control("/_sim/faults", json!({"stall_rate": 0.0})).await;
+    let r = tokio::time::timeout(Duration::from_secs(3), h.call("after", chat(MODEL, 40, 50)))
+        .await
+        .expect("an abandoned probe must not keep the org out forever")
+        .unwrap();
+    assert_eq!(r.org.as_str(), "a");
+    assert_eq!(h.state_of("a"), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_answered_with_insufficient_quota_does_not_wedge_the_breaker() {
+    let policy = RetryPolicy {
+        breaker: BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_millis(200),
+            max_cooldown: Duration::from_millis(200),
+        },
+        out_of_rotation_for: Duration::from_millis(300),
+        ..fast_policy()
+    };
+    let h = start(&[org("a", 6_000, 1_000_000), org("b", 6_000, 1_000_000)], policy.clone()).await;
+    h.control("/_sim/orgs/a", json!({"down": true})).await;
+    let r = h.call("c0", chat(MODEL, 40, 50)).await.unwrap();
+    assert_eq!((r.org.as_str(), r.attempts), ("b", 2));
+    assert_eq!(h.state_of("a"), "breaker_open");
+
+    // a comes back up but out of credit; after the cool-down the probe
+    // gets insufficient_quota and a leaves the rotation for a while.
+    h.control("/_sim/orgs/a", json!({"down": false, "insufficient_quota": true})).await;
+    tokio::time::sleep(policy.breaker.cooldown + Duration::from_millis(50)).await;
+    let r = h.call("c1", chat(MODEL, 40, 50)).await.unwrap();
+    assert_eq!((r.org.as_str(), r.attempts), ("b", 2));
+    assert_eq!(h.org_stats("a").insufficient_quota, 1);
+    assert_eq!(h.state_of("a"), "out_of_rotation");
+
+    // Billing fixed and the time out served: a is used again.
+    h.control("/_sim/orgs/a", json!({"insufficient_quota": false})).await;
+    tokio::time::sleep(policy.out_of_rotation_for + Duration::from_millis(50)).await;
+    let r = h.call("c2", chat(MODEL, 40, 50)).await.unwrap();
+    assert_eq!((r.org.as_str(), r.attempts), ("a", 1));
+    assert_eq!(h.state_of("a"), "ok");
+    assert_eq!(h.metric("ratepool_org_out_of_rotation", "a"), Some(0.0));
+}
+
+// 7 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_fail_at_once_with_the_providers_message() {
+    let a = OrgDef { extra_models: &["gpt-missing"], ..org("a", 600, 1_000_000) };
+    let h = start(&[a], fast_policy()).await;
+    match h.call("missing", chat("gpt-missing", 40, 100)).await {
+        Err(CallError::Request(msg)) => {
+            assert!(msg.contains("404") && msg.contains("`gpt-missing` does not exist"), "{msg}")
+        }
+        other => panic!("expected a request error, got {other:?}"),
+    }
+    assert_eq!(h.sim.stats().total_calls, 1, "not retried");
+    match h.call("too-long", chat(MODEL, 40, 200_000)).await {
+        Err(CallError::Request(msg)) => assert!(msg.contains("400") && msg.contains("Invalid 'max_tokens'"), "{msg}"),
+        other => panic!("expected a request error, got {other:?}"),
+    }
+    assert_eq!(h.sim.stats().total_calls, 2, "not retried");
+    assert_eq!(h.state_of("a"), "ok", "a bad request says nothing about the org's health");
+}
+
+// 8 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_larger_than_every_org_is_unroutable_at_once() {
+    let h = start(&[org("a", 600, 1_000), org("b", 600, 2_000)], fast_policy()).await;
+    let started = Instant::now();
+    match h.call("huge", chat(MODEL, 40, 2_500)).await {
+        Err(CallError::Unroutable(msg)) => assert!(msg.contains("exceeds"), "{msg}"),
+        other => panic!("expected unroutable, got {other:?}"),
+    }
+    match h.call("nobody", chat("gpt-nobody-serves", 40, 10)).await {
+        Err(CallError::Unroutable(msg)) => assert!(msg.contains("gpt-nobody-serves"), "{msg}"),
+        other => panic!("expected unroutable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(200), "took {:?}", started.elapsed());
+    assert_eq!(h.sim.stats().total_calls, 0);
+    assert_eq!(h.telemetry.ledger_ops("acquire") + h.telemetry.ledger_ops("denied"), 0);
+    // A call that fits b (but not a) is routed to b.
+    assert_eq!(h.call("fits-b", chat(MODEL, 40, 1_500)).await.unwrap().org.as_str(), "b");
+}
+
+// 9 ------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_calls_that_wait_for_capacity_returns_promptly() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    let (key, params) = h.bucket("a");
+    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now()).await.unwrap();
+    // A 10 000-token call now needs ~9 s of refill; a second one queues behind it.
+    let cancel = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..2 {
+        let router = h.router.clone();
+        let cancel = cancel.clone();
+        let req = request(format!("wait/{i}"), chat(MODEL, 40, 9_990));
+        tasks.spawn(async move { router.call(&req, &cancel).await });
+    }
+    eventually(Duration::from_secs(5), "the first call is denied and sleeps", || h.telemetry.ledger_ops("denied") >= 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // let the second reach the gate
+    let cancelled_at = Instant::now();
+    cancel.cancel();
+    while let Some(r) = tasks.join_next().await {
+        assert!(matches!(r.unwrap(), Err(CallError::Cancelled)));
+    }
+    assert!(cancelled_at.elapsed() < Duration::from_millis(200), "took {:?}", cancelled_at.elapsed());
+    assert_eq!(h.sim.stats().total_calls, 0);
+    assert_eq!(h.telemetry.ledger_ops("acquire"), 0, "nothing was charged");
+}
