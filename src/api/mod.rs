@@ -12,11 +12,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use http_body_util::BodyExt;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -128,7 +128,12 @@ struct UsageView {
 
 impl From<Usage> for UsageView {
     fn from(u: Usage) -> Self {
-        Self { calls: u.calls, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens() }
+        Self {
+            calls: u.calls,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens(),
+        }
     }
 }
 
@@ -187,10 +192,8 @@ const DRAIN_CAP: usize = 32 << 20;
 /// Reads at most `limit` bytes; never holds more than that in memory.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::TooLarge(format!("request body is larger than {limit} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > DRAIN_CAP) {
         return Err(too_large());
     }
@@ -249,7 +252,8 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
             if record.status == JobStatus::Queued {
                 state.queue.send(&message(&record)).await?;
             }
-            let mut resp = (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
+            let mut resp =
+                (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
             resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
             Ok(resp)
         }
@@ -267,7 +271,11 @@ async fn owned_job(state: &ApiState, tenant: &TenantId, id: &str) -> Result<JobR
     }
 }
 
-async fn job_status(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+async fn job_status(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     Ok(Json(owned_job(&state, &tenant, &id).await?.into()))
 }
@@ -279,7 +287,11 @@ struct ResultView {
     outputs: BTreeMap<String, String>,
 }
 
-async fn job_result(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<ResultView>, ApiError> {
+async fn job_result(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ResultView>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let job = owned_job(&state, &tenant, &id).await?;
     if job.status != JobStatus::Succeeded {
@@ -290,15 +302,25 @@ async fn job_result(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path
             job.steps_total
         )));
     }
-    let outputs = state.jobs.checkpoints(&job.id).await?.into_iter().map(|c| (c.step_id.to_string(), c.output)).collect();
+    let outputs =
+        state.jobs.checkpoints(&job.id).await?.into_iter().map(|c| (c.step_id.to_string(), c.output)).collect();
     Ok(Json(ResultView { id: job.id, status: job.status, outputs }))
 }
 
-async fn cancel(State(state): State<Arc<ApiState>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Accepted>, ApiError> {
+async fn cancel(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Accepted>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
     let job = owned_job(&state, &tenant, &id).await?;
     match state.jobs.cancel_job(&job.id, state.clock.now()).await? {
         Some(JobStatus::Cancelled) => {
+            if !job.status.is_terminal() {
+                // Counted once: a repeated cancel of a cancelled job lands here too.
+                let age = Duration::from_micros((state.clock.now() - job.created_at).max(0) as u64);
+                state.telemetry.job_finished(JobStatus::Cancelled, age);
+            }
             tracing::info!(job = %job.id, tenant = %tenant, "job cancelled");
             Ok(Json(Accepted { id: job.id, status: JobStatus::Cancelled }))
         }
@@ -381,10 +403,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         Ok(s) => state.telemetry.set_queue(s),
         Err(e) => tracing::warn!(error = %e, "queue stats unavailable for /metrics"),
     }
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.telemetry.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.telemetry.render())
         .into_response()
 }
 

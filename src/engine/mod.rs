@@ -58,7 +58,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(backend: Backend, router: Arc<Router>, telemetry: Arc<Telemetry>, clock: Arc<dyn Clock>, config: EngineConfig) -> Self {
+    pub fn new(
+        backend: Backend,
+        router: Arc<Router>,
+        telemetry: Arc<Telemetry>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Self {
         Self { backend, router, telemetry, clock, config }
     }
 
@@ -76,10 +82,20 @@ impl Engine {
                 _ = shutdown.cancelled() => break,
             };
             let want = 1 + slots.available_permits().min(9);
-            let received = tokio::select! {
-                r = self.backend.queue.receive(want, self.config.poll_wait) => r,
-                _ = shutdown.cancelled() => break,
-            };
+            // Not raced against `shutdown`: a receive dropped mid-look leaves
+            // the messages it took hidden for a whole visibility timeout, so
+            // a SIGTERM would delay those jobs instead of handing them back.
+            // It returns within `poll_wait`; what it took after the signal
+            // goes straight back to the queue.
+            let received = self.backend.queue.receive(want, self.config.poll_wait).await;
+            if shutdown.is_cancelled() {
+                for d in received.unwrap_or_default() {
+                    if let Err(e) = self.backend.queue.extend(&d.receipt, Duration::ZERO).await {
+                        tracing::warn!(job = %d.message.job_id, error = %e, "could not hand back a message received while stopping");
+                    }
+                }
+                break;
+            }
             let deliveries = match received {
                 Ok(d) => d,
                 Err(e) => {
@@ -133,4 +149,3 @@ impl Engine {
         &self.router
     }
 }
-

@@ -117,8 +117,10 @@ pub fn write_serve_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], extra: &s
 }
 
 pub fn start_server(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str) -> Proc {
-    let keys: Vec<(String, String)> =
-        orgs.iter().map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name))).collect();
+    let keys: Vec<(String, String)> = orgs
+        .iter()
+        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
+        .collect();
     let mut envs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     envs.push(("TENANT_A_KEY", TENANT_A_KEY));
     envs.push(("TENANT_B_KEY", TENANT_B_KEY));
@@ -161,7 +163,8 @@ pub fn wait_all(base: &str, key: &str, ids: &[String], timeout: Duration) -> Vec
             return docs;
         }
         if start.elapsed() > timeout {
-            let summary: Vec<String> = docs.iter().map(|d| format!("{}:{}/{}", d["status"], d["steps_done"], d["steps_total"])).collect();
+            let summary: Vec<String> =
+                docs.iter().map(|d| format!("{}:{}/{}", d["status"], d["steps_done"], d["steps_total"])).collect();
             panic!("jobs did not finish in {timeout:?}: {summary:?}");
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -174,4 +177,90 @@ pub fn sim_stats(sim: &Proc) -> Value {
 
 pub fn sim_requests(sim: &Proc) -> std::collections::BTreeMap<String, u64> {
     http().get(format!("{}/_sim/requests", sim.url)).send().unwrap().json().unwrap()
+}
+
+/// Like `spawn`, but with the given `RUST_LOG` and with the child's stdout
+/// also copied to `stdout_log`, so tests can read everything it printed.
+pub fn spawn_with_log_level(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    rust_log: &str,
+    log: &Path,
+    stdout_log: &Path,
+) -> Proc {
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut out = std::fs::File::create(stdout_log).expect("stdout log file");
+    let mut child = Command::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start ratepool");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = writeln!(out, "{line}");
+            if let Some(url) = line.split("listening on ").nth(1) {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(u) => u,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("ratepool {args:?} did not start; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+    };
+    Proc { child, url, log: log.to_path_buf() }
+}
+
+/// The org and tenant key variables `start_server` sets, as owned pairs.
+pub fn server_env(orgs: &[OrgSpec]) -> Vec<(String, String)> {
+    let mut envs: Vec<(String, String)> = orgs
+        .iter()
+        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
+        .collect();
+    envs.push(("TENANT_A_KEY".into(), TENANT_A_KEY.into()));
+    envs.push(("TENANT_B_KEY".into(), TENANT_B_KEY.into()));
+    envs
+}
+
+/// Like `start_server`, with `RUST_LOG=rust_log`; stderr goes to
+/// `dir/log_name`, stdout to `dir/log_name.stdout`.
+pub fn start_server_logged(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str, rust_log: &str) -> Proc {
+    let envs = server_env(orgs);
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    spawn_with_log_level(
+        &["serve", "--config", config.to_str().unwrap()],
+        &envs,
+        rust_log,
+        &dir.join(log_name),
+        &dir.join(format!("{log_name}.stdout")),
+    )
+}
+
+/// A sequential chain of `n` small steps `s0 → s1 → …`.
+pub fn chain_spec(name: &str, n: usize, max_tokens: u32) -> String {
+    let steps: Vec<Value> = (0..n)
+        .map(|i| {
+            let content = if i == 0 {
+                "Write about {{inputs.topic}}.".to_string()
+            } else {
+                format!("Continue: {{{{steps.s{}.output}}}}", i - 1)
+            };
+            serde_json::json!({"id": format!("s{i}"), "messages": [{"role": "user", "content": content}]})
+        })
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "inputs": {"topic": format!("{name} owls")},
+        "defaults": {"model": "gpt-4o-mini", "max_tokens": max_tokens},
+        "steps": steps,
+    })
+    .to_string()
 }
