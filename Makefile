@@ -5,7 +5,7 @@ CONFIG   ?= examples/ratepool.toml
 BIN      := target/release/ratepool
 KEY_FILE := .ratepool/tenant.key
 
-.PHONY: build run submit test lint unit clean
+.PHONY: build run submit test clean cdk-deps cdk-bootstrap lambda-bundle synth deploy-keys deploy
 
 build:
 	$(CARGO) build --release --locked
@@ -27,15 +27,40 @@ submit: $(KEY_FILE)
 	@test -x $(BIN) || $(CARGO) build --release --locked
 	RATEPOOL_API_KEY_FILE=$(KEY_FILE) $(BIN) submit examples/screenplay.json --wait
 
-lint:
-	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets --locked -- -D warnings
+## Everything CI runs: lint, the Rust suite against a moto emulator the
+## script starts and stops, the CDK checks. Installs its own tools (venv, npm).
+test:
+	infra/test.sh
 
-unit:
-	$(CARGO) test --locked
+# ---------------------------------------------------------------- AWS (cdk/)
+CDK_ARGS   ?=
+LAMBDA_DIR := dist/lambda
+PLATFORM   ?= linux/arm64
+CDK        := cd cdk && CDK_DISABLE_VERSION_CHECK=1 node_modules/.bin/cdk
 
-## Everything CI runs.
-test: lint unit
+cdk-deps:
+	@test -d cdk/node_modules || (cd cdk && npm ci --no-audit --no-fund)
+
+## Once per account and region.
+cdk-bootstrap: cdk-deps
+	$(CDK) bootstrap $(CDK_ARGS)
+
+## The Lambda's bootstrap (provided.al2023, arm64), built in Docker where the deploy runs.
+lambda-bundle:
+	docker build --platform $(PLATFORM) -f infra/Dockerfile --target lambda-bundle \
+	  --output type=local,dest=$(LAMBDA_DIR) .
+
+## Templates in cdk/cdk.out, offline: no credentials, no Docker (a placeholder
+## Lambda bundle unless lambda-bundle ran).
+synth: cdk-deps
+	$(CDK) synth --quiet $(if $(wildcard $(LAMBDA_DIR)/bootstrap),,-c ratepool:lambdaAsset=cdk/test/fixtures/lambda-placeholder) $(CDK_ARGS)
+
+## First deploy only: the secret the keys go in.
+deploy-keys: cdk-deps
+	$(CDK) deploy RatepoolKeys $(CDK_ARGS)
+
+deploy: lambda-bundle cdk-deps
+	$(CDK) deploy --all --require-approval broadening $(CDK_ARGS)
 
 clean:
 	$(CARGO) clean

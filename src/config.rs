@@ -46,6 +46,92 @@ pub struct Config {
     /// Settings of the built-in simulator used by `serve --simulate`.
     #[serde(default)]
     pub simulator: SimulatorConfig,
+    /// Resource names for `storage.backend = "aws"`.
+    #[serde(default)]
+    pub aws: AwsConfig,
+}
+
+/// Where the AWS backend's resources are. Every name has a default so a dev
+/// account or the emulator needs only `region` (and `endpoint_url`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region; else the SDK's usual sources (`AWS_REGION`, profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// An emulator or VPC endpoint; else `AWS_ENDPOINT_URL` or AWS itself.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Jobs, step checkpoints and per-tenant usage (PK/SK).
+    #[serde(default = "default_jobs_table")]
+    pub jobs_table: String,
+    /// The quota ledger: one item per (org, model).
+    #[serde(default = "default_ledger_table")]
+    pub ledger_table: String,
+    #[serde(default = "default_interactive_queue")]
+    pub interactive_queue: String,
+    #[serde(default = "default_batch_queue")]
+    pub batch_queue: String,
+    #[serde(default = "default_dead_letter_queue")]
+    pub dead_letter_queue: String,
+    /// Receives of the interactive queue per receive of the batch queue
+    /// when both have work (batch jobs still get 1 in `weight + 1`).
+    #[serde(default = "default_interactive_weight")]
+    pub interactive_weight: NonZeroU64,
+    /// CloudWatch namespace for metrics.
+    #[serde(default = "default_namespace")]
+    pub metrics_namespace: String,
+    /// A Secrets Manager secret holding a JSON object of environment
+    /// variable names to values (the org and tenant keys); read once at
+    /// start and consulted before the process environment.
+    #[serde(default)]
+    pub secret_arn: Option<String>,
+    /// Days a finished job's items are kept (DynamoDB TTL).
+    #[serde(default = "default_retention_days")]
+    pub retention_days: NonZeroU64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            endpoint_url: None,
+            jobs_table: default_jobs_table(),
+            ledger_table: default_ledger_table(),
+            interactive_queue: default_interactive_queue(),
+            batch_queue: default_batch_queue(),
+            dead_letter_queue: default_dead_letter_queue(),
+            interactive_weight: default_interactive_weight(),
+            metrics_namespace: default_namespace(),
+            secret_arn: None,
+            retention_days: default_retention_days(),
+        }
+    }
+}
+
+fn default_jobs_table() -> String {
+    "ratepool-jobs".into()
+}
+fn default_ledger_table() -> String {
+    "ratepool-ledger".into()
+}
+fn default_interactive_queue() -> String {
+    "ratepool-interactive".into()
+}
+fn default_batch_queue() -> String {
+    "ratepool-batch".into()
+}
+fn default_dead_letter_queue() -> String {
+    "ratepool-dlq".into()
+}
+fn default_interactive_weight() -> NonZeroU64 {
+    nz(3)
+}
+fn default_namespace() -> String {
+    "Ratepool".into()
+}
+fn default_retention_days() -> NonZeroU64 {
+    nz(30)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +155,8 @@ fn default_listen() -> SocketAddr {
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Sqlite,
+    /// SQS + DynamoDB (+ CloudWatch metrics), named in `[aws]`.
+    Aws,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +203,11 @@ pub struct WorkersConfig {
     /// dropped connections) before the job fails. Rate limits do not count.
     #[serde(default = "default_step_attempts")]
     pub step_max_attempts: NonZeroU64,
+    /// On SIGTERM, how long running steps may take to finish before their
+    /// jobs are handed back to the queue (keep it under the platform's stop
+    /// timeout: Fargate kills 120 s after SIGTERM).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for WorkersConfig {
@@ -125,6 +218,7 @@ impl Default for WorkersConfig {
             visibility_timeout_secs: default_visibility(),
             max_receives: default_max_receives(),
             step_max_attempts: default_step_attempts(),
+            shutdown_grace_secs: default_grace(),
         }
     }
 }
@@ -146,6 +240,9 @@ fn default_max_receives() -> NonZeroU64 {
 }
 fn default_step_attempts() -> NonZeroU64 {
     nz(12)
+}
+fn default_grace() -> u64 {
+    10
 }
 
 impl WorkersConfig {
@@ -284,8 +381,8 @@ const MIN_TENANT_KEY_LEN: usize = 16;
 impl Config {
     /// Reads and validates a file; the error names the line and the reason.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })
     }
 
@@ -335,7 +432,11 @@ impl Config {
             }
             check_env_name(&t.api_key_env).map_err(|m| bad(format!("tenant {}: {m}", t.name.get_ref())))?;
             if !envs.insert(t.api_key_env.clone()) {
-                return Err(bad(format!("tenant {}: api_key_env {} is shared with another tenant", t.name.get_ref(), t.api_key_env)));
+                return Err(bad(format!(
+                    "tenant {}: api_key_env {} is shared with another tenant",
+                    t.name.get_ref(),
+                    t.api_key_env
+                )));
             }
         }
         if self.limits.max_body_bytes < 1024 || self.limits.max_steps == 0 {
@@ -360,7 +461,9 @@ fn check_env_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("api_key_env {name:?} is not an environment variable name (the key itself goes in the environment, not in this file)"))
+        Err(format!(
+            "api_key_env {name:?} is not an environment variable name (the key itself goes in the environment, not in this file)"
+        ))
     }
 }
 
@@ -424,11 +527,8 @@ pub fn tenant_keys(cfg: &Config, env: &dyn Env) -> Result<Vec<TenantKey>, Config
 /// Org keys: `Ok(None)` when none of them is in the environment (the caller
 /// may then use the simulator); an error when only some are.
 pub fn org_keys(cfg: &Config, env: &dyn Env) -> Result<Option<Vec<SecretString>>, ConfigError> {
-    let keys: Vec<Option<String>> = cfg
-        .orgs
-        .iter()
-        .map(|o| env.var(&o.api_key_env).filter(|k| !k.trim().is_empty()))
-        .collect();
+    let keys: Vec<Option<String>> =
+        cfg.orgs.iter().map(|o| env.var(&o.api_key_env).filter(|k| !k.trim().is_empty())).collect();
     if keys.iter().all(Option::is_none) {
         return Ok(None);
     }
@@ -489,7 +589,12 @@ api_key_env = "SCREENPLAYS_API_KEY"
             (GOOD.replace("concurrency = 64", "concurrency = \"many\""), "line 8"),
             (GOOD.replace("name = \"org-a\"", "name = \"org a\""), "line 10"),
             (GOOD.replace("[workers]", "[workers]\ncolour = 1"), "unknown field"),
-            (format!("{GOOD}\n[[orgs]]\nname = \"org-a\"\napi_key_env = \"B\"\n[orgs.models.\"m\"]\nrpm = 1\ntpm = 1\n"), "line 21: duplicate org name"),
+            (
+                format!(
+                    "{GOOD}\n[[orgs]]\nname = \"org-a\"\napi_key_env = \"B\"\n[orgs.models.\"m\"]\nrpm = 1\ntpm = 1\n"
+                ),
+                "line 21: duplicate org name",
+            ),
             (GOOD.replace("ORG_A_KEY", "sk-live-abc def"), "not an environment variable name"),
             (GOOD.replace("backend = \"sqlite\"", "backend = \"mysql\""), "line 5"),
         ];

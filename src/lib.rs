@@ -14,10 +14,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod api;
+pub mod aws;
 pub mod client;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod lambda;
 pub mod local;
 pub mod provider;
 pub mod serve;
@@ -25,3 +27,4 @@ pub mod sim;
 pub mod spec;
 pub mod storage;
 pub mod telemetry;
+pub mod worker;

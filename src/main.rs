@@ -9,7 +9,6 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use ratepool::client::ApiClient;
-use ratepool::config::Config;
 use ratepool::serve::{self, Simulate};
 
 #[derive(Parser)]
@@ -33,7 +32,8 @@ impl ClientArgs {
     fn client(&self) -> anyhow::Result<ApiClient> {
         let key = match &self.api_key_file {
             Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
-            None => std::env::var("RATEPOOL_API_KEY").context("set RATEPOOL_API_KEY or --api-key-file to the tenant's API key")?,
+            None => std::env::var("RATEPOOL_API_KEY")
+                .context("set RATEPOOL_API_KEY or --api-key-file to the tenant's API key")?,
         };
         ApiClient::new(&self.url, SecretString::from(key.trim().to_string()))
     }
@@ -41,16 +41,31 @@ impl ClientArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the API and the workers in one process on the embedded backend.
+    /// Run the API and the workers in one process.
     Serve {
+        /// The config file; else RATEPOOL_CONFIG_TOML holds its text.
         #[arg(long, env = "RATEPOOL_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Use the built-in simulator even if provider keys are set.
         #[arg(long)]
         simulate: bool,
         /// Log JSON lines instead of text.
         #[arg(long)]
         json_logs: bool,
+    },
+    /// Run workers only (the Fargate task): no API.
+    Worker {
+        /// The config file; else RATEPOOL_CONFIG_TOML holds its text.
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+        /// Log text instead of JSON lines.
+        #[arg(long)]
+        text_logs: bool,
+    },
+    /// AWS resources.
+    Aws {
+        #[command(subcommand)]
+        command: AwsCommand,
     },
     /// Run the OpenAI-compatible provider simulator.
     Sim {
@@ -91,6 +106,16 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AwsCommand {
+    /// Create the tables and queues of `[aws]` that do not exist yet (for
+    /// the emulator and dev accounts; production gets them from the CDK app).
+    Init {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
 fn print(v: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -100,19 +125,42 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, simulate, json_logs } => {
             ratepool::telemetry::init_logging(json_logs);
-            let cfg = Config::load(&config)?;
+            let cfg = serve::load_config(config.as_deref())?;
             let shutdown = CancellationToken::new();
             serve::cancel_on_signals(shutdown.clone());
             serve::run(cfg, if simulate { Simulate::Always } else { Simulate::Auto }, shutdown).await
         }
+        Command::Worker { config, text_logs } => {
+            ratepool::telemetry::init_logging(!text_logs);
+            let cfg = serve::load_config(config.as_deref())?;
+            let shutdown = CancellationToken::new();
+            serve::cancel_on_signals(shutdown.clone());
+            serve::worker(cfg, shutdown).await
+        }
+        Command::Aws { command: AwsCommand::Init { config } } => {
+            ratepool::telemetry::init_logging(false);
+            let cfg = serve::load_config(config.as_deref())?;
+            let clients = ratepool::aws::AwsClients::load(&cfg.aws).await;
+            let created = ratepool::aws::init(&clients, &cfg.aws, cfg.workers.visibility_timeout()).await?;
+            if created.is_empty() {
+                println!("all tables and queues exist");
+            }
+            for name in created {
+                println!("created {name}");
+            }
+            Ok(())
+        }
         Command::Sim { config, listen } => {
             ratepool::telemetry::init_logging(false);
             let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-            let mut cfg = ratepool::sim::SimConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
+            let mut cfg =
+                ratepool::sim::SimConfig::from_toml(&text).with_context(|| format!("in {}", config.display()))?;
             if listen.is_some() {
                 cfg.listen = listen;
             }
-            let listener = tokio::net::TcpListener::bind(cfg.listen_addr()).await.with_context(|| format!("cannot listen on {}", cfg.listen_addr()))?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen_addr()))?;
             println!("ratepool sim listening on http://{}", listener.local_addr()?);
             let sim = ratepool::sim::Simulator::new(cfg, std::sync::Arc::new(ratepool::domain::SystemClock));
             let shutdown = CancellationToken::new();

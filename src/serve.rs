@@ -1,6 +1,8 @@
-//! `ratepool serve`: the one-machine mode. The HTTP API and the workers in
-//! one process on the embedded SQLite backend, and — when no provider keys
-//! are configured — the built-in simulator standing in for the provider.
+//! How the processes are put together from the config: `ratepool serve`
+//! (the HTTP API and the workers in one process; on SQLite the one-machine
+//! mode, with the built-in simulator standing in for the provider when no
+//! keys are configured), `ratepool worker` (workers only: the Fargate task)
+//! and the Lambda's API state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, PoolOrg};
+use crate::aws::AwsClients;
 use crate::config::{self, Config, Env, StorageKind};
 use crate::domain::{Clock, SystemClock};
 use crate::engine::router::{OrgSettings, RetryPolicy};
@@ -38,41 +41,75 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         step_parallelism: cfg.workers.step_parallelism.get() as usize,
         lease_ttl: cfg.workers.visibility_timeout(),
         max_receives: cfg.workers.max_receives.get().min(u64::from(u32::MAX)) as u32,
-        poll_wait: Duration::from_secs(1),
-        shutdown_grace: Duration::from_secs(10),
+        // SQLite waits on an in-process notification, so a short look is
+        // free; on SQS every look is a request, so idle workers wait longer.
+        poll_wait: match cfg.storage.backend {
+            StorageKind::Sqlite => Duration::from_secs(1),
+            StorageKind::Aws => Duration::from_secs(5),
+        },
+        shutdown_grace: Duration::from_secs(cfg.workers.shutdown_grace_secs),
         spec_limits: cfg.limits.spec_limits(),
         owner: EngineConfig::default_owner(),
     }
 }
 
-fn open_backend(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Backend> {
+/// The configured backend. For AWS also the SDK clients (for metrics and
+/// secrets), built once here.
+pub async fn open_backend(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Backend, Option<AwsClients>)> {
     match cfg.storage.backend {
         StorageKind::Sqlite => {
-            let db = SqliteBackend::open(&cfg.storage.path, SqliteOptions { visibility_timeout: cfg.workers.visibility_timeout(), clock })
-                .with_context(|| format!("opening SQLite database {}", cfg.storage.path.display()))?;
-            Ok(db.backend())
+            let db = SqliteBackend::open(
+                &cfg.storage.path,
+                SqliteOptions { visibility_timeout: cfg.workers.visibility_timeout(), clock },
+            )
+            .with_context(|| format!("opening SQLite database {}", cfg.storage.path.display()))?;
+            Ok((db.backend(), None))
+        }
+        StorageKind::Aws => {
+            let clients = AwsClients::load(&cfg.aws).await;
+            let backend =
+                crate::aws::connect(&clients, &cfg.aws, cfg.workers.visibility_timeout(), clock).await.context(
+                    "connecting to the AWS backend (run `ratepool aws init` to create missing tables and queues)",
+                )?;
+            Ok((backend, Some(clients)))
         }
     }
 }
 
 /// The org endpoints: from the config and the environment, or pointing at
 /// a simulator started here.
-async fn org_settings(cfg: &Config, env: &dyn Env, simulate: Simulate, shutdown: &CancellationToken) -> anyhow::Result<Vec<OrgSettings>> {
+async fn org_settings(
+    cfg: &Config,
+    env: &(dyn Env + Send + Sync),
+    simulate: Simulate,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<OrgSettings>> {
     let keys = match simulate {
         Simulate::Always => None,
         Simulate::Auto => config::org_keys(cfg, env)?,
     };
     if let Some(keys) = keys {
-        return Ok(cfg.orgs.iter().zip(keys).map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k)).collect());
+        return Ok(cfg
+            .orgs
+            .iter()
+            .zip(keys)
+            .map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k))
+            .collect());
     }
-    tracing::warn!("no provider API keys in the environment: calls go to the built-in simulator (set the orgs' api_key_env variables to use the real provider)");
+    tracing::warn!(
+        "no provider API keys in the environment: calls go to the built-in simulator (set the orgs' api_key_env variables to use the real provider)"
+    );
     let sim_orgs: Vec<SimOrg> = cfg
         .orgs
         .iter()
         .map(|o| SimOrg {
             name: o.name.get_ref().to_string(),
             api_key: format!("sim-{}", uuid::Uuid::new_v4().simple()),
-            models: o.models.iter().map(|(m, l)| (m.to_string(), SimLimits { rpm: l.rpm.get(), tpm: l.tpm.get() })).collect(),
+            models: o
+                .models
+                .iter()
+                .map(|(m, l)| (m.to_string(), SimLimits { rpm: l.rpm.get(), tpm: l.tpm.get() }))
+                .collect(),
             down: false,
             insufficient_quota: false,
         })
@@ -107,38 +144,132 @@ async fn org_settings(cfg: &Config, env: &dyn Env, simulate: Simulate, shutdown:
         .collect())
 }
 
-/// Runs the server until `shutdown` fires. Prints
-/// `ratepool listening on http://ADDR` on stdout once it accepts requests.
-pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let env = config::ProcessEnv;
-    let tenants = config::tenant_keys(&cfg, &env)?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let backend = open_backend(&cfg, clock.clone())?;
-    let telemetry = Arc::new(Telemetry::new());
-    let orgs = org_settings(&cfg, &env, simulate, &shutdown).await?;
-    let pool: Vec<PoolOrg> = orgs.iter().map(|o| PoolOrg { name: o.endpoint.name.clone(), models: o.models.clone() }).collect();
-    let router = Arc::new(Router::new(
-        orgs,
-        backend.ledger.clone(),
-        ProviderClient::new()?,
-        clock.clone(),
-        telemetry.clone(),
-        RetryPolicy { max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32, ..RetryPolicy::default() },
-    ));
-    let engine_cfg = engine_config(&cfg);
-    let state = Arc::new(ApiState {
+/// The keys' source: the Secrets Manager secret named in `[aws]` (then the
+/// environment), or the environment alone.
+async fn key_env(cfg: &Config, aws: Option<&AwsClients>) -> anyhow::Result<Box<dyn Env + Send + Sync>> {
+    match (&cfg.aws.secret_arn, aws) {
+        (Some(arn), Some(clients)) => Ok(Box::new(crate::aws::SecretEnv::load(clients, arn).await?)),
+        _ => Ok(Box::new(config::ProcessEnv)),
+    }
+}
+
+fn pool_of(orgs: &[OrgSettings]) -> Vec<PoolOrg> {
+    orgs.iter().map(|o| PoolOrg { name: o.endpoint.name.clone(), models: o.models.clone() }).collect()
+}
+
+fn pool_from_config(cfg: &Config) -> Vec<PoolOrg> {
+    // Only the ledger parameters matter for the API; key and URL do not.
+    let settings: Vec<OrgSettings> = cfg
+        .orgs
+        .iter()
+        .map(|o| OrgSettings::from_config(o, o.base_url.clone(), SecretString::from(String::new())))
+        .collect();
+    pool_of(&settings)
+}
+
+fn api_state(
+    cfg: &Config,
+    backend: &Backend,
+    tenants: Vec<config::TenantKey>,
+    pool: Vec<PoolOrg>,
+    clock: Arc<dyn Clock>,
+    telemetry: Arc<Telemetry>,
+    org_status: Option<Arc<dyn api::OrgStatusSource>>,
+) -> Arc<ApiState> {
+    Arc::new(ApiState {
         jobs: backend.jobs.clone(),
         queue: backend.queue.clone(),
         ledger: backend.ledger.clone(),
         usage: backend.usage.clone(),
         tenants,
         pool,
-        limits: engine_cfg.spec_limits,
-        clock: clock.clone(),
-        telemetry: telemetry.clone(),
-        org_status: Some(router.clone()),
-    });
-    let engine = Arc::new(Engine::new(backend.clone(), router, telemetry.clone(), clock, engine_cfg));
+        limits: cfg.limits.spec_limits(),
+        clock,
+        telemetry,
+        org_status,
+    })
+}
+
+/// Workers: the router over `orgs` and the engine, plus the background
+/// tasks that publish what they do (usage to storage; CloudWatch on AWS).
+struct Workers {
+    engine: Arc<Engine>,
+    router: Arc<Router>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn start_workers(
+    cfg: &Config,
+    backend: &Backend,
+    aws: Option<&AwsClients>,
+    orgs: Vec<OrgSettings>,
+    clock: Arc<dyn Clock>,
+    telemetry: Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Workers> {
+    let router = Arc::new(Router::new(
+        orgs,
+        backend.ledger.clone(),
+        ProviderClient::new()?,
+        clock.clone(),
+        telemetry.clone(),
+        RetryPolicy {
+            max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
+            ..RetryPolicy::default()
+        },
+    ));
+    let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_config(cfg)));
+    let mut background = Vec::new();
+    let (t, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());
+    background.push(tokio::spawn(async move {
+        loop {
+            let done = tokio::select! {
+                _ = tokio::time::sleep(USAGE_FLUSH_EVERY) => false,
+                _ = stop.cancelled() => true,
+            };
+            if let Err(e) = t.flush(usage.as_ref()).await {
+                tracing::warn!(error = %e, "usage flush failed; will retry");
+            }
+            if done {
+                return;
+            }
+        }
+    }));
+    if let Some(clients) = aws {
+        background.push(tokio::spawn(crate::aws::metrics::run_publisher(
+            clients.cloudwatch.clone(),
+            cfg.aws.metrics_namespace.clone(),
+            telemetry,
+            Duration::from_secs(60),
+            shutdown.clone(),
+        )));
+    }
+    Ok(Workers { engine, router, background })
+}
+
+impl Workers {
+    /// Runs the engine until `shutdown` and its drain end, then lets the
+    /// background tasks write their last batch.
+    async fn run(self, shutdown: CancellationToken) {
+        self.engine.run(shutdown).await;
+        for task in self.background {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Runs the server until `shutdown` fires. Prints
+/// `ratepool listening on http://ADDR` on stdout once it accepts requests.
+pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (backend, aws) = open_backend(&cfg, clock.clone()).await?;
+    let env = key_env(&cfg, aws.as_ref()).await?;
+    let tenants = config::tenant_keys(&cfg, env.as_ref())?;
+    let telemetry = Arc::new(Telemetry::new());
+    let orgs = org_settings(&cfg, env.as_ref(), simulate, &shutdown).await?;
+    let pool = pool_of(&orgs);
+    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), &shutdown)?;
+    let state = api_state(&cfg, &backend, tenants, pool, clock, telemetry.clone(), Some(workers.router.clone()));
 
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
@@ -147,30 +278,65 @@ pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -
     tracing::info!(%addr, workers = cfg.workers.concurrency.get(), "ratepool serving");
     println!("ratepool listening on http://{addr}");
 
-    let workers = tokio::spawn(engine.run(shutdown.clone()));
-    let flusher = {
-        let (telemetry, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(USAGE_FLUSH_EVERY) => {}
-                    _ = stop.cancelled() => return,
-                }
-                if let Err(e) = telemetry.flush(usage.as_ref()).await {
-                    tracing::warn!(error = %e, "usage flush failed; will retry");
-                }
-            }
-        })
-    };
+    let running = tokio::spawn(workers.run(shutdown.clone()));
     let stop = shutdown.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
-    workers.await?;
-    flusher.abort();
-    telemetry.flush(backend.usage.as_ref()).await?;
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+    running.await?;
     tracing::info!("ratepool stopped");
     Ok(())
+}
+
+/// `ratepool worker`: workers only, no API (the Fargate task). Stops
+/// taking jobs on `shutdown`, finishes or hands back the running ones within
+/// the grace period, and keeps ECS from scaling the task in while it holds
+/// jobs.
+pub async fn worker(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (backend, aws) = open_backend(&cfg, clock.clone()).await?;
+    let env = key_env(&cfg, aws.as_ref()).await?;
+    let keys = config::org_keys(&cfg, env.as_ref())?.ok_or_else(|| {
+        anyhow::anyhow!("no org API keys found (set the orgs' api_key_env variables, or [aws] secret_arn)")
+    })?;
+    let orgs: Vec<OrgSettings> =
+        cfg.orgs.iter().zip(keys).map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k)).collect();
+    let telemetry = Arc::new(Telemetry::new());
+    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock, telemetry.clone(), &shutdown)?;
+    let protection =
+        crate::worker::TaskProtection::from_env().map(|p| tokio::spawn(p.run(telemetry.clone(), shutdown.clone())));
+    tracing::info!(workers = cfg.workers.concurrency.get(), "ratepool worker running");
+    println!("ratepool worker running");
+    workers.run(shutdown).await;
+    if let Some(p) = protection {
+        let _ = p.await;
+    }
+    tracing::info!("ratepool worker stopped");
+    Ok(())
+}
+
+/// The API state the Lambda serves: the same routes as `serve`, on the
+/// configured backend, without workers. Keys come from `[aws] secret_arn`
+/// or the environment, unless `env` is given.
+pub async fn lambda_state(cfg: &Config, env: Option<&(dyn Env + Send + Sync)>) -> anyhow::Result<Arc<ApiState>> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (backend, aws) = open_backend(cfg, clock.clone()).await?;
+    let tenants = match env {
+        Some(env) => config::tenant_keys(cfg, env)?,
+        None => config::tenant_keys(cfg, key_env(cfg, aws.as_ref()).await?.as_ref())?,
+    };
+    Ok(api_state(cfg, &backend, tenants, pool_from_config(cfg), clock, Arc::new(Telemetry::new()), None))
+}
+
+/// Reads the configuration from `path`, else from the `RATEPOOL_CONFIG_TOML`
+/// environment variable (how the Lambda and the Fargate task get it).
+pub fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None => {
+            let text = std::env::var("RATEPOOL_CONFIG_TOML")
+                .context("no --config given and RATEPOOL_CONFIG_TOML is not set")?;
+            Config::parse(&text).map_err(|m| anyhow::anyhow!("RATEPOOL_CONFIG_TOML: {m}"))
+        }
+    }
 }
 
 /// Cancels the token on SIGINT or SIGTERM.

@@ -70,6 +70,54 @@ fn overhead_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
+/// Count, sum, minimum and maximum of samples: a CloudWatch statistic set,
+/// so a minute of latencies is one datum, not one call per sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StatSet {
+    pub count: f64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl StatSet {
+    pub fn observe(&mut self, v: f64) {
+        if self.count == 0.0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.count += 1.0;
+        self.sum += v;
+    }
+}
+
+/// One org's share of a publishing window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OrgWindow {
+    pub counters: OrgCounters,
+    pub latency_ms: StatSet,
+    /// Lowest headroom seen over the org's models.
+    pub headroom: StatSet,
+}
+
+/// Everything that happened since the last publish, for push-style metric
+/// backends (CloudWatch). Drained by [`Telemetry::take_window`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Window {
+    pub orgs: std::collections::BTreeMap<OrgName, OrgWindow>,
+    pub jobs_succeeded: u64,
+    pub jobs_failed: u64,
+    pub jobs_cancelled: u64,
+    pub job_duration_s: StatSet,
+    /// Samples of this process's jobs in flight.
+    pub in_flight: StatSet,
+    /// Ledger storage requests (acquire, denied, raise).
+    pub ledger_requests: u64,
+}
+
 /// Circuit breaker states as gauge values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerGauge {
@@ -98,6 +146,7 @@ pub struct Telemetry {
     queue_in_flight: Gauge,
     queue_dead: Gauge,
     pending_usage: Mutex<HashMap<(TenantId, OrgName), OrgCounters>>,
+    window: Mutex<Window>,
 }
 
 impl Default for Telemetry {
@@ -116,23 +165,36 @@ impl Telemetry {
         let latency: HistogramFamily<OrgLabels> = Family::new_with_constructor(latency_histogram);
         registry.register("provider_latency_seconds", "Provider call latency by org", latency.clone());
         let headroom = Family::<OrgModelLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register("org_headroom_ratio", "Free fraction of the tighter bucket, as the ledger last saw it", headroom.clone());
+        registry.register(
+            "org_headroom_ratio",
+            "Free fraction of the tighter bucket, as the ledger last saw it",
+            headroom.clone(),
+        );
         let breaker_state = Family::<OrgLabels, Gauge>::default();
         registry.register("org_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open", breaker_state.clone());
         let breaker_opened = Family::<OrgLabels, Counter>::default();
         registry.register("org_breaker_opened", "Times the org's circuit breaker opened", breaker_opened.clone());
         let out_of_rotation = Family::<OrgLabels, Gauge>::default();
-        registry.register("org_out_of_rotation", "1 while the org is out of rotation (insufficient quota, bad key)", out_of_rotation.clone());
+        registry.register(
+            "org_out_of_rotation",
+            "1 while the org is out of rotation (insufficient quota, bad key)",
+            out_of_rotation.clone(),
+        );
         let ledger_ops = Family::<OpLabels, Counter>::default();
         registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
         let jobs_finished = Family::<StatusLabels, Counter>::default();
         registry.register("jobs_finished", "Jobs that reached a final status", jobs_finished.clone());
-        let job_duration: HistogramFamily<StatusLabels> = Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 14)));
+        let job_duration: HistogramFamily<StatusLabels> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 14)));
         registry.register("job_duration_seconds", "Submission to final status", job_duration.clone());
         let steps_done = Counter::default();
         registry.register("steps_checkpointed", "Steps finished and checkpointed", steps_done.clone());
         let step_overhead = overhead_histogram();
-        registry.register("step_overhead_seconds", "Time per step spent in ratepool (everything but the provider call)", step_overhead.clone());
+        registry.register(
+            "step_overhead_seconds",
+            "Time per step spent in ratepool (everything but the provider call)",
+            step_overhead.clone(),
+        );
         let jobs_in_flight = Gauge::default();
         registry.register("jobs_in_flight", "Jobs this process is running", jobs_in_flight.clone());
         let queue_visible = Gauge::default();
@@ -160,6 +222,7 @@ impl Telemetry {
             queue_in_flight,
             queue_dead,
             pending_usage: Mutex::new(HashMap::new()),
+            window: Mutex::new(Window::default()),
         }
     }
 
@@ -170,15 +233,36 @@ impl Telemetry {
             .inc();
         if ev.usage.prompt_tokens + ev.usage.completion_tokens > 0 {
             self.tokens.get_or_create(&TokenLabels { org: org.clone(), kind: "prompt" }).inc_by(ev.usage.prompt_tokens);
-            self.tokens.get_or_create(&TokenLabels { org: org.clone(), kind: "completion" }).inc_by(ev.usage.completion_tokens);
+            self.tokens
+                .get_or_create(&TokenLabels { org: org.clone(), kind: "completion" })
+                .inc_by(ev.usage.completion_tokens);
         }
         self.latency.get_or_create(&OrgLabels { org }).observe(ev.latency.as_secs_f64());
         let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
         pending.entry((ev.tenant.clone(), ev.org.clone())).or_default().record(ev);
+        drop(pending);
+        let mut w = self.window();
+        let o = w.orgs.entry(ev.org.clone()).or_default();
+        o.counters.record(ev);
+        o.latency_ms.observe(ev.latency.as_secs_f64() * 1000.0);
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the window's aggregate and starts a new one; samples the
+    /// in-flight gauge first so every window has at least one sample.
+    pub fn take_window(&self) -> Window {
+        let in_flight = self.jobs_in_flight.get() as f64;
+        let mut w = self.window();
+        w.in_flight.observe(in_flight);
+        std::mem::take(&mut *w)
     }
 
     pub fn set_headroom(&self, org: &OrgName, model: &crate::domain::ModelName, ratio: f64) {
         self.headroom.get_or_create(&OrgModelLabels { org: org.to_string(), model: model.to_string() }).set(ratio);
+        self.window().orgs.entry(org.clone()).or_default().headroom.observe(ratio);
     }
 
     pub fn set_breaker(&self, org: &OrgName, state: BreakerGauge) {
@@ -195,6 +279,7 @@ impl Telemetry {
     /// Counts a ledger storage operation: "acquire", "denied", "raise".
     pub fn ledger_op(&self, op: &'static str) {
         self.ledger_ops.get_or_create(&OpLabels { op }).inc();
+        self.window().ledger_requests += 1;
     }
 
     pub fn ledger_ops(&self, op: &'static str) -> u64 {
@@ -205,6 +290,14 @@ impl Telemetry {
         let l = StatusLabels { status: status.as_str() };
         self.jobs_finished.get_or_create(&l).inc();
         self.job_duration.get_or_create(&l).observe(duration.as_secs_f64());
+        let mut w = self.window();
+        match status {
+            crate::storage::JobStatus::Succeeded => w.jobs_succeeded += 1,
+            crate::storage::JobStatus::Failed => w.jobs_failed += 1,
+            crate::storage::JobStatus::Cancelled => w.jobs_cancelled += 1,
+            _ => {}
+        }
+        w.job_duration_s.observe(duration.as_secs_f64());
     }
 
     pub fn step_done(&self, overhead: std::time::Duration) {

@@ -16,9 +16,8 @@ use std::time::Duration;
 use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
-    Acquisition, Backend, BucketKey, BucketParams, BucketState, Checkpoint, CreateOutcome,
-    Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, Priority,
-    QueueMessage, QueueStats, StorageError,
+    Acquisition, Backend, BucketKey, BucketParams, BucketState, Checkpoint, CreateOutcome, Delivery, JobOutcome,
+    JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, Priority, QueueMessage, QueueStats, StorageError,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -31,6 +30,7 @@ const TTL_US: Micros = 30 * SEC;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueTime {
     /// Visibility follows the harness's `ManualClock`.
+    #[allow(dead_code)] // SQLite's; the AWS suite runs on wall-clock time
     Manual,
     /// Visibility is wall-clock time (a real or emulated SQS).
     #[allow(dead_code)] // the AWS suite's; SQLite runs on the manual clock
@@ -55,12 +55,8 @@ impl Harness {
     /// Lets every message received so far become visible again.
     pub async fn expire_visibility(&self) {
         match self.queue_time {
-            QueueTime::Manual => self
-                .clock
-                .advance(self.visibility_timeout + Duration::from_micros(1)),
-            QueueTime::Wall => {
-                tokio::time::sleep(self.visibility_timeout + Duration::from_millis(1500)).await
-            }
+            QueueTime::Manual => self.clock.advance(self.visibility_timeout + Duration::from_micros(1)),
+            QueueTime::Wall => tokio::time::sleep(self.visibility_timeout + Duration::from_millis(1500)).await,
         }
     }
 }
@@ -78,11 +74,7 @@ fn model(s: &str) -> ModelName {
 }
 
 fn msg(priority: Priority) -> QueueMessage {
-    QueueMessage {
-        job_id: JobId::generate(),
-        tenant: tenant("acme"),
-        priority,
-    }
+    QueueMessage { job_id: JobId::generate(), tenant: tenant("acme"), priority }
 }
 
 /// Receives until `n` messages arrived or 10 s passed.
@@ -90,24 +82,13 @@ pub async fn receive_n(h: &Harness, n: usize) -> Vec<Delivery> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
     while got.len() < n && tokio::time::Instant::now() < deadline {
-        got.extend(
-            h.backend
-                .queue
-                .receive(n - got.len(), Duration::from_millis(500))
-                .await
-                .expect("receive"),
-        );
+        got.extend(h.backend.queue.receive(n - got.len(), Duration::from_millis(500)).await.expect("receive"));
     }
     got
 }
 
 async fn nothing_visible(h: &Harness) -> bool {
-    h.backend
-        .queue
-        .receive(10, Duration::ZERO)
-        .await
-        .expect("receive")
-        .is_empty()
+    h.backend.queue.receive(10, Duration::ZERO).await.expect("receive").is_empty()
 }
 
 fn new_job(tenant_name: &str, idempotency: Option<(&str, &str)>) -> NewJob {
@@ -132,22 +113,11 @@ async fn create(h: &Harness) -> JobId {
 }
 
 async fn get(h: &Harness, id: &JobId) -> JobRecord {
-    h.backend
-        .jobs
-        .get_job(id)
-        .await
-        .expect("get_job")
-        .expect("job exists")
+    h.backend.jobs.get_job(id).await.expect("get_job").expect("job exists")
 }
 
 async fn acquire(h: &Harness, id: &JobId, owner: &str, now: Micros) -> Lease {
-    match h
-        .backend
-        .jobs
-        .acquire_lease(id, owner, TTL, now)
-        .await
-        .expect("acquire_lease")
-    {
+    match h.backend.jobs.acquire_lease(id, owner, TTL, now).await.expect("acquire_lease") {
         LeaseOutcome::Acquired(l) => l,
         other => panic!("expected Acquired for {owner}, got {other:?}"),
     }
@@ -157,11 +127,7 @@ fn checkpoint(step: &str, output: &str, tokens: u64) -> Checkpoint {
     Checkpoint {
         step_id: StepId::parse(step).expect("step"),
         output: output.into(),
-        usage: Usage {
-            calls: 1,
-            prompt_tokens: tokens,
-            completion_tokens: tokens / 2,
-        },
+        usage: Usage { calls: 1, prompt_tokens: tokens, completion_tokens: tokens / 2 },
         org: org("org-a"),
         model: model("gpt-4o-mini"),
         attempts: 2,
@@ -171,17 +137,11 @@ fn checkpoint(step: &str, output: &str, tokens: u64) -> Checkpoint {
 }
 
 fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
-    assert!(
-        matches!(r, Err(StorageError::LeaseLost)),
-        "{what}: expected LeaseLost, got {r:?}"
-    );
+    assert!(matches!(r, Err(StorageError::LeaseLost)), "{what}: expected LeaseLost, got {r:?}");
 }
 
 fn assert_conflict<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
-    assert!(
-        matches!(r, Err(StorageError::Conflict(_))),
-        "{what}: expected Conflict, got {r:?}"
-    );
+    assert!(matches!(r, Err(StorageError::Conflict(_))), "{what}: expected Conflict, got {r:?}");
 }
 
 // ------------------------------------------------------------------ queue
@@ -197,10 +157,7 @@ pub async fn queue_send_receive_delete(h: &Harness) {
     assert!(nothing_visible(h).await, "a received message is hidden");
     q.delete(&got[0].receipt).await.expect("delete");
     h.expire_visibility().await;
-    assert!(
-        nothing_visible(h).await,
-        "a deleted message never comes back"
-    );
+    assert!(nothing_visible(h).await, "a deleted message never comes back");
     assert_eq!(q.stats().await.expect("stats"), QueueStats::default());
 }
 
@@ -211,17 +168,10 @@ pub async fn queue_visibility_timeout_redelivers(h: &Harness) {
     assert_eq!(first.len(), 1);
     h.expire_visibility().await;
     let again = receive_n(h, 1).await;
-    assert_eq!(
-        again.len(),
-        1,
-        "an undeleted message comes back after its visibility timeout"
-    );
+    assert_eq!(again.len(), 1, "an undeleted message comes back after its visibility timeout");
     assert_eq!(again[0].message, m);
     assert_eq!(again[0].receive_count, 2);
-    assert_ne!(
-        again[0].receipt, first[0].receipt,
-        "each receive gets a fresh receipt"
-    );
+    assert_ne!(again[0].receipt, first[0].receipt, "each receive gets a fresh receipt");
 }
 
 pub async fn queue_extend_keeps_message_hidden(h: &Harness) {
@@ -229,14 +179,9 @@ pub async fn queue_extend_keeps_message_hidden(h: &Harness) {
     q.send(&msg(Priority::Interactive)).await.expect("send");
     let d = receive_n(h, 1).await;
     assert_eq!(d.len(), 1);
-    q.extend(&d[0].receipt, h.visibility_timeout * 10)
-        .await
-        .expect("extend");
+    q.extend(&d[0].receipt, h.visibility_timeout * 10).await.expect("extend");
     h.expire_visibility().await;
-    assert!(
-        nothing_visible(h).await,
-        "an extended message stays hidden past the original timeout"
-    );
+    assert!(nothing_visible(h).await, "an extended message stays hidden past the original timeout");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.visible, stats.in_flight), (0, 1));
 }
@@ -247,9 +192,7 @@ pub async fn queue_extend_zero_hands_message_back(h: &Harness) {
     q.send(&m).await.expect("send");
     let d = receive_n(h, 1).await;
     assert_eq!(d.len(), 1);
-    q.extend(&d[0].receipt, Duration::ZERO)
-        .await
-        .expect("extend 0");
+    q.extend(&d[0].receipt, Duration::ZERO).await.expect("extend 0");
     let again = receive_n(h, 1).await;
     assert_eq!(again.len(), 1, "a handed-back message is visible at once");
     assert_eq!(again[0].message, m);
@@ -263,17 +206,9 @@ pub async fn queue_stale_receipt_cannot_extend(h: &Harness) {
     h.expire_visibility().await;
     let new = receive_n(h, 1).await;
     assert_eq!((old.len(), new.len()), (1, 1));
-    assert_conflict(
-        q.extend(&old[0].receipt, Duration::ZERO).await,
-        "extend with a stale receipt",
-    );
-    assert!(
-        nothing_visible(h).await,
-        "the stale extend did not hand the message back"
-    );
-    q.extend(&new[0].receipt, h.visibility_timeout)
-        .await
-        .expect("the current receipt still works");
+    assert_conflict(q.extend(&old[0].receipt, Duration::ZERO).await, "extend with a stale receipt");
+    assert!(nothing_visible(h).await, "the stale extend did not hand the message back");
+    q.extend(&new[0].receipt, h.visibility_timeout).await.expect("the current receipt still works");
 }
 
 pub async fn queue_stale_receipt_cannot_delete(h: &Harness) {
@@ -284,14 +219,9 @@ pub async fn queue_stale_receipt_cannot_delete(h: &Harness) {
     h.expire_visibility().await;
     let new = receive_n(h, 1).await;
     assert_eq!((old.len(), new.len()), (1, 1));
-    assert_conflict(
-        q.delete(&old[0].receipt).await,
-        "delete with a stale receipt",
-    );
+    assert_conflict(q.delete(&old[0].receipt).await, "delete with a stale receipt");
     // The message is still there: hand it back with the current receipt.
-    q.extend(&new[0].receipt, Duration::ZERO)
-        .await
-        .expect("current receipt");
+    q.extend(&new[0].receipt, Duration::ZERO).await.expect("current receipt");
     let third = receive_n(h, 1).await;
     assert_eq!(third.len(), 1, "the stale delete removed nothing");
     assert_eq!(third[0].message, m);
@@ -308,37 +238,13 @@ pub async fn queue_dead_letter_moves_message(h: &Harness) {
     let da = got.iter().find(|d| d.message == a).expect("a received");
     let db = got.iter().find(|d| d.message == b).expect("b received");
     q.dead_letter(da).await.expect("dead_letter");
-    assert_eq!(
-        q.dead_letters(10).await.expect("dead_letters"),
-        vec![a.clone()]
-    );
-    assert_eq!(
-        q.stats().await.expect("stats"),
-        QueueStats {
-            visible: 0,
-            in_flight: 1,
-            dead: 1
-        }
-    );
+    assert_eq!(q.dead_letters(10).await.expect("dead_letters"), vec![a.clone()]);
+    assert_eq!(q.stats().await.expect("stats"), QueueStats { visible: 0, in_flight: 1, dead: 1 });
     q.delete(&db.receipt).await.expect("delete b");
     h.expire_visibility().await;
-    assert!(
-        nothing_visible(h).await,
-        "a dead-lettered message is not delivered again"
-    );
-    assert_eq!(
-        q.stats().await.expect("stats"),
-        QueueStats {
-            visible: 0,
-            in_flight: 0,
-            dead: 1
-        }
-    );
-    assert_eq!(
-        q.dead_letters(10).await.expect("dead_letters"),
-        vec![a],
-        "listing does not remove"
-    );
+    assert!(nothing_visible(h).await, "a dead-lettered message is not delivered again");
+    assert_eq!(q.stats().await.expect("stats"), QueueStats { visible: 0, in_flight: 0, dead: 1 });
+    assert_eq!(q.dead_letters(10).await.expect("dead_letters"), vec![a], "listing does not remove");
 }
 
 pub async fn queue_interactive_before_batch(h: &Harness) {
@@ -355,31 +261,16 @@ pub async fn queue_interactive_before_batch(h: &Harness) {
         order.push(d[0].message.priority);
     }
     use Priority::{Batch, Interactive};
-    assert_eq!(
-        order,
-        vec![Interactive, Interactive, Batch, Batch],
-        "interactive lane first although sent last"
-    );
+    assert_eq!(order, vec![Interactive, Interactive, Batch, Batch], "interactive lane first although sent last");
 }
 
 pub async fn queue_receive_waits_when_empty(h: &Harness) {
     let start = std::time::Instant::now();
-    let got = h
-        .backend
-        .queue
-        .receive(1, Duration::from_secs(1))
-        .await
-        .expect("receive");
+    let got = h.backend.queue.receive(1, Duration::from_secs(1)).await.expect("receive");
     let took = start.elapsed();
     assert!(got.is_empty());
-    assert!(
-        took >= Duration::from_millis(900),
-        "returned after {took:?}, before `wait` passed"
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "waited {took:?}, far beyond `wait`"
-    );
+    assert!(took >= Duration::from_millis(900), "returned after {took:?}, before `wait` passed");
+    assert!(took < Duration::from_secs(5), "waited {took:?}, far beyond `wait`");
 }
 
 pub async fn queue_receive_returns_early_when_sent(h: &Harness) {
@@ -396,10 +287,7 @@ pub async fn queue_receive_returns_early_when_sent(h: &Harness) {
     let got = got.expect("receive");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message, m);
-    assert!(
-        took < Duration::from_secs(3),
-        "receive took {took:?}; it should return soon after the send"
-    );
+    assert!(took < Duration::from_secs(3), "receive took {took:?}; it should return soon after the send");
 }
 
 // ------------------------------------------------------------------ jobs
@@ -429,18 +317,8 @@ pub async fn jobs_create_and_get(h: &Harness) {
         stalled_runs: 0,
     };
     assert_eq!(created, expected);
-    assert_eq!(
-        h.backend.jobs.get_job(&job.id).await.expect("get"),
-        Some(expected)
-    );
-    assert_eq!(
-        h.backend
-            .jobs
-            .get_job(&JobId::generate())
-            .await
-            .expect("get"),
-        None
-    );
+    assert_eq!(h.backend.jobs.get_job(&job.id).await.expect("get"), Some(expected));
+    assert_eq!(h.backend.jobs.get_job(&JobId::generate()).await.expect("get"), None);
 }
 
 pub async fn jobs_idempotent_create(h: &Harness) {
@@ -458,11 +336,7 @@ pub async fn jobs_idempotent_create(h: &Harness) {
         }
         other => panic!("expected Existing, got {other:?}"),
     }
-    assert_eq!(
-        jobs.get_job(&repeat.id).await.expect("get"),
-        None,
-        "the repeat stored nothing"
-    );
+    assert_eq!(jobs.get_job(&repeat.id).await.expect("get"), None, "the repeat stored nothing");
 
     let changed = new_job("acme", Some(("key-1", "hash-2")));
     assert_conflict(jobs.create_job(&changed).await, "same key, different body");
@@ -482,46 +356,26 @@ pub async fn lease_acquire_held_and_takeover(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    assert_eq!(
-        (a.owner.as_str(), a.expires_at, &a.job_id),
-        ("worker-a", T0 + TTL_US, &id)
-    );
+    assert_eq!((a.owner.as_str(), a.expires_at, &a.job_id), ("worker-a", T0 + TTL_US, &id));
     let rec = get(h, &id).await;
     assert_eq!(rec.status, JobStatus::Running);
     assert_eq!(rec.lease_owner.as_deref(), Some("worker-a"));
     assert_eq!(rec.lease_expires_at, Some(a.expires_at));
 
-    let held = LeaseOutcome::Held {
-        owner: "worker-a".into(),
-        expires_at: a.expires_at,
-    };
+    let held = LeaseOutcome::Held { owner: "worker-a".into(), expires_at: a.expires_at };
+    assert_eq!(jobs.acquire_lease(&id, "worker-b", TTL, T0 + 1).await.expect("acquire"), held);
     assert_eq!(
-        jobs.acquire_lease(&id, "worker-b", TTL, T0 + 1)
-            .await
-            .expect("acquire"),
-        held
-    );
-    assert_eq!(
-        jobs.acquire_lease(&id, "worker-a", TTL, a.expires_at - 1)
-            .await
-            .expect("acquire"),
+        jobs.acquire_lease(&id, "worker-a", TTL, a.expires_at - 1).await.expect("acquire"),
         held,
         "an unexpired lease is held even against the same owner string"
     );
 
     let b = acquire(h, &id, "worker-b", a.expires_at).await;
-    assert!(
-        b.epoch > a.epoch,
-        "epoch grows on takeover ({} -> {})",
-        a.epoch,
-        b.epoch
-    );
+    assert!(b.epoch > a.epoch, "epoch grows on takeover ({} -> {})", a.epoch, b.epoch);
     assert_eq!(get(h, &id).await.lease_owner.as_deref(), Some("worker-b"));
 
     assert_eq!(
-        jobs.acquire_lease(&JobId::generate(), "worker-a", TTL, T0)
-            .await
-            .expect("acquire"),
+        jobs.acquire_lease(&JobId::generate(), "worker-a", TTL, T0).await.expect("acquire"),
         LeaseOutcome::Missing
     );
 }
@@ -529,21 +383,12 @@ pub async fn lease_acquire_held_and_takeover(h: &Harness) {
 pub async fn lease_renew_extends(h: &Harness) {
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    let renewed = h
-        .backend
-        .jobs
-        .renew_lease(&a, TTL, T0 + 10 * SEC)
-        .await
-        .expect("renew");
+    let renewed = h.backend.jobs.renew_lease(&a, TTL, T0 + 10 * SEC).await.expect("renew");
     assert_eq!(renewed.epoch, a.epoch);
     assert_eq!(renewed.expires_at, T0 + 10 * SEC + TTL_US);
     assert_eq!(get(h, &id).await.lease_expires_at, Some(renewed.expires_at));
     // Past the original expiry, the renewed lease still writes.
-    h.backend
-        .jobs
-        .put_checkpoint(&renewed, &checkpoint("s1", "x", 10), a.expires_at + 1)
-        .await
-        .expect("checkpoint");
+    h.backend.jobs.put_checkpoint(&renewed, &checkpoint("s1", "x", 10), a.expires_at + 1).await.expect("checkpoint");
 }
 
 pub async fn lease_release_lets_another_worker_in(h: &Harness) {
@@ -554,11 +399,7 @@ pub async fn lease_release_lets_another_worker_in(h: &Harness) {
     assert_eq!(get(h, &id).await.lease_owner, None);
     let b = acquire(h, &id, "worker-b", T0 + 1).await;
     assert!(b.epoch > a.epoch);
-    assert_lease_lost(
-        jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 2)
-            .await,
-        "checkpoint after release",
-    );
+    assert_lease_lost(jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 2).await, "checkpoint after release");
     // Releasing again with the old lease must not free the new holder's.
     let _ = jobs.release_lease(&a).await;
     assert_eq!(get(h, &id).await.lease_owner.as_deref(), Some("worker-b"));
@@ -568,18 +409,11 @@ pub async fn checkpoint_with_held_lease(h: &Harness) {
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
     let cp = checkpoint("s1", "hello", 100);
-    h.backend
-        .jobs
-        .put_checkpoint(&a, &cp, T0 + 1)
-        .await
-        .expect("checkpoint");
+    h.backend.jobs.put_checkpoint(&a, &cp, T0 + 1).await.expect("checkpoint");
     let rec = get(h, &id).await;
     assert_eq!(rec.steps_done, 1);
     assert_eq!(rec.usage, cp.usage);
-    assert_eq!(
-        h.backend.jobs.checkpoints(&id).await.expect("checkpoints"),
-        vec![cp]
-    );
+    assert_eq!(h.backend.jobs.checkpoints(&id).await.expect("checkpoints"), vec![cp]);
 }
 
 pub async fn stalled_runs_count_acquisitions_since_progress(h: &Harness) {
@@ -612,40 +446,25 @@ pub async fn checkpoint_with_stale_epoch_is_lease_lost(h: &Harness) {
     let new = acquire(h, &id, "worker-a", old.expires_at).await;
     assert!(new.epoch > old.epoch);
     assert_lease_lost(
-        jobs.put_checkpoint(&old, &checkpoint("s1", "stale", 1), old.expires_at + 1)
-            .await,
+        jobs.put_checkpoint(&old, &checkpoint("s1", "stale", 1), old.expires_at + 1).await,
         "stale epoch",
     );
-    assert!(
-        jobs.checkpoints(&id).await.expect("checkpoints").is_empty(),
-        "nothing written"
-    );
+    assert!(jobs.checkpoints(&id).await.expect("checkpoints").is_empty(), "nothing written");
     let rec = get(h, &id).await;
     assert_eq!((rec.steps_done, rec.usage), (0, Usage::default()));
-    jobs.put_checkpoint(&new, &checkpoint("s1", "fresh", 1), old.expires_at + 1)
-        .await
-        .expect("current epoch writes");
+    jobs.put_checkpoint(&new, &checkpoint("s1", "fresh", 1), old.expires_at + 1).await.expect("current epoch writes");
 }
 
 pub async fn checkpoint_after_expiry_is_lease_lost(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    assert_lease_lost(
-        jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), a.expires_at)
-            .await,
-        "at expiry",
-    );
+    assert_lease_lost(jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), a.expires_at).await, "at expiry");
     assert!(jobs.checkpoints(&id).await.expect("checkpoints").is_empty());
     assert_eq!(get(h, &id).await.steps_done, 0);
     // Nobody took it over, so the holder may renew and carry on.
-    let renewed = jobs
-        .renew_lease(&a, TTL, a.expires_at + 5)
-        .await
-        .expect("renew an expired, untaken lease");
-    jobs.put_checkpoint(&renewed, &checkpoint("s1", "x", 1), a.expires_at + 6)
-        .await
-        .expect("after renewal");
+    let renewed = jobs.renew_lease(&a, TTL, a.expires_at + 5).await.expect("renew an expired, untaken lease");
+    jobs.put_checkpoint(&renewed, &checkpoint("s1", "x", 1), a.expires_at + 6).await.expect("after renewal");
 }
 
 pub async fn checkpoint_duplicate_is_conflict(h: &Harness) {
@@ -653,40 +472,23 @@ pub async fn checkpoint_duplicate_is_conflict(h: &Harness) {
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
     let first = checkpoint("s1", "first", 100);
-    jobs.put_checkpoint(&a, &first, T0 + 1)
-        .await
-        .expect("first");
-    assert_conflict(
-        jobs.put_checkpoint(&a, &checkpoint("s1", "second", 7), T0 + 2)
-            .await,
-        "duplicate step",
-    );
+    jobs.put_checkpoint(&a, &first, T0 + 1).await.expect("first");
+    assert_conflict(jobs.put_checkpoint(&a, &checkpoint("s1", "second", 7), T0 + 2).await, "duplicate step");
     let rec = get(h, &id).await;
     assert_eq!(rec.steps_done, 1, "a duplicate does not count");
     assert_eq!(rec.usage, first.usage, "a duplicate adds no usage");
-    assert_eq!(
-        jobs.checkpoints(&id).await.expect("checkpoints"),
-        vec![first]
-    );
+    assert_eq!(jobs.checkpoints(&id).await.expect("checkpoints"), vec![first]);
 }
 
 pub async fn checkpoints_round_trip(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    let one = checkpoint(
-        "alpha",
-        "first output, with \"quotes\" and ünïcode\nand lines",
-        120,
-    );
+    let one = checkpoint("alpha", "first output, with \"quotes\" and ünïcode\nand lines", 120);
     let two = Checkpoint {
         step_id: StepId::parse("beta.2").expect("step"),
         output: String::new(),
-        usage: Usage {
-            calls: 3,
-            prompt_tokens: 4_000_000_000,
-            completion_tokens: 17,
-        },
+        usage: Usage { calls: 3, prompt_tokens: 4_000_000_000, completion_tokens: 17 },
         org: org("org-b"),
         model: model("gpt-4.1"),
         attempts: 5,
@@ -702,46 +504,27 @@ pub async fn checkpoints_round_trip(h: &Harness) {
     let mut total = one.usage;
     total.add(&two.usage);
     assert_eq!((rec.steps_done, rec.usage), (2, total));
-    assert!(
-        jobs.checkpoints(&JobId::generate())
-            .await
-            .expect("checkpoints")
-            .is_empty()
-    );
+    assert!(jobs.checkpoints(&JobId::generate()).await.expect("checkpoints").is_empty());
 }
 
 pub async fn finish_job_succeeded_and_failed(h: &Harness) {
     let jobs = &h.backend.jobs;
     let ok = create(h).await;
     let a = acquire(h, &ok, "worker-a", T0).await;
-    jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 5)
-        .await
-        .expect("finish");
+    jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 5).await.expect("finish");
     let rec = get(h, &ok).await;
     assert_eq!(rec.status, JobStatus::Succeeded);
     assert_eq!(rec.finished_at, Some(T0 + 5));
     assert_eq!(rec.error, None);
+    assert_eq!((rec.lease_owner, rec.lease_expires_at), (None, None), "finishing clears the lease");
     assert_eq!(
-        (rec.lease_owner, rec.lease_expires_at),
-        (None, None),
-        "finishing clears the lease"
-    );
-    assert_eq!(
-        jobs.acquire_lease(&ok, "worker-b", TTL, T0 + 6)
-            .await
-            .expect("acquire"),
+        jobs.acquire_lease(&ok, "worker-b", TTL, T0 + 6).await.expect("acquire"),
         LeaseOutcome::Finished(JobStatus::Succeeded)
     );
 
     let bad = create(h).await;
     let b = acquire(h, &bad, "worker-a", T0).await;
-    jobs.finish_job(
-        &b,
-        &JobOutcome::Failed("step s3: model refused".into()),
-        T0 + 7,
-    )
-    .await
-    .expect("finish");
+    jobs.finish_job(&b, &JobOutcome::Failed("step s3: model refused".into()), T0 + 7).await.expect("finish");
     let rec = get(h, &bad).await;
     assert_eq!(rec.status, JobStatus::Failed);
     assert_eq!(rec.error.as_deref(), Some("step s3: model refused"));
@@ -754,11 +537,7 @@ pub async fn finish_job_with_lost_lease(h: &Harness) {
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
     let b = acquire(h, &id, "worker-b", a.expires_at).await;
-    assert_lease_lost(
-        jobs.finish_job(&a, &JobOutcome::Succeeded, a.expires_at + 1)
-            .await,
-        "taken over",
-    );
+    assert_lease_lost(jobs.finish_job(&a, &JobOutcome::Succeeded, a.expires_at + 1).await, "taken over");
     let rec = get(h, &id).await;
     assert_eq!(rec.status, JobStatus::Running);
     assert_eq!(rec.lease_owner.as_deref(), Some(b.owner.as_str()));
@@ -767,66 +546,34 @@ pub async fn finish_job_with_lost_lease(h: &Harness) {
     // Lapsed, even if nobody took it over: finishing needs a live lease.
     let other = create(h).await;
     let c = acquire(h, &other, "worker-c", T0).await;
-    assert_lease_lost(
-        jobs.finish_job(&c, &JobOutcome::Succeeded, c.expires_at)
-            .await,
-        "expired",
-    );
+    assert_lease_lost(jobs.finish_job(&c, &JobOutcome::Succeeded, c.expires_at).await, "expired");
     assert_eq!(get(h, &other).await.status, JobStatus::Running);
 }
 
 pub async fn cancel_queued_job(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
-    assert_eq!(
-        jobs.cancel_job(&id, T0 + 3).await.expect("cancel"),
-        Some(JobStatus::Cancelled)
-    );
+    assert_eq!(jobs.cancel_job(&id, T0 + 3).await.expect("cancel"), Some(JobStatus::Cancelled));
     let rec = get(h, &id).await;
     assert_eq!(rec.status, JobStatus::Cancelled);
     assert_eq!(rec.finished_at, Some(T0 + 3));
     assert_eq!(
-        jobs.acquire_lease(&id, "worker-a", TTL, T0 + 4)
-            .await
-            .expect("acquire"),
+        jobs.acquire_lease(&id, "worker-a", TTL, T0 + 4).await.expect("acquire"),
         LeaseOutcome::Finished(JobStatus::Cancelled)
     );
-    assert_eq!(
-        jobs.cancel_job(&id, T0 + 5).await.expect("cancel again"),
-        Some(JobStatus::Cancelled)
-    );
-    assert_eq!(
-        jobs.cancel_job(&JobId::generate(), T0)
-            .await
-            .expect("cancel missing"),
-        None
-    );
+    assert_eq!(jobs.cancel_job(&id, T0 + 5).await.expect("cancel again"), Some(JobStatus::Cancelled));
+    assert_eq!(jobs.cancel_job(&JobId::generate(), T0).await.expect("cancel missing"), None);
 }
 
 pub async fn cancel_running_job_revokes_lease(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 1)
-        .await
-        .expect("checkpoint");
-    assert_eq!(
-        jobs.cancel_job(&id, T0 + 2).await.expect("cancel"),
-        Some(JobStatus::Cancelled)
-    );
-    assert_lease_lost(
-        jobs.renew_lease(&a, TTL, T0 + 3).await,
-        "renew after cancel",
-    );
-    assert_lease_lost(
-        jobs.put_checkpoint(&a, &checkpoint("s2", "y", 1), T0 + 3)
-            .await,
-        "checkpoint after cancel",
-    );
-    assert_lease_lost(
-        jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 3).await,
-        "finish after cancel",
-    );
+    jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 1).await.expect("checkpoint");
+    assert_eq!(jobs.cancel_job(&id, T0 + 2).await.expect("cancel"), Some(JobStatus::Cancelled));
+    assert_lease_lost(jobs.renew_lease(&a, TTL, T0 + 3).await, "renew after cancel");
+    assert_lease_lost(jobs.put_checkpoint(&a, &checkpoint("s2", "y", 1), T0 + 3).await, "checkpoint after cancel");
+    assert_lease_lost(jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 3).await, "finish after cancel");
     let rec = get(h, &id).await;
     assert_eq!(rec.status, JobStatus::Cancelled);
     assert_eq!(rec.steps_done, 1);
@@ -837,13 +584,8 @@ pub async fn cancel_finished_job_is_left_alone(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
-    jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 1)
-        .await
-        .expect("finish");
-    assert_eq!(
-        jobs.cancel_job(&id, T0 + 2).await.expect("cancel"),
-        Some(JobStatus::Succeeded)
-    );
+    jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
+    assert_eq!(jobs.cancel_job(&id, T0 + 2).await.expect("cancel"), Some(JobStatus::Succeeded));
     let rec = get(h, &id).await;
     assert_eq!(rec.status, JobStatus::Succeeded);
     assert_eq!(rec.finished_at, Some(T0 + 1));
@@ -852,9 +594,7 @@ pub async fn cancel_finished_job_is_left_alone(h: &Harness) {
 pub async fn fail_unleased_job(h: &Harness) {
     let jobs = &h.backend.jobs;
     let queued = create(h).await;
-    jobs.fail_unleased(&queued, "dead-lettered after 5 receives", T0 + 1)
-        .await
-        .expect("fail queued");
+    jobs.fail_unleased(&queued, "dead-lettered after 5 receives", T0 + 1).await.expect("fail queued");
     let rec = get(h, &queued).await;
     assert_eq!(rec.status, JobStatus::Failed);
     assert_eq!(rec.error.as_deref(), Some("dead-lettered after 5 receives"));
@@ -862,32 +602,18 @@ pub async fn fail_unleased_job(h: &Harness) {
 
     let running = create(h).await;
     let a = acquire(h, &running, "worker-a", T0).await;
-    jobs.fail_unleased(&running, "worker crashed repeatedly", T0 + 2)
-        .await
-        .expect("fail running");
+    jobs.fail_unleased(&running, "worker crashed repeatedly", T0 + 2).await.expect("fail running");
     let rec = get(h, &running).await;
     assert_eq!(rec.status, JobStatus::Failed);
     assert_eq!(rec.lease_owner, None);
-    assert_lease_lost(
-        jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 3)
-            .await,
-        "holder after fail",
-    );
+    assert_lease_lost(jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 3).await, "holder after fail");
 
     let done = create(h).await;
     let b = acquire(h, &done, "worker-b", T0).await;
-    jobs.finish_job(&b, &JobOutcome::Succeeded, T0 + 1)
-        .await
-        .expect("finish");
-    jobs.fail_unleased(&done, "too late", T0 + 4)
-        .await
-        .expect("fail finished");
+    jobs.finish_job(&b, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
+    jobs.fail_unleased(&done, "too late", T0 + 4).await.expect("fail finished");
     let rec = get(h, &done).await;
-    assert_eq!(
-        (rec.status, rec.error),
-        (JobStatus::Succeeded, None),
-        "a finished job is left as it is"
-    );
+    assert_eq!((rec.status, rec.error), (JobStatus::Succeeded, None), "a finished job is left as it is");
 }
 
 // ------------------------------------------------------------------ ledger
@@ -897,118 +623,58 @@ fn key() -> BucketKey {
 }
 
 fn params(rpm: u64, tpm: u64) -> BucketParams {
-    BucketParams {
-        requests: Rate::per_minute(rpm),
-        tokens: Rate::per_minute(tpm),
-    }
+    BucketParams { requests: Rate::per_minute(rpm), tokens: Rate::per_minute(tpm) }
 }
 
 fn one_call(tokens: u64) -> ratepool::storage::Cost {
-    ratepool::storage::Cost {
-        requests: 1,
-        tokens,
-    }
+    ratepool::storage::Cost { requests: 1, tokens }
 }
 
 pub async fn ledger_grants_up_to_limit_then_denies(h: &Harness) {
     let ledger = &h.backend.ledger;
     let (k, p) = (key(), params(5, 1_000));
     for i in 0..5 {
-        let r = ledger
-            .acquire(&k, &p, one_call(100), T0)
-            .await
-            .expect("acquire");
-        assert!(
-            matches!(r, Acquisition::Granted(_)),
-            "call {i} fits the burst: {r:?}"
-        );
+        let r = ledger.acquire(&k, &p, one_call(100), T0).await.expect("acquire");
+        assert!(matches!(r, Acquisition::Granted(_)), "call {i} fits the burst: {r:?}");
     }
     // 5 rpm: 12 s per request; 1,000 tpm: 6 s per 100 tokens.
-    let full = BucketState {
-        requests_tat: T0 + 60 * SEC,
-        tokens_tat: T0 + 30 * SEC,
-    };
+    let full = BucketState { requests_tat: T0 + 60 * SEC, tokens_tat: T0 + 30 * SEC };
     assert_eq!(ledger.state(&k).await.expect("state"), full);
     assert_eq!(
-        ledger
-            .acquire(&k, &p, one_call(100), T0)
-            .await
-            .expect("acquire"),
-        Acquisition::Denied {
-            retry_at: T0 + 12 * SEC,
-            state: full
-        },
+        ledger.acquire(&k, &p, one_call(100), T0).await.expect("acquire"),
+        Acquisition::Denied { retry_at: T0 + 12 * SEC, state: full },
     );
-    assert_eq!(
-        ledger.state(&k).await.expect("state"),
-        full,
-        "a denial charges nothing"
-    );
+    assert_eq!(ledger.state(&k).await.expect("state"), full, "a denial charges nothing");
     assert!(matches!(
-        ledger
-            .acquire(&k, &p, one_call(100), T0 + 12 * SEC - 1)
-            .await
-            .expect("acquire"),
+        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC - 1).await.expect("acquire"),
         Acquisition::Denied { .. }
     ));
     assert_eq!(
-        ledger
-            .acquire(&k, &p, one_call(100), T0 + 12 * SEC)
-            .await
-            .expect("acquire"),
-        Acquisition::Granted(BucketState {
-            requests_tat: T0 + 72 * SEC,
-            tokens_tat: T0 + 36 * SEC
-        }),
+        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC).await.expect("acquire"),
+        Acquisition::Granted(BucketState { requests_tat: T0 + 72 * SEC, tokens_tat: T0 + 36 * SEC }),
     );
     let other = BucketKey::new(&org("org-b"), &model("gpt-4o-mini"));
-    assert_eq!(
-        ledger.state(&other).await.expect("state"),
-        BucketState::default(),
-        "buckets are per (org, model)"
-    );
+    assert_eq!(ledger.state(&other).await.expect("state"), BucketState::default(), "buckets are per (org, model)");
 }
 
 pub async fn ledger_never_for_oversized_cost(h: &Harness) {
     let ledger = &h.backend.ledger;
     assert_eq!(
-        ledger
-            .acquire(&key(), &params(5, 1_000), one_call(1_001), T0)
-            .await
-            .expect("acquire"),
+        ledger.acquire(&key(), &params(5, 1_000), one_call(1_001), T0).await.expect("acquire"),
         Acquisition::Never
     );
-    assert_eq!(
-        ledger.state(&key()).await.expect("state"),
-        BucketState::default()
-    );
+    assert_eq!(ledger.state(&key()).await.expect("state"), BucketState::default());
 }
 
 pub async fn ledger_raise_never_lowers(h: &Harness) {
     let ledger = &h.backend.ledger;
     let k = key();
-    let high = BucketState {
-        requests_tat: T0 + 5 * SEC,
-        tokens_tat: T0 + 50 * SEC,
-    };
-    assert_eq!(
-        ledger.raise(&k, high).await.expect("raise"),
-        high,
-        "raise creates a missing row"
-    );
-    let lower = BucketState {
-        requests_tat: T0 + SEC,
-        tokens_tat: T0 + SEC,
-    };
+    let high = BucketState { requests_tat: T0 + 5 * SEC, tokens_tat: T0 + 50 * SEC };
+    assert_eq!(ledger.raise(&k, high).await.expect("raise"), high, "raise creates a missing row");
+    let lower = BucketState { requests_tat: T0 + SEC, tokens_tat: T0 + SEC };
     assert_eq!(ledger.raise(&k, lower).await.expect("raise"), high);
-    let mixed = BucketState {
-        requests_tat: T0 + 9 * SEC,
-        tokens_tat: T0,
-    };
-    let expected = BucketState {
-        requests_tat: T0 + 9 * SEC,
-        tokens_tat: T0 + 50 * SEC,
-    };
+    let mixed = BucketState { requests_tat: T0 + 9 * SEC, tokens_tat: T0 };
+    let expected = BucketState { requests_tat: T0 + 9 * SEC, tokens_tat: T0 + 50 * SEC };
     assert_eq!(ledger.raise(&k, mixed).await.expect("raise"), expected);
     assert_eq!(ledger.state(&k).await.expect("state"), expected);
 }
@@ -1022,11 +688,7 @@ pub async fn ledger_concurrent_acquires_never_overgrant(h: &Harness) {
             tokio::spawn(async move {
                 let mut granted = 0u64;
                 for _ in 0..20 {
-                    match ledger
-                        .acquire(&key(), &p, one_call(10), T0)
-                        .await
-                        .expect("acquire")
-                    {
+                    match ledger.acquire(&key(), &p, one_call(10), T0).await.expect("acquire") {
                         Acquisition::Granted(_) => granted += 1,
                         Acquisition::Denied { retry_at, .. } => assert!(retry_at > T0),
                         Acquisition::Never => panic!("a small cost is never Never"),
@@ -1072,10 +734,7 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
         ])
         .await
         .expect("add");
-    usage
-        .add(&[(tenant("acme"), org("org-a"), c(3, 2))])
-        .await
-        .expect("add");
+    usage.add(&[(tenant("acme"), org("org-a"), c(3, 2))]).await.expect("add");
     usage.add(&[]).await.expect("empty batch");
 
     let mut acme = usage.usage(&tenant("acme")).await.expect("usage");
@@ -1083,15 +742,6 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
     let mut a_total = c(2, 1);
     a_total.merge(&c(3, 2));
     assert_eq!(acme, vec![(org("org-a"), a_total), (org("org-b"), c(1, 0))]);
-    assert_eq!(
-        usage.usage(&tenant("globex")).await.expect("usage"),
-        vec![(org("org-a"), c(7, 0))]
-    );
-    assert!(
-        usage
-            .usage(&tenant("initech"))
-            .await
-            .expect("usage")
-            .is_empty()
-    );
+    assert_eq!(usage.usage(&tenant("globex")).await.expect("usage"), vec![(org("org-a"), c(7, 0))]);
+    assert!(usage.usage(&tenant("initech")).await.expect("usage").is_empty());
 }

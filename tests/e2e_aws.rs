@@ -1,0 +1,382 @@
+//! End to end on the AWS emulator: the Lambda handler (invoked in-process
+//! with real API Gateway proxy events) submits screenplay jobs; worker
+//! processes run them on SQS + DynamoDB against `ratepool sim`; a worker is
+//! SIGKILLed mid-job. Also: a poison job ends in the dead-letter queue.
+//! Needs the moto emulator `make test` starts (`AWS_ENDPOINT_URL`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ratepool::aws::{self, AwsClients};
+use ratepool::config::Config;
+use ratepool::domain::{JobId, SystemClock};
+use serde_json::{Value, json};
+
+fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| {
+        panic!("AWS_ENDPOINT_URL is not set: run through `make test`, which starts the moto emulator")
+    })
+}
+
+/// A config on fresh, uniquely named tables and queues.
+fn write_aws_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], workers: &str) -> (std::path::PathBuf, Config) {
+    let s = uuid::Uuid::new_v4().simple().to_string();
+    let s = &s[..10];
+    let mut toml = format!(
+        "[storage]\nbackend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\njobs_table = \"jobs-{s}\"\nledger_table = \"ledger-{s}\"\ninteractive_queue = \"i-{s}\"\nbatch_queue = \"b-{s}\"\ndead_letter_queue = \"d-{s}\"\nmetrics_namespace = \"Ratepool-{s}\"\n{workers}\n",
+        endpoint()
+    );
+    for o in orgs {
+        toml.push_str(&format!(
+            "[[orgs]]\nname = \"{}\"\nbase_url = \"{sim_url}/v1\"\napi_key_env = \"ORG_{}_KEY\"\ntimeout_secs = 20\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
+            o.name,
+            o.name.to_uppercase().replace('-', "_"),
+            o.rpm,
+            o.tpm
+        ));
+    }
+    toml.push_str("[[tenants]]\nname = \"alpha\"\napi_key_env = \"TENANT_A_KEY\"\n");
+    let path = dir.join("aws.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let out = Command::new(BIN).args(["aws", "init", "--config", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "aws init failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created"), "aws init created nothing");
+    (path, Config::parse(&toml).unwrap())
+}
+
+fn org_env(orgs: &[OrgSpec]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = orgs
+        .iter()
+        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
+        .collect();
+    env.push(("TENANT_A_KEY".into(), TENANT_A_KEY.into()));
+    env
+}
+
+/// Starts `ratepool worker` and waits until it runs.
+fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(BIN)
+        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
+        .envs(org_env(orgs))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(
+        ready.contains("worker running"),
+        "worker did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, url: String::new(), log }
+}
+
+/// The API as the Lambda runs it.
+struct Lambda {
+    rt: tokio::runtime::Runtime,
+    app: axum::Router,
+}
+
+impl Lambda {
+    fn new(cfg: &Config) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let env = BTreeMap::from([("TENANT_A_KEY".to_string(), TENANT_A_KEY.to_string())]);
+        let app =
+            rt.block_on(async { ratepool::api::router(ratepool::serve::lambda_state(cfg, Some(&env)).await.unwrap()) });
+        Self { rt, app }
+    }
+
+    /// Sends a real API Gateway REST proxy event through the handler.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut event: Value = serde_json::from_str(include_str!("fixtures/apigw_proxy_event.json")).unwrap();
+        event["httpMethod"] = json!(method);
+        event["path"] = json!(path);
+        event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
+        event["requestContext"]["httpMethod"] = json!(method);
+        event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
+        event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
+        event["body"] = body.map_or(Value::Null, |b| json!(b));
+        let event = serde_json::from_value(event).expect("a valid API Gateway proxy event");
+        let resp = self.rt.block_on(ratepool::lambda::handle(self.app.clone(), event));
+        let body = match resp.body {
+            Some(aws_lambda_events::encodings::Body::Text(t)) => serde_json::from_str(&t).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        (resp.status_code as u16, body)
+    }
+
+    fn wait_all(&self, ids: &[String], timeout: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let docs: Vec<Value> = ids.iter().map(|id| self.call("GET", &format!("/v1/jobs/{id}"), None).1).collect();
+            if docs.iter().all(|d| matches!(d["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))) {
+                return docs;
+            }
+            if start.elapsed() > timeout {
+                let s: Vec<String> =
+                    docs.iter().map(|d| format!("{}:{}/{}", d["status"], d["steps_done"], d["steps_total"])).collect();
+                panic!("jobs did not finish in {timeout:?}: {s:?}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn backend(rt: &tokio::runtime::Runtime, cfg: &Config) -> ratepool::storage::Backend {
+    rt.block_on(async {
+        let clients = AwsClients::load(&cfg.aws).await;
+        aws::connect(&clients, &cfg.aws, Duration::from_secs(3), Arc::new(SystemClock)).await.unwrap()
+    })
+}
+
+#[test]
+fn lambda_submits_workers_run_and_a_killed_worker_loses_no_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [
+        OrgSpec { name: "org-a", rpm: 2_000, tpm: 1_500_000 },
+        OrgSpec { name: "org-b", rpm: 2_000, tpm: 1_500_000 },
+        OrgSpec { name: "org-c", rpm: 2_000, tpm: 1_500_000 },
+    ];
+    let sim = start_sim(dir.path(), &orgs, (60.0, 0.2, 1.0));
+    let workers = "[workers]\nconcurrency = 8\nstep_parallelism = 4\nvisibility_timeout_secs = 4\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let lambda = Lambda::new(&cfg);
+    let mut w1 = start_worker(dir.path(), &cfg_path, &orgs, "worker-1");
+    let _w2 = start_worker(dir.path(), &cfg_path, &orgs, "worker-2");
+
+    let ids: Vec<String> = (0..10)
+        .map(|n| {
+            let (status, body) = lambda.call("POST", "/v1/jobs", Some(&screenplay(n)));
+            assert_eq!(status, 202, "{body}");
+            body["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Bad input gets the same answer through the Lambda as from the server.
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some("{\"name\": 1}"));
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("name")), "{body}");
+
+    // Kill worker 1 once the jobs are well under way.
+    let start = Instant::now();
+    loop {
+        let done: u64 = ids
+            .iter()
+            .map(|id| lambda.call("GET", &format!("/v1/jobs/{id}"), None).1["steps_done"].as_u64().unwrap_or(0))
+            .sum();
+        if done >= 60 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "no progress: {done} steps");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w1.kill();
+    let store = backend(&lambda.rt, &cfg);
+    let at_kill: BTreeMap<String, Vec<String>> = lambda.rt.block_on(async {
+        let mut out = BTreeMap::new();
+        for id in &ids {
+            let cps = store.jobs.checkpoints(&JobId::parse(id.as_str()).unwrap()).await.unwrap();
+            out.insert(id.clone(), cps.into_iter().map(|c| c.step_id.to_string()).collect());
+        }
+        out
+    });
+
+    let docs = lambda.wait_all(&ids, Duration::from_secs(300));
+    for d in &docs {
+        assert_eq!(d["status"], "succeeded", "{d}");
+    }
+    let counts = sim_requests(&sim);
+    for (job, steps) in &at_kill {
+        for step in steps {
+            assert_eq!(
+                counts.get(&format!("{job}/{step}")),
+                Some(&1),
+                "{job}/{step} was finished before the kill and called again"
+            );
+        }
+    }
+    let stats = sim_stats(&sim);
+    let total = stats["total_calls"].as_u64().unwrap();
+    let mut rejected = 0;
+    for o in &orgs {
+        let s = &stats["orgs"][o.name];
+        rejected += s["rate_limited_requests"].as_u64().unwrap() + s["rate_limited_tokens"].as_u64().unwrap();
+        let m = &s["models"]["gpt-4o-mini"];
+        assert!(m["peak_60s_tokens"].as_u64() <= m["window_bound_tokens"].as_u64(), "{}: {m}", o.name);
+    }
+    assert!(rejected * 1000 <= total, "429s on {rejected} of {total} calls");
+    // Nothing left behind: queues empty, no lease held.
+    lambda.rt.block_on(async {
+        let q = store.queue.stats().await.unwrap();
+        assert_eq!((q.visible, q.dead), (0, 0), "{q:?}");
+        for id in &ids {
+            let j = store.jobs.get_job(&JobId::parse(id.as_str()).unwrap()).await.unwrap().unwrap();
+            assert_eq!(j.lease_owner, None, "{id} still leased");
+        }
+    });
+}
+
+#[test]
+fn a_poison_job_is_dead_lettered_and_failed_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 1_000, tpm: 1_000_000 }];
+    // Calls take a minute: no step ever finishes before the worker dies.
+    let sim = start_sim(dir.path(), &orgs, (60_000.0, 0.0, 1.0));
+    let workers = "[workers]\nvisibility_timeout_secs = 2\nmax_receives = 2\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let lambda = Lambda::new(&cfg);
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some(&screenplay(0)));
+    assert_eq!(status, 202, "{body}");
+    let id = JobId::parse(body["id"].as_str().unwrap()).unwrap();
+    let store = backend(&lambda.rt, &cfg);
+    let job = |store: &ratepool::storage::Backend| lambda.rt.block_on(store.jobs.get_job(&id)).unwrap().unwrap();
+
+    // Each worker dies (SIGKILL) as soon as it has taken the job, until one
+    // finds the job has stalled more than `max_receives` runs and gives up.
+    let failed = |store: &ratepool::storage::Backend| job(store).status == ratepool::storage::JobStatus::Failed;
+    let wait_for = |what: &dyn Fn() -> bool, secs: u64| {
+        let t = Instant::now();
+        while !what() && t.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut kills = 0;
+    loop {
+        assert!(kills <= 5, "job never failed: {:?}", job(&store));
+        let runs = job(&store).stalled_runs;
+        let mut w = start_worker(dir.path(), &cfg_path, &orgs, &format!("worker-{kills}"));
+        wait_for(&|| job(&store).stalled_runs != runs || failed(&store), 30);
+        if job(&store).stalled_runs > 2 {
+            wait_for(&|| failed(&store), 30);
+            break;
+        }
+        w.kill();
+        kills += 1;
+    }
+    let j = job(&store);
+    assert_eq!(j.status, ratepool::storage::JobStatus::Failed, "{j:?}");
+    assert!(j.error.as_deref().unwrap_or("").contains("dead-lettered"), "{j:?}");
+    assert_eq!(kills, 2, "max_receives = 2: the third run finds two stalled runs before it and gives up");
+    let dead = lambda.rt.block_on(store.queue.dead_letters(10)).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].job_id, id);
+    let (status, body) = lambda.call("GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!((status, body["status"].as_str()), (200, Some("failed")), "{body}");
+}
+
+/// A stand-in for the ECS agent's task-protection endpoint that records
+/// every state it is asked to set.
+fn fake_ecs_agent(rt: &tokio::runtime::Runtime) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/task-protection/v1/state",
+        axum::routing::put(move |axum::Json(body): axum::Json<Value>| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(body);
+                axum::Json(json!({"protection": {"ProtectionEnabled": true}}))
+            }
+        }),
+    );
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[test]
+fn sigterm_hands_jobs_back_drops_task_protection_and_publishes_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 10_000, tpm: 10_000_000 }];
+    // Slow calls: the worker is mid-job when it is told to stop.
+    let sim = start_sim(dir.path(), &orgs, (400.0, 0.5, 1.0));
+    let workers = "[workers]\nvisibility_timeout_secs = 30\nshutdown_grace_secs = 1\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let lambda = Lambda::new(&cfg);
+    let (agent, protection) = fake_ecs_agent(&lambda.rt);
+
+    let log = dir.path().join("worker-term.log");
+    let mut child = Command::new(BIN)
+        .args(["worker", "--config", cfg_path.to_str().unwrap()])
+        .envs(org_env(&orgs))
+        .env("ECS_AGENT_URI", &agent)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some(&screenplay(0)));
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+
+    let start = Instant::now();
+    while lambda.call("GET", &format!("/v1/jobs/{id}"), None).1["steps_done"].as_u64().unwrap_or(0) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no progress; log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let asked = Instant::now();
+    while protection.lock().unwrap().is_empty() && asked.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(protection.lock().unwrap().first().map(|b| b["ProtectionEnabled"].clone()), Some(json!(true)));
+
+    let stopped = Instant::now();
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(100), "worker still running 100 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "exit {exit:?}; log:\n{}", std::fs::read_to_string(&log).unwrap());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.lines().all(|l| l.trim().is_empty() || l.starts_with('{')), "worker logs are JSON lines:\n{logged}");
+    assert_eq!(protection.lock().unwrap().last().map(|b| b["ProtectionEnabled"].clone()), Some(json!(false)));
+
+    // Handed back, not left hidden for the 30 s visibility timeout: a new
+    // worker finishes it well before that.
+    let store = backend(&lambda.rt, &cfg);
+    let job = lambda.rt.block_on(store.jobs.get_job(&JobId::parse(id.as_str()).unwrap())).unwrap().unwrap();
+    assert_eq!(job.lease_owner, None, "lease released on SIGTERM: {job:?}");
+    let _w = start_worker(dir.path(), &cfg_path, &orgs, "worker-after");
+    let docs = lambda.wait_all(std::slice::from_ref(&id), Duration::from_secs(25));
+    assert_eq!(docs[0]["status"], "succeeded");
+
+    // The stopped worker's last window reached CloudWatch.
+    let calls: f64 = lambda.rt.block_on(async {
+        let clients = AwsClients::load(&cfg.aws).await;
+        let now = std::time::SystemTime::now();
+        let out = clients
+            .cloudwatch
+            .get_metric_statistics()
+            .namespace(&cfg.aws.metrics_namespace)
+            .metric_name("Calls")
+            .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("Org").value("org-a").build())
+            .start_time((now - Duration::from_secs(3600)).into())
+            .end_time((now + Duration::from_secs(60)).into())
+            .period(60)
+            .statistics(aws_sdk_cloudwatch::types::Statistic::Sum)
+            .send()
+            .await
+            .unwrap();
+        out.datapoints().iter().filter_map(|d| d.sum()).sum()
+    });
+    assert!(calls >= 2.0, "CloudWatch Calls for org-a: {calls}");
+}
