@@ -1,0 +1,62 @@
+/**
+ * Renders `RATEPOOL_CONFIG_TOML`, the whole configuration the worker and the
+ * Lambda read (the same file format as `ratepool serve --config`, with
+ * `storage.backend = "aws"`). Resource names may be CDK tokens: the rendered
+ * string then becomes an Fn::Join that CloudFormation fills in.
+ */
+import { Token } from 'aws-cdk-lib';
+import type { Settings } from './settings';
+
+/** Where the AWS backend's resources are; any field may be a token. */
+export interface AwsResourceNames {
+  readonly region: string;
+  readonly jobsTable: string;
+  readonly ledgerTable: string;
+  readonly interactiveQueue: string;
+  readonly batchQueue: string;
+  readonly deadLetterQueue: string;
+  readonly secretArn: string;
+}
+
+/** The CloudWatch namespace the worker publishes to; IAM and alarms depend on it. */
+export const METRICS_NAMESPACE = 'Ratepool';
+
+export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
+  const lines: string[] = [
+    '[storage]',
+    'backend = "aws"',
+    '',
+    '[aws]',
+    `region = ${q(aws.region)}`,
+    `jobs_table = ${q(aws.jobsTable)}`,
+    `ledger_table = ${q(aws.ledgerTable)}`,
+    `interactive_queue = ${q(aws.interactiveQueue)}`,
+    `batch_queue = ${q(aws.batchQueue)}`,
+    `dead_letter_queue = ${q(aws.deadLetterQueue)}`,
+    `metrics_namespace = ${q(METRICS_NAMESPACE)}`,
+    `secret_arn = ${q(aws.secretArn)}`,
+    '',
+    '[workers]',
+    `concurrency = ${s.workerConcurrency}`,
+    `visibility_timeout_secs = ${s.visibilityTimeoutSecs}`,
+  ];
+  for (const org of s.orgs) {
+    lines.push('', '[[orgs]]', `name = ${q(org.name)}`, `base_url = ${q(org.baseUrl)}`, `api_key_env = ${q(org.apiKeyEnv)}`);
+    for (const [model, limits] of Object.entries(org.models)) {
+      lines.push(`[orgs.models.${q(model)}]`, `rpm = ${limits.rpm}`, `tpm = ${limits.tpm}`);
+    }
+  }
+  for (const tenant of s.tenants) {
+    lines.push('', '[[tenants]]', `name = ${q(tenant.name)}`, `api_key_env = ${q(tenant.apiKeyEnv)}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+/** A TOML basic string. Tokens are left alone: CloudFormation fills in plain names. */
+function q(v: string): string {
+  if (Token.isUnresolved(v)) return `"${v}"`;
+  const escaped = v.replace(/[\\"\u0000-\u001f\u007f]/g, (c) =>
+    c === '\\' || c === '"' ? `\\${c}` : `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`,
+  );
+  return `"${escaped}"`;
+}

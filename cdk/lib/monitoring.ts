@@ -1,0 +1,282 @@
+/**
+ * The CloudWatch dashboard and the alarms of a deployment.
+ *
+ * Per-org graphs are SEARCH expressions over the `Org` dimension the worker
+ * publishes, so an org that starts sending shows up without a redeploy.
+ * Alarms cannot use SEARCH; they are made per org from the same org list the
+ * worker's config is rendered from, so they cover every configured org.
+ */
+import { Aws, Duration, RemovalPolicy, Stack } from 'aws-cdk-lib';
+import type * as apigw from 'aws-cdk-lib/aws-apigateway';
+import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
+import * as cw_actions from 'aws-cdk-lib/aws-cloudwatch-actions';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import * as kms from 'aws-cdk-lib/aws-kms';
+import type * as lambda from 'aws-cdk-lib/aws-lambda';
+import * as sns from 'aws-cdk-lib/aws-sns';
+import * as subs from 'aws-cdk-lib/aws-sns-subscriptions';
+import type * as sqs from 'aws-cdk-lib/aws-sqs';
+import { Construct } from 'constructs';
+import { METRICS_NAMESPACE } from './config-toml';
+import type { OrgSettings, Settings } from './settings';
+import type { WorkerScaling } from './worker-scaling';
+
+export interface MonitoringProps {
+  readonly settings: Settings;
+  readonly interactiveQueue: sqs.IQueue;
+  readonly batchQueue: sqs.IQueue;
+  readonly deadLetterQueue: sqs.IQueue;
+  readonly api: apigw.RestApi;
+  readonly apiFunction: lambda.IFunction;
+  readonly clusterName: string;
+  readonly serviceName: string;
+  readonly scaling: WorkerScaling;
+}
+
+/** Alarm when more than this percentage of an org's calls are answered 429. */
+export const RATE_LIMITED_ALARM_PERCENT = 1;
+
+const MINUTE = Duration.minutes(1);
+const FIVE_MINUTES = Duration.minutes(5);
+const ORG_LABEL = "${PROP('Dim.Org')}";
+
+export class Monitoring extends Construct {
+  readonly dashboard: cloudwatch.Dashboard;
+  readonly alarmTopic: sns.Topic;
+  readonly alarms: cloudwatch.Alarm[] = [];
+
+  constructor(scope: Construct, id: string, props: MonitoringProps) {
+    super(scope, id);
+    const s = props.settings;
+    const stackName = Stack.of(this).stackName;
+
+    // CloudWatch can publish to an encrypted topic only through a customer
+    // managed key whose policy lets it (the AWS managed SNS key does not).
+    const topicKey = new kms.Key(this, 'AlarmTopicKey', {
+      description: 'ratepool alarm topic encryption',
+      enableKeyRotation: true,
+      removalPolicy: RemovalPolicy.DESTROY,
+    });
+    topicKey.addToResourcePolicy(
+      new iam.PolicyStatement({
+        sid: 'CloudWatchAlarmsPublish',
+        principals: [new iam.ServicePrincipal('cloudwatch.amazonaws.com')],
+        actions: ['kms:Decrypt', 'kms:GenerateDataKey*'],
+        resources: ['*'],
+        conditions: { StringEquals: { 'aws:SourceAccount': Aws.ACCOUNT_ID } },
+      }),
+    );
+    this.alarmTopic = new sns.Topic(this, 'AlarmTopic', {
+      displayName: 'ratepool alarms',
+      masterKey: topicKey,
+      enforceSSL: true,
+    });
+    if (s.alarmEmail) this.alarmTopic.addSubscription(new subs.EmailSubscription(s.alarmEmail));
+    const notify = new cw_actions.SnsAction(this.alarmTopic);
+    const alarm = (aid: string, p: cloudwatch.AlarmProps) => {
+      const a = new cloudwatch.Alarm(this, aid, {
+        treatMissingData: cloudwatch.TreatMissingData.NOT_BREACHING,
+        ...p,
+        alarmName: `${stackName}-${p.alarmName}`,
+      });
+      a.addAlarmAction(notify);
+      a.addOkAction(notify);
+      this.alarms.push(a);
+      return a;
+    };
+
+    // ---- alarms ----
+    alarm('DeadLetterQueueNotEmpty', {
+      alarmName: 'dead-letter-queue-not-empty',
+      alarmDescription: 'A job was dead-lettered: the worker gave up on it (see its error) or it kept killing workers.',
+      metric: props.deadLetterQueue.metricApproximateNumberOfMessagesVisible({ statistic: 'Maximum', period: MINUTE }),
+      comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+      threshold: 1,
+      evaluationPeriods: 1,
+    });
+    const ageAlarm = (aid: string, name: string, queue: sqs.IQueue, maxSecs: number) =>
+      alarm(aid, {
+        alarmName: `${name}-queue-oldest-message-too-old`,
+        alarmDescription: `A ${name} job has waited more than ${maxSecs} s: workers are missing, stuck, or at their maximum (ratepool:maxWorkers).`,
+        metric: queue.metricApproximateAgeOfOldestMessage({ statistic: 'Maximum', period: MINUTE }),
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        threshold: maxSecs,
+        evaluationPeriods: 1,
+      });
+    ageAlarm('InteractiveQueueTooOld', 'interactive', props.interactiveQueue, s.interactiveMaxAgeSecs);
+    ageAlarm('BatchQueueTooOld', 'batch', props.batchQueue, s.batchMaxAgeSecs);
+    s.orgs.forEach((org, i) => {
+      alarm(`RateLimited-${org.name}`, {
+        alarmName: `org-${org.name}-rate-limited`,
+        alarmDescription:
+          `More than ${RATE_LIMITED_ALARM_PERCENT}% of org ${org.name}'s calls were answered 429 (rate limit) in two of three 5-minute periods: ` +
+          'its rpm/tpm in the config are above its real limits, or something else uses the org.',
+        metric: rateLimitedPercent(org, i),
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        threshold: RATE_LIMITED_ALARM_PERCENT,
+        evaluationPeriods: 3,
+        datapointsToAlarm: 2,
+      });
+      alarm(`InsufficientQuota-${org.name}`, {
+        alarmName: `org-${org.name}-insufficient-quota`,
+        alarmDescription: `Org ${org.name} answered insufficient_quota (billing): it is out of rotation until its quota is raised.`,
+        metric: orgMetric(org.name, 'InsufficientQuota', 'Sum', FIVE_MINUTES),
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        threshold: 0,
+        evaluationPeriods: 1,
+      });
+    });
+
+    // ---- dashboard ----
+    const graph = (title: string, left: cloudwatch.IMetric[], extra: Partial<cloudwatch.GraphWidgetProps> = {}) =>
+      new cloudwatch.GraphWidget({ title, left, width: 6, height: 6, ...extra });
+    const queueMetric = (q: sqs.IQueue, label: string, m: 'visible' | 'inflight' | 'age') => {
+      const o = { statistic: 'Maximum', period: MINUTE, label };
+      if (m === 'visible') return q.metricApproximateNumberOfMessagesVisible(o);
+      if (m === 'inflight') return q.metricApproximateNumberOfMessagesNotVisible(o);
+      return q.metricApproximateAgeOfOldestMessage(o);
+    };
+    const api = props.api;
+    const fn = props.apiFunction;
+
+    this.dashboard = new cloudwatch.Dashboard(this, 'Dashboard', {
+      dashboardName: `${stackName}-ratepool`,
+      defaultInterval: Duration.hours(3),
+      widgets: [
+        [
+          new cloudwatch.TextWidget({
+            markdown:
+              '## ratepool\nPer-org graphs find every org that publishes metrics, without a redeploy. ' +
+              'Alarms notify the SNS topic of the stack output AlarmTopicArn.',
+            width: 24,
+            height: 2,
+          }),
+        ],
+        [
+          graph('Calls per minute, by org', [perOrg('Calls', 'Sum')]),
+          graph('Tokens per minute, by org', [
+            perOrg('PromptTokens', 'Sum', `${ORG_LABEL} prompt`),
+            perOrg('CompletionTokens', 'Sum', `${ORG_LABEL} completion`),
+          ]),
+          graph('429 rate-limited answers, by org', [perOrg('RateLimited', 'Sum')]),
+          graph('Headroom, by org (0..1)', [perOrg('HeadroomRatio', 'Minimum')], {
+            leftYAxis: { min: 0, max: 1 },
+          }),
+        ],
+        [
+          graph(`429 rate %, by org (alarm above ${RATE_LIMITED_ALARM_PERCENT}%)`, s.orgs.map((org, i) => rateLimitedPercent(org, i)), {
+            leftAnnotations: [{ value: RATE_LIMITED_ALARM_PERCENT, label: 'alarm', color: cloudwatch.Color.RED }],
+          }),
+          graph('insufficient_quota answers, by org', [perOrg('InsufficientQuota', 'Sum')]),
+          graph('Provider errors, by org', [
+            perOrg('ServerErrors', 'Sum', `${ORG_LABEL} 5xx`),
+            perOrg('Timeouts', 'Sum', `${ORG_LABEL} timeout`),
+            perOrg('ConnectionErrors', 'Sum', `${ORG_LABEL} connection`),
+          ]),
+          graph('Provider latency, by org (ms)', [perOrg('LatencyMs', 'Average')]),
+        ],
+        [
+          graph('Queue depth', [
+            queueMetric(props.interactiveQueue, 'interactive waiting', 'visible'),
+            queueMetric(props.interactiveQueue, 'interactive in flight', 'inflight'),
+            queueMetric(props.batchQueue, 'batch waiting', 'visible'),
+            queueMetric(props.batchQueue, 'batch in flight', 'inflight'),
+          ]),
+          graph('Oldest waiting message (s)', [
+            queueMetric(props.interactiveQueue, 'interactive', 'age'),
+            queueMetric(props.batchQueue, 'batch', 'age'),
+          ], {
+            leftAnnotations: [
+              { value: s.interactiveMaxAgeSecs, label: 'interactive alarm', color: cloudwatch.Color.ORANGE },
+              { value: s.batchMaxAgeSecs, label: 'batch alarm', color: cloudwatch.Color.RED },
+            ],
+          }),
+          graph('Dead-letter queue depth', [queueMetric(props.deadLetterQueue, 'dead-lettered jobs', 'visible')]),
+          graph('Worker tasks', [
+            props.scaling.runningTasks.with({ label: 'running' }),
+            props.scaling.desiredTasks.with({ label: 'desired' }),
+          ], { leftYAxis: { min: 0 } }),
+        ],
+        [
+          graph('Jobs finished', [
+            appMetric('JobsSucceeded', 'Sum', 'succeeded'),
+            appMetric('JobsFailed', 'Sum', 'failed'),
+            appMetric('JobsCancelled', 'Sum', 'cancelled'),
+          ]),
+          graph('Job duration (s)', [
+            appMetric('JobDurationSeconds', 'Average', 'average'),
+            appMetric('JobDurationSeconds', 'Maximum', 'maximum'),
+          ]),
+          graph('Jobs in flight and ledger requests', [appMetric('InFlightJobs', 'Maximum', 'jobs in flight (largest worker)')], {
+            right: [appMetric('LedgerRequests', 'Sum', 'ledger requests')],
+          }),
+          graph('Scaling signal', [props.scaling.backlogPerTask], {
+            right: [props.scaling.deficit],
+            leftAnnotations: [{ value: s.workerConcurrency, label: 'jobs one task runs at once' }],
+          }),
+        ],
+        [
+          graph('API requests and errors', [
+            api.metricCount({ period: MINUTE, label: 'requests' }),
+            api.metricClientError({ period: MINUTE, label: '4xx' }),
+            api.metricServerError({ period: MINUTE, label: '5xx' }),
+          ]),
+          graph('API latency (ms)', [
+            api.metricLatency({ period: MINUTE, statistic: 'p50', label: 'p50' }),
+            api.metricLatency({ period: MINUTE, statistic: 'p99', label: 'p99' }),
+            api.metricIntegrationLatency({ period: MINUTE, statistic: 'p99', label: 'Lambda p99' }),
+          ]),
+          graph('API Lambda errors', [
+            fn.metricErrors({ period: MINUTE, label: 'errors' }),
+            fn.metricThrottles({ period: MINUTE, label: 'throttles' }),
+          ]),
+          graph('API Lambda invocations and duration', [fn.metricInvocations({ period: MINUTE, label: 'invocations' })], {
+            right: [fn.metricDuration({ period: MINUTE, statistic: 'p99', label: 'duration p99 (ms)' })],
+          }),
+        ],
+      ],
+    });
+  }
+}
+
+/** Every org's series of a worker metric, labelled with the org. */
+function perOrg(metricName: string, statistic: string, label = ORG_LABEL): cloudwatch.MathExpression {
+  return new cloudwatch.MathExpression({
+    expression: `SEARCH('{${METRICS_NAMESPACE},Org} MetricName="${metricName}"', '${statistic}', 60)`,
+    usingMetrics: {},
+    label,
+    period: MINUTE,
+  });
+}
+
+function orgMetric(org: string, metricName: string, statistic: string, period: Duration): cloudwatch.Metric {
+  return new cloudwatch.Metric({
+    namespace: METRICS_NAMESPACE,
+    metricName,
+    dimensionsMap: { Org: org },
+    statistic,
+    period,
+  });
+}
+
+function appMetric(metricName: string, statistic: string, label: string): cloudwatch.Metric {
+  return new cloudwatch.Metric({ namespace: METRICS_NAMESPACE, metricName, statistic, label, period: FIVE_MINUTES });
+}
+
+/**
+ * 429 answers as a percentage of the org's calls; 0 while it makes none.
+ * `index` keeps the metric ids apart when several orgs share one graph.
+ */
+function rateLimitedPercent(org: OrgSettings, index: number): cloudwatch.MathExpression {
+  const calls = `calls${index}`;
+  const limited = `limited${index}`;
+  return new cloudwatch.MathExpression({
+    expression: `IF(${calls} > 0, 100 * FILL(${limited}, 0) / ${calls}, 0)`,
+    usingMetrics: {
+      [calls]: orgMetric(org.name, 'Calls', 'Sum', FIVE_MINUTES),
+      [limited]: orgMetric(org.name, 'RateLimited', 'Sum', FIVE_MINUTES),
+    },
+    label: `${org.name} 429 %`,
+    period: FIVE_MINUTES,
+  });
+}

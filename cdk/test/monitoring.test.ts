@@ -1,0 +1,198 @@
+import { Match, Template } from 'aws-cdk-lib/assertions';
+import { buildApp, Built, flatten, logicalId, only, templates } from './helpers';
+
+let built: Built;
+let t: Template;
+let widgets: any[];
+beforeAll(() => {
+  built = buildApp({ 'ratepool:alarmEmail': 'ops@example.test' });
+  t = templates(built).main;
+  widgets = JSON.parse(flatten(only(t, 'AWS::CloudWatch::Dashboard').props.DashboardBody)).widgets;
+});
+afterAll(() => built.cleanup());
+
+const titled = (title: string) => {
+  const w = widgets.find((x) => x.properties?.title === title);
+  if (!w) throw new Error(`no widget "${title}" among ${widgets.map((x) => x.properties?.title).join(' | ')}`);
+  return w.properties;
+};
+/** The `expression` of every math/search entry of a graph. */
+const expressions = (title: string): string[] =>
+  titled(title)
+    .metrics.map((m: any[]) => m.find((x) => x && typeof x === 'object' && 'expression' in x)?.expression)
+    .filter(Boolean);
+const labels = (title: string): string[] =>
+  titled(title).metrics.map((m: any[]) => m.find((x) => x && typeof x === 'object')?.label);
+
+describe('dashboard', () => {
+  const search = (metric: string, stat: string) => `SEARCH('{Ratepool,Org} MetricName="${metric}"', '${stat}', 60)`;
+
+  test.each([
+    ['Calls per minute, by org', [search('Calls', 'Sum')]],
+    ['Tokens per minute, by org', [search('PromptTokens', 'Sum'), search('CompletionTokens', 'Sum')]],
+    ['429 rate-limited answers, by org', [search('RateLimited', 'Sum')]],
+    ['Headroom, by org (0..1)', [search('HeadroomRatio', 'Minimum')]],
+    ['insufficient_quota answers, by org', [search('InsufficientQuota', 'Sum')]],
+    ['Provider errors, by org', [search('ServerErrors', 'Sum'), search('Timeouts', 'Sum'), search('ConnectionErrors', 'Sum')]],
+    ['Provider latency, by org (ms)', [search('LatencyMs', 'Average')]],
+  ])('%s: a SEARCH over the Org dimension, labelled per org', (title, expected) => {
+    expect(expressions(title)).toEqual(expected);
+    for (const label of labels(title)) expect(label).toMatch(/^\$\{PROP\('Dim\.Org'\)\}/);
+  });
+
+  test('429 rate % per configured org, with the 1% alarm line', () => {
+    const exprs = expressions('429 rate %, by org (alarm above 1%)');
+    expect(exprs).toEqual([0, 1, 2].map((i) => `IF(calls${i} > 0, 100 * FILL(limited${i}, 0) / calls${i}, 0)`));
+    expect(titled('429 rate %, by org (alarm above 1%)').annotations.horizontal[0].value).toBe(1);
+  });
+
+  test('queues: depth visible and in flight, oldest message age, DLQ depth', () => {
+    const metricNames = (title: string) => titled(title).metrics.map((m: any[]) => `${m[0]}/${m[1]}`);
+    expect(metricNames('Queue depth')).toEqual([
+      'AWS/SQS/ApproximateNumberOfMessagesVisible',
+      'AWS/SQS/ApproximateNumberOfMessagesNotVisible',
+      'AWS/SQS/ApproximateNumberOfMessagesVisible',
+      'AWS/SQS/ApproximateNumberOfMessagesNotVisible',
+    ]);
+    expect(metricNames('Oldest waiting message (s)')).toEqual([
+      'AWS/SQS/ApproximateAgeOfOldestMessage',
+      'AWS/SQS/ApproximateAgeOfOldestMessage',
+    ]);
+    const dlq = titled('Dead-letter queue depth').metrics[0];
+    expect(dlq).toEqual(
+      expect.arrayContaining([
+        'AWS/SQS',
+        'ApproximateNumberOfMessagesVisible',
+        `<GetAtt:${logicalId(t, 'AWS::SQS::Queue', 'DeadLetterQueue')}.QueueName>`,
+      ]),
+    );
+  });
+
+  test('jobs: succeeded/failed/cancelled, duration, in flight', () => {
+    const names = (title: string) => titled(title).metrics.map((m: any[]) => m[1]);
+    expect(names('Jobs finished')).toEqual(['JobsSucceeded', 'JobsFailed', 'JobsCancelled']);
+    expect(names('Job duration (s)')).toEqual(['JobDurationSeconds', 'JobDurationSeconds']);
+    expect(names('Jobs in flight and ledger requests')).toEqual(['InFlightJobs', 'LedgerRequests']);
+    for (const title of ['Jobs finished', 'Job duration (s)']) {
+      for (const m of titled(title).metrics) expect(m[0]).toBe('Ratepool');
+    }
+  });
+
+  test('API 4xx/5xx/latency, Lambda errors, worker task count, scaling signal', () => {
+    const names = (title: string) => titled(title).metrics.map((m: any[]) => m[1]);
+    expect(names('API requests and errors')).toEqual(['Count', '4XXError', '5XXError']);
+    expect(names('API latency (ms)')).toEqual(['Latency', 'Latency', 'IntegrationLatency']);
+    expect(names('API Lambda errors')).toEqual(['Errors', 'Throttles']);
+    expect(names('Worker tasks')).toEqual(['RunningTaskCount', 'DesiredTaskCount']);
+    expect(titled('Worker tasks').metrics[0][0]).toBe('ECS/ContainerInsights');
+    expect(expressions('Scaling signal')[0]).toMatch(/^IF\(FILL\(tasks, 0\) > 0, \(.*\) \/ FILL\(tasks, 0\), \(.*\)\)$/);
+  });
+});
+
+describe('alarms', () => {
+  const alarms = () => Object.values(t.findResources('AWS::CloudWatch::Alarm')).map((a) => a.Properties);
+  const named = (suffix: string) => {
+    const a = alarms().find((x) => typeof x.AlarmName === 'string' && x.AlarmName.endsWith(suffix));
+    if (!a) throw new Error(`no alarm named *${suffix}`);
+    return a;
+  };
+  const topic = () => ({ Ref: logicalId(t, 'AWS::SNS::Topic', 'MonitoringAlarmTopic') });
+
+  test('every alarm except the scaling ones notifies the SNS topic on alarm and on recovery', () => {
+    const own = alarms().filter((a) => typeof a.AlarmName === 'string');
+    expect(own).toHaveLength(2 + 1 + 2 * 3); // DLQ, two ages, two per org
+    for (const a of own) {
+      expect(a.AlarmActions).toEqual([topic()]);
+      expect(a.OKActions).toEqual([topic()]);
+      expect(a.TreatMissingData).toBe('notBreaching');
+    }
+  });
+
+  test('dead-letter queue not empty', () => {
+    const a = named('-dead-letter-queue-not-empty');
+    expect(a).toEqual(
+      expect.objectContaining({
+        MetricName: 'ApproximateNumberOfMessagesVisible',
+        Namespace: 'AWS/SQS',
+        ComparisonOperator: 'GreaterThanOrEqualToThreshold',
+        Threshold: 1,
+      }),
+    );
+    expect(a.Dimensions).toEqual([
+      { Name: 'QueueName', Value: { 'Fn::GetAtt': [logicalId(t, 'AWS::SQS::Queue', 'DeadLetterQueue'), 'QueueName'] } },
+    ]);
+  });
+
+  test('oldest message too old, per queue, thresholds from context', () => {
+    expect(named('-interactive-queue-oldest-message-too-old')).toEqual(
+      expect.objectContaining({ MetricName: 'ApproximateAgeOfOldestMessage', Threshold: 300 }),
+    );
+    expect(named('-batch-queue-oldest-message-too-old')).toEqual(
+      expect.objectContaining({ MetricName: 'ApproximateAgeOfOldestMessage', Threshold: 3600 }),
+    );
+  });
+
+  test.each(['org-a', 'org-b', 'org-c'])('%s: 429 rate over 1% by metric math on RateLimited / Calls', (org) => {
+    const a = named(`-org-${org}-rate-limited`);
+    expect(a.ComparisonOperator).toBe('GreaterThanThreshold');
+    expect(a.Threshold).toBe(1);
+    const expr = a.Metrics.find((m: any) => m.Expression);
+    expect(expr.Expression).toMatch(/^IF\(calls\d > 0, 100 \* FILL\(limited\d, 0\) \/ calls\d, 0\)$/);
+    const stats = a.Metrics.filter((m: any) => m.MetricStat).map((m: any) => m.MetricStat);
+    expect(stats.map((s: any) => s.Metric.MetricName).sort()).toEqual(['Calls', 'RateLimited']);
+    for (const s of stats) {
+      expect(s.Metric.Namespace).toBe('Ratepool');
+      expect(s.Metric.Dimensions).toEqual([{ Name: 'Org', Value: org }]);
+      expect(s.Stat).toBe('Sum');
+    }
+  });
+
+  test.each(['org-a', 'org-b', 'org-c'])('%s: any insufficient_quota answer', (org) => {
+    expect(named(`-org-${org}-insufficient-quota`)).toEqual(
+      expect.objectContaining({
+        Namespace: 'Ratepool',
+        MetricName: 'InsufficientQuota',
+        Dimensions: [{ Name: 'Org', Value: org }],
+        Statistic: 'Sum',
+        ComparisonOperator: 'GreaterThanThreshold',
+        Threshold: 0,
+      }),
+    );
+  });
+
+  test('topic: KMS-encrypted with a rotating key CloudWatch may use, TLS only, email from context', () => {
+    const key = logicalId(t, 'AWS::KMS::Key', 'MonitoringAlarmTopicKey');
+    t.hasResourceProperties('AWS::SNS::Topic', { KmsMasterKeyId: { 'Fn::GetAtt': [key, 'Arn'] } });
+    const keyProps = t.toJSON().Resources[key].Properties;
+    expect(keyProps.EnableKeyRotation).toBe(true);
+    expect(keyProps.KeyPolicy.Statement).toEqual(
+      expect.arrayContaining([
+        expect.objectContaining({
+          Principal: { Service: 'cloudwatch.amazonaws.com' },
+          Action: ['kms:Decrypt', 'kms:GenerateDataKey*'],
+        }),
+      ]),
+    );
+    t.hasResourceProperties('AWS::SNS::TopicPolicy', {
+      PolicyDocument: {
+        Statement: [Match.objectLike({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } })],
+      },
+    });
+    t.hasResourceProperties('AWS::SNS::Subscription', { Protocol: 'email', Endpoint: 'ops@example.test' });
+  });
+
+  test('an org added in context gets its alarms without code edits', () => {
+    const orgs = [
+      { name: 'org-z', baseUrl: 'https://api.openai.com/v1', apiKeyEnv: 'ORG_Z_KEY', models: { 'gpt-4o-mini': { rpm: 1, tpm: 1 } } },
+    ];
+    const other = buildApp({ 'ratepool:orgs': orgs });
+    try {
+      const names = Object.values(Template.fromStack(other.main).findResources('AWS::CloudWatch::Alarm'))
+        .map((a) => a.Properties.AlarmName)
+        .filter((n) => typeof n === 'string' && n.includes('-org-'));
+      expect(names.sort()).toEqual(['Ratepool-org-org-z-insufficient-quota', 'Ratepool-org-org-z-rate-limited']);
+    } finally {
+      other.cleanup();
+    }
+  });
+});

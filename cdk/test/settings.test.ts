@@ -1,0 +1,111 @@
+import { App } from 'aws-cdk-lib';
+import { parse } from 'smol-toml';
+import { renderConfigToml } from '../lib/config-toml';
+import { loadSettings, Settings } from '../lib/settings';
+import { buildApp, cdkJsonContext, PLACEHOLDER_ASSET } from './helpers';
+
+function settingsWith(overrides: Record<string, unknown>): Settings {
+  const app = new App({ context: { ...cdkJsonContext(), 'ratepool:lambdaAsset': PLACEHOLDER_ASSET, ...overrides } });
+  return loadSettings(app.node);
+}
+
+const NAMES = {
+  region: 'eu-west-1',
+  jobsTable: 'Ratepool-JobsTable-1',
+  ledgerTable: 'Ratepool-LedgerTable-2',
+  interactiveQueue: 'Ratepool-InteractiveQueue-3',
+  batchQueue: 'Ratepool-BatchQueue-4',
+  deadLetterQueue: 'Ratepool-DeadLetterQueue-5',
+  secretArn: 'arn:aws:secretsmanager:eu-west-1:111122223333:secret:Keys-AbCdEf',
+};
+
+describe('settings from context', () => {
+  test('cdk.json defaults: three orgs, one tenant, sizes', () => {
+    const s = settingsWith({});
+    expect(s.orgs.map((o) => o.name)).toEqual(['org-a', 'org-b', 'org-c']);
+    expect(s.tenants).toEqual([{ name: 'screenplays', apiKeyEnv: 'TENANT_SCREENPLAYS_KEY' }]);
+    expect(s.workerConcurrency).toBe(64);
+    expect(s.visibilityTimeoutSecs).toBe(30);
+    expect(s.minWorkers).toBe(0);
+    expect(s.lambdaAsset).toMatch(/cdk\/test\/fixtures\/lambda-placeholder$/);
+  });
+
+  test('-c overrides arrive as strings and are parsed as JSON', () => {
+    const s = settingsWith({
+      'ratepool:maxWorkers': '25',
+      'ratepool:orgs': JSON.stringify([
+        { name: 'solo', baseUrl: 'https://example.test/v1', apiKeyEnv: 'SOLO_KEY', models: { 'gpt-4.1': { rpm: 5, tpm: 6 } } },
+      ]),
+      'ratepool:alarmEmail': 'ops@example.test',
+    });
+    expect(s.maxWorkers).toBe(25);
+    expect(s.orgs).toEqual([
+      { name: 'solo', baseUrl: 'https://example.test/v1', apiKeyEnv: 'SOLO_KEY', models: { 'gpt-4.1': { rpm: 5, tpm: 6 } } },
+    ]);
+    expect(s.alarmEmail).toBe('ops@example.test');
+  });
+
+  test.each([
+    [{ 'ratepool:orgs': [] }, /ratepool:orgs: at least one org/],
+    [{ 'ratepool:orgs': [{ name: 'bad name', baseUrl: 'https://x', apiKeyEnv: 'K', models: { m: { rpm: 1, tpm: 1 } } }] }, /orgs\[0\]\.name/],
+    [{ 'ratepool:orgs': [{ name: 'a', baseUrl: 'https://x', apiKeyEnv: 'lower', models: { m: { rpm: 1, tpm: 1 } } }] }, /orgs\[0\]\.apiKeyEnv/],
+    [{ 'ratepool:orgs': [{ name: 'a', baseUrl: 'https://x', apiKeyEnv: 'K', models: { m: { rpm: 0, tpm: 1 } } }] }, /orgs\[0\]\.models\.m\.rpm/],
+    [{ 'ratepool:tenants': [{ name: 't', apiKeyEnv: 'ORG_A_KEY' }] }, /apiKeyEnv "ORG_A_KEY" appears twice/],
+    [{ 'ratepool:maxWorkers': 'ten' }, /ratepool:maxWorkers: expected an integer/],
+    [{ 'ratepool:minWorkers': 5, 'ratepool:maxWorkers': 2 }, /ratepool:maxWorkers/],
+    [{ 'ratepool:lambdaAsset': 'no/such/dir' }, /make lambda-bundle/],
+    [{ 'ratepool:alarmEmail': 'not-an-address' }, /ratepool:alarmEmail/],
+  ])('refuses %j', (overrides, message) => {
+    expect(() => settingsWith(overrides)).toThrow(message);
+  });
+});
+
+describe('RATEPOOL_CONFIG_TOML', () => {
+  test('parses to the [aws] config the Rust side reads', () => {
+    const toml = parse(renderConfigToml(settingsWith({}), NAMES));
+    expect(Object.keys(toml).sort()).toEqual(['aws', 'orgs', 'storage', 'tenants', 'workers']);
+    expect(toml.storage).toEqual({ backend: 'aws' });
+    expect(toml.aws).toEqual({
+      region: 'eu-west-1',
+      jobs_table: NAMES.jobsTable,
+      ledger_table: NAMES.ledgerTable,
+      interactive_queue: NAMES.interactiveQueue,
+      batch_queue: NAMES.batchQueue,
+      dead_letter_queue: NAMES.deadLetterQueue,
+      metrics_namespace: 'Ratepool',
+      secret_arn: NAMES.secretArn,
+    });
+    expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30 });
+    expect(toml.orgs).toEqual(
+      ['a', 'b', 'c'].map((x) => ({
+        name: `org-${x}`,
+        base_url: 'https://api.openai.com/v1',
+        api_key_env: `ORG_${x.toUpperCase()}_KEY`,
+        models: { 'gpt-4o-mini': { rpm: 10000, tpm: 10000000 } },
+      })),
+    );
+    expect(toml.tenants).toEqual([{ name: 'screenplays', api_key_env: 'TENANT_SCREENPLAYS_KEY' }]);
+  });
+
+  test('escapes what TOML needs escaped', () => {
+    const s = settingsWith({
+      'ratepool:orgs': [
+        { name: 'o', baseUrl: 'https://x.test/v1?a="b"\\c', apiKeyEnv: 'O_KEY', models: { 'ft:gpt-4o:acme.v2': { rpm: 1, tpm: 2 } } },
+      ],
+    });
+    const toml = parse(renderConfigToml(s, NAMES)) as any;
+    expect(toml.orgs[0].base_url).toBe('https://x.test/v1?a="b"\\c');
+    expect(toml.orgs[0].models).toEqual({ 'ft:gpt-4o:acme.v2': { rpm: 1, tpm: 2 } });
+  });
+
+  test('a config too large for the Lambda environment stops synth', () => {
+    const models = Object.fromEntries(Array.from({ length: 12 }, (_, i) => [`model-${i}`, { rpm: 1, tpm: 1 }]));
+    const orgs = Array.from({ length: 12 }, (_, i) => ({
+      name: `org-${i}`,
+      baseUrl: 'https://api.openai.com/v1',
+      apiKeyEnv: `ORG_${i}_KEY`,
+      models,
+    }));
+    expect(() => buildApp({ 'ratepool:orgs': orgs })).toThrow(/over Lambda's 4096-byte environment limit/);
+  });
+});

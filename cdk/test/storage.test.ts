@@ -1,0 +1,104 @@
+import { Match, Template } from 'aws-cdk-lib/assertions';
+import { buildApp, Built, logicalId, templates } from './helpers';
+
+let built: Built;
+let t: Template;
+let keys: Template;
+beforeAll(() => {
+  built = buildApp();
+  ({ main: t, keys } = templates(built));
+});
+afterAll(() => built.cleanup());
+
+describe('DynamoDB', () => {
+  test('jobs table: PK/SK strings, on demand, PITR, TTL on expires_at, retained', () => {
+    t.hasResource('AWS::DynamoDB::Table', {
+      Properties: {
+        KeySchema: [
+          { AttributeName: 'PK', KeyType: 'HASH' },
+          { AttributeName: 'SK', KeyType: 'RANGE' },
+        ],
+        AttributeDefinitions: [
+          { AttributeName: 'PK', AttributeType: 'S' },
+          { AttributeName: 'SK', AttributeType: 'S' },
+        ],
+        BillingMode: 'PAY_PER_REQUEST',
+        PointInTimeRecoverySpecification: { PointInTimeRecoveryEnabled: true },
+        TimeToLiveSpecification: { AttributeName: 'expires_at', Enabled: true },
+      },
+      DeletionPolicy: 'Retain',
+    });
+  });
+
+  test('ledger table: PK only, on demand, PITR, retained', () => {
+    t.hasResource('AWS::DynamoDB::Table', {
+      Properties: {
+        KeySchema: [{ AttributeName: 'PK', KeyType: 'HASH' }],
+        AttributeDefinitions: [{ AttributeName: 'PK', AttributeType: 'S' }],
+        BillingMode: 'PAY_PER_REQUEST',
+        PointInTimeRecoverySpecification: { PointInTimeRecoveryEnabled: true },
+      },
+      DeletionPolicy: 'Retain',
+    });
+    t.resourceCountIs('AWS::DynamoDB::Table', 2);
+  });
+});
+
+describe('SQS', () => {
+  test('interactive and batch queues: 30 s visibility, long polling, SSE, DLQ backstop after 50 receives', () => {
+    const dlq = logicalId(t, 'AWS::SQS::Queue', 'DeadLetterQueue');
+    for (const prefix of ['InteractiveQueue', 'BatchQueue']) {
+      const id = logicalId(t, 'AWS::SQS::Queue', prefix);
+      expect(t.toJSON().Resources[id].Properties).toEqual(
+        expect.objectContaining({
+          VisibilityTimeout: 30,
+          ReceiveMessageWaitTimeSeconds: 20,
+          SqsManagedSseEnabled: true,
+          RedrivePolicy: { deadLetterTargetArn: { 'Fn::GetAtt': [dlq, 'Arn'] }, maxReceiveCount: 50 },
+        }),
+      );
+    }
+  });
+
+  test('the dead-letter queue keeps messages 14 days and has no DLQ itself', () => {
+    const dlq = logicalId(t, 'AWS::SQS::Queue', 'DeadLetterQueue');
+    const props = t.toJSON().Resources[dlq].Properties;
+    expect(props.MessageRetentionPeriod).toBe(14 * 24 * 3600);
+    expect(props.SqsManagedSseEnabled).toBe(true);
+    expect(props.RedrivePolicy).toBeUndefined();
+  });
+
+  test('every queue denies requests without TLS', () => {
+    const policies = t.findResources('AWS::SQS::QueuePolicy');
+    const covered = new Set<string>();
+    for (const p of Object.values(policies)) {
+      expect(p.Properties.PolicyDocument.Statement).toEqual(
+        expect.arrayContaining([
+          expect.objectContaining({
+            Effect: 'Deny',
+            Action: 'sqs:*',
+            Principal: { AWS: '*' },
+            Condition: { Bool: { 'aws:SecureTransport': 'false' } },
+          }),
+        ]),
+      );
+      for (const q of p.Properties.Queues) covered.add(q.Ref);
+    }
+    expect([...covered].sort()).toEqual(Object.keys(t.findResources('AWS::SQS::Queue')).sort());
+  });
+});
+
+describe('keys secret', () => {
+  test('lives in its own retained stack, starts as an empty JSON object', () => {
+    keys.hasResource('AWS::SecretsManager::Secret', {
+      Properties: { SecretString: '{}', Description: Match.stringLikeRegexp('ORG_A_KEY, ORG_B_KEY, ORG_C_KEY, TENANT_SCREENPLAYS_KEY') },
+      DeletionPolicy: 'Retain',
+    });
+    keys.hasOutput('KeysSecretArn', {});
+    t.resourceCountIs('AWS::SecretsManager::Secret', 0);
+  });
+
+  test('the main stack depends on the keys stack', () => {
+    expect(built.main.dependencies).toContain(built.keys);
+  });
+});
