@@ -19,7 +19,11 @@ impl ApiClient {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = req.bearer_auth(self.key.expose_secret()).send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let resp = req
+            .bearer_auth(self.key.expose_secret())
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -33,7 +37,8 @@ impl ApiClient {
     }
 
     pub async fn submit(&self, spec: Vec<u8>, idempotency_key: Option<&str>) -> anyhow::Result<Value> {
-        let mut req = self.http.post(format!("{}/v1/jobs", self.base)).header("content-type", "application/json").body(spec);
+        let mut req =
+            self.http.post(format!("{}/v1/jobs", self.base)).header("content-type", "application/json").body(spec);
         if let Some(k) = idempotency_key {
             req = req.header("idempotency-key", k);
         }

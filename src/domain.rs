@@ -19,13 +19,8 @@ fn check_token(kind: &str, s: &str, max: usize) -> Result<(), InvalidId> {
     if s.len() > max {
         return Err(InvalidId(format!("{kind} is longer than {max} characters")));
     }
-    if !s
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-    {
-        return Err(InvalidId(format!(
-            "{kind} {s:?} may contain only letters, digits, '-', '_', '.' and ':'"
-        )));
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+        return Err(InvalidId(format!("{kind} {s:?} may contain only letters, digits, '-', '_', '.' and ':'")));
     }
     Ok(())
 }
@@ -134,9 +129,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Micros {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         d.as_micros() as Micros
     }
 }
@@ -150,8 +143,7 @@ impl ManualClock {
         Self(std::sync::atomic::AtomicI64::new(start))
     }
     pub fn advance(&self, by: std::time::Duration) {
-        self.0
-            .fetch_add(by.as_micros() as i64, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_add(by.as_micros() as i64, std::sync::atomic::Ordering::SeqCst);
     }
     pub fn set(&self, to: Micros) {
         self.0.store(to, std::sync::atomic::Ordering::SeqCst);

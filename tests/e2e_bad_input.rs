@@ -38,31 +38,84 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
     let db = dir.path().join("ratepool.db");
     let url = format!("{}/v1/jobs", server.url);
     let big = "x".repeat(10 * 1024 * 1024);
-    let many_steps: Vec<Value> = (0..501).map(|i| json!({"id": format!("s{i}"), "messages": [{"role": "user", "content": "hi"}]})).collect();
+    let many_steps: Vec<Value> =
+        (0..501).map(|i| json!({"id": format!("s{i}"), "messages": [{"role": "user", "content": "hi"}]})).collect();
 
     // (case, body, expected status, expected field prefix)
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("not json", "{\"name\": ".into(), 400, "body"),
         ("empty body", String::new(), 400, "body"),
         ("json array", "[1,2]".into(), 400, "body"),
-        ("missing name", spec_with(|v| { v.as_object_mut().unwrap().remove("name"); }), 400, "name"),
+        (
+            "missing name",
+            spec_with(|v| {
+                v.as_object_mut().unwrap().remove("name");
+            }),
+            400,
+            "name",
+        ),
         ("name wrong type", spec_with(|v| v["name"] = json!(7)), 400, "name"),
         ("no steps", spec_with(|v| v["steps"] = json!([])), 400, "steps"),
         ("too many steps", spec_with(|v| v["steps"] = json!(many_steps)), 400, "steps"),
         ("duplicate ids", spec_with(|v| v["steps"][1]["id"] = json!("a")), 400, "steps[1].id"),
         ("bad step id", spec_with(|v| v["steps"][0]["id"] = json!("../etc")), 400, "steps[0].id"),
         ("cycle", spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{steps.b.output}}")), 400, "steps["),
-        ("self reference", spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{steps.a.output}}")), 400, "steps[0]"),
-        ("unknown step ref", spec_with(|v| v["steps"][1]["messages"][0]["content"] = json!("{{steps.zzz.output}}")), 400, "steps[1].messages[0].content"),
-        ("unknown input", spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{inputs.nope}}")), 400, "steps[0].messages[0].content"),
-        ("unclosed template", spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{inputs.topic")), 400, "steps[0].messages[0].content"),
-        ("bad placeholder", spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{env.HOME}}")), 400, "steps[0].messages[0].content"),
-        ("unknown depends_on", spec_with(|v| v["steps"][0]["depends_on"] = json!(["ghost"])), 400, "steps[0].depends_on"),
+        (
+            "self reference",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{steps.a.output}}")),
+            400,
+            "steps[0]",
+        ),
+        (
+            "unknown step ref",
+            spec_with(|v| v["steps"][1]["messages"][0]["content"] = json!("{{steps.zzz.output}}")),
+            400,
+            "steps[1].messages[0].content",
+        ),
+        (
+            "unknown input",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{inputs.nope}}")),
+            400,
+            "steps[0].messages[0].content",
+        ),
+        (
+            "unclosed template",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{inputs.topic")),
+            400,
+            "steps[0].messages[0].content",
+        ),
+        (
+            "bad placeholder",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{env.HOME}}")),
+            400,
+            "steps[0].messages[0].content",
+        ),
+        (
+            "unknown depends_on",
+            spec_with(|v| v["steps"][0]["depends_on"] = json!(["ghost"])),
+            400,
+            "steps[0].depends_on",
+        ),
         ("unknown model", spec_with(|v| v["steps"][0]["model"] = json!("gpt-9")), 400, "steps[0].model"),
-        ("max_tokens wrong type", spec_with(|v| v["steps"][0]["max_tokens"] = json!("lots")), 400, "steps[0].max_tokens"),
+        (
+            "max_tokens wrong type",
+            spec_with(|v| v["steps"][0]["max_tokens"] = json!("lots")),
+            400,
+            "steps[0].max_tokens",
+        ),
         ("max_tokens zero", spec_with(|v| v["steps"][0]["max_tokens"] = json!(0)), 400, "steps[0].max_tokens"),
-        ("temperature out of range", spec_with(|v| v["steps"][0]["temperature"] = json!(7.5)), 400, "steps[0].temperature"),
-        ("bad role", spec_with(|v| v["steps"][0]["messages"][0]["role"] = json!("wizard")), 400, "steps[0].messages[0].role"),
+        (
+            "temperature out of range",
+            spec_with(|v| v["steps"][0]["temperature"] = json!(7.5)),
+            400,
+            "steps[0].temperature",
+        ),
+        (
+            "bad role",
+            spec_with(|v| v["steps"][0]["messages"][0]["role"] = json!("wizard")),
+            400,
+            "steps[0].messages[0].role",
+        ),
         ("no messages", spec_with(|v| v["steps"][0]["messages"] = json!([])), 400, "steps[0].messages"),
         ("unknown field", spec_with(|v| v["shell"] = json!("rm -rf /")), 400, "shell"),
         ("input wrong type", spec_with(|v| v["inputs"]["topic"] = json!({"nested": 1})), 400, "inputs"),
@@ -86,24 +139,44 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
     assert_eq!(no_auth.headers()["www-authenticate"], "Bearer");
     let wrong = http().post(&url).bearer_auth("tenant-a-key-0123456789abcdeX").body(good.clone()).send().unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
-    let basic = http().post(&url).header("authorization", format!("Basic {TENANT_A_KEY}")).body(good.clone()).send().unwrap();
+    let basic =
+        http().post(&url).header("authorization", format!("Basic {TENANT_A_KEY}")).body(good.clone()).send().unwrap();
     assert_eq!(basic.status().as_u16(), 401);
-    let bad_key = http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "k".repeat(300)).body(good.clone()).send().unwrap();
+    let bad_key = http()
+        .post(&url)
+        .bearer_auth(TENANT_A_KEY)
+        .header("idempotency-key", "k".repeat(300))
+        .body(good.clone())
+        .send()
+        .unwrap();
     assert_eq!(bad_key.status().as_u16(), 400);
     assert_eq!(bad_key.json::<Value>().unwrap()["error"]["field"], "Idempotency-Key");
 
     assert_eq!(counts(&db), (0, 0, 0), "a rejected request changed the store");
 
     // One good job, then the other tenant tries every route on it.
-    let first = http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "job-1").body(good.clone()).send().unwrap();
+    let first = http()
+        .post(&url)
+        .bearer_auth(TENANT_A_KEY)
+        .header("idempotency-key", "job-1")
+        .body(good.clone())
+        .send()
+        .unwrap();
     assert_eq!(first.status().as_u16(), 202);
     let id = first.json::<Value>().unwrap()["id"].as_str().unwrap().to_string();
     // The same key with another body is a conflict and creates nothing.
     let other_body = spec_with(|v| v["name"] = json!("other"));
-    let reuse = http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "job-1").body(other_body).send().unwrap();
+    let reuse =
+        http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "job-1").body(other_body).send().unwrap();
     assert_eq!(reuse.status().as_u16(), 422);
     // The same key and body replays the first answer.
-    let replay = http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "job-1").body(good.clone()).send().unwrap();
+    let replay = http()
+        .post(&url)
+        .bearer_auth(TENANT_A_KEY)
+        .header("idempotency-key", "job-1")
+        .body(good.clone())
+        .send()
+        .unwrap();
     assert_eq!(replay.status().as_u16(), 202);
     assert_eq!(replay.json::<Value>().unwrap()["id"], id.as_str());
 

@@ -53,7 +53,10 @@ fn a_killed_server_resumes_every_job_without_repeating_finished_steps() {
     // Wait until the jobs are well into their chains, then kill -9.
     let start = Instant::now();
     loop {
-        let done: u64 = ids.iter().map(|id| get(&format!("{}/v1/jobs/{id}", server.url), TENANT_A_KEY).1["steps_done"].as_u64().unwrap_or(0)).sum();
+        let done: u64 = ids
+            .iter()
+            .map(|id| get(&format!("{}/v1/jobs/{id}", server.url), TENANT_A_KEY).1["steps_done"].as_u64().unwrap_or(0))
+            .sum();
         if done >= (JOBS * 12) as u64 {
             break;
         }
@@ -86,13 +89,19 @@ fn a_killed_server_resumes_every_job_without_repeating_finished_steps() {
     for d in &docs {
         assert_eq!(d["status"], "succeeded", "{d}");
     }
-    assert!(docs.iter().any(|d| d["steps_done"].as_u64().unwrap() as usize > checkpointed[d["id"].as_str().unwrap()].len()),
-        "the kill must have happened before the jobs finished");
+    assert!(
+        docs.iter().any(|d| d["steps_done"].as_u64().unwrap() as usize > checkpointed[d["id"].as_str().unwrap()].len()),
+        "the kill must have happened before the jobs finished"
+    );
 
     let counts = sim_requests(&sim);
     for (job, steps) in &checkpointed {
         for step in steps {
-            assert_eq!(counts.get(&format!("{job}/{step}")), Some(&1), "step {job}/{step} was finished before the kill and called again");
+            assert_eq!(
+                counts.get(&format!("{job}/{step}")),
+                Some(&1),
+                "step {job}/{step} was finished before the kill and called again"
+            );
         }
     }
     let crashed = outputs(&server.url, &ids);

@@ -15,10 +15,7 @@ const VISIBILITY: Duration = Duration::from_secs(30);
 fn harness() -> Harness {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = Arc::new(ManualClock::new(T0));
-    let options = SqliteOptions {
-        visibility_timeout: VISIBILITY,
-        clock: clock.clone(),
-    };
+    let options = SqliteOptions { visibility_timeout: VISIBILITY, clock: clock.clone() };
     let db = SqliteBackend::open(&dir.path().join("ratepool.db"), options).expect("open sqlite");
     Harness {
         backend: db.backend(),

@@ -108,7 +108,9 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     let lease = current(&lease);
     match result {
         Ok(StepsEnd::AllDone) => finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await,
-        Ok(StepsEnd::Failed(reason)) => finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await,
+        Ok(StepsEnd::Failed(reason)) => {
+            finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await
+        }
         Ok(StepsEnd::HandBack) => {
             jobs.release_lease(&lease).await?;
             tracing::info!(job = %id, "job handed back to the queue");
@@ -124,7 +126,13 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     }
 }
 
-async fn finish(engine: &Engine, lease: &Lease, tenant: &TenantId, outcome: JobOutcome, created_at: i64) -> Result<Ack, StorageError> {
+async fn finish(
+    engine: &Engine,
+    lease: &Lease,
+    tenant: &TenantId,
+    outcome: JobOutcome,
+    created_at: i64,
+) -> Result<Ack, StorageError> {
     let now = engine.clock.now();
     match engine.backend.jobs.finish_job(lease, &outcome, now).await {
         Ok(()) => {}
@@ -299,13 +307,15 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
     let mut messages = Vec::with_capacity(step.messages.len());
     let mut budget = ctx.max_prompt_bytes;
     for (m, msg) in step.messages.iter().enumerate() {
-        let content = msg.content.render(&ctx.spec.inputs, &lookup, budget).map_err(|e| {
-            StepError::Failed(format!("step {}: messages[{m}]: {e}", step.id))
-        })?;
+        let content = msg
+            .content
+            .render(&ctx.spec.inputs, &lookup, budget)
+            .map_err(|e| StepError::Failed(format!("step {}: messages[{m}]: {e}", step.id)))?;
         budget = budget.saturating_sub(content.len());
         messages.push(ChatMessage { role: msg.role.as_str().to_string(), content });
     }
-    let chat = ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
+    let chat =
+        ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
     let req = CallRequest { tenant: ctx.tenant.clone(), chat, request_id: format!("{}/{}", ctx.job, step.id) };
     let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
         CallError::Cancelled => StepError::Cancelled,

@@ -12,8 +12,8 @@ use rusqlite::{OptionalExtension, TransactionBehavior};
 use super::{OrBackend, SqliteBackend, int, micros, parse_priority, parsed, priority_str, uint};
 use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 use crate::storage::{
-    Checkpoint, CreateOutcome, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome,
-    NewJob, StorageError, StorageResult,
+    Checkpoint, CreateOutcome, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob, StorageError,
+    StorageResult,
 };
 
 /// The columns `job_from_row` reads, in its order (18 of them).
@@ -34,11 +34,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         spec_json: r.get(5)?,
         steps_total: r.get(6)?,
         steps_done: r.get(7)?,
-        usage: Usage {
-            calls: uint(r, 8)?,
-            prompt_tokens: uint(r, 9)?,
-            completion_tokens: uint(r, 10)?,
-        },
+        usage: Usage { calls: uint(r, 8)?, prompt_tokens: uint(r, 9)?, completion_tokens: uint(r, 10)? },
         error: r.get(11)?,
         created_at: r.get(12)?,
         updated_at: r.get(13)?,
@@ -64,11 +60,7 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     Ok(Checkpoint {
         step_id: parsed(r, 0, StepId::parse)?,
         output: r.get(1)?,
-        usage: Usage {
-            calls: uint(r, 2)?,
-            prompt_tokens: uint(r, 3)?,
-            completion_tokens: uint(r, 4)?,
-        },
+        usage: Usage { calls: uint(r, 2)?, prompt_tokens: uint(r, 3)?, completion_tokens: uint(r, 4)? },
         org: parsed(r, 5, OrgName::parse)?,
         model: parsed(r, 6, ModelName::parse)?,
         attempts: r.get(7)?,
@@ -108,9 +100,7 @@ impl JobStore for SqliteBackend {
         self.write(move |conn| {
             // IMMEDIATE: the key lookup and the insert see one state, even
             // with another process on the file.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
             if let Some((key, hash)) = &job.idempotency {
                 let earlier = tx
                     .prepare_cached(concat!(
@@ -159,10 +149,7 @@ impl JobStore for SqliteBackend {
                 ])
                 .db()?;
             if inserted == 0 {
-                return Err(StorageError::Conflict(format!(
-                    "job {} already exists",
-                    job.id
-                )));
+                return Err(StorageError::Conflict(format!("job {} already exists", job.id)));
             }
             tx.commit().db()?;
             Ok(CreateOutcome::Created(fresh_record(&job)))
@@ -173,15 +160,11 @@ impl JobStore for SqliteBackend {
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>> {
         let id = id.clone();
         self.read(move |conn| {
-            conn.prepare_cached(concat!(
-                "SELECT ",
-                job_columns!(),
-                " FROM jobs WHERE id = ?1"
-            ))
-            .db()?
-            .query_row([id.as_str()], job_from_row)
-            .optional()
-            .db()
+            conn.prepare_cached(concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1"))
+                .db()?
+                .query_row([id.as_str()], job_from_row)
+                .optional()
+                .db()
         })
         .await
     }
@@ -189,13 +172,7 @@ impl JobStore for SqliteBackend {
     /// A lease is valid while `now < lease_expires_at`; at the expiry instant
     /// it may be taken over. The same owner string does not get around an
     /// unexpired lease: a second acquisition by it is `Held` too.
-    async fn acquire_lease(
-        &self,
-        id: &JobId,
-        owner: &str,
-        ttl: Duration,
-        now: Micros,
-    ) -> StorageResult<LeaseOutcome> {
+    async fn acquire_lease(&self, id: &JobId, owner: &str, ttl: Duration, now: Micros) -> StorageResult<LeaseOutcome> {
         let id = id.clone();
         let owner = owner.to_owned();
         let expires_at = now.saturating_add(micros(ttl));
@@ -257,11 +234,7 @@ impl JobStore for SqliteBackend {
                 .db()
             })
             .await?;
-        if changed == 0 {
-            Err(StorageError::LeaseLost)
-        } else {
-            Ok(renewed)
-        }
+        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(renewed) }
     }
 
     /// Releasing a lease that is no longer held changes nothing and is not
@@ -282,12 +255,7 @@ impl JobStore for SqliteBackend {
         .await
     }
 
-    async fn put_checkpoint(
-        &self,
-        lease: &Lease,
-        checkpoint: &Checkpoint,
-        now: Micros,
-    ) -> StorageResult<()> {
+    async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()> {
         let l = lease.clone();
         let cp = checkpoint.clone();
         self.write(move |conn| {
@@ -369,12 +337,7 @@ impl JobStore for SqliteBackend {
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now`: a worker
     /// whose lease lapsed renews it first.
-    async fn finish_job(
-        &self,
-        lease: &Lease,
-        outcome: &JobOutcome,
-        now: Micros,
-    ) -> StorageResult<()> {
+    async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
         let l = lease.clone();
         let (status, error) = match outcome {
             JobOutcome::Succeeded => (JobStatus::Succeeded, None),
@@ -389,30 +352,17 @@ impl JobStore for SqliteBackend {
                         AND lease_expires_at > ?4 AND status = 'running'",
                 )
                 .db()?
-                .execute(rusqlite::params![
-                    l.job_id.as_str(),
-                    l.owner,
-                    int(l.epoch),
-                    now,
-                    status.as_str(),
-                    error
-                ])
+                .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, status.as_str(), error])
                 .db()
             })
             .await?;
-        if changed == 0 {
-            Err(StorageError::LeaseLost)
-        } else {
-            Ok(())
-        }
+        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(()) }
     }
 
     async fn cancel_job(&self, id: &JobId, now: Micros) -> StorageResult<Option<JobStatus>> {
         let id = id.clone();
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
             tx.prepare_cached(
                 "UPDATE jobs SET status = 'cancelled', finished_at = ?2, updated_at = ?2,
                                  lease_owner = NULL, lease_expires_at = NULL

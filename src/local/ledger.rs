@@ -9,18 +9,12 @@ use rusqlite::{OptionalExtension, TransactionBehavior};
 use super::{OrBackend, SqliteBackend};
 use crate::domain::Micros;
 use crate::storage::gcra::{self, Decision};
-use crate::storage::{
-    Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult,
-};
+use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult};
 
-const READ_STATE: &str =
-    "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
+const READ_STATE: &str = "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
 
 fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BucketState> {
-    Ok(BucketState {
-        requests_tat: r.get(0)?,
-        tokens_tat: r.get(1)?,
-    })
+    Ok(BucketState { requests_tat: r.get(0)?, tokens_tat: r.get(1)? })
 }
 
 #[async_trait]
@@ -53,7 +47,12 @@ impl QuotaLedger for SqliteBackend {
                             SET requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat",
                     )
                     .db()?
-                    .execute(rusqlite::params![key.org.as_str(), key.model.as_str(), after.requests_tat, after.tokens_tat])
+                    .execute(rusqlite::params![
+                        key.org.as_str(),
+                        key.model.as_str(),
+                        after.requests_tat,
+                        after.tokens_tat
+                    ])
                     .db()?;
                     tx.commit().db()?;
                     Ok(Acquisition::Granted(after))
@@ -80,12 +79,7 @@ impl QuotaLedger for SqliteBackend {
             )
             .db()?
             .query_row(
-                rusqlite::params![
-                    key.org.as_str(),
-                    key.model.as_str(),
-                    floor.requests_tat,
-                    floor.tokens_tat
-                ],
+                rusqlite::params![key.org.as_str(), key.model.as_str(), floor.requests_tat, floor.tokens_tat],
                 state_from_row,
             )
             .db()

@@ -40,10 +40,7 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self {
-            visibility_timeout: Duration::from_secs(30),
-            clock: Arc::new(SystemClock),
-        }
+        Self { visibility_timeout: Duration::from_secs(30), clock: Arc::new(SystemClock) }
     }
 }
 
@@ -100,12 +97,7 @@ impl SqliteBackend {
     /// The four roles, all backed by this one database.
     pub fn backend(&self) -> Backend {
         let me = Arc::new(self.clone());
-        Backend {
-            queue: me.clone(),
-            jobs: me.clone(),
-            ledger: me.clone(),
-            usage: me,
-        }
+        Backend { queue: me.clone(), jobs: me.clone(), ledger: me.clone(), usage: me }
     }
 
     fn now(&self) -> Micros {
@@ -146,9 +138,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> StorageResult<T> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::Backend(format!("sqlite task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| StorageError::Backend(format!("sqlite task failed: {e}")))?
 }
 
 /// `rusqlite` errors become retryable backend errors; callers that expect a
@@ -176,9 +166,7 @@ fn parsed<T>(
     parse: impl FnOnce(String) -> Result<T, InvalidId>,
 ) -> rusqlite::Result<T> {
     let s: String = row.get(idx)?;
-    parse(s).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-    })
+    parse(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 /// SQLite integers are `i64`; counters never reach 2^63, so saturating is
@@ -194,9 +182,8 @@ where
     T::Error: std::error::Error + Send + Sync + 'static,
 {
     let v: i64 = row.get(idx)?;
-    T::try_from(v).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e))
-    })
+    T::try_from(v)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e)))
 }
 
 fn priority_str(p: Priority) -> &'static str {

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
 use crate::domain::{JobId, Micros, TenantId};
-use crate::storage::{
-    Delivery, JobQueue, Priority, QueueMessage, QueueStats, StorageError, StorageResult,
-};
+use crate::storage::{Delivery, JobQueue, Priority, QueueMessage, QueueStats, StorageError, StorageResult};
 use async_trait::async_trait;
 
 /// How often an idle receiver looks again even without a wake-up: messages
@@ -157,10 +155,7 @@ impl JobQueue for SqliteBackend {
         let receipt = receipt.to_owned();
         let changed = self
             .write(move |conn| {
-                conn.prepare_cached("DELETE FROM queue WHERE receipt = ?1")
-                    .db()?
-                    .execute([receipt])
-                    .db()
+                conn.prepare_cached("DELETE FROM queue WHERE receipt = ?1").db()?.execute([receipt]).db()
             })
             .await?;
         if changed == 0 { Err(stale()) } else { Ok(()) }
@@ -192,20 +187,18 @@ impl JobQueue for SqliteBackend {
 
     async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>> {
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT job_id, tenant, lane FROM dead_letters ORDER BY id LIMIT ?1",
-            )
-            .db()?
-            .query_map([int(max)], |r| {
-                Ok(QueueMessage {
-                    job_id: parsed(r, 0, JobId::parse)?,
-                    tenant: parsed(r, 1, TenantId::parse)?,
-                    priority: priority_of(r, 2)?,
+            conn.prepare_cached("SELECT job_id, tenant, lane FROM dead_letters ORDER BY id LIMIT ?1")
+                .db()?
+                .query_map([int(max)], |r| {
+                    Ok(QueueMessage {
+                        job_id: parsed(r, 0, JobId::parse)?,
+                        tenant: parsed(r, 1, TenantId::parse)?,
+                        priority: priority_of(r, 2)?,
+                    })
                 })
-            })
-            .db()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .db()
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()
         })
         .await
     }
@@ -219,13 +212,7 @@ impl JobQueue for SqliteBackend {
                         (SELECT count(*) FROM dead_letters)",
             )
             .db()?
-            .query_row([now], |r| {
-                Ok(QueueStats {
-                    visible: uint(r, 0)?,
-                    in_flight: uint(r, 1)?,
-                    dead: uint(r, 2)?,
-                })
-            })
+            .query_row([now], |r| Ok(QueueStats { visible: uint(r, 0)?, in_flight: uint(r, 1)?, dead: uint(r, 2)? }))
             .db()
         })
         .await

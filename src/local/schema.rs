@@ -20,13 +20,9 @@ pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()>
         return Ok(());
     }
     // WAL: readers do not block the writer and a commit is one append.
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-        .db()?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).db()?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StorageError::Backend(format!(
-            "sqlite refused WAL mode (journal_mode is {mode})"
-        )));
+        return Err(StorageError::Backend(format!("sqlite refused WAL mode (journal_mode is {mode})")));
     }
     // NORMAL under WAL syncs only at checkpoints: a committed transaction
     // survives a crash of the process (our failure model: SIGKILL, OOM), and
@@ -39,19 +35,14 @@ pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()>
 
 /// Creates the tables if missing and records the version.
 pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .db()?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).db()?;
     if version > SCHEMA_VERSION {
         return Err(StorageError::Backend(format!(
             "database schema version {version} is newer than this binary understands ({SCHEMA_VERSION})"
         )));
     }
     // One batch in one transaction: a crash mid-way leaves no half schema.
-    conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
-    ))
-    .db()
+    conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")).db()
 }
 
 const SCHEMA: &str = r#"

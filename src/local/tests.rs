@@ -11,17 +11,14 @@ use super::*;
 use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, TenantId, Usage};
 use crate::storage::gcra::Rate;
 use crate::storage::{
-    Acquisition, BucketKey, BucketParams, Checkpoint, Cost, CreateOutcome, JobStatus, LeaseOutcome,
-    NewJob, OrgCounters, QueueMessage,
+    Acquisition, BucketKey, BucketParams, Checkpoint, Cost, CreateOutcome, JobStatus, LeaseOutcome, NewJob,
+    OrgCounters, QueueMessage,
 };
 
 const T0: Micros = 1_700_000_000_000_000;
 
 fn open(path: &Path) -> SqliteBackend {
-    let options = SqliteOptions {
-        clock: Arc::new(ManualClock::new(T0)),
-        ..SqliteOptions::default()
-    };
+    let options = SqliteOptions { clock: Arc::new(ManualClock::new(T0)), ..SqliteOptions::default() };
     SqliteBackend::open(path, options).unwrap()
 }
 
@@ -39,22 +36,14 @@ fn new_job() -> NewJob {
 }
 
 fn message(priority: Priority) -> QueueMessage {
-    QueueMessage {
-        job_id: JobId::generate(),
-        tenant: TenantId::parse("acme").unwrap(),
-        priority,
-    }
+    QueueMessage { job_id: JobId::generate(), tenant: TenantId::parse("acme").unwrap(), priority }
 }
 
 fn checkpoint() -> Checkpoint {
     Checkpoint {
         step_id: StepId::parse("s1").unwrap(),
         output: "out".into(),
-        usage: Usage {
-            calls: 1,
-            prompt_tokens: 10,
-            completion_tokens: 5,
-        },
+        usage: Usage { calls: 1, prompt_tokens: 10, completion_tokens: 5 },
         org: OrgName::parse("org-a").unwrap(),
         model: ModelName::parse("gpt-4o-mini").unwrap(),
         attempts: 1,
@@ -67,58 +56,28 @@ fn checkpoint() -> Checkpoint {
 async fn state_survives_a_restart_without_clean_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.db");
-    let key = BucketKey::new(
-        &OrgName::parse("org-a").unwrap(),
-        &ModelName::parse("m").unwrap(),
-    );
-    let params = BucketParams {
-        requests: Rate::per_minute(10),
-        tokens: Rate::per_minute(1_000),
-    };
+    let key = BucketKey::new(&OrgName::parse("org-a").unwrap(), &ModelName::parse("m").unwrap());
+    let params = BucketParams { requests: Rate::per_minute(10), tokens: Rate::per_minute(1_000) };
     let job = new_job();
     let sent = message(Priority::Batch);
     let granted = {
         let db = open(&path);
         let b = db.backend();
         b.jobs.create_job(&job).await.unwrap();
-        let LeaseOutcome::Acquired(lease) = b
-            .jobs
-            .acquire_lease(&job.id, "w", Duration::from_secs(30), T0)
-            .await
-            .unwrap()
+        let LeaseOutcome::Acquired(lease) =
+            b.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
         else {
             panic!("lease")
         };
-        b.jobs
-            .put_checkpoint(&lease, &checkpoint(), T0 + 1)
-            .await
-            .unwrap();
+        b.jobs.put_checkpoint(&lease, &checkpoint(), T0 + 1).await.unwrap();
         b.queue.send(&sent).await.unwrap();
-        let Acquisition::Granted(st) = b
-            .ledger
-            .acquire(
-                &key,
-                &params,
-                Cost {
-                    requests: 1,
-                    tokens: 100,
-                },
-                T0,
-            )
-            .await
-            .unwrap()
+        let Acquisition::Granted(st) =
+            b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 100 }, T0).await.unwrap()
         else {
             panic!("grant")
         };
         b.usage
-            .add(&[(
-                job.tenant.clone(),
-                key.org.clone(),
-                OrgCounters {
-                    calls: 4,
-                    ..Default::default()
-                },
-            )])
+            .add(&[(job.tenant.clone(), key.org.clone(), OrgCounters { calls: 4, ..Default::default() })])
             .await
             .unwrap();
         // Never closed, like a killed process: no final WAL checkpoint runs,
@@ -130,27 +89,12 @@ async fn state_survives_a_restart_without_clean_close() {
 
     let b = open(&path).backend();
     let rec = b.jobs.get_job(&job.id).await.unwrap().unwrap();
-    assert_eq!(
-        (rec.status, rec.steps_done, rec.lease_owner.as_deref()),
-        (JobStatus::Running, 1, Some("w"))
-    );
-    assert_eq!(
-        b.jobs.checkpoints(&job.id).await.unwrap(),
-        vec![checkpoint()]
-    );
-    assert!(
-        matches!(
-            b.jobs.create_job(&job).await.unwrap(),
-            CreateOutcome::Existing(_)
-        ),
-        "idempotency key kept"
-    );
+    assert_eq!((rec.status, rec.steps_done, rec.lease_owner.as_deref()), (JobStatus::Running, 1, Some("w")));
+    assert_eq!(b.jobs.checkpoints(&job.id).await.unwrap(), vec![checkpoint()]);
+    assert!(matches!(b.jobs.create_job(&job).await.unwrap(), CreateOutcome::Existing(_)), "idempotency key kept");
     assert_eq!(b.ledger.state(&key).await.unwrap(), granted);
     let got = b.queue.receive(10, Duration::ZERO).await.unwrap();
-    assert_eq!(
-        got.iter().map(|d| &d.message).collect::<Vec<_>>(),
-        vec![&sent]
-    );
+    assert_eq!(got.iter().map(|d| &d.message).collect::<Vec<_>>(), vec![&sent]);
     assert_eq!(b.usage.usage(&job.tenant).await.unwrap()[0].1.calls, 4);
 }
 
@@ -161,32 +105,19 @@ fn pragmas_and_schema_version() {
     let db = open(&path);
     {
         let w = db.shared.writer.lock().unwrap();
-        let int = |name: &str| {
-            w.pragma_query_value(None, name, |r| r.get::<_, i64>(0))
-                .unwrap()
-        };
-        let mode: String = w
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .unwrap();
+        let int = |name: &str| w.pragma_query_value(None, name, |r| r.get::<_, i64>(0)).unwrap();
+        let mode: String = w.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         assert_eq!(int("synchronous"), 1, "NORMAL");
         assert_eq!(int("foreign_keys"), 1);
         assert_eq!(int("user_version"), SCHEMA_VERSION);
         let r = db.shared.reader.lock().unwrap();
-        assert_eq!(
-            r.pragma_query_value(None, "query_only", |r| r.get::<_, i64>(0))
-                .unwrap(),
-            1
-        );
+        assert_eq!(r.pragma_query_value(None, "query_only", |r| r.get::<_, i64>(0)).unwrap(), 1);
     }
     drop(db);
     // The mode is stored in the file: any later connection sees WAL.
     let raw = Connection::open(&path).unwrap();
-    assert_eq!(
-        raw.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))
-            .unwrap(),
-        "wal"
-    );
+    assert_eq!(raw.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).unwrap(), "wal");
     // Reopening an up-to-date file is a no-op.
     drop(open(&path));
 }
@@ -196,16 +127,10 @@ fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("n.db");
     let raw = Connection::open(&path).unwrap();
-    raw.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-        .unwrap();
+    raw.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
     drop(raw);
-    let err = SqliteBackend::open(&path, SqliteOptions::default())
-        .err()
-        .expect("refused");
-    assert!(
-        matches!(&err, StorageError::Backend(m) if m.contains("newer")),
-        "{err:?}"
-    );
+    let err = SqliteBackend::open(&path, SqliteOptions::default()).err().expect("refused");
+    assert!(matches!(&err, StorageError::Backend(m) if m.contains("newer")), "{err:?}");
 }
 
 #[tokio::test]
@@ -219,14 +144,7 @@ async fn each_lane_is_first_in_first_out() {
         b.queue.send(x).await.unwrap();
         b.queue.send(y).await.unwrap();
     }
-    let got: Vec<_> = b
-        .queue
-        .receive(100, Duration::ZERO)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.message)
-        .collect();
+    let got: Vec<_> = b.queue.receive(100, Duration::ZERO).await.unwrap().into_iter().map(|d| d.message).collect();
     let expected: Vec<_> = interactive.into_iter().chain(batch).collect();
     assert_eq!(got, expected);
 }
@@ -254,28 +172,16 @@ fn receive_scans_the_queue_index() {
 async fn operation_latency() {
     let dir = tempfile::tempdir().unwrap();
     let b = open(&dir.path().join("l.db")).backend();
-    let key = BucketKey::new(
-        &OrgName::parse("org-a").unwrap(),
-        &ModelName::parse("m").unwrap(),
-    );
-    let params = BucketParams {
-        requests: Rate::per_minute(u64::MAX / 2),
-        tokens: Rate::per_minute(u64::MAX / 2),
-    };
-    let mut samples: Vec<(&str, Vec<Duration>)> = vec![
-        ("put_checkpoint", vec![]),
-        ("ledger.acquire", vec![]),
-        ("get_job", vec![]),
-    ];
+    let key = BucketKey::new(&OrgName::parse("org-a").unwrap(), &ModelName::parse("m").unwrap());
+    let params = BucketParams { requests: Rate::per_minute(u64::MAX / 2), tokens: Rate::per_minute(u64::MAX / 2) };
+    let mut samples: Vec<(&str, Vec<Duration>)> =
+        vec![("put_checkpoint", vec![]), ("ledger.acquire", vec![]), ("get_job", vec![])];
     for i in 0..2_000 {
         let mut job = new_job();
         job.idempotency = None;
         b.jobs.create_job(&job).await.unwrap();
-        let LeaseOutcome::Acquired(lease) = b
-            .jobs
-            .acquire_lease(&job.id, "w", Duration::from_secs(30), T0)
-            .await
-            .unwrap()
+        let LeaseOutcome::Acquired(lease) =
+            b.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
         else {
             panic!("lease")
         };
@@ -285,18 +191,7 @@ async fn operation_latency() {
         b.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
         samples[0].1.push(t.elapsed());
         let t = Instant::now();
-        b.ledger
-            .acquire(
-                &key,
-                &params,
-                Cost {
-                    requests: 1,
-                    tokens: 1,
-                },
-                T0,
-            )
-            .await
-            .unwrap();
+        b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 1 }, T0).await.unwrap();
         samples[1].1.push(t.elapsed());
         let t = Instant::now();
         b.jobs.get_job(&job.id).await.unwrap();
@@ -304,10 +199,6 @@ async fn operation_latency() {
     }
     for (name, mut s) in samples {
         s.sort();
-        println!(
-            "{name}: p50 {:?} p99 {:?}",
-            s[s.len() / 2],
-            s[s.len() * 99 / 100]
-        );
+        println!("{name}: p50 {:?} p99 {:?}", s[s.len() / 2], s[s.len() * 99 / 100]);
     }
 }

@@ -162,14 +162,13 @@ impl ProviderClient {
             Err(e) => return Err(transport_failure(&e)),
         };
         if (200..300).contains(&status) {
-            let parsed: CompletionBody = serde_json::from_slice(&body)
-                .map_err(|e| ProviderFailure::Server { status, retry_after: None, limits, message: format!("unreadable completion: {e}") })?;
-            let content = parsed
-                .choices
-                .into_iter()
-                .next()
-                .and_then(|c| c.message.content)
-                .unwrap_or_default();
+            let parsed: CompletionBody = serde_json::from_slice(&body).map_err(|e| ProviderFailure::Server {
+                status,
+                retry_after: None,
+                limits,
+                message: format!("unreadable completion: {e}"),
+            })?;
+            let content = parsed.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
             let usage = parsed.usage.map_or(Usage { calls: 1, ..Usage::default() }, |u| Usage {
                 calls: 1,
                 prompt_tokens: u.prompt_tokens,
@@ -244,7 +243,8 @@ mod tests {
 
     #[test]
     fn error_bodies_sort_into_router_classes() {
-        let rl = r#"{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        let rl =
+            r#"{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
         assert!(matches!(classify(429, rl), ProviderFailure::RateLimited { .. }));
         let iq = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         assert!(matches!(classify(429, iq), ProviderFailure::InsufficientQuota { .. }));
@@ -255,7 +255,9 @@ mod tests {
         );
         assert!(matches!(classify(401, "{}"), ProviderFailure::Unauthorized { status: 401, .. }));
         assert!(matches!(classify(503, "upstream overloaded"), ProviderFailure::Server { status: 503, .. }));
-        assert!(matches!(classify(502, ""), ProviderFailure::Server { status: 502, ref message, .. } if message == "HTTP 502"));
+        assert!(
+            matches!(classify(502, ""), ProviderFailure::Server { status: 502, ref message, .. } if message == "HTTP 502")
+        );
     }
 
     #[test]

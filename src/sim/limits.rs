@@ -96,9 +96,7 @@ impl ModelLimiter {
     /// one that frees up last (the only wait after which the call fits).
     fn refusal(&self, cost: Cost, now: Micros) -> Refusal {
         // When each bucket alone would admit its part (`None`: never).
-        let fits_at = |requests, tokens| {
-            gcra::available_at(&self.bucket, &self.params, Cost { requests, tokens }, now)
-        };
+        let fits_at = |requests, tokens| gcra::available_at(&self.bucket, &self.params, Cost { requests, tokens }, now);
         let (kind, retry_at) = match (fits_at(cost.requests, 0), fits_at(0, cost.tokens)) {
             (None, _) => (LimitKind::Requests, None),
             (_, None) => (LimitKind::Tokens, None),

@@ -372,8 +372,7 @@ async fn shutdown_cuts_off_stalled_calls() {
     let mut t = spawn(CONFIG).await;
     t.control("/_sim/faults", json!({"stall_rate": 1.0, "stall_ms": 60_000})).await;
     let (http, url) = (t.http.clone(), format!("{}/v1/chat/completions", t.base));
-    let pending =
-        tokio::spawn(async move { http.post(url).bearer_auth("sk-b").json(&request("hi", 10)).send().await });
+    let pending = tokio::spawn(async move { http.post(url).bearer_auth("sk-b").json(&request("hi", 10)).send().await });
     while t.sim.stats().orgs["org-b"].stalled == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

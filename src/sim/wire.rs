@@ -61,11 +61,7 @@ struct RawPart {
 /// optional parameters would be.
 pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(
-            format!("We could not parse the JSON body of your request. ({e})"),
-            None,
-            None,
-        )
+        ApiError::invalid_request(format!("We could not parse the JSON body of your request. ({e})"), None, None)
     })?;
     for field in ["model", "messages"] {
         if value.get(field).is_none() {
@@ -296,7 +292,10 @@ mod tests {
         assert_eq!(c.max_tokens, 5);
         assert_eq!(c.messages[1].1, "a");
         assert_eq!(c.messages[2].1, "");
-        let c = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":7,"max_tokens":9}"#).unwrap();
+        let c = parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":7,"max_tokens":9}"#,
+        )
+        .unwrap();
         assert_eq!(c.max_tokens, 7);
         let c = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
         assert_eq!((c.max_tokens, c.temperature), (DEFAULT_MAX_TOKENS, None));

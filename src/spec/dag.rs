@@ -74,12 +74,7 @@ mod tests {
     }
 
     fn ready_in(g: &[Vec<usize>], done: &[usize], running: &[usize]) -> Vec<usize> {
-        ready(
-            g.len(),
-            |i| &g[i],
-            &done.iter().copied().collect(),
-            &running.iter().copied().collect(),
-        )
+        ready(g.len(), |i| &g[i], &done.iter().copied().collect(), &running.iter().copied().collect())
     }
 
     #[test]

@@ -77,10 +77,7 @@ pub struct SpecError {
 
 impl SpecError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -221,11 +218,7 @@ impl JobSpec {
         if body.len() > limits.max_body_bytes {
             return Err(SpecError::new(
                 "body",
-                format!(
-                    "request body is {} bytes, more than the limit of {}",
-                    body.len(),
-                    limits.max_body_bytes
-                ),
+                format!("request body is {} bytes, more than the limit of {}", body.len(), limits.max_body_bytes),
             ));
         }
         validate(deserialize(body)?, limits, Some(serves_model))
@@ -246,20 +239,12 @@ impl JobSpec {
                     messages: s
                         .messages
                         .iter()
-                        .map(|m| StoredMessage {
-                            role: m.role,
-                            content: m.content.source(),
-                        })
+                        .map(|m| StoredMessage { role: m.role, content: m.content.source() })
                         .collect(),
                     model: &s.model,
                     max_tokens: s.max_tokens,
                     temperature: s.temperature,
-                    depends_on: s
-                        .deps
-                        .iter()
-                        .filter_map(|&d| self.steps.get(d))
-                        .map(|d| &d.id)
-                        .collect(),
+                    depends_on: s.deps.iter().filter_map(|&d| self.steps.get(d)).map(|d| &d.id).collect(),
                 })
                 .collect(),
         };
@@ -292,8 +277,7 @@ impl JobSpec {
 fn deserialize(body: &[u8]) -> Result<RawSpec, SpecError> {
     // Syntax first, on its own, so its errors name the body with serde's
     // line/column; this also refuses trailing data after the object.
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| SpecError::new("body", e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| SpecError::new("body", e.to_string()))?;
     require_objects(&value)?;
     // Then the typed pass, from the bytes rather than the `Value`, because
     // only the streaming parser reports duplicate keys.
@@ -343,19 +327,11 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> SpecError {
     let message = full.strip_suffix(&position).unwrap_or(&full);
     // serde reports a missing or repeated field at the enclosing object;
     // point at the field itself.
-    for (prefix, what) in [
-        ("missing field `", "required field is missing"),
-        ("duplicate field `", "appears more than once"),
-    ] {
-        if let Some(name) = message
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_suffix('`'))
-        {
-            let field = if path == "." {
-                name.to_owned()
-            } else {
-                format!("{path}.{name}")
-            };
+    for (prefix, what) in
+        [("missing field `", "required field is missing"), ("duplicate field `", "appears more than once")]
+    {
+        if let Some(name) = message.strip_prefix(prefix).and_then(|rest| rest.strip_suffix('`')) {
+            let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
             return SpecError::new(field, what);
         }
     }
@@ -383,11 +359,7 @@ fn validate(
     if raw.inputs.len() > limits.max_inputs {
         return Err(SpecError::new(
             "inputs",
-            format!(
-                "has {} inputs, more than the limit of {}",
-                raw.inputs.len(),
-                limits.max_inputs
-            ),
+            format!("has {} inputs, more than the limit of {}", raw.inputs.len(), limits.max_inputs),
         ));
     }
     for (key, value) in &raw.inputs {
@@ -395,11 +367,7 @@ fn validate(
         if value.len() > limits.max_input_bytes {
             return Err(SpecError::new(
                 format!("inputs.{key}"),
-                format!(
-                    "is {} bytes, more than the limit of {}",
-                    value.len(),
-                    limits.max_input_bytes
-                ),
+                format!("is {} bytes, more than the limit of {}", value.len(), limits.max_input_bytes),
             ));
         }
     }
@@ -407,10 +375,7 @@ fn validate(
     if let Some(p) = raw.max_parallel
         && !(1..=MAX_PARALLEL).contains(&p)
     {
-        return Err(SpecError::new(
-            "max_parallel",
-            format!("must be between 1 and {MAX_PARALLEL}, got {p}"),
-        ));
+        return Err(SpecError::new("max_parallel", format!("must be between 1 and {MAX_PARALLEL}, got {p}")));
     }
 
     let defaults = raw.defaults;
@@ -427,11 +392,7 @@ fn validate(
     if raw.steps.len() > limits.max_steps {
         return Err(SpecError::new(
             "steps",
-            format!(
-                "has {} steps, more than the limit of {}",
-                raw.steps.len(),
-                limits.max_steps
-            ),
+            format!("has {} steps, more than the limit of {}", raw.steps.len(), limits.max_steps),
         ));
     }
 
@@ -443,10 +404,7 @@ fn validate(
         if let Some(first) = index.insert(&rs.id, i) {
             return Err(SpecError::new(
                 format!("steps[{i}].id"),
-                format!(
-                    "duplicate step id \"{}\" (first used by steps[{first}])",
-                    rs.id
-                ),
+                format!("duplicate step id \"{}\" (first used by steps[{first}])", rs.id),
             ));
         }
         steps.push(check_step(i, rs, &defaults, limits, serves_model)?);
@@ -457,23 +415,13 @@ fn validate(
         let mut deps = Vec::new();
         for (j, msg) in step.messages.iter().enumerate() {
             let field = || format!("steps[{i}].messages[{j}].content");
-            if let Some(missing) = msg
-                .content
-                .input_refs()
-                .find(|n| !raw.inputs.contains_key(*n))
-            {
-                return Err(SpecError::new(
-                    field(),
-                    format!("unknown input \"{missing}\""),
-                ));
+            if let Some(missing) = msg.content.input_refs().find(|n| !raw.inputs.contains_key(*n)) {
+                return Err(SpecError::new(field(), format!("unknown input \"{missing}\"")));
             }
             for id in msg.content.step_refs() {
                 match index.get(id) {
                     Some(&d) if d == i => {
-                        return Err(SpecError::new(
-                            field(),
-                            format!("step \"{id}\" cannot use its own output"),
-                        ));
+                        return Err(SpecError::new(field(), format!("step \"{id}\" cannot use its own output")));
                     }
                     Some(&d) => deps.push(d),
                     None => return Err(SpecError::new(field(), format!("unknown step \"{id}\""))),
@@ -499,10 +447,7 @@ fn validate(
         let path: Vec<&str> = cycle.iter().map(|&i| steps[i].id.as_str()).collect();
         return Err(SpecError::new(
             format!("steps[{}]", cycle[0]),
-            format!(
-                "dependency cycle {} (each step depends on the next)",
-                path.join(" -> ")
-            ),
+            format!("dependency cycle {} (each step depends on the next)", path.join(" -> ")),
         ));
     }
 
@@ -525,19 +470,12 @@ fn check_step(
     serves_model: Option<&dyn Fn(&ModelName) -> bool>,
 ) -> Result<Step, SpecError> {
     if rs.messages.is_empty() {
-        return Err(SpecError::new(
-            format!("steps[{i}].messages"),
-            "must contain at least one message",
-        ));
+        return Err(SpecError::new(format!("steps[{i}].messages"), "must contain at least one message"));
     }
     if rs.messages.len() > limits.max_messages_per_step {
         return Err(SpecError::new(
             format!("steps[{i}].messages"),
-            format!(
-                "has {} messages, more than the limit of {}",
-                rs.messages.len(),
-                limits.max_messages_per_step
-            ),
+            format!("has {} messages, more than the limit of {}", rs.messages.len(), limits.max_messages_per_step),
         ));
     }
     let mut messages = Vec::with_capacity(rs.messages.len());
@@ -549,19 +487,11 @@ fn check_step(
         if m.content.len() > limits.max_template_bytes {
             return Err(SpecError::new(
                 field(),
-                format!(
-                    "is {} bytes, more than the limit of {}",
-                    m.content.len(),
-                    limits.max_template_bytes
-                ),
+                format!("is {} bytes, more than the limit of {}", m.content.len(), limits.max_template_bytes),
             ));
         }
-        let content =
-            Template::parse(&m.content).map_err(|e| SpecError::new(field(), e.message))?;
-        messages.push(MessageTemplate {
-            role: m.role,
-            content,
-        });
+        let content = Template::parse(&m.content).map_err(|e| SpecError::new(field(), e.message))?;
+        messages.push(MessageTemplate { role: m.role, content });
     }
 
     let model_field = format!("steps[{i}].model");
@@ -569,20 +499,13 @@ fn check_step(
         (Some(m), _) => m.clone(),
         (None, Some(m)) => m.clone(),
         (None, None) => {
-            return Err(SpecError::new(
-                model_field,
-                "no model given and no defaults.model",
-            ));
+            return Err(SpecError::new(model_field, "no model given and no defaults.model"));
         }
     };
     if let Some(serves) = serves_model
         && !serves(&model)
     {
-        let from_defaults = if rs.model.is_none() {
-            " (from defaults.model)"
-        } else {
-            ""
-        };
+        let from_defaults = if rs.model.is_none() { " (from defaults.model)" } else { "" };
         return Err(SpecError::new(
             model_field,
             format!("model \"{model}\" is not served by any configured org{from_defaults}"),
@@ -591,8 +514,7 @@ fn check_step(
 
     // Defaults were checked once already; only the step's own values here.
     if let Some(t) = rs.max_tokens {
-        check_max_tokens(t, limits)
-            .map_err(|m| SpecError::new(format!("steps[{i}].max_tokens"), m))?;
+        check_max_tokens(t, limits).map_err(|m| SpecError::new(format!("steps[{i}].max_tokens"), m))?;
     }
     if let Some(t) = rs.temperature {
         check_temperature(t).map_err(|m| SpecError::new(format!("steps[{i}].temperature"), m))?;
@@ -602,24 +524,15 @@ fn check_step(
         id: rs.id.clone(),
         messages,
         model,
-        max_tokens: rs
-            .max_tokens
-            .or(defaults.max_tokens)
-            .unwrap_or(DEFAULT_MAX_TOKENS),
-        temperature: rs
-            .temperature
-            .or(defaults.temperature)
-            .unwrap_or(DEFAULT_TEMPERATURE),
+        max_tokens: rs.max_tokens.or(defaults.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS),
+        temperature: rs.temperature.or(defaults.temperature).unwrap_or(DEFAULT_TEMPERATURE),
         deps: Vec::new(),
     })
 }
 
 fn check_max_tokens(t: u32, limits: &SpecLimits) -> Result<(), String> {
     if t == 0 || t > limits.max_tokens_cap {
-        return Err(format!(
-            "must be between 1 and {}, got {t}",
-            limits.max_tokens_cap
-        ));
+        return Err(format!("must be between 1 and {}, got {t}", limits.max_tokens_cap));
     }
     Ok(())
 }

@@ -34,9 +34,7 @@ pub struct TemplateError {
 
 impl TemplateError {
     fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-        }
+        Self { message: message.into() }
     }
 }
 
@@ -93,10 +91,7 @@ impl Template {
         if pos < s.len() {
             parts.push(Part::Literal(pos..s.len()));
         }
-        Ok(Template {
-            source: s.to_owned(),
-            parts,
-        })
+        Ok(Template { source: s.to_owned(), parts })
     }
 
     /// The original text; what is stored, so a stored spec round-trips.
@@ -133,13 +128,10 @@ impl Template {
         for part in &self.parts {
             let piece: &str = match part {
                 Part::Literal(range) => &self.source[range.clone()],
-                Part::Input(name) => inputs
-                    .get(name)
-                    .map(String::as_str)
-                    .ok_or_else(|| RenderError::MissingInput(name.clone()))?,
-                Part::StepOutput(id) => {
-                    outputs(id).ok_or_else(|| RenderError::MissingOutput(id.clone()))?
+                Part::Input(name) => {
+                    inputs.get(name).map(String::as_str).ok_or_else(|| RenderError::MissingInput(name.clone()))?
                 }
+                Part::StepOutput(id) => outputs(id).ok_or_else(|| RenderError::MissingOutput(id.clone()))?,
             };
             if piece.len() > max_bytes.saturating_sub(out.len()) {
                 return Err(RenderError::TooLarge { max_bytes });
@@ -167,10 +159,7 @@ fn parse_placeholder(raw: &str) -> Result<Part, TemplateError> {
         let id = StepId::parse(id).map_err(|e| TemplateError::new(format!("{}: {e}", shown())))?;
         return Ok(Part::StepOutput(id));
     }
-    Err(TemplateError::new(format!(
-        "{}: expected `{{{{inputs.NAME}}}}` or `{{{{steps.ID.output}}}}`",
-        shown()
-    )))
+    Err(TemplateError::new(format!("{}: expected `{{{{inputs.NAME}}}}` or `{{{{steps.ID.output}}}}`", shown())))
 }
 
 /// Input names appear inside placeholders and as keys of `inputs`, so both
@@ -180,17 +169,10 @@ pub(crate) fn check_input_name(name: &str) -> Result<(), String> {
         return Err("input name must not be empty".into());
     }
     if name.len() > MAX_INPUT_NAME {
-        return Err(format!(
-            "input name is longer than {MAX_INPUT_NAME} characters"
-        ));
+        return Err(format!("input name is longer than {MAX_INPUT_NAME} characters"));
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-    {
-        return Err(format!(
-            "input name {name:?} may contain only letters, digits, '-', '_', '.' and ':'"
-        ));
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+        return Err(format!("input name {name:?} may contain only letters, digits, '-', '_', '.' and ':'"));
     }
     Ok(())
 }
@@ -203,24 +185,10 @@ mod tests {
         StepId::parse(s).unwrap()
     }
 
-    fn render(
-        t: &str,
-        inputs: &[(&str, &str)],
-        outputs: &[(&str, &str)],
-    ) -> Result<String, RenderError> {
-        let inputs: BTreeMap<String, String> = inputs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let outputs: BTreeMap<StepId, String> = outputs
-            .iter()
-            .map(|(k, v)| (sid(k), v.to_string()))
-            .collect();
-        Template::parse(t).unwrap().render(
-            &inputs,
-            &|id| outputs.get(id).map(String::as_str),
-            1 << 20,
-        )
+    fn render(t: &str, inputs: &[(&str, &str)], outputs: &[(&str, &str)]) -> Result<String, RenderError> {
+        let inputs: BTreeMap<String, String> = inputs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let outputs: BTreeMap<StepId, String> = outputs.iter().map(|(k, v)| (sid(k), v.to_string())).collect();
+        Template::parse(t).unwrap().render(&inputs, &|id| outputs.get(id).map(String::as_str), 1 << 20)
     }
 
     #[test]
@@ -236,11 +204,7 @@ mod tests {
 
     #[test]
     fn whitespace_inside_braces_is_ignored() {
-        let got = render(
-            "[{{ inputs.x }}|{{\n\tsteps.a.output  }}]",
-            &[("x", "1")],
-            &[("a", "2")],
-        );
+        let got = render("[{{ inputs.x }}|{{\n\tsteps.a.output  }}]", &[("x", "1")], &[("a", "2")]);
         assert_eq!(got.unwrap(), "[1|2]");
     }
 
@@ -259,10 +223,7 @@ mod tests {
 
     #[test]
     fn extracts_references_in_order() {
-        let t = Template::parse(
-            "{{steps.b.output}} {{inputs.x}} {{steps.a.output}} {{steps.b.output}}",
-        )
-        .unwrap();
+        let t = Template::parse("{{steps.b.output}} {{inputs.x}} {{steps.a.output}} {{steps.b.output}}").unwrap();
         let steps: Vec<&str> = t.step_refs().map(StepId::as_str).collect();
         assert_eq!(steps, ["b", "a", "b"]);
         assert_eq!(t.input_refs().collect::<Vec<_>>(), ["x"]);
@@ -278,10 +239,7 @@ mod tests {
     fn parse_errors() {
         for (src, needle) in [
             ("hello {{inputs.x", "unclosed `{{` at byte 6"),
-            (
-                "{{ premise }}",
-                "expected `{{inputs.NAME}}` or `{{steps.ID.output}}`",
-            ),
+            ("{{ premise }}", "expected `{{inputs.NAME}}` or `{{steps.ID.output}}`"),
             ("{{outputs.a}}", "expected `{{inputs.NAME}}`"),
             ("{{}}", "expected `{{inputs.NAME}}`"),
             ("{{inputs.}}", "input name must not be empty"),
@@ -300,14 +258,8 @@ mod tests {
 
     #[test]
     fn missing_references_at_render() {
-        assert_eq!(
-            render("{{inputs.x}}", &[], &[]),
-            Err(RenderError::MissingInput("x".into()))
-        );
-        assert_eq!(
-            render("{{steps.a.output}}", &[], &[]),
-            Err(RenderError::MissingOutput(sid("a")))
-        );
+        assert_eq!(render("{{inputs.x}}", &[], &[]), Err(RenderError::MissingInput("x".into())));
+        assert_eq!(render("{{steps.a.output}}", &[], &[]), Err(RenderError::MissingOutput(sid("a"))));
     }
 
     #[test]
@@ -316,14 +268,8 @@ mod tests {
         let inputs = BTreeMap::from([("x".to_string(), "cd".to_string())]);
         let none = |_: &StepId| None;
         assert_eq!(t.render(&inputs, &none, 4).unwrap(), "abcd");
-        assert_eq!(
-            t.render(&inputs, &none, 3),
-            Err(RenderError::TooLarge { max_bytes: 3 })
-        );
-        assert_eq!(
-            t.render(&inputs, &none, 1),
-            Err(RenderError::TooLarge { max_bytes: 1 })
-        );
+        assert_eq!(t.render(&inputs, &none, 3), Err(RenderError::TooLarge { max_bytes: 3 }));
+        assert_eq!(t.render(&inputs, &none, 1), Err(RenderError::TooLarge { max_bytes: 1 }));
     }
 
     #[test]
@@ -334,9 +280,6 @@ mod tests {
         let t = Template::parse(&"{{steps.big.output}}".repeat(1000)).unwrap();
         let inputs = BTreeMap::new();
         let out = |id: &StepId| (id.as_str() == "big").then_some(big.as_str());
-        assert_eq!(
-            t.render(&inputs, &out, 2 << 20),
-            Err(RenderError::TooLarge { max_bytes: 2 << 20 })
-        );
+        assert_eq!(t.render(&inputs, &out, 2 << 20), Err(RenderError::TooLarge { max_bytes: 2 << 20 }));
     }
 }

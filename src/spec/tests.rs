@@ -40,10 +40,7 @@ fn rejects(edit: impl FnOnce(&mut Value), field: &str, needle: &str) -> SpecErro
     edit(&mut v);
     let err = parse(&v).expect_err("spec should be refused");
     assert_eq!(err.field, field, "{err}");
-    assert!(
-        err.message.contains(needle),
-        "{err:?} should contain {needle:?}"
-    );
+    assert!(err.message.contains(needle), "{err:?} should contain {needle:?}");
     err
 }
 
@@ -89,19 +86,11 @@ fn step_values_override_defaults() {
     assert_eq!(spec.priority, Priority::Batch);
     assert_eq!(spec.max_parallel, Some(64));
     assert_eq!(
-        (
-            spec.steps[0].model.as_str(),
-            spec.steps[0].max_tokens,
-            spec.steps[0].temperature
-        ),
+        (spec.steps[0].model.as_str(), spec.steps[0].max_tokens, spec.steps[0].temperature),
         ("gpt-4o-mini", 300, 0.5)
     );
     assert_eq!(
-        (
-            spec.steps[1].model.as_str(),
-            spec.steps[1].max_tokens,
-            spec.steps[1].temperature
-        ),
+        (spec.steps[1].model.as_str(), spec.steps[1].max_tokens, spec.steps[1].temperature),
         ("gpt-4o", 131072, 0.0)
     );
 }
@@ -150,12 +139,7 @@ fn trailing_data_and_non_object_bodies_are_refused() {
     let body = format!("{} {{}}", base());
     let err = JobSpec::parse(body.as_bytes(), &SpecLimits::default(), &serves).unwrap_err();
     assert_eq!(err.field, "body", "{err}");
-    let err = JobSpec::parse(
-        b"[\"n\", {}, {}, [], null, []]",
-        &SpecLimits::default(),
-        &serves,
-    )
-    .unwrap_err();
+    let err = JobSpec::parse(b"[\"n\", {}, {}, [], null, []]", &SpecLimits::default(), &serves).unwrap_err();
     assert_eq!(err.to_string(), "body: must be a JSON object");
     let err = JobSpec::parse(b"", &SpecLimits::default(), &serves).unwrap_err();
     assert_eq!(err.field, "body", "{err}");
@@ -163,26 +147,10 @@ fn trailing_data_and_non_object_bodies_are_refused() {
 
 #[test]
 fn structs_written_as_arrays_are_refused() {
-    rejects(
-        |v| v["defaults"] = json!(["gpt-4o-mini"]),
-        "defaults",
-        "must be a JSON object",
-    );
-    rejects(
-        |v| v["steps"][1] = json!(["b", []]),
-        "steps[1]",
-        "must be a JSON object",
-    );
-    rejects(
-        |v| v["steps"][1]["messages"][1] = json!(["user", "hi"]),
-        "steps[1].messages[1]",
-        "must be a JSON object",
-    );
-    rejects(
-        |v| v["steps"][1]["messages"] = json!("hi"),
-        "steps[1].messages",
-        "invalid type: string",
-    );
+    rejects(|v| v["defaults"] = json!(["gpt-4o-mini"]), "defaults", "must be a JSON object");
+    rejects(|v| v["steps"][1] = json!(["b", []]), "steps[1]", "must be a JSON object");
+    rejects(|v| v["steps"][1]["messages"][1] = json!(["user", "hi"]), "steps[1].messages[1]", "must be a JSON object");
+    rejects(|v| v["steps"][1]["messages"] = json!("hi"), "steps[1].messages", "invalid type: string");
 }
 
 #[test]
@@ -192,19 +160,14 @@ fn duplicate_keys_are_refused() {
     assert_eq!(err.to_string(), "name: appears more than once");
     let mut v = base();
     v["steps"][0]["model"] = json!("m");
-    let body = v
-        .to_string()
-        .replace(r#""model":"m""#, r#""model":"m","model":"n""#);
+    let body = v.to_string().replace(r#""model":"m""#, r#""model":"m","model":"n""#);
     let err = JobSpec::parse(body.as_bytes(), &SpecLimits::default(), &serves).unwrap_err();
     assert_eq!(err.to_string(), "steps[0].model: appears more than once");
 }
 
 #[test]
 fn oversized_body() {
-    let limits = SpecLimits {
-        max_body_bytes: 100,
-        ..SpecLimits::default()
-    };
+    let limits = SpecLimits { max_body_bytes: 100, ..SpecLimits::default() };
     let err = parse_with(&base(), &limits).unwrap_err();
     assert_eq!(err.field, "body");
     assert!(err.message.contains("more than the limit of 100"), "{err}");
@@ -212,83 +175,33 @@ fn oversized_body() {
 
 #[test]
 fn wrong_type_names_the_path_without_position() {
-    let err = rejects(
-        |v| v["steps"][1]["max_tokens"] = json!("x"),
-        "steps[1].max_tokens",
-        "",
-    );
-    assert_eq!(
-        err.to_string(),
-        "steps[1].max_tokens: invalid type: string \"x\", expected u32"
-    );
-    rejects(
-        |v| v["inputs"]["premise"] = json!(3),
-        "inputs.premise",
-        "invalid type: integer",
-    );
+    let err = rejects(|v| v["steps"][1]["max_tokens"] = json!("x"), "steps[1].max_tokens", "");
+    assert_eq!(err.to_string(), "steps[1].max_tokens: invalid type: string \"x\", expected u32");
+    rejects(|v| v["inputs"]["premise"] = json!(3), "inputs.premise", "invalid type: integer");
     rejects(
         |v| v["steps"][0]["messages"][0]["content"] = json!(null),
         "steps[0].messages[0].content",
         "invalid type: null",
     );
     rejects(|v| v["steps"] = json!({}), "steps", "invalid type: map");
-    rejects(
-        |v| v["steps"][1]["max_tokens"] = json!(-1),
-        "steps[1].max_tokens",
-        "invalid value",
-    );
+    rejects(|v| v["steps"][1]["max_tokens"] = json!(-1), "steps[1].max_tokens", "invalid value");
 }
 
 #[test]
 fn unknown_fields_are_refused() {
-    rejects(
-        |v| v["colour"] = json!("red"),
-        "colour",
-        "unknown field `colour`",
-    );
-    rejects(
-        |v| v["steps"][1]["temprature"] = json!(1),
-        "steps[1].temprature",
-        "unknown field `temprature`",
-    );
-    rejects(
-        |v| v["defaults"]["top_p"] = json!(1),
-        "defaults.top_p",
-        "unknown field `top_p`",
-    );
-    rejects(
-        |v| v["steps"][0]["messages"][0]["name"] = json!("x"),
-        "steps[0].messages[0].name",
-        "unknown field",
-    );
+    rejects(|v| v["colour"] = json!("red"), "colour", "unknown field `colour`");
+    rejects(|v| v["steps"][1]["temprature"] = json!(1), "steps[1].temprature", "unknown field `temprature`");
+    rejects(|v| v["defaults"]["top_p"] = json!(1), "defaults.top_p", "unknown field `top_p`");
+    rejects(|v| v["steps"][0]["messages"][0]["name"] = json!("x"), "steps[0].messages[0].name", "unknown field");
 }
 
 #[test]
 fn missing_required_fields_name_the_field() {
+    rejects(|v| drop(v.as_object_mut().unwrap().remove("name")), "name", "required");
+    rejects(|v| drop(v.as_object_mut().unwrap().remove("steps")), "steps", "required");
+    rejects(|v| drop(v["steps"][1].as_object_mut().unwrap().remove("id")), "steps[1].id", "required");
     rejects(
-        |v| drop(v.as_object_mut().unwrap().remove("name")),
-        "name",
-        "required",
-    );
-    rejects(
-        |v| drop(v.as_object_mut().unwrap().remove("steps")),
-        "steps",
-        "required",
-    );
-    rejects(
-        |v| drop(v["steps"][1].as_object_mut().unwrap().remove("id")),
-        "steps[1].id",
-        "required",
-    );
-    rejects(
-        |v| {
-            drop(
-                v["steps"][1]["messages"][1]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("role"),
-            )
-        },
+        |v| drop(v["steps"][1]["messages"][1].as_object_mut().unwrap().remove("role")),
         "steps[1].messages[1].role",
         "required",
     );
@@ -301,11 +214,7 @@ fn invalid_role_and_priority() {
         "steps[0].messages[0].role",
         "unknown variant `tool`",
     );
-    rejects(
-        |v| v["priority"] = json!("urgent"),
-        "priority",
-        "unknown variant `urgent`",
-    );
+    rejects(|v| v["priority"] = json!("urgent"), "priority", "unknown variant `urgent`");
 }
 
 // ---------------------------------------------------------------- top-level rules
@@ -314,11 +223,7 @@ fn invalid_role_and_priority() {
 fn name_rules() {
     rejects(|v| v["name"] = json!(""), "name", "must not be empty");
     rejects(|v| v["name"] = json!("   "), "name", "must not be empty");
-    rejects(
-        |v| v["name"] = json!("é".repeat(201)),
-        "name",
-        "201 characters",
-    );
+    rejects(|v| v["name"] = json!("é".repeat(201)), "name", "201 characters");
     let mut v = base();
     v["name"] = json!("é".repeat(200));
     assert!(parse(&v).is_ok());
@@ -326,22 +231,11 @@ fn name_rules() {
 
 #[test]
 fn input_rules() {
-    let limits = SpecLimits {
-        max_inputs: 1,
-        max_input_bytes: 10,
-        ..SpecLimits::default()
-    };
+    let limits = SpecLimits { max_inputs: 1, max_input_bytes: 10, ..SpecLimits::default() };
     let mut v = base();
     v["inputs"]["extra"] = json!("x");
     let err = parse_with(&v, &limits).unwrap_err();
-    assert_eq!(
-        (
-            err.field.as_str(),
-            err.message.contains("more than the limit of 1")
-        ),
-        ("inputs", true),
-        "{err}"
-    );
+    assert_eq!((err.field.as_str(), err.message.contains("more than the limit of 1")), ("inputs", true), "{err}");
 
     let mut v = base();
     v["inputs"]["premise"] = json!("x".repeat(11));
@@ -349,71 +243,38 @@ fn input_rules() {
     assert_eq!(err.field, "inputs.premise", "{err}");
     assert!(err.message.contains("11 bytes"), "{err}");
 
-    rejects(
-        |v| v["inputs"]["bad name"] = json!("x"),
-        "inputs",
-        "may contain only",
-    );
+    rejects(|v| v["inputs"]["bad name"] = json!("x"), "inputs", "may contain only");
 }
 
 #[test]
 fn max_parallel_rules() {
-    rejects(
-        |v| v["max_parallel"] = json!(0),
-        "max_parallel",
-        "between 1 and 64, got 0",
-    );
+    rejects(|v| v["max_parallel"] = json!(0), "max_parallel", "between 1 and 64, got 0");
     rejects(|v| v["max_parallel"] = json!(65), "max_parallel", "got 65");
 }
 
 #[test]
 fn step_count_rules() {
     rejects(|v| v["steps"] = json!([]), "steps", "at least one step");
-    let limits = SpecLimits {
-        max_steps: 1,
-        ..SpecLimits::default()
-    };
+    let limits = SpecLimits { max_steps: 1, ..SpecLimits::default() };
     let err = parse_with(&base(), &limits).unwrap_err();
     assert_eq!(err.field, "steps");
-    assert!(
-        err.message.contains("2 steps, more than the limit of 1"),
-        "{err}"
-    );
+    assert!(err.message.contains("2 steps, more than the limit of 1"), "{err}");
 }
 
 // ---------------------------------------------------------------- per-step rules
 
 #[test]
 fn duplicate_and_invalid_step_ids() {
-    let err = rejects(
-        |v| v["steps"][1]["id"] = json!("a"),
-        "steps[1].id",
-        "duplicate step id \"a\"",
-    );
+    let err = rejects(|v| v["steps"][1]["id"] = json!("a"), "steps[1].id", "duplicate step id \"a\"");
     assert!(err.message.contains("steps[0]"), "{err}");
-    rejects(
-        |v| v["steps"][1]["id"] = json!("scene 3"),
-        "steps[1].id",
-        "may contain only",
-    );
-    rejects(
-        |v| v["steps"][1]["id"] = json!(""),
-        "steps[1].id",
-        "must not be empty",
-    );
+    rejects(|v| v["steps"][1]["id"] = json!("scene 3"), "steps[1].id", "may contain only");
+    rejects(|v| v["steps"][1]["id"] = json!(""), "steps[1].id", "must not be empty");
 }
 
 #[test]
 fn message_count_rules() {
-    rejects(
-        |v| v["steps"][0]["messages"] = json!([]),
-        "steps[0].messages",
-        "at least one message",
-    );
-    let limits = SpecLimits {
-        max_messages_per_step: 1,
-        ..SpecLimits::default()
-    };
+    rejects(|v| v["steps"][0]["messages"] = json!([]), "steps[0].messages", "at least one message");
+    let limits = SpecLimits { max_messages_per_step: 1, ..SpecLimits::default() };
     let err = parse_with(&base(), &limits).unwrap_err();
     assert_eq!(err.field, "steps[1].messages");
     assert!(err.message.contains("2 messages"), "{err}");
@@ -436,10 +297,7 @@ fn template_rules() {
         "steps[1].messages[1].content",
         "unclosed",
     );
-    let limits = SpecLimits {
-        max_template_bytes: 10,
-        ..SpecLimits::default()
-    };
+    let limits = SpecLimits { max_template_bytes: 10, ..SpecLimits::default() };
     let err = parse_with(&base(), &limits).unwrap_err();
     assert_eq!(err.field, "steps[0].messages[0].content");
     assert!(err.message.contains("more than the limit of 10"), "{err}");
@@ -452,10 +310,7 @@ fn reference_rules() {
         "steps[1].messages[1].content",
         "",
     );
-    assert_eq!(
-        err.to_string(),
-        "steps[1].messages[1].content: unknown input \"premis\""
-    );
+    assert_eq!(err.to_string(), "steps[1].messages[1].content: unknown input \"premis\"");
     rejects(
         |v| v["steps"][1]["messages"][1]["content"] = json!("{{steps.z.output}}"),
         "steps[1].messages[1].content",
@@ -466,35 +321,16 @@ fn reference_rules() {
         "steps[1].messages[1].content",
         "its own output",
     );
-    rejects(
-        |v| v["steps"][1]["depends_on"] = json!(["a", "nope"]),
-        "steps[1].depends_on[1]",
-        "unknown step \"nope\"",
-    );
-    rejects(
-        |v| v["steps"][1]["depends_on"] = json!(["b"]),
-        "steps[1].depends_on[0]",
-        "cannot depend on itself",
-    );
-    rejects(
-        |v| v["steps"][1]["depends_on"] = json!(["bad id"]),
-        "steps[1].depends_on[0]",
-        "may contain only",
-    );
+    rejects(|v| v["steps"][1]["depends_on"] = json!(["a", "nope"]), "steps[1].depends_on[1]", "unknown step \"nope\"");
+    rejects(|v| v["steps"][1]["depends_on"] = json!(["b"]), "steps[1].depends_on[0]", "cannot depend on itself");
+    rejects(|v| v["steps"][1]["depends_on"] = json!(["bad id"]), "steps[1].depends_on[0]", "may contain only");
 }
 
 #[test]
 fn cycles_name_a_step_and_the_path() {
     // a <-> b through a template and a depends_on.
-    let err = rejects(
-        |v| v["steps"][0]["depends_on"] = json!(["b"]),
-        "steps[0]",
-        "",
-    );
-    assert_eq!(
-        err.message,
-        "dependency cycle a -> b -> a (each step depends on the next)"
-    );
+    let err = rejects(|v| v["steps"][0]["depends_on"] = json!(["b"]), "steps[0]", "");
+    assert_eq!(err.message, "dependency cycle a -> b -> a (each step depends on the next)");
 
     // A 3-cycle behind an innocent step, reported from its lowest index.
     let v = json!({"name": "n", "defaults": {"model": "m"}, "steps": [
@@ -505,86 +341,33 @@ fn cycles_name_a_step_and_the_path() {
         step("after", "{{steps.z.output}}"),
     ]});
     let err = parse(&v).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "steps[1]: dependency cycle x -> z -> y -> x (each step depends on the next)"
-    );
+    assert_eq!(err.to_string(), "steps[1]: dependency cycle x -> z -> y -> x (each step depends on the next)");
 }
 
 #[test]
 fn model_rules() {
-    let err = rejects(
-        |v| drop(v.as_object_mut().unwrap().remove("defaults")),
-        "steps[0].model",
-        "",
-    );
-    assert_eq!(
-        err.to_string(),
-        "steps[0].model: no model given and no defaults.model"
-    );
-    let err = rejects(
-        |v| v["steps"][1]["model"] = json!("gpt-9"),
-        "steps[1].model",
-        "",
-    );
-    assert_eq!(
-        err.to_string(),
-        "steps[1].model: model \"gpt-9\" is not served by any configured org"
-    );
-    rejects(
-        |v| v["defaults"]["model"] = json!("gpt-9"),
-        "steps[0].model",
-        "(from defaults.model)",
-    );
-    rejects(
-        |v| v["defaults"]["model"] = json!("gpt 4"),
-        "defaults.model",
-        "may contain only",
-    );
+    let err = rejects(|v| drop(v.as_object_mut().unwrap().remove("defaults")), "steps[0].model", "");
+    assert_eq!(err.to_string(), "steps[0].model: no model given and no defaults.model");
+    let err = rejects(|v| v["steps"][1]["model"] = json!("gpt-9"), "steps[1].model", "");
+    assert_eq!(err.to_string(), "steps[1].model: model \"gpt-9\" is not served by any configured org");
+    rejects(|v| v["defaults"]["model"] = json!("gpt-9"), "steps[0].model", "(from defaults.model)");
+    rejects(|v| v["defaults"]["model"] = json!("gpt 4"), "defaults.model", "may contain only");
 }
 
 #[test]
 fn max_tokens_rules() {
-    rejects(
-        |v| v["steps"][1]["max_tokens"] = json!(0),
-        "steps[1].max_tokens",
-        "between 1 and 131072, got 0",
-    );
-    rejects(
-        |v| v["steps"][1]["max_tokens"] = json!(131073),
-        "steps[1].max_tokens",
-        "got 131073",
-    );
-    rejects(
-        |v| v["defaults"]["max_tokens"] = json!(0),
-        "defaults.max_tokens",
-        "got 0",
-    );
+    rejects(|v| v["steps"][1]["max_tokens"] = json!(0), "steps[1].max_tokens", "between 1 and 131072, got 0");
+    rejects(|v| v["steps"][1]["max_tokens"] = json!(131073), "steps[1].max_tokens", "got 131073");
+    rejects(|v| v["defaults"]["max_tokens"] = json!(0), "defaults.max_tokens", "got 0");
 }
 
 #[test]
 fn temperature_rules() {
-    rejects(
-        |v| v["steps"][0]["temperature"] = json!(-0.1),
-        "steps[0].temperature",
-        "between 0.0 and 2.0",
-    );
-    rejects(
-        |v| v["steps"][0]["temperature"] = json!(2.01),
-        "steps[0].temperature",
-        "got 2.01",
-    );
-    rejects(
-        |v| v["defaults"]["temperature"] = json!(3),
-        "defaults.temperature",
-        "got 3",
-    );
+    rejects(|v| v["steps"][0]["temperature"] = json!(-0.1), "steps[0].temperature", "between 0.0 and 2.0");
+    rejects(|v| v["steps"][0]["temperature"] = json!(2.01), "steps[0].temperature", "got 2.01");
+    rejects(|v| v["defaults"]["temperature"] = json!(3), "defaults.temperature", "got 3");
     // Beyond f32 range, JSON numbers become infinity.
-    rejects(
-        |v| v["steps"][0]["temperature"] = json!(1e39),
-        "steps[0].temperature",
-        "got inf",
-    );
+    rejects(|v| v["steps"][0]["temperature"] = json!(1e39), "steps[0].temperature", "got inf");
     // JSON has no NaN; the check must still refuse one.
     assert!(check_temperature(f32::NAN).is_err());
     assert!(check_temperature(2.0).is_ok() && check_temperature(0.0).is_ok());
@@ -619,10 +402,7 @@ fn from_stored_skips_model_and_body_checks() {
     let limits = SpecLimits::default();
     let spec = JobSpec::parse(v.to_string().as_bytes(), &limits, &|_| true).unwrap();
     let stored = spec.to_stored();
-    let tight = SpecLimits {
-        max_body_bytes: 1,
-        ..limits
-    };
+    let tight = SpecLimits { max_body_bytes: 1, ..limits };
     assert_eq!(JobSpec::from_stored(&stored, &tight).unwrap(), spec);
     let err = JobSpec::from_stored("not json", &limits).unwrap_err();
     assert_eq!(err.field, "body");
@@ -649,24 +429,16 @@ fn ready_on_a_diamond_spec() {
     assert_eq!(spec.ready(&set(&[0]), &set(&[2])), [1]);
     assert_eq!(spec.ready(&set(&[0, 1]), &set(&[2])), Vec::<usize>::new());
     assert_eq!(spec.ready(&set(&[0, 1, 2]), &set(&[])), [3]);
-    assert_eq!(
-        spec.ready(&set(&[0, 1, 2, 3]), &set(&[])),
-        Vec::<usize>::new()
-    );
+    assert_eq!(spec.ready(&set(&[0, 1, 2, 3]), &set(&[])), Vec::<usize>::new());
 }
 
 #[test]
 fn rendering_a_parsed_step() {
     let spec = parse(&base()).unwrap();
-    let outputs: BTreeMap<StepId, String> =
-        BTreeMap::from([(StepId::parse("a").unwrap(), "draft".to_string())]);
+    let outputs: BTreeMap<StepId, String> = BTreeMap::from([(StepId::parse("a").unwrap(), "draft".to_string())]);
     let got = spec.steps[1].messages[1]
         .content
-        .render(
-            &spec.inputs,
-            &|id| outputs.get(id).map(String::as_str),
-            1 << 20,
-        )
+        .render(&spec.inputs, &|id| outputs.get(id).map(String::as_str), 1 << 20)
         .unwrap();
     assert_eq!(got, "Edit: draft");
 }
@@ -697,30 +469,16 @@ fn screenplay_example_is_valid_and_parallel() {
     }
     done.insert(idx("outline"));
     let after_outline = spec.ready(&done, &HashSet::new());
-    assert!(
-        after_outline.len() >= 3,
-        "outline should unlock the character steps"
-    );
+    assert!(after_outline.len() >= 3, "outline should unlock the character steps");
     done.extend(after_outline);
-    let scenes: Vec<usize> = spec
-        .ready(&done, &HashSet::new())
-        .into_iter()
-        .filter(is_scene)
-        .collect();
+    let scenes: Vec<usize> = spec.ready(&done, &HashSet::new()).into_iter().filter(is_scene).collect();
     assert!(scenes.len() >= 30, "{} scenes ready at once", scenes.len());
 
     // No scene waits on another scene: they are written in parallel.
     for i in (0..spec.steps.len()).filter(is_scene) {
-        assert!(
-            !spec.steps[i].deps.iter().any(is_scene),
-            "{} depends on a scene",
-            spec.steps[i].id
-        );
+        assert!(!spec.steps[i].deps.iter().any(is_scene), "{} depends on a scene", spec.steps[i].id);
     }
     // The continuity pass reads every scene.
     let continuity = &spec.steps[idx("continuity")];
-    assert_eq!(
-        continuity.deps.iter().filter(|d| is_scene(d)).count(),
-        scenes.len()
-    );
+    assert_eq!(continuity.deps.iter().filter(|d| is_scene(d)).count(), scenes.len());
 }

@@ -64,7 +64,8 @@ impl Rate {
         let used_us = (tat - now).max(0) as u128;
         let used = (used_us * self.limit as u128).div_ceil(self.period_us as u128) as u64;
         // Units the trimmed tolerance keeps in hand are not available.
-        let held = ((self.period_us - self.tolerance_us).max(0) as u128 * self.limit as u128 / self.period_us as u128) as u64;
+        let held =
+            ((self.period_us - self.tolerance_us).max(0) as u128 * self.limit as u128 / self.period_us as u128) as u64;
         self.limit.saturating_sub(used).saturating_sub(held)
     }
 
@@ -115,11 +116,7 @@ fn one(tat: Micros, rate: &Rate, n: u64, now: Micros) -> Result<Micros, Option<M
         return Err(None);
     }
     let new_tat = tat.max(now) + inc;
-    if new_tat - now <= rate.tolerance() {
-        Ok(new_tat)
-    } else {
-        Err(Some(new_tat - rate.tolerance()))
-    }
+    if new_tat - now <= rate.tolerance() { Ok(new_tat) } else { Err(Some(new_tat - rate.tolerance())) }
 }
 
 /// Checks and takes both buckets at once: either both are charged or neither.

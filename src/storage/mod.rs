@@ -196,7 +196,10 @@ pub struct Lease {
 pub enum LeaseOutcome {
     Acquired(Lease),
     /// Another worker holds an unexpired lease.
-    Held { owner: String, expires_at: Micros },
+    Held {
+        owner: String,
+        expires_at: Micros,
+    },
     /// Nothing left to run.
     Finished(JobStatus),
     /// No such job.
@@ -285,7 +288,13 @@ pub enum Acquisition {
 pub trait QuotaLedger: Send + Sync + 'static {
     /// Checks and takes `cost` from both buckets of `key` in one atomic
     /// operation (GCRA, see [`gcra::decide`]).
-    async fn acquire(&self, key: &BucketKey, params: &BucketParams, cost: Cost, now: Micros) -> StorageResult<Acquisition>;
+    async fn acquire(
+        &self,
+        key: &BucketKey,
+        params: &BucketParams,
+        cost: Cost,
+        now: Micros,
+    ) -> StorageResult<Acquisition>;
     /// Raises the stored TATs to at least `floor` (the provider showed less
     /// headroom than the ledger believed). Returns the state after.
     async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState>;
