@@ -64,7 +64,8 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
     for w in 0..WORKERS {
         // A client of its own per worker: nothing shared but the table.
         let clients = AwsClients::load(&aws_cfg).await;
-        let ledger = Arc::new(DynamoLedger::connect(clients.dynamodb.clone(), &aws_cfg).await.unwrap());
+        let ledger =
+            Arc::new(DynamoLedger::connect(clients.dynamodb.clone(), &aws_cfg, Arc::new(SystemClock)).await.unwrap());
         ledgers.push(ledger.clone());
         let org =
             OrgSettings::from_config(&cfg.orgs[0], base.clone(), SecretString::from("sk-a-contention".to_string()));

@@ -41,7 +41,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditi
 
 use super::sdk_err;
 use crate::config::AwsConfig;
-use crate::domain::Micros;
+use crate::domain::{Clock, Micros};
 use crate::storage::gcra::{self, Decision, Rate};
 use crate::storage::{
     Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageError, StorageResult,
@@ -103,12 +103,15 @@ pub struct DynamoLedger {
     /// One writer per key at a time in this process (see the module doc).
     turns: Mutex<HashMap<BucketKey, Arc<tokio::sync::Mutex<()>>>>,
     counts: Counters,
+    /// Re-read before every write: the charge must be dated as late as
+    /// possible (see `acquire`).
+    clock: Arc<dyn Clock>,
 }
 
 impl DynamoLedger {
     /// Checks that the table exists; creates nothing (see
     /// [`super::jobs::ensure_tables`]).
-    pub async fn connect(client: Client, cfg: &AwsConfig) -> StorageResult<Self> {
+    pub async fn connect(client: Client, cfg: &AwsConfig, clock: Arc<dyn Clock>) -> StorageResult<Self> {
         let table = cfg.ledger_table.clone();
         match client.describe_table().table_name(&table).send().await {
             Ok(_) => {}
@@ -125,6 +128,7 @@ impl DynamoLedger {
             seen: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             counts: Counters::default(),
+            clock,
         })
     }
 
@@ -246,6 +250,11 @@ impl QuotaLedger for DynamoLedger {
         bump(&self.counts.acquisitions);
         let _turn = self.turn(key).await;
         for _ in 0..MAX_ATTEMPTS {
+            // The provider charges when the call arrives, after this write
+            // returns; waiting for our turn and refused writes both take
+            // time, and a charge dated at the caller's older `now` would
+            // leave the provider's bucket ahead of ours when it was idle.
+            let now = now.max(self.clock.now());
             let seen = self.seen(key);
             match gcra::decide(seen, params, cost, now) {
                 Decision::Never => return Ok(Acquisition::Never),

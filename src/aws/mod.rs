@@ -69,8 +69,8 @@ pub async fn connect(
     clock: Arc<dyn Clock>,
 ) -> StorageResult<Backend> {
     let queue = Arc::new(queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout).await?);
-    let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock).await?);
-    let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg).await?);
+    let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
+    let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs })
 }
 

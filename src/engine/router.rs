@@ -25,7 +25,10 @@ use crate::telemetry::{BreakerGauge, Telemetry};
 
 /// Time between the ledger's charge and the provider's, allowed for in the
 /// burst tolerance (see [`Rate::with_slack`]).
-const TRANSIT_ALLOWANCE_US: i64 = 250_000;
+/// It covers the ledger write's round trip (a DynamoDB conditional write,
+/// retried under contention) plus the request's way to the provider; a
+/// second trims the burst by 1/60 and leaves the sustained rate untouched.
+const TRANSIT_ALLOWANCE_US: i64 = 1_000_000;
 
 /// One org as the router sees it.
 #[derive(Debug, Clone)]
@@ -421,6 +424,8 @@ impl Router {
             for (_, i, cost, params) in ready {
                 let org = &self.orgs[i];
                 let key = BucketKey::new(&org.settings.endpoint.name, model);
+                // Dated as late as possible: the provider charges on arrival.
+                let now = self.clock.now();
                 match self.ledger.acquire(&key, &params, cost, now).await? {
                     Acquisition::Granted(state) => {
                         self.telemetry.ledger_op("acquire");
