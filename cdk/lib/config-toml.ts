@@ -21,6 +21,9 @@ export interface AwsResourceNames {
 /** The CloudWatch namespace the worker publishes to; IAM and alarms depend on it. */
 export const METRICS_NAMESPACE = 'Ratepool';
 
+/** Seconds a stopping worker lets running steps finish (stopTimeout is 120). */
+export const WORKER_SHUTDOWN_GRACE_SECS = 80;
+
 export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
   const lines: string[] = [
     '[storage]',
@@ -39,6 +42,9 @@ export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
     '[workers]',
     `concurrency = ${s.workerConcurrency}`,
     `visibility_timeout_secs = ${s.visibilityTimeoutSecs}`,
+    // SIGTERM to exit must fit in the task's 120 s stopTimeout: running steps
+    // get this long, then the rest is handed back to the queue.
+    `shutdown_grace_secs = ${WORKER_SHUTDOWN_GRACE_SECS}`,
   ];
   for (const org of s.orgs) {
     lines.push('', '[[orgs]]', `name = ${q(org.name)}`, `base_url = ${q(org.baseUrl)}`, `api_key_env = ${q(org.apiKeyEnv)}`);

@@ -1,3 +1,6 @@
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
 import { App } from 'aws-cdk-lib';
 import { parse } from 'smol-toml';
 import { renderConfigToml } from '../lib/config-toml';
@@ -5,8 +8,14 @@ import { loadSettings, Settings } from '../lib/settings';
 import { buildApp, cdkJsonContext, PLACEHOLDER_ASSET } from './helpers';
 
 function settingsWith(overrides: Record<string, unknown>): Settings {
-  const app = new App({ context: { ...cdkJsonContext(), 'ratepool:lambdaAsset': PLACEHOLDER_ASSET, ...overrides } });
-  return loadSettings(app.node);
+  // An App without an outdir leaves a fresh cdk.out* temp dir behind.
+  const outdir = fs.mkdtempSync(path.join(os.tmpdir(), 'ratepool-cdk-settings-'));
+  try {
+    const app = new App({ outdir, context: { ...cdkJsonContext(), 'ratepool:lambdaAsset': PLACEHOLDER_ASSET, ...overrides } });
+    return loadSettings(app.node);
+  } finally {
+    fs.rmSync(outdir, { recursive: true, force: true });
+  }
 }
 
 const NAMES = {
@@ -75,7 +84,7 @@ describe('RATEPOOL_CONFIG_TOML', () => {
       metrics_namespace: 'Ratepool',
       secret_arn: NAMES.secretArn,
     });
-    expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30 });
+    expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30, shutdown_grace_secs: 80 });
     expect(toml.orgs).toEqual(
       ['a', 'b', 'c'].map((x) => ({
         name: `org-${x}`,
