@@ -59,7 +59,10 @@ fn twenty_screenplays_over_three_orgs_stay_within_limits() {
             format!("{}: {} of {} tpm", o.name, m["peak_60s_tokens"], m["tpm"])
         })
         .collect();
-    println!("pool: {} jobs, {steps} steps, {total} provider calls, {rejected} answered 429, {charged} tokens charged; peak 60 s use {peaks:?}", ids.len());
+    println!(
+        "pool: {} jobs, {steps} steps, {total} provider calls, {rejected} answered 429, {charged} tokens charged; peak 60 s use {peaks:?}",
+        ids.len()
+    );
     let burst: u64 = orgs.iter().map(|o| o.tpm).sum();
     assert!(charged > burst, "workload ({charged} tokens) should exceed the first-minute burst ({burst})");
     assert!(rejected * 1000 <= total, "429s on {rejected} of {total} calls: more than 0.1%");

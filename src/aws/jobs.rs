@@ -163,7 +163,7 @@ impl DynamoJobs {
             .send()
             .await;
         match res {
-            Ok(_) => Ok(CreateOutcome::Created(fresh_record(job))),
+            Ok(_) => Ok(CreateOutcome::Created(job.queued_record())),
             Err(e) if matches!(e.as_service_error(), Some(PutItemError::ConditionalCheckFailedException(_))) => {
                 Err(already_exists(&job.id))
             }
@@ -202,7 +202,7 @@ impl DynamoJobs {
         // cancelled transaction and reading it.
         for _ in 0..2 {
             let reasons = match self.transact(items.clone(), "creating a job").await {
-                Ok(()) => return Ok(CreateOutcome::Created(fresh_record(job))),
+                Ok(()) => return Ok(CreateOutcome::Created(job.queued_record())),
                 Err(TxError::Other(e)) => return Err(e),
                 Err(TxError::Cancelled(r)) => r,
             };
@@ -1016,28 +1016,6 @@ fn usage_from_item(item: &Item) -> StorageResult<(OrgName, OrgCounters)> {
             request_errors: count("request_errors")?,
         },
     ))
-}
-
-/// The record `create_job` stores, without reading it back.
-fn fresh_record(job: &NewJob) -> JobRecord {
-    JobRecord {
-        id: job.id.clone(),
-        tenant: job.tenant.clone(),
-        name: job.name.clone(),
-        priority: job.priority,
-        status: JobStatus::Queued,
-        spec_json: job.spec_json.clone(),
-        steps_total: job.steps_total,
-        steps_done: 0,
-        usage: Usage::default(),
-        error: None,
-        created_at: job.created_at,
-        updated_at: job.created_at,
-        finished_at: None,
-        lease_owner: None,
-        lease_expires_at: None,
-        stalled_runs: 0,
-    }
 }
 
 #[cfg(test)]

@@ -69,28 +69,6 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     })
 }
 
-/// The record `create_job` stores, without reading it back.
-fn fresh_record(job: &NewJob) -> JobRecord {
-    JobRecord {
-        id: job.id.clone(),
-        tenant: job.tenant.clone(),
-        name: job.name.clone(),
-        priority: job.priority,
-        status: JobStatus::Queued,
-        spec_json: job.spec_json.clone(),
-        steps_total: job.steps_total,
-        steps_done: 0,
-        usage: Usage::default(),
-        error: None,
-        created_at: job.created_at,
-        updated_at: job.created_at,
-        finished_at: None,
-        lease_owner: None,
-        lease_expires_at: None,
-        stalled_runs: 0,
-    }
-}
-
 #[async_trait]
 impl JobStore for SqliteBackend {
     /// A new job whose id already exists (not via its idempotency key) is a
@@ -152,7 +130,7 @@ impl JobStore for SqliteBackend {
                 return Err(StorageError::Conflict(format!("job {} already exists", job.id)));
             }
             tx.commit().db()?;
-            Ok(CreateOutcome::Created(fresh_record(&job)))
+            Ok(CreateOutcome::Created(job.queued_record()))
         })
         .await
     }

@@ -147,6 +147,30 @@ pub struct NewJob {
     pub created_at: Micros,
 }
 
+impl NewJob {
+    /// The record a backend stores for it, as `create_job` returns it.
+    pub fn queued_record(&self) -> JobRecord {
+        JobRecord {
+            id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            name: self.name.clone(),
+            priority: self.priority,
+            status: JobStatus::Queued,
+            spec_json: self.spec_json.clone(),
+            steps_total: self.steps_total,
+            steps_done: 0,
+            usage: Usage::default(),
+            error: None,
+            created_at: self.created_at,
+            updated_at: self.created_at,
+            finished_at: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            stalled_runs: 0,
+        }
+    }
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {

@@ -745,3 +745,56 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
     assert_eq!(usage.usage(&tenant("globex")).await.expect("usage"), vec![(org("org-a"), c(7, 0))]);
     assert!(usage.usage(&tenant("initech")).await.expect("usage").is_empty());
 }
+
+/// Runs every conformance test against a backend: one named
+/// `#[tokio::test]` each (so a failure says which), with a fresh harness
+/// from `$harness().await`. The list lives here, once, so a new test runs
+/// on every backend.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($harness:ident) => {
+        $crate::conformance_suite!(@tests $harness;
+        queue_send_receive_delete,
+        queue_visibility_timeout_redelivers,
+        queue_extend_keeps_message_hidden,
+        queue_extend_zero_hands_message_back,
+        queue_stale_receipt_cannot_extend,
+        queue_stale_receipt_cannot_delete,
+        queue_dead_letter_moves_message,
+        queue_interactive_before_batch,
+        queue_receive_waits_when_empty,
+        queue_receive_returns_early_when_sent,
+        jobs_create_and_get,
+        jobs_idempotent_create,
+        stalled_runs_count_acquisitions_since_progress,
+        lease_acquire_held_and_takeover,
+        lease_renew_extends,
+        lease_release_lets_another_worker_in,
+        checkpoint_with_held_lease,
+        checkpoint_with_stale_epoch_is_lease_lost,
+        checkpoint_after_expiry_is_lease_lost,
+        checkpoint_duplicate_is_conflict,
+        checkpoints_round_trip,
+        finish_job_succeeded_and_failed,
+        finish_job_with_lost_lease,
+        cancel_queued_job,
+        cancel_running_job_revokes_lease,
+        cancel_finished_job_is_left_alone,
+        fail_unleased_job,
+        ledger_grants_up_to_limit_then_denies,
+        ledger_never_for_oversized_cost,
+        ledger_raise_never_lowers,
+        ledger_concurrent_acquires_never_overgrant,
+        usage_add_and_tenant_isolation,
+        );
+    };
+    (@tests $harness:ident; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let h = $harness().await;
+                conformance::$name(&h).await;
+            }
+        )*
+    };
+}
