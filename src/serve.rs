@@ -42,10 +42,13 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         lease_ttl: cfg.workers.visibility_timeout(),
         max_receives: cfg.workers.max_receives.get().min(u64::from(u32::MAX)) as u32,
         // SQLite waits on an in-process notification, so a short look is
-        // free; on SQS every look is a request, so idle workers wait longer.
+        // free; on SQS every look is a request, so idle workers long-poll
+        // for SQS's maximum. A stopping worker finishes its current look
+        // first (see `Engine::run`), so SIGTERM to exit is at most this
+        // plus `shutdown_grace_secs` plus the hand-back.
         poll_wait: match cfg.storage.backend {
             StorageKind::Sqlite => Duration::from_secs(1),
-            StorageKind::Aws => Duration::from_secs(5),
+            StorageKind::Aws => Duration::from_secs(20),
         },
         shutdown_grace: Duration::from_secs(cfg.workers.shutdown_grace_secs),
         spec_limits: cfg.limits.spec_limits(),

@@ -21,8 +21,12 @@ export interface AwsResourceNames {
 /** The CloudWatch namespace the worker publishes to; IAM and alarms depend on it. */
 export const METRICS_NAMESPACE = 'Ratepool';
 
-/** Seconds a stopping worker lets running steps finish (stopTimeout is 120). */
-export const WORKER_SHUTDOWN_GRACE_SECS = 80;
+/**
+ * Seconds a stopping worker lets running steps finish. SIGTERM to exit is at
+ * most the 20 s long poll in progress + this + the hand-back: under the 100 s
+ * the design allows, well inside the task's 120 s stopTimeout.
+ */
+export const WORKER_SHUTDOWN_GRACE_SECS = 70;
 
 export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
   const lines: string[] = [
@@ -42,8 +46,6 @@ export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
     '[workers]',
     `concurrency = ${s.workerConcurrency}`,
     `visibility_timeout_secs = ${s.visibilityTimeoutSecs}`,
-    // SIGTERM to exit must fit in the task's 120 s stopTimeout: running steps
-    // get this long, then the rest is handed back to the queue.
     `shutdown_grace_secs = ${WORKER_SHUTDOWN_GRACE_SECS}`,
   ];
   for (const org of s.orgs) {

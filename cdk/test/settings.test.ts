@@ -84,7 +84,7 @@ describe('RATEPOOL_CONFIG_TOML', () => {
       metrics_namespace: 'Ratepool',
       secret_arn: NAMES.secretArn,
     });
-    expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30, shutdown_grace_secs: 80 });
+    expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30, shutdown_grace_secs: 70 });
     expect(toml.orgs).toEqual(
       ['a', 'b', 'c'].map((x) => ({
         name: `org-${x}`,
