@@ -32,34 +32,10 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `ratepool ARGS` and waits for its "listening on http://…" line.
+/// Starts `ratepool ARGS` and waits for its "listening on http://…" line;
+/// stderr goes to `log`, stdout is copied next to it (`.out`).
 fn spawn(args: &[&str], envs: &[(&str, &str)], log: &Path) -> Proc {
-    let stderr = std::fs::File::create(log).expect("log file");
-    let mut child = Command::new(BIN)
-        .args(args)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("start ratepool");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.split("listening on ").nth(1) {
-                let _ = tx.send(url.trim().to_string());
-            }
-        }
-    });
-    let url = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(u) => u,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("ratepool {args:?} did not start; log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-        }
-    };
-    Proc { child, url, log: log.to_path_buf() }
+    spawn_with_log_level(args, envs, "info", log, &log.with_extension("out"))
 }
 
 /// One simulated org.
