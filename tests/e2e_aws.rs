@@ -33,15 +33,7 @@ fn write_aws_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], workers: &str) 
         "[storage]\nbackend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\njobs_table = \"jobs-{s}\"\nledger_table = \"ledger-{s}\"\ninteractive_queue = \"i-{s}\"\nbatch_queue = \"b-{s}\"\ndead_letter_queue = \"d-{s}\"\nmetrics_namespace = \"Ratepool-{s}\"\n{workers}\n",
         endpoint()
     );
-    for o in orgs {
-        toml.push_str(&format!(
-            "[[orgs]]\nname = \"{}\"\nbase_url = \"{sim_url}/v1\"\napi_key_env = \"ORG_{}_KEY\"\ntimeout_secs = 20\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
-            o.name,
-            o.name.to_uppercase().replace('-', "_"),
-            o.rpm,
-            o.tpm
-        ));
-    }
+    toml.push_str(&orgs_toml(sim_url, orgs));
     toml.push_str("[[tenants]]\nname = \"alpha\"\napi_key_env = \"TENANT_A_KEY\"\n");
     let path = dir.join("aws.toml");
     std::fs::write(&path, &toml).unwrap();
@@ -52,10 +44,7 @@ fn write_aws_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], workers: &str) 
 }
 
 fn org_env(orgs: &[OrgSpec]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = orgs
-        .iter()
-        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
-        .collect();
+    let mut env: Vec<(String, String)> = orgs.iter().map(|o| (org_key_env(o.name), org_key(o.name))).collect();
     env.push(("TENANT_A_KEY".into(), TENANT_A_KEY.into()));
     env
 }

@@ -71,21 +71,33 @@ pub fn start_sim(dir: &Path, orgs: &[OrgSpec], latency: (f64, f64, f64)) -> Proc
 pub const TENANT_A_KEY: &str = "tenant-a-key-0123456789abcdef";
 pub const TENANT_B_KEY: &str = "tenant-b-key-0123456789abcdef";
 
+/// The environment variable holding an org's key in the test configs.
+pub fn org_key_env(name: &str) -> String {
+    format!("ORG_{}_KEY", name.to_uppercase().replace('-', "_"))
+}
+
+/// `[[orgs]]` entries pointing every org at the simulator.
+pub fn orgs_toml(sim_url: &str, orgs: &[OrgSpec]) -> String {
+    orgs.iter()
+        .map(|o| {
+            format!(
+                "[[orgs]]\nname = \"{}\"\nbase_url = \"{sim_url}/v1\"\napi_key_env = \"{}\"\ntimeout_secs = 20\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
+                o.name,
+                org_key_env(o.name),
+                o.rpm,
+                o.tpm
+            )
+        })
+        .collect()
+}
+
 /// Writes a serve config pointing every org at the simulator.
 pub fn write_serve_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], extra: &str) -> PathBuf {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nbackend = \"sqlite\"\npath = \"{}\"\n{extra}\n",
         dir.join("ratepool.db").display()
     );
-    for o in orgs {
-        toml.push_str(&format!(
-            "[[orgs]]\nname = \"{}\"\nbase_url = \"{sim_url}/v1\"\napi_key_env = \"ORG_{}_KEY\"\ntimeout_secs = 20\n[orgs.models.\"gpt-4o-mini\"]\nrpm = {}\ntpm = {}\n",
-            o.name,
-            o.name.to_uppercase().replace('-', "_"),
-            o.rpm,
-            o.tpm
-        ));
-    }
+    toml.push_str(&orgs_toml(sim_url, orgs));
     toml.push_str("[[tenants]]\nname = \"alpha\"\napi_key_env = \"TENANT_A_KEY\"\n[[tenants]]\nname = \"beta\"\napi_key_env = \"TENANT_B_KEY\"\n");
     let path = dir.join("ratepool.toml");
     std::fs::write(&path, toml).unwrap();
@@ -93,10 +105,7 @@ pub fn write_serve_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], extra: &s
 }
 
 pub fn start_server(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str) -> Proc {
-    let keys: Vec<(String, String)> = orgs
-        .iter()
-        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
-        .collect();
+    let keys: Vec<(String, String)> = orgs.iter().map(|o| (org_key_env(o.name), org_key(o.name))).collect();
     let mut envs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     envs.push(("TENANT_A_KEY", TENANT_A_KEY));
     envs.push(("TENANT_B_KEY", TENANT_B_KEY));
@@ -197,10 +206,7 @@ pub fn spawn_with_log_level(
 
 /// The org and tenant key variables `start_server` sets, as owned pairs.
 pub fn server_env(orgs: &[OrgSpec]) -> Vec<(String, String)> {
-    let mut envs: Vec<(String, String)> = orgs
-        .iter()
-        .map(|o| (format!("ORG_{}_KEY", o.name.to_uppercase().replace('-', "_")), org_key(o.name)))
-        .collect();
+    let mut envs: Vec<(String, String)> = orgs.iter().map(|o| (org_key_env(o.name), org_key(o.name))).collect();
     envs.push(("TENANT_A_KEY".into(), TENANT_A_KEY.into()));
     envs.push(("TENANT_B_KEY".into(), TENANT_B_KEY.into()));
     envs
