@@ -7,7 +7,8 @@
 //! - [`storage`]: the traits every backend implements; [`local`] is the
 //!   one-machine backend (SQLite).
 //! - [`api`]: the HTTP API (axum), shared by `ratepool serve` and the Lambda.
-//! - [`sim`]: the provider simulator (`ratepool sim`).
+//! - [`sim`]: the provider simulator (`ratepool sim`); [`bench`]: the
+//!   benchmark (`ratepool bench`).
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
 
@@ -15,6 +16,7 @@
 
 pub mod api;
 pub mod aws;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod domain;

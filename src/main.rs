@@ -104,6 +104,29 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Run the benchmark (`make bench`); prints the Markdown tables of
+    /// BENCHMARKS.md and writes every run's figures as JSON.
+    Bench {
+        /// Runs of each figure; the report quotes their median.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Small workloads: checks the benchmark works, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        /// Only these figures (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<ratepool::bench::Figure>,
+        /// Working directory for the runs' databases and logs.
+        #[arg(long, default_value = "target/bench")]
+        work_dir: PathBuf,
+        /// Where to write the results as JSON.
+        #[arg(long, default_value = "target/bench/results.json")]
+        json: PathBuf,
+        /// The emulator (or AWS) endpoint for the DynamoDB ledger figures;
+        /// without it they are skipped.
+        #[arg(long, env = "AWS_ENDPOINT_URL")]
+        aws_endpoint: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +210,28 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Status { id, client } => print(&client.client()?.status(&id).await?),
         Command::Result { id, client } => print(&client.client()?.result(&id).await?),
         Command::Cancel { id, client } => print(&client.client()?.cancel(&id).await?),
+        Command::Bench { runs, quick, only, work_dir, json, aws_endpoint } => {
+            use ratepool::bench;
+            std::fs::create_dir_all(&work_dir)?;
+            let opts = bench::Options {
+                runs: runs.max(1),
+                figures: if only.is_empty() { bench::Figure::ALL.to_vec() } else { only },
+                ctx: bench::Ctx {
+                    bin: std::env::current_exe()?,
+                    work: work_dir,
+                    sizes: if quick { bench::Sizes::quick() } else { bench::Sizes::full() },
+                    aws_endpoint,
+                },
+            };
+            let results = bench::run(&opts, quick).await?;
+            if let Some(dir) = json.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+            println!("{}", bench::report(&results));
+            eprintln!("every run's figures: {}", json.display());
+            Ok(())
+        }
     }
 }
 

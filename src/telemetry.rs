@@ -66,8 +66,10 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
 
+/// 50 µs to about 0.3 s in steps of 25%: fine enough to read a p99 against
+/// the 5 ms target, where doubling buckets could not tell 4 ms from 6 ms.
 fn overhead_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+    Histogram::new(exponential_buckets(0.000_05, 1.25, 40))
 }
 
 /// Count, sum, minimum and maximum of samples: a CloudWatch statistic set,

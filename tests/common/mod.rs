@@ -226,23 +226,6 @@ pub fn start_server_logged(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name
     )
 }
 
-/// A sequential chain of `n` small steps `s0 → s1 → …`.
-pub fn chain_spec(name: &str, n: usize, max_tokens: u32) -> String {
-    let steps: Vec<Value> = (0..n)
-        .map(|i| {
-            let content = if i == 0 {
-                "Write about {{inputs.topic}}.".to_string()
-            } else {
-                format!("Continue: {{{{steps.s{}.output}}}}", i - 1)
-            };
-            serde_json::json!({"id": format!("s{i}"), "messages": [{"role": "user", "content": content}]})
-        })
-        .collect();
-    serde_json::json!({
-        "name": name,
-        "inputs": {"topic": format!("{name} owls")},
-        "defaults": {"model": "gpt-4o-mini", "max_tokens": max_tokens},
-        "steps": steps,
-    })
-    .to_string()
-}
+/// A sequential chain of `n` small steps `s0 → s1 → …` (the benchmark's).
+#[allow(unused_imports)] // not every test file that includes `common` runs chains
+pub use ratepool::bench::chain_spec;

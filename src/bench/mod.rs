@@ -1,0 +1,265 @@
+//! `ratepool bench` (`make bench`): how much of the pooled capacity ratepool
+//! really uses, and what it costs. Every figure is measured against its bound
+//! on real processes — `ratepool sim` and `ratepool serve` on loopback — and
+//! repeated; the report quotes medians, and ratios taken within one run.
+//!
+//! 1. capacity use at saturation, 2. scaling with organizations,
+//! 3. against one org called one job after another, 4. engine overhead per
+//! step, 5. resident memory with 1,000 jobs in flight, 6. ledger requests
+//! per call and acquisitions per second, 7. header sync against a client
+//! spending the quota behind ratepool's back. See `BENCHMARKS.md`.
+
+pub mod figures;
+pub mod harness;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+pub use figures::{Ctx, Sizes, chain_spec};
+
+/// The figures, by the names `--only` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Figure {
+    Scaling,
+    Baseline,
+    Overhead,
+    Memory,
+    Ledger,
+    Headers,
+}
+
+impl Figure {
+    pub const ALL: [Figure; 6] =
+        [Figure::Scaling, Figure::Baseline, Figure::Overhead, Figure::Memory, Figure::Ledger, Figure::Headers];
+}
+
+pub struct Options {
+    pub runs: usize,
+    pub figures: Vec<Figure>,
+    pub ctx: Ctx,
+}
+
+/// Every run of every figure, as measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub quick: bool,
+    pub scaling: Vec<figures::ScalingRun>,
+    pub baseline: Vec<figures::BaselineRun>,
+    pub overhead: Vec<figures::OverheadRun>,
+    pub memory: Vec<figures::MemoryRun>,
+    pub ledger: Vec<figures::LedgerRun>,
+    pub headers: Vec<Vec<figures::HeaderRun>>,
+}
+
+/// Runs the chosen figures `runs` times each.
+pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
+    let mut r = Results { quick, ..Results::default() };
+    for fig in &opts.figures {
+        for run in 0..opts.runs {
+            eprintln!("== {fig:?}, run {} of {}", run + 1, opts.runs);
+            let ctx = &opts.ctx;
+            match fig {
+                Figure::Scaling => r.scaling.push(figures::scaling(ctx, run).await?),
+                Figure::Baseline => r.baseline.push(figures::baseline(ctx, run).await?),
+                Figure::Overhead => r.overhead.push(figures::overhead(ctx, run).await?),
+                Figure::Memory => r.memory.push(figures::memory(ctx, run).await?),
+                Figure::Ledger => r.ledger.push(figures::ledger(ctx, run).await?),
+                Figure::Headers => r.headers.push(figures::header_sync(ctx, run).await?),
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn med<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    median(runs.iter().map(f).collect())
+}
+
+fn all<T>(runs: &[T], f: impl Fn(&T) -> f64, digits: usize) -> String {
+    runs.iter().map(|r| format!("{:.*}", digits, f(r))).collect::<Vec<_>>().join(", ")
+}
+
+/// The results as the Markdown tables of `BENCHMARKS.md`: medians, with
+/// every run's value in brackets.
+pub fn report(r: &Results) -> String {
+    let mut s = String::new();
+    let n = |v: usize| v.to_string();
+    if !r.scaling.is_empty() {
+        let counts: Vec<usize> = r.scaling[0].runs.iter().map(|p| p.orgs).collect();
+        let _ = writeln!(s, "### 1 + 2. Capacity use at saturation, and scaling with organizations\n");
+        let _ = writeln!(
+            s,
+            "| orgs | jobs × steps | calls | makespan s | bound s (tokens / requests / chain) | utilization | 429 share | calls/s | × one org | ledger ops/call |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        for (i, orgs) in counts.iter().enumerate() {
+            let runs: Vec<&figures::PoolRun> = r.scaling.iter().filter_map(|x| x.runs.get(i)).collect();
+            let ratios: Vec<f64> = r.scaling.iter().filter_map(|x| x.ratios.get(orgs).copied()).collect();
+            let p = runs[0];
+            let _ = writeln!(
+                s,
+                "| {} | {} × {} | {} | {:.2} [{}] | {:.2} ({:.2} / {:.2} / {:.2}) | **{:.1}%** [{}] | {:.3}% [{}] | {:.1} | **{:.2}** [{}] | {:.2} |",
+                n(*orgs),
+                p.jobs,
+                p.steps_per_job,
+                p.sim.accepted_calls,
+                med(&runs, |x| x.makespan_s),
+                all(&runs, |x| x.makespan_s, 2),
+                med(&runs, |x| x.bound_s),
+                med(&runs, |x| x.token_bound_s),
+                med(&runs, |x| x.request_bound_s),
+                med(&runs, |x| x.chain_bound_s),
+                100.0 * med(&runs, |x| x.utilization),
+                all(&runs, |x| 100.0 * x.utilization, 1),
+                100.0 * med(&runs, |x| x.share_429),
+                all(&runs, |x| 100.0 * x.share_429, 3),
+                med(&runs, |x| x.calls_per_s),
+                median(ratios.clone()),
+                all(&ratios, |x| *x, 2),
+                med(&runs, |x| x.ledger_ops_per_call),
+            );
+        }
+        let _ = writeln!(s);
+    }
+    if !r.baseline.is_empty() {
+        let b = &r.baseline;
+        let _ = writeln!(s, "### 3. Against one org, one job after another\n");
+        let _ = writeln!(s, "| workload | baseline s | baseline 429s | ratepool s ({} orgs) | speed-up |", b[0].pool_orgs);
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| {} × {} | {:.1} [{}] | {} | {:.1} [{}] | **{:.1}×** [{}] |\n",
+            b[0].jobs,
+            b[0].steps_per_job,
+            med(b, |x| x.baseline_s),
+            all(b, |x| x.baseline_s, 1),
+            all(b, |x| x.baseline_429 as f64, 0),
+            med(b, |x| x.pool_s),
+            all(b, |x| x.pool_s, 1),
+            med(b, |x| x.speedup),
+            all(b, |x| x.speedup, 1),
+        );
+    }
+    if !r.overhead.is_empty() {
+        let o = &r.overhead;
+        let _ = writeln!(s, "### 4. Engine overhead (simulator answering at once, no limits)\n");
+        let _ = writeln!(s, "| measure | median | runs |");
+        let _ = writeln!(s, "|---|---|---|");
+        let rows: [(&str, fn(&figures::OverheadRun) -> f64, usize); 7] = [
+            ("one chain: makespan s", |x| x.chain_makespan_s, 3),
+            ("one chain: sum of provider latencies s", |x| x.chain_provider_s, 3),
+            ("one chain: overhead per step ms", |x| x.chain_overhead_per_step_ms, 2),
+            ("one chain: step overhead p50 ms", |x| x.chain_p50_ms, 2),
+            ("one chain: step overhead p99 ms", |x| x.chain_p99_ms, 2),
+            ("concurrent chains: step overhead p50 ms", |x| x.concurrent_p50_ms, 2),
+            ("concurrent chains: step overhead p99 ms", |x| x.concurrent_p99_ms, 2),
+        ];
+        for (label, f, d) in rows {
+            let _ = writeln!(s, "| {label} | **{:.*}** | {} |", d, med(o, f), all(o, f, d));
+        }
+        let _ = writeln!(
+            s,
+            "\nOne chain has {} steps; the concurrent run is {} chains of {} steps in one server.\n",
+            o[0].chain_steps, o[0].concurrent_chains, o[0].chain_steps
+        );
+    }
+    if !r.memory.is_empty() {
+        let m = &r.memory;
+        let _ = writeln!(s, "### 5. Memory\n");
+        let _ = writeln!(s, "| jobs in flight | calls open | RSS idle MB | RSS loaded MB | peak RSS MB |");
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | **{:.1}** [{}] | {:.1} [{}] |\n",
+            m[0].jobs_in_flight,
+            m[0].calls_open,
+            med(m, |x| x.idle_rss_mb),
+            med(m, |x| x.loaded_rss_mb),
+            all(m, |x| x.loaded_rss_mb, 1),
+            med(m, |x| x.peak_rss_mb),
+            all(m, |x| x.peak_rss_mb, 1),
+        );
+    }
+    if !r.ledger.is_empty() {
+        let l = &r.ledger;
+        let _ = writeln!(s, "### 6. Ledger\n");
+        let _ = writeln!(s, "| backend | tasks | keys | acquisitions/s |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (i, t) in l[0].throughput.iter().enumerate() {
+            let runs: Vec<f64> = l.iter().filter_map(|x| x.throughput.get(i).map(|t| t.per_s)).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | **{:.0}** [{}] |",
+                t.backend,
+                t.tasks,
+                t.keys,
+                median(runs.clone()),
+                all(&runs, |x| *x, 0)
+            );
+        }
+        let alone: Vec<f64> = l.iter().filter_map(|x| x.dynamo_requests_per_call_alone).collect();
+        let cont: Vec<f64> = l.iter().filter_map(|x| x.dynamo_requests_per_call_contended).collect();
+        if !alone.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nDynamoDB requests per provider call: **{:.2}** alone [{}], **{:.2}** with four routers on one binding bucket [{}].",
+                median(alone.clone()),
+                all(&alone, |x| *x, 2),
+                median(cont.clone()),
+                all(&cont, |x| *x, 2)
+            );
+        }
+        let _ = writeln!(s);
+    }
+    if !r.headers.is_empty() {
+        let _ = writeln!(s, "### 7. Header sync, with another client spending half the org's quota\n");
+        let _ = writeln!(s, "| header sync | calls | 429s | 429 share | makespan s |");
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for i in 0..r.headers[0].len() {
+            let runs: Vec<&figures::HeaderRun> = r.headers.iter().filter_map(|x| x.get(i)).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.0} | **{:.2}%** [{}] | {:.1} |",
+                if runs[0].header_sync { "on" } else { "off" },
+                med(&runs, |x| x.calls),
+                med(&runs, |x| x.answered_429),
+                100.0 * med(&runs, |x| x.share_429),
+                all(&runs, |x| 100.0 * x.share_429, 2),
+                med(&runs, |x| x.makespan_s),
+            );
+        }
+        let _ = writeln!(s);
+    }
+    s
+}
+
+/// Where `make bench` keeps its work and results.
+pub fn default_work_dir() -> PathBuf {
+    PathBuf::from("target/bench")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        assert_eq!(median(vec![f64::NAN, 5.0]), 5.0);
+    }
+}

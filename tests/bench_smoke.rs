@@ -1,0 +1,88 @@
+//! The benchmark's smoke test: `ratepool bench --quick` runs every figure
+//! once on tiny workloads, as `make bench` would on big ones. It measures
+//! nothing worth quoting; it checks the benchmark still works and that what
+//! it counts adds up (every call made once, every step's overhead recorded),
+//! so `make bench` does not break unnoticed. Needs the moto emulator that
+//! `make test` starts, for the DynamoDB ledger figure.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ratepool");
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL")
+        .unwrap_or_else(|_| panic!("AWS_ENDPOINT_URL is not set: run through `make test`, which starts moto"));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--quick", "--runs", "1", "--work-dir"])
+        .arg(dir.path().join("work"))
+        .arg("--json")
+        .arg(&json)
+        .env("AWS_ENDPOINT_URL", &endpoint)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
+    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7."] {
+        assert!(report.contains(heading), "report lacks {heading}:\n{report}");
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["quick"], true);
+
+    // 1 + 2: every step called exactly once, against a bound that makes sense.
+    let scaling = &r["scaling"][0];
+    let runs = scaling["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for p in runs {
+        let calls = f(&p["jobs"]) * f(&p["steps_per_job"]);
+        assert_eq!(f(&p["sim"]["accepted_calls"]), calls, "{p}");
+        assert_eq!(f(&p["sim"]["answered_429"]), 0.0, "{p}");
+        let u = f(&p["utilization"]);
+        assert!(u > 0.0 && u <= 1.5, "utilization {u} is not plausible: {p}");
+        assert!(f(&p["bound_s"]) >= f(&p["chain_bound_s"]));
+        assert!(f(&p["ledger_ops_per_call"]) >= 1.0, "every call takes a ledger write: {p}");
+    }
+    assert_eq!(f(&scaling["ratios"]["1"]), 1.0);
+    assert!(f(&scaling["ratios"]["2"]) > 0.0);
+
+    // 3: the baseline ran the same workload.
+    let b = &r["baseline"][0];
+    assert!(f(&b["baseline_s"]) > 0.0 && f(&b["pool_s"]) > 0.0);
+    assert!((f(&b["speedup"]) - f(&b["baseline_s"]) / f(&b["pool_s"])).abs() < 1e-9);
+
+    // 4: one overhead sample per step, quantiles in order.
+    let o = &r["overhead"][0];
+    assert_eq!(f(&o["concurrent_steps"]), f(&o["concurrent_chains"]) * f(&o["chain_steps"]), "{o}");
+    assert!(f(&o["chain_p50_ms"]) <= f(&o["chain_p99_ms"]), "{o}");
+    assert!(f(&o["chain_provider_s"]) < f(&o["chain_makespan_s"]), "{o}");
+
+    // 5: the jobs were really in flight when memory was read.
+    let m = &r["memory"][0];
+    assert_eq!(f(&m["jobs_in_flight"]), 40.0, "{m}");
+    assert!(f(&m["calls_open"]) >= 40.0, "{m}");
+    assert!(f(&m["idle_rss_mb"]) > 0.0 && f(&m["peak_rss_mb"]) >= f(&m["loaded_rss_mb"]), "{m}");
+
+    // 6: both backends measured; DynamoDB needs at least one write per call.
+    let l = &r["ledger"][0];
+    let backends: Vec<&str> = l["throughput"].as_array().unwrap().iter().map(|t| t["backend"].as_str().unwrap()).collect();
+    assert_eq!(backends, ["sqlite", "sqlite", "sqlite", "dynamodb", "dynamodb", "dynamodb"]);
+    assert!(l["throughput"].as_array().unwrap().iter().all(|t| f(&t["acquisitions"]) > 0.0));
+    let alone = f(&l["dynamo_requests_per_call_alone"]);
+    assert!((1.0..4.0).contains(&alone), "{alone}");
+
+    // 7: both modes ran every step.
+    let h = r["headers"][0].as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!((h[0]["header_sync"].as_bool(), h[1]["header_sync"].as_bool()), (Some(false), Some(true)));
+    for x in h {
+        assert!(f(&x["calls"]) >= 10.0, "{x}");
+    }
+}
