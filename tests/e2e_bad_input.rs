@@ -120,6 +120,31 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
         ("unknown field", spec_with(|v| v["shell"] = json!("rm -rf /")), 400, "shell"),
         ("input wrong type", spec_with(|v| v["inputs"]["topic"] = json!({"nested": 1})), 400, "inputs"),
         ("10 MB body", spec_with(|v| v["inputs"]["topic"] = json!(big)), 413, "body"),
+        // The per-request limits behind the body limit: template size,
+        // messages per step, number and size of inputs.
+        (
+            "template over 64 KiB",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{steps.b.output}}".repeat(4000))),
+            400,
+            "steps[0].messages[0].content",
+        ),
+        (
+            "33 messages",
+            spec_with(|v| v["steps"][0]["messages"] = json!(vec![json!({"role": "user", "content": "hi"}); 33])),
+            400,
+            "steps[0].messages",
+        ),
+        (
+            "65 inputs",
+            spec_with(|v| {
+                for i in 0..65 {
+                    v["inputs"][format!("i{i}")] = json!("x");
+                }
+            }),
+            400,
+            "inputs",
+        ),
+        ("input over 256 KiB", spec_with(|v| v["inputs"]["topic"] = json!("x".repeat(300 << 10))), 400, "inputs.topic"),
     ];
     assert!(cases.len() >= 20);
     for (name, body, want_status, want_field) in &cases {
@@ -169,6 +194,8 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
     let reuse =
         http().post(&url).bearer_auth(TENANT_A_KEY).header("idempotency-key", "job-1").body(other_body).send().unwrap();
     assert_eq!(reuse.status().as_u16(), 422);
+    assert_eq!(reuse.json::<Value>().unwrap()["error"]["field"], "Idempotency-Key");
+    assert_eq!(counts(&db).0, 1, "the refused reuse stored nothing");
     // The same key and body replays the first answer.
     let replay = http()
         .post(&url)
@@ -196,4 +223,31 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
     assert_eq!(docs[0]["status"], "succeeded", "tenant B's cancel must not have touched it: {}", docs[0]);
     let (jobs, _, checkpoints) = counts(&db);
     assert_eq!((jobs, checkpoints), (1, 2));
+}
+
+/// The one size that cannot be checked at submission: a prompt built from
+/// earlier outputs. A step naming an output 1,000 times under a 2 KiB
+/// prompt limit is accepted (outputs are unknown then), and at run time
+/// fails its job with the reason, without the oversized call being sent.
+#[test]
+fn a_prompt_that_would_render_over_the_limit_fails_its_job_at_render_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 10_000, tpm: 10_000_000 }];
+    let sim = start_sim(dir.path(), &orgs, (0.0, 0.0, 0.0));
+    let cfg = write_serve_config(dir.path(), &sim.url, &orgs, "[limits]\nmax_prompt_bytes = 2048\n");
+    let server = start_server(dir.path(), &cfg, &orgs, "serve.log");
+    let body = spec_with(|v| v["steps"][1]["messages"][0]["content"] = json!("{{steps.a.output}}".repeat(1000)));
+    let (status, v) = submit(&server.url, TENANT_A_KEY, &body);
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+
+    let docs = wait_all(&server.url, TENANT_A_KEY, std::slice::from_ref(&id), Duration::from_secs(60));
+    let doc = &docs[0];
+    assert_eq!(doc["status"], "failed", "{doc}");
+    assert_eq!(doc["steps_done"], 1, "step a ran, step b did not: {doc}");
+    let error = doc["error"].as_str().unwrap_or("");
+    assert!(error.contains("rendered prompt would exceed 2048 bytes"), "{error}");
+    assert!(error.contains("step b") && error.contains("messages[0]"), "the error names the step: {error}");
+    let calls: Vec<String> = sim_requests(&sim).into_keys().filter(|k| k.starts_with(&format!("{id}/"))).collect();
+    assert_eq!(calls, [format!("{id}/a")], "only step a reached the provider");
 }

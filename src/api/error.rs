@@ -65,6 +65,9 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Invalid { field, .. } => body["error"]["field"] = field.clone().into(),
             Self::TooLarge(_) => body["error"]["field"] = "body".into(),
+            // The only conflict a request can cause: its idempotency key was
+            // first used with another body.
+            Self::Conflict(_) => body["error"]["field"] = "Idempotency-Key".into(),
             _ => {}
         }
         let mut resp = (status, Json(body)).into_response();

@@ -91,6 +91,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// key is compared in constant time, and all of them are compared, so the
 /// answer time does not say which tenant (or how much of a key) matched.
 fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    authenticate_among(&state.tenants, headers)
+}
+
+fn authenticate_among(tenants: &[TenantKey], headers: &HeaderMap) -> Result<TenantId, ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -98,13 +102,21 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiEr
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
     let mut found: Option<&TenantId> = None;
-    for t in &state.tenants {
-        let eq: bool = t.key.expose_secret().as_bytes().ct_eq(presented.as_bytes()).into();
-        if eq {
+    for t in tenants {
+        if keys_match(t.key.expose_secret(), presented) {
             found = Some(&t.tenant);
         }
     }
     found.cloned().ok_or(ApiError::Unauthorized)
+}
+
+/// Whether a presented key is a configured one, in time that depends on
+/// neither's content nor length. Both are hashed to 32 bytes first because
+/// `ct_eq` on slices of different lengths returns at once, which would tell
+/// an attacker the key's length.
+fn keys_match(configured: &str, presented: &str) -> bool {
+    let (a, b) = (Sha256::digest(configured.as_bytes()), Sha256::digest(presented.as_bytes()));
+    a[..].ct_eq(&b[..]).into()
 }
 
 fn rfc3339(us: Micros) -> String {
@@ -415,4 +427,53 @@ async fn healthz(State(state): State<Arc<ApiState>>) -> Result<Json<serde_json::
 /// Models served by the pool, for messages.
 pub fn pool_models(pool: &[PoolOrg]) -> BTreeSet<ModelName> {
     pool.iter().flat_map(|o| o.models.keys().cloned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison_is_exact_for_equal_unequal_and_different_length_keys() {
+        let key = "tenant-a-key-0123456789abcdef";
+        assert!(keys_match(key, key));
+        let copy = String::from(key);
+        assert!(keys_match(key, &copy), "equal content at another address");
+        assert!(!keys_match(key, "tenant-a-key-0123456789abcdeX"), "same length, last byte differs");
+        assert!(!keys_match(key, "Xenant-a-key-0123456789abcdef"), "same length, first byte differs");
+        assert!(!keys_match(key, &key[..key.len() - 1]), "a prefix");
+        assert!(!keys_match(key, &format!("{key}0")), "an extension");
+        assert!(!keys_match(key, ""));
+        assert!(!keys_match("", key));
+        assert!(keys_match("", ""), "the comparison itself; empty keys are refused at start");
+        assert!(!keys_match(key, &key.to_uppercase()), "case matters");
+    }
+
+    #[test]
+    fn authenticate_finds_the_tenant_of_a_bearer_key_and_nothing_else() {
+        use crate::config::TenantKey;
+        let tenants = vec![
+            TenantKey {
+                tenant: TenantId::parse("alpha").unwrap(),
+                key: "alpha-key-0123456789abcdef".to_string().into(),
+            },
+            TenantKey {
+                tenant: TenantId::parse("beta").unwrap(),
+                key: "beta-key-0123456789abcdef0".to_string().into(),
+            },
+        ];
+        let who = |auth: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, auth.parse().unwrap());
+            authenticate_among(&tenants, &h).ok().map(|t| t.to_string())
+        };
+        assert_eq!(who("Bearer alpha-key-0123456789abcdef").as_deref(), Some("alpha"));
+        assert_eq!(who("bearer beta-key-0123456789abcdef0").as_deref(), Some("beta"));
+        assert_eq!(who("Bearer  beta-key-0123456789abcdef0 ").as_deref(), Some("beta"));
+        assert_eq!(who("Bearer alpha-key-0123456789abcdeg"), None);
+        assert_eq!(who("Basic alpha-key-0123456789abcdef"), None);
+        assert_eq!(who("alpha-key-0123456789abcdef"), None);
+        assert_eq!(who("Bearer "), None);
+        assert!(authenticate_among(&tenants, &HeaderMap::new()).is_err());
+    }
 }

@@ -40,8 +40,11 @@ impl RateLimitHeaders {
     }
 }
 
+/// A header's value as UTF-8. Not `HeaderValue::to_str`, which refuses
+/// anything but visible ASCII: Go writes microseconds as `µs`, so a reset of
+/// `500µs` arrives as UTF-8 and was being dropped.
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
+    h.get(name).and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
 }
 
 /// How long the provider asks us to wait: `retry-after-ms` wins over
@@ -55,12 +58,18 @@ pub fn retry_after(h: &HeaderMap) -> Option<Duration> {
         return duration_from_secs(secs);
     }
     let at = httpdate::parse_http_date(s).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    // A date in the past means "now"; one more than a day ahead is as
+    // absurd as 90000 seconds would be (a date in 9999 must not park a call).
+    let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+    (wait <= MAX_WAIT).then_some(wait)
 }
+
+/// Longest wait any header may ask for; longer values are malformed.
+const MAX_WAIT: Duration = Duration::from_secs(86_400);
 
 fn duration_from_secs(secs: f64) -> Option<Duration> {
     // Reject NaN, negatives and absurd values (over a day) as malformed.
-    (secs.is_finite() && (0.0..=86_400.0).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+    (secs.is_finite() && (0.0..=MAX_WAIT.as_secs_f64()).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
 /// Parses a Go `time.Duration` string as OpenAI sends it: a sequence of
@@ -153,5 +162,194 @@ mod tests {
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")])), Some(Duration::ZERO));
         assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+}
+
+/// Property tests: every parser here is total on arbitrary bytes, and what
+/// a provider sends (rendered from typed values) parses back to the same
+/// values. Go durations are rendered by a test-only copy of Go's
+/// `Duration.String`.
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+
+    const CASES: u32 = 4_000;
+
+    /// Go's `time.Duration.String()`: `0s`, `17ns`, `1.5µs`, `120ms`,
+    /// `6m0s`, `1h2m3.5s` — units below a second only under a second.
+    fn format_go_duration(d: Duration) -> String {
+        let ns = d.as_nanos();
+        let with_fraction = |v: u128, unit: u128, digits: usize| {
+            let (whole, rem) = (v / unit, v % unit);
+            if rem == 0 {
+                whole.to_string()
+            } else {
+                format!("{whole}.{}", format!("{rem:0digits$}").trim_end_matches('0'))
+            }
+        };
+        match ns {
+            0 => "0s".into(),
+            1..1_000 => format!("{ns}ns"),
+            1_000..1_000_000 => format!("{}µs", with_fraction(ns, 1_000, 3)),
+            1_000_000..1_000_000_000 => format!("{}ms", with_fraction(ns, 1_000_000, 6)),
+            _ => {
+                let (h, rest) = (ns / 3_600_000_000_000, ns % 3_600_000_000_000);
+                let (m, rest) = (rest / 60_000_000_000, rest % 60_000_000_000);
+                let mut out = String::new();
+                if h > 0 {
+                    out.push_str(&format!("{h}h"));
+                }
+                if h > 0 || m > 0 {
+                    out.push_str(&format!("{m}m"));
+                }
+                out.push_str(&format!("{}s", with_fraction(rest, 1_000_000_000, 9)));
+                out
+            }
+        }
+    }
+
+    #[test]
+    fn the_formatter_writes_what_go_writes() {
+        for (d, go) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(17), "17ns"),
+            (Duration::from_nanos(1_500), "1.5µs"),
+            (Duration::from_millis(120), "120ms"),
+            (Duration::from_millis(1_500), "1.5s"),
+            (Duration::from_secs(360), "6m0s"),
+            (Duration::from_secs(3_600), "1h0m0s"),
+            (Duration::from_millis(3_723_500), "1h2m3.5s"),
+            (Duration::from_nanos(3_723_123_456_789), "1h2m3.123456789s"),
+        ] {
+            assert_eq!(format_go_duration(d), go);
+        }
+    }
+
+    fn day_or_less() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            (0u64..=MAX_WAIT.as_nanos() as u64).prop_map(Duration::from_nanos),
+            (0u64..=86_400_000).prop_map(Duration::from_millis),
+            (0u64..=1_000_000).prop_map(Duration::from_nanos),
+        ]
+    }
+
+    fn rate_limit_headers() -> impl Strategy<Value = RateLimitHeaders> {
+        let n = || prop::option::of(any::<u64>());
+        let d = || prop::option::of(day_or_less());
+        (n(), n(), n(), n(), d(), d()).prop_map(|(lr, lt, rr, rt, dr, dt)| RateLimitHeaders {
+            limit_requests: lr,
+            limit_tokens: lt,
+            remaining_requests: rr,
+            remaining_tokens: rt,
+            reset_requests: dr,
+            reset_tokens: dt,
+        })
+    }
+
+    /// What OpenAI would send for `r`.
+    fn render(r: &RateLimitHeaders, micro: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let mut put = |name: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                h.insert(name, HeaderValue::from_str(&v).unwrap());
+            }
+        };
+        let dur = |d: Option<Duration>| d.map(|d| format_go_duration(d).replace("µs", micro));
+        put("x-ratelimit-limit-requests", r.limit_requests.map(|n| n.to_string()));
+        put("x-ratelimit-limit-tokens", r.limit_tokens.map(|n| n.to_string()));
+        put("x-ratelimit-remaining-requests", r.remaining_requests.map(|n| n.to_string()));
+        put("x-ratelimit-remaining-tokens", r.remaining_tokens.map(|n| n.to_string()));
+        put("x-ratelimit-reset-requests", dur(r.reset_requests));
+        put("x-ratelimit-reset-tokens", dur(r.reset_tokens));
+        h
+    }
+
+    const NAMES: [&str; 8] = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-reset-tokens",
+        "retry-after-ms",
+        "retry-after",
+    ];
+
+    /// Values that look like what the headers carry, and garbage.
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..40),
+            "[0-9.hmsuµn +-]{0,24}".prop_map(String::into_bytes),
+            "\\PC{0,24}".prop_map(String::into_bytes),
+            "(Mon|Fri), [0-9]{1,2} (Jan|Dec) [0-9]{1,5} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn go_durations_round_trip(d in day_or_less(), micro in prop::sample::select(vec!["µs", "us", "μs"])) {
+            let text = format_go_duration(d).replace("µs", micro);
+            prop_assert_eq!(parse_go_duration(&text), Some(d), "{}", text);
+        }
+
+        #[test]
+        fn go_duration_parser_is_total_and_bounded(s in "[0-9.hmsuµn +-]{0,70}|\\PC{0,70}") {
+            if let Some(d) = parse_go_duration(&s) {
+                prop_assert!(d <= MAX_WAIT, "{:?} parsed as {:?}", s, d);
+            }
+        }
+
+        #[test]
+        fn rate_limit_headers_round_trip(r in rate_limit_headers(), micro in prop::sample::select(vec!["µs", "us"])) {
+            prop_assert_eq!(RateLimitHeaders::from_headers(&render(&r, micro)), r);
+        }
+
+        #[test]
+        fn header_parsers_are_total_on_any_value(values in prop::collection::vec(header_value(), 8)) {
+            let mut h = HeaderMap::new();
+            for (name, v) in NAMES.iter().zip(&values) {
+                if let Ok(v) = HeaderValue::from_bytes(v) {
+                    h.insert(*name, v);
+                }
+            }
+            let r = RateLimitHeaders::from_headers(&h);
+            for d in [r.reset_requests, r.reset_tokens].into_iter().flatten() {
+                prop_assert!(d <= MAX_WAIT);
+            }
+            if let Some(d) = retry_after(&h) {
+                prop_assert!(d <= MAX_WAIT, "retry-after {:?} from {:?}", d, h);
+            }
+        }
+
+        #[test]
+        fn retry_after_ms_is_exact_and_bounded(ms in 0u64..200_000_000) {
+            let h: HeaderMap = [(http::header::HeaderName::from_static("retry-after-ms"), HeaderValue::from(ms))]
+                .into_iter()
+                .collect();
+            let want = Duration::from_millis(ms);
+            prop_assert_eq!(retry_after(&h), (want <= MAX_WAIT).then_some(want));
+        }
+
+        /// An HTTP date: a wait of at most a day, or nothing — never years.
+        #[test]
+        fn retry_after_dates_are_bounded(ahead in 0u64..250_000_000_000) {
+            let at = SystemTime::now() + Duration::from_secs(ahead);
+            let h: HeaderMap = [(
+                http::header::RETRY_AFTER,
+                HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap(),
+            )]
+            .into_iter()
+            .collect();
+            let got = retry_after(&h);
+            if ahead < 86_000 {
+                prop_assert!(got.is_some_and(|d| d <= Duration::from_secs(ahead)), "{:?} for {}", got, ahead);
+            } else if ahead > 86_500 {
+                prop_assert_eq!(got, None);
+            }
+        }
     }
 }

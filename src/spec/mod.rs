@@ -332,11 +332,18 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> SpecError {
     {
         if let Some(name) = message.strip_prefix(prefix).and_then(|rest| rest.strip_suffix('`')) {
             let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
-            return SpecError::new(field, what);
+            return SpecError::new(named_path(field), what);
         }
     }
-    let field = if path == "." { "body".to_owned() } else { path };
-    SpecError::new(field, message)
+    SpecError::new(named_path(path), message)
+}
+
+/// A field path that names something: an empty key (`{"": 1}`) makes
+/// serde's path empty or end in `.`, which would leave the error naming
+/// nothing, so it names the object holding that key instead.
+fn named_path(path: String) -> String {
+    let trimmed = path.trim_end_matches('.');
+    if trimmed.is_empty() { "body".to_owned() } else { trimmed.to_owned() }
 }
 
 fn validate(
@@ -545,5 +552,7 @@ fn check_temperature(t: f32) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

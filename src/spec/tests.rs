@@ -195,6 +195,14 @@ fn unknown_fields_are_refused() {
     rejects(|v| v["steps"][0]["messages"][0]["name"] = json!("x"), "steps[0].messages[0].name", "unknown field");
 }
 
+/// Found by the property tests: an empty key left the error naming "".
+#[test]
+fn an_empty_key_names_the_object_that_holds_it() {
+    let err = JobSpec::parse(br#"{"": null}"#, &SpecLimits::default(), &serves).unwrap_err();
+    assert_eq!(err.field, "body", "{err}");
+    rejects(|v| v["steps"][0][""] = json!(1), "steps[0]", "unknown field ``");
+}
+
 #[test]
 fn missing_required_fields_name_the_field() {
     rejects(|v| drop(v.as_object_mut().unwrap().remove("name")), "name", "required");
