@@ -72,7 +72,8 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
 
     // 6: both backends measured; DynamoDB needs at least one write per call.
     let l = &r["ledger"][0];
-    let backends: Vec<&str> = l["throughput"].as_array().unwrap().iter().map(|t| t["backend"].as_str().unwrap()).collect();
+    let backends: Vec<&str> =
+        l["throughput"].as_array().unwrap().iter().map(|t| t["backend"].as_str().unwrap()).collect();
     assert_eq!(backends, ["sqlite", "sqlite", "sqlite", "dynamodb", "dynamodb", "dynamodb"]);
     assert!(l["throughput"].as_array().unwrap().iter().all(|t| f(&t["acquisitions"]) > 0.0));
     let alone = f(&l["dynamo_requests_per_call_alone"]);

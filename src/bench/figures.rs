@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::harness::{self, JobDoc, MODEL, OrgLimits, Server, ServerSetup, Sim};
 use crate::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
-use crate::engine::router::{CallRequest, OrgSettings, RetryPolicy, Router};
 use crate::engine::breaker::full_jitter;
+use crate::engine::router::{CallRequest, OrgSettings, RetryPolicy, Router};
 use crate::provider::{ChatMessage, ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure};
 use crate::sim::{LatencyConfig, SimStats};
 use crate::spec::{JobSpec, SpecLimits};
@@ -574,7 +574,11 @@ pub async fn ledger(ctx: &Ctx, run: usize) -> anyhow::Result<LedgerRun> {
             contended.unwrap_or(f64::NAN)
         );
     }
-    Ok(LedgerRun { throughput: out, dynamo_requests_per_call_alone: alone, dynamo_requests_per_call_contended: contended })
+    Ok(LedgerRun {
+        throughput: out,
+        dynamo_requests_per_call_alone: alone,
+        dynamo_requests_per_call_contended: contended,
+    })
 }
 
 fn aws_config(endpoint: &str, run: usize) -> crate::config::AwsConfig {
@@ -616,8 +620,7 @@ async fn requests_per_call(
     for r in 0..routers {
         let clients = crate::aws::AwsClients::load(aws_cfg).await;
         let ledger = Arc::new(
-            crate::aws::ledger::DynamoLedger::connect(clients.dynamodb.clone(), aws_cfg, Arc::new(SystemClock))
-                .await?,
+            crate::aws::ledger::DynamoLedger::connect(clients.dynamodb.clone(), aws_cfg, Arc::new(SystemClock)).await?,
         );
         ledgers.push(ledger.clone());
         let settings = OrgSettings::from_config(org_cfg, base.clone(), SecretString::from(key.clone()));

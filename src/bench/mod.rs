@@ -3,11 +3,11 @@
 //! on real processes — `ratepool sim` and `ratepool serve` on loopback — and
 //! repeated; the report quotes medians, and ratios taken within one run.
 //!
-//! 1. capacity use at saturation, 2. scaling with organizations,
-//! 3. against one org called one job after another, 4. engine overhead per
-//! step, 5. resident memory with 1,000 jobs in flight, 6. ledger requests
-//! per call and acquisitions per second, 7. header sync against a client
-//! spending the quota behind ratepool's back. See `BENCHMARKS.md`.
+//! The figures: capacity use at saturation; scaling with organizations;
+//! against one org called one job after another; engine overhead per step;
+//! resident memory with 1,000 jobs in flight; ledger requests per call and
+//! acquisitions per second; header sync against a client spending the quota
+//! behind ratepool's back. See `BENCHMARKS.md`.
 
 pub mod figures;
 pub mod harness;
@@ -84,6 +84,9 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
+/// Reads one number off an overhead run.
+type OverheadField = fn(&figures::OverheadRun) -> f64;
+
 fn med<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
     median(runs.iter().map(f).collect())
 }
@@ -137,7 +140,8 @@ pub fn report(r: &Results) -> String {
     if !r.baseline.is_empty() {
         let b = &r.baseline;
         let _ = writeln!(s, "### 3. Against one org, one job after another\n");
-        let _ = writeln!(s, "| workload | baseline s | baseline 429s | ratepool s ({} orgs) | speed-up |", b[0].pool_orgs);
+        let _ =
+            writeln!(s, "| workload | baseline s | baseline 429s | ratepool s ({} orgs) | speed-up |", b[0].pool_orgs);
         let _ = writeln!(s, "|---|---|---|---|---|");
         let _ = writeln!(
             s,
@@ -158,7 +162,7 @@ pub fn report(r: &Results) -> String {
         let _ = writeln!(s, "### 4. Engine overhead (simulator answering at once, no limits)\n");
         let _ = writeln!(s, "| measure | median | runs |");
         let _ = writeln!(s, "|---|---|---|");
-        let rows: [(&str, fn(&figures::OverheadRun) -> f64, usize); 7] = [
+        let rows: [(&str, OverheadField, usize); 7] = [
             ("one chain: makespan s", |x| x.chain_makespan_s, 3),
             ("one chain: sum of provider latencies s", |x| x.chain_provider_s, 3),
             ("one chain: overhead per step ms", |x| x.chain_overhead_per_step_ms, 2),
