@@ -374,6 +374,10 @@ pub struct OverheadRun {
     pub concurrent_steps: f64,
     pub concurrent_p50_ms: f64,
     pub concurrent_p99_ms: f64,
+    pub concurrent_steps_per_s: f64,
+    /// The server's CPU time (user + system) per step in the concurrent run:
+    /// what one step costs when the cores, not the engine, are the limit.
+    pub server_cpu_ms_per_step: f64,
 }
 
 pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
@@ -385,8 +389,10 @@ pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
         let setup = ServerSetup { orgs: vec![unlimited()], concurrency: chains, header_sync: true };
         let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
         let specs = (0..chains).map(|c| chain_spec(&format!("overhead-{c}"), s.overhead_steps, 16)).collect();
+        let cpu_before = server.proc.cpu_time()?;
         let ids = submit_all(&server, specs).await?;
         let docs = server.wait_all(&ids, Duration::from_millis(20), Duration::from_secs(600)).await?;
+        let cpu = server.proc.cpu_time()?.saturating_sub(cpu_before);
         all_succeeded(&docs)?;
         let m = server.metrics().await?;
         let q = |p| m.quantile("ratepool_step_overhead_seconds", p).map(|v| v * 1e3).unwrap_or(f64::NAN);
@@ -396,6 +402,7 @@ pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
             m.sum("ratepool_step_overhead_seconds_count", &[]),
             q(0.5),
             q(0.99),
+            cpu.as_secs_f64(),
         ));
         server_stop(server).await;
         sim.proc.stop().await;
@@ -412,9 +419,11 @@ pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
         concurrent_steps: conc.2,
         concurrent_p50_ms: conc.3,
         concurrent_p99_ms: conc.4,
+        concurrent_steps_per_s: conc.2 / conc.0,
+        server_cpu_ms_per_step: conc.5 * 1e3 / conc.2.max(1.0),
     };
     eprintln!(
-        "  chain of {}: {:.3} s, provider {:.3} s, p50 {:.2} ms p99 {:.2} ms; {} chains: p50 {:.2} ms p99 {:.2} ms",
+        "  chain of {}: {:.3} s, provider {:.3} s, p50 {:.2} ms p99 {:.2} ms; {} chains: p50 {:.2} ms p99 {:.2} ms, {:.0} steps/s, server CPU {:.2} ms/step",
         r.chain_steps,
         r.chain_makespan_s,
         r.chain_provider_s,
@@ -422,7 +431,9 @@ pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
         r.chain_p99_ms,
         r.concurrent_chains,
         r.concurrent_p50_ms,
-        r.concurrent_p99_ms
+        r.concurrent_p99_ms,
+        r.concurrent_steps_per_s,
+        r.server_cpu_ms_per_step
     );
     Ok(r)
 }

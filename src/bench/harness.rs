@@ -77,13 +77,15 @@ impl Proc {
 
     /// Resident and peak resident memory in bytes (`VmRSS`, `VmHWM`).
     pub fn memory(&self) -> anyhow::Result<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
-            let kib: u64 = line.split_whitespace().nth(1).context("field value")?.parse()?;
-            Ok(kib * 1024)
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
+        let status = procfs::process::Process::new(self.pid as i32)?.status()?;
+        let kib = |v: Option<u64>, name: &str| v.map(|k| k * 1024).with_context(|| format!("no {name}"));
+        Ok((kib(status.vmrss, "VmRSS")?, kib(status.vmhwm, "VmHWM")?))
+    }
+
+    /// CPU time the process has used so far (user + system).
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let stat = procfs::process::Process::new(self.pid as i32)?.stat()?;
+        Ok(Duration::from_secs_f64((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64))
     }
 
     pub async fn stop(mut self) {

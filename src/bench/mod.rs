@@ -162,7 +162,7 @@ pub fn report(r: &Results) -> String {
         let _ = writeln!(s, "### 4. Engine overhead (simulator answering at once, no limits)\n");
         let _ = writeln!(s, "| measure | median | runs |");
         let _ = writeln!(s, "|---|---|---|");
-        let rows: [(&str, OverheadField, usize); 7] = [
+        let rows: [(&str, OverheadField, usize); 9] = [
             ("one chain: makespan s", |x| x.chain_makespan_s, 3),
             ("one chain: sum of provider latencies s", |x| x.chain_provider_s, 3),
             ("one chain: overhead per step ms", |x| x.chain_overhead_per_step_ms, 2),
@@ -170,6 +170,8 @@ pub fn report(r: &Results) -> String {
             ("one chain: step overhead p99 ms", |x| x.chain_p99_ms, 2),
             ("concurrent chains: step overhead p50 ms", |x| x.concurrent_p50_ms, 2),
             ("concurrent chains: step overhead p99 ms", |x| x.concurrent_p99_ms, 2),
+            ("concurrent chains: steps per second", |x| x.concurrent_steps_per_s, 0),
+            ("concurrent chains: server CPU ms per step", |x| x.server_cpu_ms_per_step, 3),
         ];
         for (label, f, d) in rows {
             let _ = writeln!(s, "| {label} | **{:.*}** | {} |", d, med(o, f), all(o, f, d));
