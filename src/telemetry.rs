@@ -138,6 +138,7 @@ pub struct Telemetry {
     breaker_state: Family<OrgLabels, Gauge>,
     breaker_opened: Family<OrgLabels, Counter>,
     out_of_rotation: Family<OrgLabels, Gauge>,
+    rate_factor: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
     ledger_ops: Family<OpLabels, Counter>,
     jobs_finished: Family<StatusLabels, Counter>,
     job_duration: HistogramFamily<StatusLabels>,
@@ -182,6 +183,12 @@ impl Telemetry {
             "1 while the org is out of rotation (insufficient quota, bad key)",
             out_of_rotation.clone(),
         );
+        let rate_factor = Family::<OrgModelLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "org_rate_factor",
+            "Share of the configured rate admitted to the org: below 1 after a 503 Slow Down, climbing back",
+            rate_factor.clone(),
+        );
         let ledger_ops = Family::<OpLabels, Counter>::default();
         registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
         let jobs_finished = Family::<StatusLabels, Counter>::default();
@@ -214,6 +221,7 @@ impl Telemetry {
             breaker_state,
             breaker_opened,
             out_of_rotation,
+            rate_factor,
             ledger_ops,
             jobs_finished,
             job_duration,
@@ -276,6 +284,10 @@ impl Telemetry {
 
     pub fn set_out_of_rotation(&self, org: &OrgName, out: bool) {
         self.out_of_rotation.get_or_create(&OrgLabels { org: org.to_string() }).set(i64::from(out));
+    }
+
+    pub fn set_rate_factor(&self, org: &OrgName, model: &crate::domain::ModelName, factor: f64) {
+        self.rate_factor.get_or_create(&OrgModelLabels { org: org.to_string(), model: model.to_string() }).set(factor);
     }
 
     /// Counts a ledger storage operation: "acquire", "denied", "raise".

@@ -1,9 +1,15 @@
-//! Per-org circuit breaker and full-jitter exponential backoff.
+//! Per-org protection: circuit breaker, full-jitter exponential backoff, and
+//! the slow-down rate factor.
 //!
 //! After `threshold` consecutive transient failures (5xx, timeouts, dropped
 //! connections) the org is skipped for a cool-down; then one probe call is
 //! let through (half-open). A success closes the breaker, a failure opens it
 //! again for twice as long, up to `max_cooldown`.
+//!
+//! An org that answers 503 "Slow Down" is healthy but wants fewer requests:
+//! [`RateFactor`] cuts the share of its configured rate the router admits
+//! (multiplicative decrease) and gives it back linearly while no slow-down
+//! comes (additive increase) — AIMD, as TCP does with its window.
 
 use std::time::Duration;
 
@@ -115,6 +121,85 @@ impl Breaker {
     }
 }
 
+/// How the admitted rate of an org follows its 503 "Slow Down" answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowDownPolicy {
+    /// Each slow-down multiplies the factor by this.
+    pub decrease: f64,
+    /// The factor never goes below this: the org keeps some traffic, so the
+    /// router learns when it recovers.
+    pub floor: f64,
+    /// Slow-downs within this long of the last cut answer calls sent before
+    /// it took effect: they do not cut again (one decrease per round trip).
+    pub hold: Duration,
+    /// After `hold` without a slow-down the factor grows by this much of the
+    /// full rate every `increase_every`, back to 1.
+    pub increase: f64,
+    pub increase_every: Duration,
+}
+
+impl Default for SlowDownPolicy {
+    /// Halve at once; from the floor back to the full rate in about five
+    /// minutes. OpenAI asks for a steady rate after a slow-down; a repeated
+    /// 503 cuts again, so the slow climb is what keeps the probing gentle.
+    fn default() -> Self {
+        Self {
+            decrease: 0.5,
+            floor: 0.05,
+            hold: Duration::from_secs(1),
+            increase: 0.1,
+            increase_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The share of an (org, model)'s configured rate the router admits, in
+/// `[policy.floor, 1]`. Computed from the time of the last cut, so it needs
+/// no timer and is tested with an injected clock.
+#[derive(Debug, Clone)]
+pub struct RateFactor {
+    policy: SlowDownPolicy,
+    /// When the factor was last cut, and to what; `None` at the full rate.
+    cut: Option<(Micros, f64)>,
+}
+
+impl RateFactor {
+    pub fn new(policy: SlowDownPolicy) -> Self {
+        Self { policy, cut: None }
+    }
+
+    /// The factor at `now`.
+    pub fn get(&self, now: Micros) -> f64 {
+        let Some((at, to)) = self.cut else { return 1.0 };
+        let p = &self.policy;
+        let climbing = (now - at - p.hold.as_micros() as i64).max(0) as f64;
+        let every = p.increase_every.as_micros().max(1) as f64;
+        (to + p.increase * climbing / every).min(1.0)
+    }
+
+    /// A slow-down answer arrived at `now`. Returns the new factor if it was
+    /// cut (not within `hold` of the previous cut).
+    pub fn on_slow_down(&mut self, now: Micros) -> Option<f64> {
+        if let Some((at, _)) = self.cut
+            && now - at < self.policy.hold.as_micros() as i64
+        {
+            return None;
+        }
+        let next = (self.get(now) * self.policy.decrease).max(self.policy.floor).min(1.0);
+        self.cut = Some((now, next));
+        Some(next)
+    }
+
+    /// True once, when a cut factor has climbed back to the full rate.
+    pub fn take_restored(&mut self, now: Micros) -> bool {
+        if self.cut.is_some() && self.get(now) >= 1.0 {
+            self.cut = None;
+            return true;
+        }
+        false
+    }
+}
+
 /// Full-jitter exponential backoff: a uniformly random wait in
 /// `[0, min(cap, base · 2^attempt))`. Jitter spreads retries of many
 /// workers apart so a recovering org is not hit by all of them at once.
@@ -211,5 +296,42 @@ mod tests {
         assert_eq!(full_jitter(3, base, cap, 0.5), Duration::from_millis(400));
         assert_eq!(full_jitter(20, base, cap, 1.0), cap);
         assert_eq!(full_jitter(5, base, cap, 0.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn rate_factor_cuts_once_per_hold_and_climbs_back_linearly() {
+        let policy = SlowDownPolicy {
+            decrease: 0.5,
+            floor: 0.1,
+            hold: Duration::from_secs(1),
+            increase: 0.1,
+            increase_every: Duration::from_secs(2),
+        };
+        let mut f = RateFactor::new(policy);
+        assert_eq!(f.get(0), 1.0);
+        assert!(!f.take_restored(0), "never cut: nothing to restore");
+        assert_eq!(f.on_slow_down(10 * S), Some(0.5));
+        // Answers to calls sent before the cut do not cut again.
+        assert_eq!(f.on_slow_down(10 * S + S / 2), None);
+        assert_eq!(f.get(10 * S + S / 2), 0.5);
+        assert_eq!(f.on_slow_down(11 * S), Some(0.25));
+        assert_eq!(f.on_slow_down(12 * S), Some(0.125));
+        // Never below the floor.
+        assert_eq!(f.on_slow_down(13 * S), Some(0.1));
+        assert_eq!(f.on_slow_down(14 * S), Some(0.1));
+        // Held for a second, then +0.1 every two seconds.
+        assert_eq!(f.get(15 * S), 0.1);
+        assert!((f.get(17 * S) - 0.2).abs() < 1e-9, "{}", f.get(17 * S));
+        assert!((f.get(25 * S) - 0.6).abs() < 1e-9, "{}", f.get(25 * S));
+        // A cut while climbing halves the current value, not the old one.
+        assert!((f.on_slow_down(25 * S).unwrap() - 0.3).abs() < 1e-9);
+        assert!(!f.take_restored(30 * S));
+        // 0.3 → 1 takes 14 s after the hold.
+        assert!(f.get(39 * S + S / 2) < 1.0);
+        assert_eq!(f.get(40 * S + S / 10), 1.0);
+        assert!(f.take_restored(40 * S));
+        assert!(!f.take_restored(41 * S), "reported once");
+        assert_eq!(f.get(41 * S), 1.0);
+        assert_eq!(f.on_slow_down(41 * S), Some(0.5), "a new episode starts from the full rate");
     }
 }

@@ -8,6 +8,11 @@
 //! model are serialized through a fair (FIFO) gate so that waiting callers
 //! do not stampede the ledger when capacity returns: one ledger write per
 //! admitted call.
+//!
+//! An org that answers 503 "Slow Down" has its admitted rate cut (see
+//! [`RateFactor`]): the router charges its calls against limits scaled by
+//! the factor, so the same ledger (whatever its backend) paces it slower,
+//! and routing prefers the orgs with more headroom meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -16,7 +21,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::{Breaker, BreakerPolicy, full_jitter};
+use super::breaker::{Breaker, BreakerPolicy, RateFactor, SlowDownPolicy, full_jitter};
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
 use crate::provider::{ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure, RateLimitHeaders};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
@@ -115,6 +120,9 @@ struct OrgState {
     /// is never more pessimistic than the stored one: skipping an org the
     /// cache calls full is safe.
     cache: Mutex<HashMap<ModelName, BucketState>>,
+    /// Per model: the share of the configured rate admitted (503 Slow Down).
+    /// Local to this process: each worker backs off on what it is told.
+    rate: Mutex<HashMap<ModelName, RateFactor>>,
 }
 
 /// What the caller wants called.
@@ -172,6 +180,7 @@ pub struct Router {
     clock: Arc<dyn Clock>,
     telemetry: Arc<Telemetry>,
     policy: RetryPolicy,
+    slow_down: SlowDownPolicy,
 }
 
 fn prompt_chars(chat: &ChatRequest) -> usize {
@@ -187,6 +196,22 @@ pub fn call_cost(chat: &ChatRequest, chars_per_token: f64) -> Cost {
 
 fn to_micros(d: Duration) -> i64 {
     d.as_micros().min(i64::MAX as u128) as i64
+}
+
+/// `params` with both limits scaled by `factor` (a slowed-down org): the
+/// same burst window, a slower refill. Never scaled below what `cost`
+/// needs, so a slowed org takes a call later, never refuses it for good.
+pub fn scaled(params: &BucketParams, factor: f64, cost: Cost) -> BucketParams {
+    if factor >= 1.0 {
+        return *params;
+    }
+    let scale = |rate: Rate, n: u64| {
+        // The smallest limit whose increment for `n` fits the tolerance.
+        let needed = (u128::from(n) * rate.period_us.max(0) as u128).div_ceil(rate.tolerance_us.max(1) as u128);
+        let cut = (rate.limit as f64 * factor.max(0.0)).ceil() as u64;
+        Rate { limit: cut.max(needed.min(u128::from(u64::MAX)) as u64).min(rate.limit), ..rate }
+    };
+    BucketParams { requests: scale(params.requests, cost.requests), tokens: scale(params.tokens, cost.tokens) }
 }
 
 impl Router {
@@ -210,15 +235,26 @@ impl Router {
             .map(|settings| {
                 telemetry.set_breaker(&settings.endpoint.name, BreakerGauge::Closed);
                 telemetry.set_out_of_rotation(&settings.endpoint.name, false);
+                for model in settings.models.keys() {
+                    telemetry.set_rate_factor(&settings.endpoint.name, model, 1.0);
+                }
                 OrgState {
                     settings,
                     breaker: Mutex::new(Breaker::new(policy.breaker)),
                     out: Mutex::new(None),
                     cache: Mutex::new(HashMap::new()),
+                    rate: Mutex::new(HashMap::new()),
                 }
             })
             .collect();
-        Self { orgs, by_model, gates, ledger, client, clock, telemetry, policy }
+        Self { orgs, by_model, gates, ledger, client, clock, telemetry, policy, slow_down: SlowDownPolicy::default() }
+    }
+
+    /// The same router with another answer to 503 "Slow Down" (tests use a
+    /// fast recovery; production keeps [`SlowDownPolicy::default`]).
+    pub fn with_slow_down(mut self, policy: SlowDownPolicy) -> Self {
+        self.slow_down = policy;
+        self
     }
 
     pub fn serves(&self, model: &ModelName) -> bool {
@@ -301,6 +337,17 @@ impl Router {
                     )
                     .await;
                 }
+                Err(ProviderFailure::SlowDown { retry_after, limits, message }) => {
+                    // Healthy (it answered), but asking for fewer requests:
+                    // the lowered rate is the backoff, and the call goes to
+                    // whichever org now has the most headroom. Not counted
+                    // against the transient budget, like a 429: the rate cut
+                    // bounds how often this org is asked again.
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::ServerError, Usage::default()));
+                    self.slowed_down(idx, &req.chat.model, &message);
+                    self.sync_headers(idx, &req.chat.model, &limits, sent_at, retry_after).await;
+                }
                 Err(ProviderFailure::InsufficientQuota { message }) => {
                     // The org answered: healthy as far as the breaker goes
                     // (a half-open probe would otherwise wait forever).
@@ -362,6 +409,34 @@ impl Router {
         }
     }
 
+    /// Cuts the admitted rate of (org, model) after a 503 "Slow Down".
+    fn slowed_down(&self, idx: usize, model: &ModelName, message: &str) {
+        let org = &self.orgs[idx];
+        let now = self.clock.now();
+        let cut =
+            lock(&org.rate).entry(model.clone()).or_insert_with(|| RateFactor::new(self.slow_down)).on_slow_down(now);
+        if let Some(factor) = cut {
+            tracing::warn!(
+                org = %org.settings.endpoint.name, model = %model, factor, %message,
+                "provider asked to slow down; admitted rate cut"
+            );
+            self.telemetry.set_rate_factor(&org.settings.endpoint.name, model, factor);
+        }
+    }
+
+    /// The current rate factor of (org, model), refreshing its gauge.
+    fn rate_factor(&self, idx: usize, model: &ModelName, now: Micros) -> f64 {
+        let org = &self.orgs[idx];
+        let mut rates = lock(&org.rate);
+        let Some(rate) = rates.get_mut(model) else { return 1.0 };
+        let factor = rate.get(now);
+        if rate.take_restored(now) {
+            tracing::info!(org = %org.settings.endpoint.name, model = %model, "admitted rate back to the full limit after a slow-down");
+        }
+        self.telemetry.set_rate_factor(&org.settings.endpoint.name, model, factor);
+        factor
+    }
+
     fn take_out(&self, idx: usize, reason: String) {
         let org = &self.orgs[idx];
         let until = self.clock.now() + to_micros(self.policy.out_of_rotation_for);
@@ -408,11 +483,12 @@ impl Router {
                 }
                 let Some(params) = org.settings.models.get(model) else { continue };
                 let cost = call_cost(&req.chat, org.settings.chars_per_token);
+                let params = scaled(params, self.rate_factor(i, model, now), cost);
                 let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
-                match gcra::available_at(&cached, params, cost, now) {
+                match gcra::available_at(&cached, &params, cost, now) {
                     None => never += 1,
                     Some(at) if at > now => wake_at = min_opt(wake_at, at),
-                    Some(_) => ready.push((gcra::headroom(&cached, params, now), i, cost, *params)),
+                    Some(_) => ready.push((gcra::headroom(&cached, &params, now), i, cost, params)),
                 }
             }
             if never == candidates.len() {
@@ -596,5 +672,44 @@ mod tests {
         // The provider's limit is below ours: what it has left is all we may use.
         let h = RateLimitHeaders { limit_requests: Some(3), remaining_requests: Some(2), ..Default::default() };
         assert_eq!(p.requests.remaining(provider_floor(&p, &h, 3, 6_000, 0).requests_tat, 0), 2);
+    }
+
+    #[test]
+    fn a_slowed_org_is_paced_at_the_factor_and_still_takes_every_call() {
+        let p = BucketParams {
+            requests: Rate::per_minute(600).with_slack(TRANSIT_ALLOWANCE_US),
+            tokens: Rate::per_minute(60_000).with_slack(TRANSIT_ALLOWANCE_US),
+        };
+        let call = Cost { requests: 1, tokens: 50 };
+        assert_eq!(scaled(&p, 1.0, call), p);
+        let half = scaled(&p, 0.5, call);
+        assert_eq!((half.requests.limit, half.tokens.limit), (300, 30_000));
+        assert_eq!(half.requests.tolerance_us, p.requests.tolerance_us, "same burst window");
+        // A call the full rate admits stays admissible at any factor.
+        let big = Cost { requests: 1, tokens: 50_000 };
+        let tiny = scaled(&p, 0.01, big);
+        assert!(tiny.tokens.limit < p.tokens.limit);
+        assert!(gcra::available_at(&BucketState::default(), &tiny, big, 0).is_some());
+
+        // Saturating demand, one attempt every 10 ms of injected time, from
+        // a bucket already at the steady state: a minute admits the factor's
+        // share of the rate (± one call of rounding).
+        let admitted = |factor: f64| {
+            let clock = crate::domain::ManualClock::new(1_000_000_000);
+            let start = clock.now();
+            let mut st = BucketState { requests_tat: start + p.requests.tolerance(), tokens_tat: 0 };
+            let mut n = 0u64;
+            while clock.now() < start + gcra::MINUTE_US {
+                if let gcra::Decision::Allow(next) = gcra::decide(st, &scaled(&p, factor, call), call, clock.now()) {
+                    st = next;
+                    n += 1;
+                }
+                clock.advance(Duration::from_millis(10));
+            }
+            n
+        };
+        assert!(admitted(1.0).abs_diff(600) <= 1, "{}", admitted(1.0));
+        assert!(admitted(0.5).abs_diff(300) <= 1, "{}", admitted(0.5));
+        assert!(admitted(0.1).abs_diff(60) <= 1, "{}", admitted(0.1));
     }
 }

@@ -63,6 +63,10 @@ pub enum ProviderFailure {
     /// Another 4xx: the request itself is wrong; retrying will not help.
     #[error("request rejected by provider ({status}): {message}")]
     Request { status: u16, message: String },
+    /// 503 "Slow Down": the org is healthy but wants fewer requests; the
+    /// router lowers its admitted rate for a while instead of backing off.
+    #[error("provider asked to slow down: {message}")]
+    SlowDown { retry_after: Option<Duration>, limits: RateLimitHeaders, message: String },
     /// 5xx: transient on the provider's side.
     #[error("provider error ({status}): {message}")]
     Server { status: u16, retry_after: Option<Duration>, limits: RateLimitHeaders, message: String },
@@ -228,9 +232,19 @@ pub fn classify_error(
         429 => ProviderFailure::RateLimited { retry_after, limits, message },
         401 | 403 => ProviderFailure::Unauthorized { status, message },
         408 => ProviderFailure::Timeout,
+        503 if is_slow_down(kind, code, &message) => ProviderFailure::SlowDown { retry_after, limits, message },
         400..=499 => ProviderFailure::Request { status, message },
         _ => ProviderFailure::Server { status, retry_after, limits, message },
     }
+}
+
+/// OpenAI's 503 "Slow Down" (a sudden rise in request rate): marked by a
+/// `slow_down` type or code, or by the words in the message, whatever the
+/// case. A plain 503 ("overloaded or not ready") stays a server error.
+fn is_slow_down(kind: &str, code: &str, message: &str) -> bool {
+    kind.eq_ignore_ascii_case("slow_down")
+        || code.eq_ignore_ascii_case("slow_down")
+        || message.to_ascii_lowercase().contains("slow down")
 }
 
 #[cfg(test)]
@@ -258,6 +272,19 @@ mod tests {
         assert!(
             matches!(classify(502, ""), ProviderFailure::Server { status: 502, ref message, .. } if message == "HTTP 502")
         );
+    }
+
+    #[test]
+    fn slow_down_is_told_apart_from_other_503s() {
+        let typed = r#"{"error":{"message":"Please reduce your rate of requests","type":"slow_down","code":null}}"#;
+        assert!(matches!(classify(503, typed), ProviderFailure::SlowDown { .. }));
+        let coded = r#"{"error":{"message":"x","type":"server_error","code":"SLOW_DOWN"}}"#;
+        assert!(matches!(classify(503, coded), ProviderFailure::SlowDown { .. }));
+        assert!(matches!(classify(503, "503 - Slow Down"), ProviderFailure::SlowDown { .. }));
+        let overloaded = r#"{"error":{"message":"The server is overloaded or not ready yet.","type":"server_error"}}"#;
+        assert!(matches!(classify(503, overloaded), ProviderFailure::Server { status: 503, .. }));
+        // Only a 503 asks to slow down; the words elsewhere are just a server error.
+        assert!(matches!(classify(500, "slow down"), ProviderFailure::Server { status: 500, .. }));
     }
 
     #[test]

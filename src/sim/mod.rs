@@ -11,7 +11,8 @@
 //!
 //! Checks run in this order, like the real provider's:
 //! auth → parse → model → down (503) → injected faults → insufficient_quota
-//! → rate limit → latency → answer.
+//! → slow-down (503 "Slow Down" above a rate set at run time) → rate limit
+//! → latency → answer.
 
 mod config;
 mod limits;
@@ -38,8 +39,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Clock;
-use crate::storage::gcra::Cost;
+use crate::domain::{Clock, Micros};
+use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Decision, Rate};
 
 pub use config::{DEFAULT_LISTEN, FaultConfig, LatencyConfig, SimConfig, SimLimits, SimOrg};
 pub use stats::{ModelStats, OrgStats, SimStats};
@@ -87,10 +88,41 @@ struct OrgState {
     name: String,
     down: bool,
     insufficient_quota: bool,
+    /// While set, requests above this rate get 503 "Slow Down".
+    slow_down: Option<SlowDown>,
     models: BTreeMap<String, ModelLimiter>,
     /// The counters; `models` in here stays empty (filled from the limiters
     /// when stats are read).
     counts: OrgStats,
+}
+
+/// The rate an org in slow-down still serves: requests per minute with
+/// about a second of burst, so what is above the rate is refused at once
+/// rather than after a minute's allowance.
+struct SlowDown {
+    rpm: u64,
+    params: BucketParams,
+    bucket: BucketState,
+}
+
+impl SlowDown {
+    fn new(rpm: u64) -> Self {
+        let requests = Rate::per_minute(rpm.max(1));
+        let tolerance_us = requests.increment(1).max(1_000_000);
+        let params = BucketParams { requests: Rate { tolerance_us, ..requests }, tokens: Rate::per_minute(1) };
+        Self { rpm, params, bucket: BucketState::default() }
+    }
+
+    /// Takes one request's room, or says it is over the rate.
+    fn admits(&mut self, now: Micros) -> bool {
+        match gcra::decide(self.bucket, &self.params, Cost { requests: 1, tokens: 0 }, now) {
+            Decision::Allow(next) => {
+                self.bucket = next;
+                true
+            }
+            Decision::Deny { .. } | Decision::Never => false,
+        }
+    }
 }
 
 enum Fault {
@@ -138,6 +170,7 @@ impl Simulator {
                     name: o.name.clone(),
                     down: o.down,
                     insufficient_quota: o.insufficient_quota,
+                    slow_down: None,
                     models: o.models.iter().map(|(m, l)| (m.clone(), ModelLimiter::new(*l))).collect(),
                     counts: OrgStats::default(),
                 }
@@ -170,6 +203,7 @@ impl Simulator {
             .route("/chat/completions", post(chat))
             .route("/_sim/stats", get(get_stats))
             .route("/_sim/requests", get(get_requests))
+            .route("/_sim/attempts", get(get_attempts))
             .route("/_sim/orgs/{name}", post(update_org))
             .route("/_sim/faults", post(update_faults))
             .with_state(self.clone())
@@ -253,6 +287,7 @@ impl Inner {
             Ok(call) => call,
             Err(e) => return e.into_response(),
         };
+        self.lock().requests.attempt(&request_id(headers, body));
 
         // Model, outage and injected faults.
         let stall = {
@@ -308,6 +343,13 @@ impl Inner {
                 o.counts.insufficient_quota += 1;
                 let headers = wire::ratelimit_headers(&limiter.snapshot(now));
                 return (headers, ApiError::insufficient_quota()).into_response();
+            }
+            if let Some(slow) = o.slow_down.as_mut()
+                && !slow.admits(now)
+            {
+                o.counts.slowed_down += 1;
+                let headers = wire::ratelimit_headers(&limiter.snapshot(now));
+                return (headers, ApiError::slow_down()).into_response();
             }
             if let Err(refusal) = limiter.try_take(cost, now) {
                 match refusal.kind {
@@ -393,11 +435,26 @@ async fn get_requests(State(sim): State<Simulator>) -> Json<BTreeMap<String, u64
     Json(sim.inner.lock().requests.counts())
 }
 
+/// Every request per `X-Client-Request-Id`, whatever its answer (faults,
+/// 429s and 503s included), where `/_sim/requests` counts accepted ones.
+async fn get_attempts(State(sim): State<Simulator>) -> Json<BTreeMap<String, u64>> {
+    Json(sim.inner.lock().requests.attempts())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OrgPatch {
     down: Option<bool>,
     insufficient_quota: Option<bool>,
+    /// Absent: unchanged; `null`: no slow-down; a number: answer 503 "Slow
+    /// Down" to requests above that many per minute.
+    #[serde(default, deserialize_with = "present")]
+    slow_down_rpm: Option<Option<u64>>,
+}
+
+/// Tells a field sent as `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Serialize)]
@@ -405,6 +462,7 @@ struct OrgStatus {
     name: String,
     down: bool,
     insufficient_quota: bool,
+    slow_down_rpm: Option<u64>,
 }
 
 fn bad_control_request(e: impl std::fmt::Display) -> Response {
@@ -433,8 +491,13 @@ async fn update_org(State(sim): State<Simulator>, Path(name): Path<String>, body
     if let Some(q) = patch.insufficient_quota {
         o.insufficient_quota = q;
     }
-    tracing::info!(org = %o.name, down = o.down, insufficient_quota = o.insufficient_quota, "sim: org updated");
-    Json(OrgStatus { name: o.name.clone(), down: o.down, insufficient_quota: o.insufficient_quota }).into_response()
+    if let Some(rpm) = patch.slow_down_rpm {
+        o.slow_down = rpm.map(SlowDown::new);
+    }
+    let slow_down_rpm = o.slow_down.as_ref().map(|s| s.rpm);
+    tracing::info!(org = %o.name, down = o.down, insufficient_quota = o.insufficient_quota, ?slow_down_rpm, "sim: org updated");
+    Json(OrgStatus { name: o.name.clone(), down: o.down, insufficient_quota: o.insufficient_quota, slow_down_rpm })
+        .into_response()
 }
 
 async fn update_faults(State(sim): State<Simulator>, body: Bytes) -> Response {

@@ -43,6 +43,9 @@ pub struct OrgStats {
     pub stalled: u64,
     /// 503 answers while the org was down.
     pub unavailable: u64,
+    /// 503 "Slow Down" answers to requests above the org's slow-down rate.
+    #[serde(default)]
+    pub slowed_down: u64,
     pub models: BTreeMap<String, ModelStats>,
 }
 
@@ -63,10 +66,13 @@ pub struct ModelStats {
     pub window_bound_tokens: u64,
 }
 
-/// How many times each request id was accepted.
+/// How many times each request id was accepted, and received at all.
 #[derive(Debug, Default)]
 pub(super) struct RequestLedger {
     counts: HashMap<String, u64>,
+    /// Every request that named the id, whatever its answer: what a retry
+    /// storm would inflate.
+    attempts: HashMap<String, u64>,
     duplicates: u64,
     first_duplicates: Vec<String>,
 }
@@ -91,6 +97,19 @@ impl RequestLedger {
                 self.first_duplicates.push(id.to_owned());
             }
         }
+    }
+
+    pub(super) fn attempt(&mut self, id: &str) {
+        match self.attempts.get_mut(id) {
+            Some(n) => *n += 1,
+            None => {
+                self.attempts.insert(id.to_owned(), 1);
+            }
+        }
+    }
+
+    pub(super) fn attempts(&self) -> BTreeMap<String, u64> {
+        self.attempts.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     pub(super) fn counts(&self) -> BTreeMap<String, u64> {

@@ -256,6 +256,39 @@ async fn insufficient_quota_is_openais_billing_429() {
 }
 
 #[tokio::test]
+async fn a_slowed_org_answers_503_slow_down_above_its_rate() {
+    let t = spawn(CONFIG).await;
+    let r = t.control("/_sim/orgs/org-b", json!({"slow_down_rpm": 60})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["slow_down_rpm"], 60);
+    // 60 a minute with a second of burst: one now, the next a second later.
+    assert_eq!(t.chat_as("sk-b", &request("hi", 10), Some("j/s1")).await.unwrap().status(), StatusCode::OK);
+    let r = t.chat_as("sk-b", &request("hi", 10), Some("j/s1")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["type"].as_str(), body["error"]["code"].as_str()),
+        (Some("slow_down"), Some("slow_down"))
+    );
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("Slow Down"), "{body}");
+    t.clock.advance(Duration::from_secs(1));
+    assert_eq!(t.chat_as("sk-b", &request("hi", 10), Some("j/s1")).await.unwrap().status(), StatusCode::OK);
+    let b = t.org("org-b").await;
+    assert_eq!((b.slowed_down, b.accepted_calls), (1, 2));
+    // Every request is an attempt; only admitted ones are accepted.
+    let attempts: Value = t.http.get(format!("{}/_sim/attempts", t.base)).send().await.unwrap().json().await.unwrap();
+    let accepted: Value = t.http.get(format!("{}/_sim/requests", t.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!((attempts["j/s1"].as_u64(), accepted["j/s1"].as_u64()), (Some(3), Some(2)));
+    // Leaving the field out changes nothing; null ends the slow-down.
+    let r = t.control("/_sim/orgs/org-b", json!({"down": false})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["slow_down_rpm"], 60);
+    let r = t.control("/_sim/orgs/org-b", json!({"slow_down_rpm": null})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["slow_down_rpm"], Value::Null);
+    for _ in 0..5 {
+        assert_eq!(t.chat("sk-b", &request("hi", 10)).await.unwrap().status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
 async fn a_down_org_answers_503_until_it_is_back() {
     let t = spawn(CONFIG).await;
     t.control("/_sim/orgs/org-a", json!({"down": true})).await;

@@ -155,6 +155,19 @@ impl ApiError {
         }
     }
 
+    /// OpenAI's 503 "Slow Down": the org asks for a lower request rate.
+    pub(super) fn slow_down() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "Slow Down: a sudden increase in your request rate is impacting service reliability. \
+                      Please reduce your request rate."
+                .into(),
+            kind: "slow_down",
+            param: None,
+            code: Some("slow_down"),
+        }
+    }
+
     pub(super) fn server_error(status: StatusCode) -> Self {
         let message = match status {
             StatusCode::BAD_GATEWAY => "Bad gateway.",
