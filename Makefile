@@ -5,7 +5,7 @@ CONFIG   ?= examples/ratepool.toml
 BIN      := target/release/ratepool
 KEY_FILE := .ratepool/tenant.key
 
-.PHONY: build run submit test clean cdk-deps cdk-bootstrap lambda-bundle synth deploy-keys deploy
+.PHONY: build run submit test bench fuzz clean cdk-deps cdk-bootstrap lambda-bundle synth deploy-keys deploy
 
 build:
 	$(CARGO) build --release --locked
@@ -31,6 +31,44 @@ submit: $(KEY_FILE)
 ## script starts and stops, the CDK checks. Installs its own tools (venv, npm).
 test:
 	infra/test.sh
+
+## The benchmark behind BENCHMARKS.md: a release build, BENCH_RUNS runs of
+## every figure (about 25 minutes for 3), with its own moto for the DynamoDB
+## ledger figures. The tables go to stdout and target/bench/report.md, every
+## run's numbers to target/bench/results.json. BENCH_ARGS="--only scaling" etc.
+BENCH_RUNS ?= 3
+BENCH_ARGS ?=
+bench:
+	$(CARGO) build --release --locked
+	@mkdir -p target/bench
+	bash -c 'set -euo pipefail; source infra/moto.sh; moto_install; moto_start; \
+	  $(BIN) bench --runs $(BENCH_RUNS) $(BENCH_ARGS) | tee target/bench/report.md'
+
+## A long kill storm on both backends (tests/chaos_kill_storm.rs): workers
+## SIGKILLed CHAOS_KILLS times while CHAOS_JOBS jobs of CHAOS_STEPS steps run.
+## Starts and stops its own moto, like `make test`. `make test` runs a short
+## one on SQLite; the AWS storm is still failing on moto (RELIABILITY.md).
+CHAOS_KILLS ?= 200
+CHAOS_JOBS  ?= 50
+CHAOS_STEPS ?= 12
+chaos:
+	bash -c 'set -euo pipefail; source infra/moto.sh; moto_install; moto_start; \
+	  RATEPOOL_CHAOS_KILLS=$(CHAOS_KILLS) RATEPOOL_CHAOS_JOBS=$(CHAOS_JOBS) RATEPOOL_CHAOS_STEPS=$(CHAOS_STEPS) \
+	  $(CARGO) test --locked --test chaos_kill_storm -- --include-ignored --nocapture --test-threads=1'
+
+## Fuzz the parsers of untrusted input (fuzz/: spec_parse, template_render,
+## rate_limit_headers) for FUZZ_SECS each. cargo-fuzz wants a nightly
+## compiler (-Z sanitizer flags); RUSTC_BOOTSTRAP=1 lets the stable one
+## accept them. Needs `cargo install cargo-fuzz`. Starts from the committed
+## fuzz/seeds/TARGET/; the corpus grows in fuzz/corpus/TARGET/ and crashes
+## land in fuzz/artifacts/TARGET/ (both ignored).
+FUZZ_SECS    ?= 60
+FUZZ_TARGETS ?= spec_parse template_render rate_limit_headers
+fuzz:
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t && \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECS)) || exit 1; \
+	done
 
 # ---------------------------------------------------------------- AWS (cdk/)
 CDK_ARGS   ?=

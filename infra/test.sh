@@ -5,33 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=${RATEPOOL_VENV:-.venv}
-if ! cmp -s infra/requirements-test.txt "$venv/.installed" 2>/dev/null; then
-  echo "== installing test tools into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r infra/requirements-test.txt
-  cp infra/requirements-test.txt "$venv/.installed"
-fi
+# shellcheck source=infra/moto.sh
+source infra/moto.sh
+moto_install
 
 echo "== lint"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p target
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
-moto_pid=$!
-trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do
-  curl -sf "http://127.0.0.1:$port/moto-api/" > /dev/null && break
-  sleep 0.2
-done
-# One reset at the start; tests use their own table and queue names.
-curl -sf -X POST "http://127.0.0.1:$port/moto-api/reset" > /dev/null
-echo "== moto on 127.0.0.1:$port"
-
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+moto_start
 echo "== cargo test"
 cargo test --locked
 

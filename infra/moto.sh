@@ -1,0 +1,34 @@
+# Sourced by infra/test.sh and `make chaos` (from the repository root): the
+# test tools' venv and a moto emulator on a free loopback port.
+#   moto_install  installs infra/requirements-test.txt into $venv if it changed
+#   moto_start    starts moto (log in target/moto.log), stops it when the
+#                 calling shell exits, and exports AWS_ENDPOINT_URL and dummy
+#                 credentials for it
+venv=${RATEPOOL_VENV:-.venv}
+
+moto_install() {
+  if ! cmp -s infra/requirements-test.txt "$venv/.installed" 2>/dev/null; then
+    echo "== installing test tools into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r infra/requirements-test.txt
+    cp infra/requirements-test.txt "$venv/.installed"
+  fi
+}
+
+moto_start() {
+  local port
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p target
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
+  moto_pid=$!
+  trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$port/moto-api/" > /dev/null && break
+    sleep 0.2
+  done
+  # One reset at the start; tests use their own table and queue names.
+  curl -sf -X POST "http://127.0.0.1:$port/moto-api/reset" > /dev/null
+  echo "== moto on 127.0.0.1:$port"
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+  export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+}
