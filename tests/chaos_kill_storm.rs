@@ -31,9 +31,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -589,29 +588,6 @@ fn write_aws_config(dir: &Path, sim_url: &str, workers: &str) -> (PathBuf, Confi
     (path, Config::parse(&toml).unwrap())
 }
 
-/// Starts `ratepool worker` and waits until it runs.
-fn start_worker(dir: &Path, config: &Path, name: &str) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(BIN)
-        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
-        .envs(server_env(&ORGS))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = lines.next().and_then(Result::ok).unwrap_or_default();
-    assert!(
-        ready.contains("worker running"),
-        "worker did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, url: String::new(), log }
-}
-
 struct Aws {
     dir: PathBuf,
     config: PathBuf,
@@ -627,7 +603,7 @@ struct Aws {
 impl Aws {
     fn start(&mut self, slot: usize) {
         self.starts += 1;
-        self.workers[slot] = Some(start_worker(&self.dir, &self.config, &format!("worker-{}", self.starts)));
+        self.workers[slot] = Some(start_worker(&self.dir, &self.config, &ORGS, &format!("worker-{}", self.starts)));
     }
 
     /// Sends a real API Gateway REST proxy event through the Lambda handler.

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -41,35 +40,6 @@ fn write_aws_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], workers: &str) 
     assert!(out.status.success(), "aws init failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("created"), "aws init created nothing");
     (path, Config::parse(&toml).unwrap())
-}
-
-fn org_env(orgs: &[OrgSpec]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = orgs.iter().map(|o| (org_key_env(o.name), org_key(o.name))).collect();
-    env.push(("TENANT_A_KEY".into(), TENANT_A_KEY.into()));
-    env
-}
-
-/// Starts `ratepool worker` and waits until it runs.
-fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(BIN)
-        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
-        .envs(org_env(orgs))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = lines.next().and_then(Result::ok).unwrap_or_default();
-    assert!(
-        ready.contains("worker running"),
-        "worker did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, url: String::new(), log }
 }
 
 /// The API as the Lambda runs it.
@@ -298,7 +268,7 @@ fn sigterm_hands_jobs_back_drops_task_protection_and_publishes_metrics() {
     let log = dir.path().join("worker-term.log");
     let mut child = Command::new(BIN)
         .args(["worker", "--config", cfg_path.to_str().unwrap()])
-        .envs(org_env(&orgs))
+        .envs(server_env(&orgs))
         .env("ECS_AGENT_URI", &agent)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -229,3 +229,28 @@ pub fn start_server_logged(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name
 /// A sequential chain of `n` small steps `s0 → s1 → …` (the benchmark's).
 #[allow(unused_imports)] // not every test file that includes `common` runs chains
 pub use ratepool::bench::chain_spec;
+
+/// Starts `ratepool worker` (text logs to `dir/name.log`) and waits until it
+/// says it runs.
+#[allow(dead_code)] // only the AWS tests start workers
+pub fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(BIN)
+        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
+        .envs(server_env(orgs))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(
+        ready.contains("worker running"),
+        "worker did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, url: String::new(), log }
+}
