@@ -42,7 +42,7 @@ use ratepool::config::Config;
 use ratepool::domain::{JobId, SystemClock};
 use ratepool::local::{SqliteBackend, SqliteOptions};
 use ratepool::storage::{Backend, JobStatus};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 struct Knobs {
     kills: usize,
@@ -608,21 +608,7 @@ impl Aws {
 
     /// Sends a real API Gateway REST proxy event through the Lambda handler.
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let mut event: Value = serde_json::from_str(include_str!("fixtures/apigw_proxy_event.json")).unwrap();
-        event["httpMethod"] = json!(method);
-        event["path"] = json!(path);
-        event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
-        event["requestContext"]["httpMethod"] = json!(method);
-        event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
-        event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
-        event["body"] = body.map_or(Value::Null, |b| json!(b));
-        let event = serde_json::from_value(event).expect("a valid API Gateway proxy event");
-        let resp = self.rt.block_on(ratepool::lambda::handle(self.api.clone(), event));
-        let body = match resp.body {
-            Some(aws_lambda_events::encodings::Body::Text(t)) => serde_json::from_str(&t).unwrap_or(Value::Null),
-            _ => Value::Null,
-        };
-        (resp.status_code as u16, body)
+        lambda_call(&self.rt, &self.api, method, path, body)
     }
 }
 

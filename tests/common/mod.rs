@@ -254,3 +254,31 @@ pub fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> 
     std::thread::spawn(move || lines.for_each(drop));
     Proc { child, url: String::new(), log }
 }
+
+/// Sends a real API Gateway REST proxy event (`fixtures/apigw_proxy_event.json`)
+/// as tenant A through the Lambda handler serving `app`.
+#[allow(dead_code)] // only the AWS tests call the Lambda
+pub fn lambda_call(
+    rt: &tokio::runtime::Runtime,
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    use serde_json::json;
+    let mut event: Value = serde_json::from_str(include_str!("../fixtures/apigw_proxy_event.json")).unwrap();
+    event["httpMethod"] = json!(method);
+    event["path"] = json!(path);
+    event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
+    event["requestContext"]["httpMethod"] = json!(method);
+    event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
+    event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
+    event["body"] = body.map_or(Value::Null, |b| json!(b));
+    let event = serde_json::from_value(event).expect("a valid API Gateway proxy event");
+    let resp = rt.block_on(ratepool::lambda::handle(app.clone(), event));
+    let body = match resp.body {
+        Some(aws_lambda_events::encodings::Body::Text(t)) => serde_json::from_str(&t).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    (resp.status_code as u16, body)
+}
