@@ -425,6 +425,7 @@ async fn an_org_that_says_slow_down_gets_a_lower_rate_that_recovers() {
                         temperature: 0.0,
                     },
                     request_id: format!("c{c}/n{n}"),
+                    gate: None,
                 };
                 tokio::select! {
                     r = router.call(&req, &done) => if !done.is_cancelled() { r.unwrap(); },

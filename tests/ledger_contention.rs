@@ -90,6 +90,7 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
                             temperature: 0.0,
                         },
                         request_id: format!("w{w}/c{c}/{i}"),
+                        gate: None,
                     };
                     router.call(&req, &CancellationToken::new()).await.expect("every call succeeds");
                 }

@@ -155,7 +155,7 @@ fn chat(model: &str, prompt_chars: usize, max_tokens: u32) -> ChatRequest {
 }
 
 fn request(id: impl Into<String>, chat: ChatRequest) -> CallRequest {
-    CallRequest { tenant: TenantId::parse("t").unwrap(), chat, request_id: id.into() }
+    CallRequest { tenant: TenantId::parse("t").unwrap(), chat, request_id: id.into(), gate: None }
 }
 
 impl Harness {
@@ -584,4 +584,45 @@ async fn cancelling_calls_that_wait_for_capacity_returns_promptly() {
     assert!(cancelled_at.elapsed() < Duration::from_millis(200), "took {:?}", cancelled_at.elapsed());
     assert_eq!(h.sim.stats().total_calls, 0);
     assert_eq!(h.telemetry.ledger_ops("acquire"), 0, "nothing was charged");
+}
+
+// The send gate -------------------------------------------------------------
+
+/// A gate the test opens (`Some(true)`), shuts (`Some(false)`) or leaves
+/// undecided (`None`, the call waits).
+struct TestGate(tokio::sync::watch::Receiver<Option<bool>>);
+
+#[async_trait::async_trait]
+impl ratepool::engine::router::SendGate for TestGate {
+    async fn ready(&self) -> bool {
+        let mut rx = self.0.clone();
+        let decided = rx.wait_for(Option::is_some).await.expect("gate sender alive");
+        decided.unwrap_or(false)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_call_waits_for_its_gate_and_a_shut_gate_sends_nothing() {
+    let h = start(&[org("a", 1_000, 100_000)], fast_policy()).await;
+    let (open, rx) = tokio::sync::watch::channel(None);
+    let mut req = request("gated/1", chat(MODEL, 40, 100));
+    req.gate = Some(Arc::new(TestGate(rx)));
+    let router = h.router.clone();
+    let call = tokio::spawn(async move { router.call(&req, &CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the call went on while its gate was undecided");
+    assert_eq!(h.org_stats("a").accepted_calls, 0, "a held call reached the provider");
+    open.send(Some(true)).unwrap();
+    let done = call.await.unwrap().unwrap();
+    assert_eq!((done.attempts, h.org_stats("a").accepted_calls), (1, 1));
+
+    let (_shut, rx) = tokio::sync::watch::channel(Some(false));
+    let mut req = request("gated/2", chat(MODEL, 40, 100));
+    req.gate = Some(Arc::new(TestGate(rx)));
+    let refused = h.router.call(&req, &CancellationToken::new()).await;
+    assert!(matches!(refused, Err(CallError::Cancelled)), "{refused:?}");
+    assert_eq!(h.org_stats("a").accepted_calls, 1, "a call its gate refused was sent");
+    // The org is left usable: the next ungated call goes through.
+    h.call("after/1", chat(MODEL, 40, 100)).await.unwrap();
+    assert_eq!(h.state_of("a"), "ok");
 }

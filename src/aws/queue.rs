@@ -28,6 +28,8 @@ const MAX_BATCH: usize = 10;
 const MAX_WAIT_SECS: u64 = 20;
 /// SQS's longest visibility timeout (12 h).
 const MAX_VISIBILITY_SECS: u64 = 43_200;
+/// SQS's longest per-message delay (15 minutes).
+const MAX_DELAY_SECS: u64 = 900;
 /// Receives after which SQS itself moves a message to the DLQ. Only a
 /// backstop: the engine dead-letters a poison job itself (`dead_letter`)
 /// after counting its runs that ended without progress, which tells a job
@@ -375,15 +377,18 @@ async fn depth(client: &aws_sdk_sqs::Client, url: &str) -> StorageResult<(u64, u
         .queue_url(url)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
         .send()
         .await
         .map_err(|e| sdk_err("reading SQS queue depth", e))?;
     let count = |name: &QueueAttributeName| -> u64 {
         out.attributes().and_then(|a| a.get(name)).and_then(|n| n.parse().ok()).unwrap_or(0)
     };
+    // Delayed messages (deferred, see `defer`) are hidden too: in flight.
     Ok((
         count(&QueueAttributeName::ApproximateNumberOfMessages),
-        count(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        count(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            + count(&QueueAttributeName::ApproximateNumberOfMessagesDelayed),
     ))
 }
 
@@ -471,6 +476,25 @@ impl JobQueue for SqsQueue {
     async fn delete(&self, receipt: &str) -> StorageResult<()> {
         let (lane, handle) = self.current(receipt)?;
         self.delete_handle(receipt, lane, handle).await
+    }
+
+    /// Sends a delayed copy, then deletes the received one: a failure in
+    /// between leaves two copies (the second finds the job leased or
+    /// finished), never none. SQS delays at most 15 minutes.
+    async fn defer(&self, delivery: &Delivery, delay: Duration) -> StorageResult<()> {
+        let (lane, handle) = self.current(&delivery.receipt)?;
+        let body = serde_json::to_string(&delivery.message)
+            .map_err(|e| StorageError::Backend(format!("encoding a queue message: {e}")))?;
+        self.client
+            .send_message()
+            .queue_url(self.url(lane))
+            .message_body(body)
+            .message_group_id(delivery.message.tenant.as_str())
+            .delay_seconds(ceil_secs(delay, MAX_DELAY_SECS))
+            .send()
+            .await
+            .map_err(|e| sdk_err("sending a deferred copy to SQS", e))?;
+        self.delete_handle(&delivery.receipt, lane, handle).await
     }
 
     /// Sends the message to the DLQ, then deletes it from its queue: a

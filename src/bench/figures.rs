@@ -657,6 +657,7 @@ async fn requests_per_call(
                             temperature: 0.0,
                         },
                         request_id: format!("r{r}/c{c}/{i}"),
+                        gate: None,
                     };
                     router.call(&req, &CancellationToken::new()).await?;
                 }

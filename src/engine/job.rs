@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
-use super::router::{CallError, CallRequest};
+use super::router::{CallError, CallRequest, SendGate};
 use crate::domain::{JobId, StepId, TenantId};
 use crate::provider::{ChatMessage, ChatRequest};
 use crate::spec::JobSpec;
@@ -33,8 +33,9 @@ enum Ack {
     Delete,
     /// Hand back to the queue now (shutdown).
     HandBack,
-    /// Keep hidden this long (another worker holds a live lease).
-    Hide(Duration),
+    /// Another worker holds a live lease: put the message back for this
+    /// long as a fresh one (see [`crate::storage::JobQueue::defer`]).
+    Defer(Duration),
     /// Leave it: it reappears after its visibility timeout.
     Leave,
 }
@@ -52,11 +53,17 @@ pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop
     let res = match ack {
         Ack::Delete => q.delete(&delivery.receipt).await,
         Ack::HandBack => q.extend(&delivery.receipt, Duration::ZERO).await,
-        Ack::Hide(d) => q.extend(&delivery.receipt, d).await,
+        Ack::Defer(d) => q.defer(&delivery, d).await,
         Ack::Leave => Ok(()),
     };
-    if let Err(e) = res {
-        tracing::warn!(job = %job, error = %e, "could not acknowledge the queue message");
+    match res {
+        Ok(()) => {}
+        // Our receipt lapsed (a late heartbeat) and the message was passed
+        // on: its next receiver finds the job finished or leased.
+        Err(StorageError::Conflict(_)) => {
+            tracing::info!(job = %job, "the queue message was already passed on; its next receiver settles it");
+        }
+        Err(e) => tracing::warn!(job = %job, error = %e, "could not acknowledge the queue message"),
     }
 }
 
@@ -68,7 +75,7 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
         LeaseOutcome::Acquired(l) => l,
         LeaseOutcome::Held { expires_at, .. } => {
             let left = (expires_at - engine.clock.now()).max(0) as u64;
-            return Ok(Ack::Hide(Duration::from_micros(left) + Duration::from_secs(1)));
+            return Ok(Ack::Defer(Duration::from_micros(left) + Duration::from_secs(1)));
         }
         LeaseOutcome::Finished(_) | LeaseOutcome::Missing => return Ok(Ack::Delete),
     };
@@ -167,19 +174,77 @@ async fn heartbeat(
     lost: CancellationToken,
     ttl: Duration,
 ) {
+    // Once the receipt is stale (a heartbeat came after the visibility
+    // timeout), the message is another worker's to defer while our lease
+    // lives; the lease alone keeps the job ours.
+    let mut receipt = Some(receipt);
     loop {
         tokio::time::sleep(ttl / 3).await;
-        if let Err(e) = backend.queue.extend(&receipt, ttl).await {
-            tracing::warn!(error = %e, "heartbeat: could not extend the message's visibility");
-        }
         let held = current(&lease);
-        match backend.jobs.renew_lease(&held, ttl, clock.now()).await {
+        // Side by side: a slow queue must not hold up the lease renewal.
+        let extended = async {
+            match &receipt {
+                Some(r) => Some(backend.queue.extend(r, ttl).await),
+                None => None,
+            }
+        };
+        let (extended, renewed) = tokio::join!(extended, backend.jobs.renew_lease(&held, ttl, clock.now()));
+        match extended {
+            None | Some(Ok(())) => {}
+            Some(Err(StorageError::Conflict(_))) => {
+                tracing::info!(
+                    job = %held.job_id,
+                    "heartbeat came after the message's visibility timeout; the lease keeps the job"
+                );
+                receipt = None;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "heartbeat: could not extend the message's visibility"),
+        }
+        match renewed {
             Ok(renewed) => *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed,
             Err(StorageError::LeaseLost) => {
                 lost.cancel();
                 return;
             }
             Err(e) => tracing::warn!(job = %held.job_id, error = %e, "heartbeat: could not renew the lease"),
+        }
+    }
+}
+
+/// Holds a step's call, after its quota is charged and before it is sent,
+/// while the lease renewal is overdue: less than a third of the TTL left,
+/// where the heartbeat renews every third. Storage that slow may let the
+/// lease lapse, and another worker would then make the same call. The call
+/// goes as soon as a renewal lands, and is abandoned if the lease is lost.
+struct LeaseGate {
+    lease: Arc<Mutex<Lease>>,
+    clock: Arc<dyn crate::domain::Clock>,
+    ttl: Duration,
+    lost: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl SendGate for LeaseGate {
+    async fn ready(&self) -> bool {
+        let margin = i64::try_from((self.ttl / 3).as_micros()).unwrap_or(i64::MAX);
+        let mut told = false;
+        loop {
+            if self.lost.is_cancelled() {
+                return false;
+            }
+            let held = current(&self.lease);
+            let left = held.expires_at - self.clock.now();
+            if left > margin {
+                return true;
+            }
+            if !told {
+                tracing::info!(job = %held.job_id, left_ms = left / 1000, "holding a call until the overdue lease renewal lands");
+                told = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.ttl / 20) => {}
+                _ = self.lost.cancelled() => return false,
+            }
         }
     }
 }
@@ -226,6 +291,12 @@ async fn run_steps(
         .max_parallel
         .map_or(engine.config.step_parallelism, |p| (p as usize).min(engine.config.step_parallelism))
         .max(1);
+    let gate: Arc<dyn SendGate> = Arc::new(LeaseGate {
+        lease: lease.clone(),
+        clock: engine.clock.clone(),
+        ttl: engine.config.lease_ttl,
+        lost: lost.clone(),
+    });
     let steps_cancel = CancellationToken::new();
     let _cancel_on_exit = steps_cancel.clone().drop_guard();
     let mut running = HashSet::new();
@@ -254,6 +325,7 @@ async fn run_steps(
                     spec: spec.clone(),
                     index: i,
                     cancel: steps_cancel.child_token(),
+                    gate: gate.clone(),
                 };
                 tasks.spawn(run_step(ctx, deps));
             }
@@ -282,6 +354,8 @@ async fn run_steps(
                 outputs.insert(s.checkpoint.step_id, Arc::from(s.checkpoint.output));
             }
             Err(StepError::Failed(reason)) => return Ok(StepsEnd::Failed(reason)),
+            // A gate gives up on a call only when the lease is lost.
+            Err(StepError::Cancelled) if lost.is_cancelled() => return Ok(StepsEnd::LeaseLost),
             Err(StepError::Cancelled) => return Ok(StepsEnd::HandBack),
             Err(StepError::Storage(e)) => return Err(e),
         }
@@ -297,6 +371,7 @@ struct StepCtx {
     spec: Arc<JobSpec>,
     index: usize,
     cancel: CancellationToken,
+    gate: Arc<dyn SendGate>,
 }
 
 async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepDone, StepError> {
@@ -316,7 +391,12 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
     }
     let chat =
         ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
-    let req = CallRequest { tenant: ctx.tenant.clone(), chat, request_id: format!("{}/{}", ctx.job, step.id) };
+    let req = CallRequest {
+        tenant: ctx.tenant.clone(),
+        chat,
+        request_id: format!("{}/{}", ctx.job, step.id),
+        gate: Some(ctx.gate.clone()),
+    };
     let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
         CallError::Cancelled => StepError::Cancelled,
         CallError::Storage(e) => StepError::Storage(e),

@@ -126,12 +126,35 @@ struct OrgState {
 }
 
 /// What the caller wants called.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CallRequest {
     pub tenant: TenantId,
     pub chat: ChatRequest,
     /// Sent as `X-Client-Request-Id`: `{job}/{step}`.
     pub request_id: String,
+    /// Asked before each attempt is sent, after its quota is charged.
+    pub gate: Option<Arc<dyn SendGate>>,
+}
+
+impl std::fmt::Debug for CallRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRequest")
+            .field("tenant", &self.tenant)
+            .field("chat", &self.chat)
+            .field("request_id", &self.request_id)
+            .field("gate", &self.gate.is_some())
+            .finish()
+    }
+}
+
+/// The caller's last word on an attempt, between charging its quota and
+/// sending it. A job run uses it to hold calls while its lease renewal is
+/// overdue: the lease may lapse and another worker make the same call.
+#[async_trait::async_trait]
+pub trait SendGate: Send + Sync {
+    /// Returns once the attempt may be sent; false abandons the call
+    /// (`CallError::Cancelled`).
+    async fn ready(&self) -> bool;
 }
 
 #[derive(Debug, Clone)]
@@ -290,12 +313,22 @@ impl Router {
             let (idx, probe) = self.admit(req, cancel).await?;
             let org = &self.orgs[idx];
             let name = &org.settings.endpoint.name;
+            // Hands the breaker's probe back if this call ends unanswered
+            // (held by the gate, cancelled here, or the caller drops this
+            // future).
+            let probe = ProbeGuard(probe.then_some(&org.breaker));
+            if let Some(gate) = &req.gate {
+                let go = tokio::select! {
+                    go = gate.ready() => go,
+                    _ = cancel.cancelled() => false,
+                };
+                if !go {
+                    return Err(CallError::Cancelled);
+                }
+            }
             attempts += 1;
             let sent_at = self.clock.now();
             let started = tokio::time::Instant::now();
-            // Hands the breaker's probe back if this call ends unanswered
-            // (cancelled here, or the caller drops this future).
-            let probe = ProbeGuard(probe.then_some(&org.breaker));
             let answer = tokio::select! {
                 a = self.client.chat(&org.settings.endpoint, &req.chat, &req.request_id) => a,
                 _ = cancel.cancelled() => return Err(CallError::Cancelled),

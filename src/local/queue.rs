@@ -161,6 +161,25 @@ impl JobQueue for SqliteBackend {
         if changed == 0 { Err(stale()) } else { Ok(()) }
     }
 
+    /// One statement: the row is hidden, re-receipted and its count reset,
+    /// so there is never a moment with two copies or none.
+    async fn defer(&self, delivery: &Delivery, delay: Duration) -> StorageResult<()> {
+        let visible_at = self.now().saturating_add(micros(delay));
+        let receipt = delivery.receipt.clone();
+        let changed = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE queue SET visible_at = ?1, receive_count = 0, receipt = lower(hex(randomblob(16)))
+                      WHERE receipt = ?2",
+                )
+                .db()?
+                .execute(rusqlite::params![visible_at, receipt])
+                .db()
+            })
+            .await?;
+        if changed == 0 { Err(stale()) } else { Ok(()) }
+    }
+
     /// Moves the row itself (not `delivery.message`), so what is
     /// dead-lettered is exactly what was queued.
     async fn dead_letter(&self, delivery: &Delivery) -> StorageResult<()> {

@@ -87,6 +87,13 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn extend(&self, receipt: &str, timeout: Duration) -> StorageResult<()>;
     /// Removes a received message for good.
     async fn delete(&self, receipt: &str) -> StorageResult<()>;
+    /// Puts a received message back as if newly sent, visible after `delay`
+    /// and with its receive count started again; the receipt is spent. For
+    /// a job whose lease another worker still holds: that worker's receipt
+    /// lapsed (its heartbeat came late), so this copy is the only handle on
+    /// the message, and hiding it each time it comes round would count
+    /// receives until the redrive dead-letters a healthy job.
+    async fn defer(&self, delivery: &Delivery, delay: Duration) -> StorageResult<()>;
     /// Moves a received message to the dead-letter queue.
     async fn dead_letter(&self, delivery: &Delivery) -> StorageResult<()>;
     /// Messages in the dead-letter queue, oldest first (not removed).

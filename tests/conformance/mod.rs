@@ -228,6 +228,30 @@ pub async fn queue_stale_receipt_cannot_delete(h: &Harness) {
     assert_eq!(third[0].receive_count, 3);
 }
 
+pub async fn queue_defer_hides_and_starts_receive_count_again(h: &Harness) {
+    let q = &h.backend.queue;
+    let m = msg(Priority::Batch);
+    q.send(&m).await.expect("send");
+    let first = receive_n(h, 1).await;
+    assert_eq!(first.len(), 1);
+    h.expire_visibility().await;
+    let second = receive_n(h, 1).await;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].receive_count, 2);
+    q.defer(&second[0], h.visibility_timeout).await.expect("defer");
+    assert!(nothing_visible(h).await, "a deferred message is hidden for its delay");
+    assert_conflict(q.extend(&second[0].receipt, Duration::ZERO).await, "extend with a deferred receipt");
+    assert_conflict(q.defer(&first[0], Duration::ZERO).await, "defer with a stale receipt");
+    let stats = q.stats().await.expect("stats");
+    assert_eq!((stats.visible + stats.in_flight, stats.dead), (1, 0), "one copy, not two: {stats:?}");
+    h.expire_visibility().await;
+    let again = receive_n(h, 1).await;
+    assert_eq!(again.len(), 1, "a deferred message comes back after its delay");
+    assert_eq!(again[0].message, m);
+    assert_eq!(again[0].receive_count, 1, "deferring starts the receive count again");
+    q.delete(&again[0].receipt).await.expect("delete");
+}
+
 pub async fn queue_dead_letter_moves_message(h: &Harness) {
     let q = &h.backend.queue;
     let (a, b) = (msg(Priority::Interactive), msg(Priority::Interactive));
@@ -760,6 +784,7 @@ macro_rules! conformance_suite {
         queue_extend_zero_hands_message_back,
         queue_stale_receipt_cannot_extend,
         queue_stale_receipt_cannot_delete,
+        queue_defer_hides_and_starts_receive_count_again,
         queue_dead_letter_moves_message,
         queue_interactive_before_batch,
         queue_receive_waits_when_empty,
