@@ -304,7 +304,8 @@ pub enum DeliveryStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryReport {
     pub status: DeliveryStatus,
-    /// Requests attempted (0 if the URL was refused before any).
+    /// Attempts made, failed DNS lookups and connects included; 0 if the
+    /// URL was refused before the first.
     pub attempts: u32,
     /// Why the last attempt failed; `None` once delivered.
     pub last_error: Option<String>,
