@@ -11,6 +11,7 @@
 //!   benchmark (`ratepool bench`).
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
+//! - [`webhook`]: signed, retried job webhooks and their SSRF guard.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -29,4 +30,5 @@ pub mod sim;
 pub mod spec;
 pub mod storage;
 pub mod telemetry;
+pub mod webhook;
 pub mod worker;
