@@ -47,3 +47,28 @@ async fn harness() -> Harness {
 }
 
 conformance_suite!(harness);
+
+/// DynamoDB-only: an item holds at most 400 KB, and the engine treats the
+/// refused put as a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_put_over_400_kb_is_too_large() {
+    use ratepool::domain::{ModelName, OrgName, Usage};
+    use ratepool::storage::{CacheKey, CachedResponse, StorageError};
+
+    let h = harness().await;
+    let key = CacheKey::of("m", &serde_json::json!({"messages": []}));
+    let entry = |bytes: usize| CachedResponse {
+        content: "x".repeat(bytes),
+        usage: Usage::default(),
+        org: OrgName::parse("org-a").expect("org"),
+        model: ModelName::parse("m").expect("model"),
+        created_at: T0,
+    };
+    let ttl = Duration::from_secs(60);
+    let err = h.backend.cache.put(&key, &entry(401 * 1024), ttl, T0).await.expect_err("too large");
+    assert!(matches!(err, StorageError::TooLarge(_)), "{err:?}");
+    assert_eq!(h.backend.cache.get(&key, T0).await.expect("get"), None);
+    // Just under the limit still fits.
+    h.backend.cache.put(&key, &entry(390 * 1024), ttl, T0).await.expect("fits");
+    assert_eq!(h.backend.cache.get(&key, T0).await.expect("get").map(|e| e.content.len()), Some(390 * 1024));
+}

@@ -67,7 +67,8 @@ export class RatepoolStack extends Stack {
       sortKey: { name: 'SK', type: dynamodb.AttributeType.STRING },
       billingMode: dynamodb.BillingMode.PAY_PER_REQUEST,
       pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: true },
-      // Finished jobs' items carry `expires_at` (epoch seconds; [aws] retention_days).
+      // Finished jobs' items carry `expires_at` (epoch seconds; [aws] retention_days);
+      // response cache entries (`cache#<key>`) carry it too, as their TTL.
       timeToLiveAttribute: 'expires_at',
       removalPolicy: RemovalPolicy.RETAIN,
     });

@@ -7,6 +7,7 @@
 //! | `<job id>` | `step#<step id>` | one step checkpoint |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
+//! | `cache#<key hex>` | `cache` | a response cache entry ([`super::cache`]) |
 //!
 //! Job ids, tenant and org names never contain `#`, so the kinds cannot
 //! collide. Every write is conditional and nothing is read before a write:
@@ -54,7 +55,7 @@ const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
 const USAGE_ORG_PREFIX: &str = "org#";
 /// The TTL attribute, in epoch seconds as DynamoDB TTL wants.
-const TTL_ATTR: &str = "expires_at";
+pub(super) const TTL_ATTR: &str = "expires_at";
 
 /// The largest step output or job spec stored. An item holds at most 400 KB,
 /// attribute names and the other attributes included; this keeps the rest
@@ -786,11 +787,11 @@ fn missing_table(table: &str) -> StorageError {
 
 // ------------------------------------------------------------ items
 
-fn s(v: &str) -> AttributeValue {
+pub(super) fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
 
-fn num(v: impl ToString) -> AttributeValue {
+pub(super) fn num(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
@@ -821,7 +822,7 @@ fn secs(t: Micros) -> i64 {
     t.div_euclid(1_000_000)
 }
 
-fn micros(d: Duration) -> Micros {
+pub(super) fn micros(d: Duration) -> Micros {
     Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
 }
 

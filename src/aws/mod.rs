@@ -3,6 +3,7 @@
 //! `crate::local` and passes the same conformance suite (against the moto
 //! emulator in tests).
 
+pub mod cache;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
@@ -71,7 +72,8 @@ pub async fn connect(
     let queue = Arc::new(queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout).await?);
     let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
-    Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs })
+    let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));
+    Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs, cache })
 }
 
 /// Creates the tables and queues that do not exist yet (`ratepool aws

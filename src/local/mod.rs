@@ -10,7 +10,9 @@
 //! - `jobs`: job records, leases and step checkpoints.
 //! - `ledger`: the GCRA quota ledger (the math is [`crate::storage::gcra`]).
 //! - `usage`: per-tenant, per-org usage counters.
+//! - `cache`: the exact-match response cache.
 
+mod cache;
 mod jobs;
 mod ledger;
 mod queue;
@@ -44,7 +46,7 @@ impl Default for SqliteOptions {
     }
 }
 
-/// All four storage roles over one SQLite database file. Cheap to clone;
+/// Every storage role over one SQLite database file. Cheap to clone;
 /// clones share the connections.
 #[derive(Clone)]
 pub struct SqliteBackend {
@@ -94,10 +96,10 @@ impl SqliteBackend {
         })
     }
 
-    /// The four roles, all backed by this one database.
+    /// Every role, all backed by this one database.
     pub fn backend(&self) -> Backend {
         let me = Arc::new(self.clone());
-        Backend { queue: me.clone(), jobs: me.clone(), ledger: me.clone(), usage: me }
+        Backend { queue: me.clone(), jobs: me.clone(), ledger: me.clone(), usage: me.clone(), cache: me }
     }
 
     fn now(&self) -> Micros {

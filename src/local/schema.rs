@@ -2,6 +2,12 @@
 //!
 //! The schema version lives in `PRAGMA user_version`; a file written by a
 //! newer binary is refused rather than misread.
+//!
+//! Versions: 1 the queue, jobs, checkpoints, ledger and usage; 2 adds
+//! `response_cache`. Every change so far only adds tables and indexes
+//! (`IF NOT EXISTS`), so running the whole schema brings a file of any older
+//! version up to date. A change to an existing table will need its own step,
+//! run when the stored version is below the one that introduced it.
 
 use rusqlite::Connection;
 
@@ -9,7 +15,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -142,4 +148,14 @@ CREATE TABLE IF NOT EXISTS usage (
     request_errors     INTEGER NOT NULL,
     PRIMARY KEY (tenant, org)
 ) WITHOUT ROWID;
+
+-- Since version 2. `value` is the entry as JSON; `expires_at` in
+-- microseconds. A rowid table, since values can be large.
+CREATE TABLE IF NOT EXISTS response_cache (
+    key        TEXT    PRIMARY KEY NOT NULL,
+    value      TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+-- The purge deletes the oldest expired rows first.
+CREATE INDEX IF NOT EXISTS response_cache_expiry ON response_cache (expires_at);
 "#;

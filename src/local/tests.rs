@@ -11,8 +11,8 @@ use super::*;
 use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, TenantId, Usage};
 use crate::storage::gcra::Rate;
 use crate::storage::{
-    Acquisition, BucketKey, BucketParams, Checkpoint, Cost, CreateOutcome, JobStatus, LeaseOutcome, NewJob,
-    OrgCounters, QueueMessage,
+    Acquisition, BucketKey, BucketParams, CacheKey, CachedResponse, Checkpoint, Cost, CreateOutcome, JobStatus,
+    LeaseOutcome, NewJob, OrgCounters, QueueMessage,
 };
 
 const T0: Micros = 1_700_000_000_000_000;
@@ -201,4 +201,66 @@ async fn operation_latency() {
         s.sort();
         println!("{name}: p50 {:?} p99 {:?}", s[s.len() / 2], s[s.len() * 99 / 100]);
     }
+}
+
+fn cache_entry() -> CachedResponse {
+    CachedResponse {
+        content: "cached".into(),
+        usage: Usage { calls: 1, prompt_tokens: 10, completion_tokens: 5 },
+        org: OrgName::parse("org-a").unwrap(),
+        model: ModelName::parse("m").unwrap(),
+        created_at: T0,
+    }
+}
+
+fn cache_rows(db: &SqliteBackend) -> i64 {
+    let r = db.shared.reader.lock().unwrap();
+    r.query_row("SELECT count(*) FROM response_cache", [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test]
+async fn a_version_1_file_upgrades_to_the_response_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let job = new_job();
+    {
+        let db = open(&path);
+        db.backend().jobs.create_job(&job).await.unwrap();
+    }
+    // What a version 1 binary left behind: no cache table, version 1.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("DROP TABLE response_cache; PRAGMA user_version = 1;").unwrap();
+    drop(raw);
+
+    let db = open(&path);
+    let version: i64 = db.shared.writer.lock().unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let b = db.backend();
+    assert!(b.jobs.get_job(&job.id).await.unwrap().is_some(), "existing data kept");
+    let key = CacheKey::of("m", &serde_json::json!({"messages": []}));
+    b.cache.put(&key, &cache_entry(), Duration::from_secs(60), T0).await.unwrap();
+    assert_eq!(b.cache.get(&key, T0).await.unwrap(), Some(cache_entry()));
+}
+
+#[tokio::test]
+async fn puts_purge_expired_cache_rows_a_batch_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("c.db"));
+    let b = db.backend();
+    let put = |i: u32, ttl: Duration, now: Micros| {
+        let b = b.clone();
+        async move {
+            let key = CacheKey::of("m", &serde_json::json!({ "i": i }));
+            b.cache.put(&key, &cache_entry(), ttl, now).await.unwrap();
+        }
+    };
+    for i in 0..40 {
+        put(i, Duration::from_secs(1), T0).await;
+    }
+    assert_eq!(cache_rows(&db), 40, "nothing expired yet");
+    let later = T0 + 2_000_000;
+    put(100, Duration::from_secs(60), later).await;
+    assert_eq!(cache_rows(&db), 41 - 32, "one batch of expired rows went");
+    put(101, Duration::from_secs(60), later).await;
+    assert_eq!(cache_rows(&db), 2, "the rest went; live rows stay");
 }

@@ -1,6 +1,6 @@
 //! The storage roles the engine depends on, one trait each: the job queue,
-//! the job store (records, step checkpoints, leases), the quota ledger and
-//! the metrics sink.
+//! the job store (records, step checkpoints, leases), the quota ledger, the
+//! metrics sink and the response cache.
 //!
 //! The engine sees only these traits. Backends live beside each other
 //! (`crate::local` for one machine, `crate::aws` for production) and all pass
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 pub use gcra::{BucketParams, BucketState, Cost};
@@ -426,6 +427,103 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>>;
 }
 
+// ---------------------------------------------------------------- cache
+
+/// What the hashed bytes start with. Bump it whenever the encoding below or
+/// the meaning of a cached entry changes, so old entries become misses
+/// instead of wrong hits.
+const CACHE_KEY_VERSION: &[u8] = b"ratepool.response-cache.v1\n";
+
+/// The exact-match key of one completion request: the hex SHA-256 digest of
+/// a versioned, canonical encoding of the model and the request body.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// Equal requests give equal keys whatever the order of their object
+    /// keys: objects are written with their keys sorted, at every depth.
+    /// serde_json's `Map` is a `BTreeMap` (sorted) in this build, but only
+    /// while no crate in the graph turns on its `preserve_order` feature, so
+    /// the sort is done here rather than relied on. Everything else is
+    /// serde_json's compact form: `1` and `1.0` are different requests.
+    pub fn of(model: &str, request_json: &serde_json::Value) -> Self {
+        let mut bytes = CACHE_KEY_VERSION.to_vec();
+        write_canonical(&serde_json::Value::from(model), &mut bytes);
+        bytes.push(b'\n');
+        write_canonical(request_json, &mut bytes);
+        Self(hex::encode(Sha256::digest(&bytes)))
+    }
+
+    /// The 64 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Compact JSON with object keys in byte order.
+fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(&Value::from(k.as_str()), out);
+                out.push(b':');
+                write_canonical(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(b']');
+        }
+        // Scalars have one compact form, escaping included.
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+/// One cached completion and what producing it cost. A hit is served
+/// without a provider call, so it charges no quota; `usage` is what the
+/// original call cost, for reporting what the cache saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedResponse {
+    /// The completion text.
+    pub content: String,
+    pub usage: Usage,
+    /// The org whose call produced it.
+    pub org: OrgName,
+    pub model: ModelName,
+    pub created_at: Micros,
+}
+
+/// The exact-match response cache. Best effort by design: the engine treats
+/// an error from either call as a miss and goes on.
+#[async_trait]
+pub trait ResponseCache: Send + Sync + 'static {
+    /// The entry stored under `key`, unless it expired at or before `now`.
+    async fn get(&self, key: &CacheKey, now: Micros) -> StorageResult<Option<CachedResponse>>;
+    /// Stores `value` until `now + ttl`, replacing any entry under `key`
+    /// (last write wins). `TooLarge` if the backend cannot hold it.
+    async fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration, now: Micros) -> StorageResult<()>;
+}
+
 /// A storage backend: one value of each role.
 #[derive(Clone)]
 pub struct Backend {
@@ -433,9 +531,47 @@ pub struct Backend {
     pub jobs: std::sync::Arc<dyn JobStore>,
     pub ledger: std::sync::Arc<dyn QuotaLedger>,
     pub usage: std::sync::Arc<dyn UsageStore>,
+    pub cache: std::sync::Arc<dyn ResponseCache>,
 }
 
 /// Turns a step id list into a lookup-friendly form for callers.
 pub fn checkpoint_ids(cps: &[Checkpoint]) -> std::collections::HashSet<StepId> {
     cps.iter().map(|c| c.step_id.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn cache_key_ignores_object_key_order_at_every_depth() {
+        let a =
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "extra": {"x": 1, "y": [1, 2]}});
+        let b =
+            json!({"extra": {"y": [1, 2], "x": 1}, "temperature": 0, "messages": [{"content": "hi", "role": "user"}]});
+        assert_eq!(CacheKey::of("m", &a), CacheKey::of("m", &b));
+        assert_eq!(CacheKey::of("m", &a).as_str().len(), 64);
+    }
+
+    #[test]
+    fn cache_key_tells_requests_apart() {
+        let base = json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 0});
+        let k = CacheKey::of("m", &base);
+        assert_ne!(k, CacheKey::of("other", &base), "model");
+        assert_ne!(k, CacheKey::of("m", &json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 1})));
+        // Array order is meaning (message order), never sorted.
+        let two = |a: &str, b: &str| json!({"messages": [{"content": a}, {"content": b}]});
+        assert_ne!(CacheKey::of("m", &two("a", "b")), CacheKey::of("m", &two("b", "a")));
+    }
+
+    #[test]
+    fn cache_key_encoding_is_pinned() {
+        // Changing the encoding must come with a new CACHE_KEY_VERSION; this
+        // fails first to say so.
+        let mut bytes = Vec::new();
+        write_canonical(&serde_json::json!({"b": [1, "x\"y"], "a": null, "c": {"e": 1.5, "d": true}}), &mut bytes);
+        assert_eq!(String::from_utf8(bytes).unwrap(), r#"{"a":null,"b":[1,"x\"y"],"c":{"d":true,"e":1.5}}"#);
+    }
 }

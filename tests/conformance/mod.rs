@@ -16,8 +16,9 @@ use std::time::Duration;
 use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
-    Acquisition, Backend, BucketKey, BucketParams, BucketState, Checkpoint, CreateOutcome, Delivery, JobOutcome,
-    JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, Priority, QueueMessage, QueueStats, StorageError,
+    Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
+    Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, Priority, QueueMessage,
+    QueueStats, StorageError,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -770,6 +771,88 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
     assert!(usage.usage(&tenant("initech")).await.expect("usage").is_empty());
 }
 
+// ------------------------------------------------------------------ cache
+
+fn completion_request(temperature: f64) -> serde_json::Value {
+    serde_json::json!({
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        "temperature": temperature,
+        "max_tokens": 64,
+    })
+}
+
+fn cached(content: &str) -> CachedResponse {
+    CachedResponse {
+        content: content.into(),
+        usage: Usage { calls: 1, prompt_tokens: 123, completion_tokens: 45 },
+        org: org("org-b"),
+        model: model("gpt-4o-mini"),
+        created_at: T0 + 7,
+    }
+}
+
+const CACHE_TTL: Duration = Duration::from_secs(3_600);
+
+async fn cache_get(h: &Harness, key: &CacheKey, now: Micros) -> Option<CachedResponse> {
+    h.backend.cache.get(key, now).await.expect("cache get")
+}
+
+pub async fn cache_miss_on_empty(h: &Harness) {
+    assert_eq!(cache_get(h, &CacheKey::of("gpt-4o-mini", &completion_request(0.0)), T0).await, None);
+}
+
+pub async fn cache_put_then_get_round_trips(h: &Harness) {
+    let key = CacheKey::of("gpt-4o-mini", &completion_request(0.0));
+    // Multi-byte text and JSON-looking content come back unchanged.
+    let value = cached("héllo ✓ {\"not\": \"parsed\"}\n");
+    h.backend.cache.put(&key, &value, CACHE_TTL, T0).await.expect("put");
+    assert_eq!(cache_get(h, &key, T0 + SEC).await, Some(value));
+    // Another key stays a miss.
+    assert_eq!(cache_get(h, &CacheKey::of("gpt-4o", &completion_request(0.0)), T0 + SEC).await, None);
+}
+
+pub async fn cache_key_ignores_key_order_not_parameters(h: &Harness) {
+    let written =
+        serde_json::json!({"model_params": {"top_p": 1, "seed": 7}, "messages": [{"role": "user", "content": "hi"}]});
+    let reordered: serde_json::Value =
+        serde_json::from_str(r#"{"messages":[{"content":"hi","role":"user"}],"model_params":{"seed":7,"top_p":1}}"#)
+            .expect("json");
+    let other =
+        serde_json::json!({"model_params": {"top_p": 1, "seed": 8}, "messages": [{"role": "user", "content": "hi"}]});
+    h.backend.cache.put(&CacheKey::of("m", &written), &cached("x"), CACHE_TTL, T0).await.expect("put");
+    assert_eq!(CacheKey::of("m", &written), CacheKey::of("m", &reordered));
+    assert_eq!(
+        cache_get(h, &CacheKey::of("m", &reordered), T0).await,
+        Some(cached("x")),
+        "same request, keys reordered"
+    );
+    assert_ne!(CacheKey::of("m", &written), CacheKey::of("m", &other));
+    assert_eq!(cache_get(h, &CacheKey::of("m", &other), T0).await, None, "a different seed");
+}
+
+pub async fn cache_entry_expires(h: &Harness) {
+    let key = CacheKey::of("gpt-4o-mini", &completion_request(0.0));
+    let ttl = Duration::from_millis(1_500);
+    let ttl_us = 1_500 * 1_000;
+    h.backend.cache.put(&key, &cached("x"), ttl, T0).await.expect("put");
+    assert_eq!(cache_get(h, &key, T0 + ttl_us - 1).await, Some(cached("x")), "just before expiry");
+    assert_eq!(cache_get(h, &key, T0 + ttl_us).await, None, "at expiry");
+    assert_eq!(cache_get(h, &key, T0 + 10 * ttl_us).await, None, "long after");
+    // A fresh put revives the key.
+    h.backend.cache.put(&key, &cached("y"), ttl, T0 + 10 * ttl_us).await.expect("put again");
+    assert_eq!(cache_get(h, &key, T0 + 10 * ttl_us + 1).await, Some(cached("y")));
+}
+
+pub async fn cache_overwrite_last_write_wins(h: &Harness) {
+    let key = CacheKey::of("gpt-4o-mini", &completion_request(0.7));
+    h.backend.cache.put(&key, &cached("first"), CACHE_TTL, T0).await.expect("put");
+    let second = CachedResponse { org: org("org-c"), created_at: T0 + SEC, ..cached("second") };
+    // A shorter TTL than the first write's: the expiry is replaced too.
+    h.backend.cache.put(&key, &second, Duration::from_secs(10), T0 + SEC).await.expect("overwrite");
+    assert_eq!(cache_get(h, &key, T0 + 2 * SEC).await, Some(second));
+    assert_eq!(cache_get(h, &key, T0 + 11 * SEC).await, None, "the second write's TTL applies");
+}
+
 /// Runs every conformance test against a backend: one named
 /// `#[tokio::test]` each (so a failure says which), with a fresh harness
 /// from `$harness().await`. The list lives here, once, so a new test runs
@@ -811,6 +894,11 @@ macro_rules! conformance_suite {
         ledger_raise_never_lowers,
         ledger_concurrent_acquires_never_overgrant,
         usage_add_and_tenant_isolation,
+        cache_miss_on_empty,
+        cache_put_then_get_round_trips,
+        cache_key_ignores_key_order_not_parameters,
+        cache_entry_expires,
+        cache_overwrite_last_write_wins,
         );
     };
     (@tests $harness:ident; $($name:ident),* $(,)?) => {
