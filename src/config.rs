@@ -5,7 +5,7 @@
 //! carries the file's line and column; cross-field mistakes (duplicate
 //! names) use the span of the offending value for the same reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,8 @@ pub struct Config {
     pub orgs: Vec<OrgConfig>,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     /// Settings of the built-in simulator used by `serve --simulate`.
     #[serde(default)]
     pub simulator: SimulatorConfig,
@@ -208,6 +210,10 @@ pub struct WorkersConfig {
     /// timeout: Fargate kills 120 s after SIGTERM).
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// How long a cached answer (a step with `"cache": true`) is served,
+    /// unless the job sets `cache_ttl_secs`.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl_secs: NonZeroU64,
 }
 
 impl Default for WorkersConfig {
@@ -219,6 +225,7 @@ impl Default for WorkersConfig {
             max_receives: default_max_receives(),
             step_max_attempts: default_step_attempts(),
             shutdown_grace_secs: default_grace(),
+            cache_ttl_secs: default_cache_ttl(),
         }
     }
 }
@@ -243,6 +250,9 @@ fn default_step_attempts() -> NonZeroU64 {
 }
 fn default_grace() -> u64 {
     10
+}
+fn default_cache_ttl() -> NonZeroU64 {
+    nz(24 * 3600)
 }
 
 impl WorkersConfig {
@@ -338,6 +348,64 @@ fn default_timeout() -> NonZeroU64 {
 pub struct TenantConfig {
     pub name: Spanned<TenantId>,
     pub api_key_env: String,
+    /// The variable holding the secret this tenant's webhooks are signed
+    /// with; a tenant without one cannot ask for webhooks.
+    #[serde(default)]
+    pub webhook_secret_env: Option<String>,
+}
+
+/// How job webhooks are delivered (`[webhooks]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Lets webhook URLs point at loopback, private and link-local
+    /// addresses. Off: a webhook must not become a way into the network
+    /// ratepool runs in (the cloud metadata address included).
+    #[serde(default)]
+    pub allow_private: bool,
+    /// Attempts per delivery, the first included.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: NonZeroU64,
+    /// Ceiling of the first retry's backoff (doubling, with full jitter,
+    /// capped at 60 s).
+    #[serde(default = "default_webhook_backoff")]
+    pub backoff_ms: NonZeroU64,
+    /// Per attempt.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_secs: NonZeroU64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            max_attempts: default_webhook_attempts(),
+            backoff_ms: default_webhook_backoff(),
+            timeout_secs: default_webhook_timeout(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn policy(&self) -> crate::webhook::DeliveryPolicy {
+        crate::webhook::DeliveryPolicy {
+            max_attempts: self.max_attempts.get().min(100) as u32,
+            base_delay: Duration::from_millis(self.backoff_ms.get()),
+            max_delay: Duration::from_secs(60).max(Duration::from_millis(self.backoff_ms.get())),
+            timeout: Duration::from_secs(self.timeout_secs.get()),
+            allow_private: self.allow_private,
+        }
+    }
+}
+
+fn default_webhook_attempts() -> NonZeroU64 {
+    nz(8)
+}
+fn default_webhook_backoff() -> NonZeroU64 {
+    nz(1_000)
+}
+fn default_webhook_timeout() -> NonZeroU64 {
+    nz(10)
 }
 
 /// The built-in simulator's behaviour under `serve --simulate`.
@@ -520,6 +588,25 @@ pub fn tenant_keys(cfg: &Config, env: &dyn Env) -> Result<Vec<TenantKey>, Config
         if out[i + 1..].iter().any(|b| b.key.expose_secret() == a.key.expose_secret()) {
             return Err(ConfigError::Secret(format!("tenant {}: its key is also another tenant's key", a.tenant)));
         }
+    }
+    Ok(out)
+}
+
+/// The webhook signing secret of every tenant that has one configured,
+/// refusing an empty one: a worker must not sign with nothing.
+pub fn webhook_secrets(cfg: &Config, env: &dyn Env) -> Result<HashMap<TenantId, SecretString>, ConfigError> {
+    let mut out = HashMap::new();
+    for t in &cfg.tenants {
+        let Some(var) = &t.webhook_secret_env else { continue };
+        let secret = env.var(var).unwrap_or_default();
+        let trimmed = secret.trim();
+        if trimmed.len() < MIN_TENANT_KEY_LEN {
+            return Err(ConfigError::Secret(format!(
+                "tenant {}: webhook secret variable {var} is not set or shorter than {MIN_TENANT_KEY_LEN} characters",
+                t.name.get_ref()
+            )));
+        }
+        out.insert(t.name.get_ref().clone(), SecretString::from(trimmed.to_string()));
     }
     Ok(out)
 }

@@ -15,6 +15,7 @@ use crate::api::{self, ApiState, PoolOrg};
 use crate::aws::AwsClients;
 use crate::config::{self, Config, Env, StorageKind};
 use crate::domain::{Clock, SystemClock};
+use crate::engine::WebhookSettings;
 use crate::engine::router::{OrgSettings, RetryPolicy};
 use crate::engine::{Engine, EngineConfig, Router};
 use crate::local::{SqliteBackend, SqliteOptions};
@@ -53,6 +54,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         shutdown_grace: Duration::from_secs(cfg.workers.shutdown_grace_secs),
         spec_limits: cfg.limits.spec_limits(),
         owner: EngineConfig::default_owner(),
+        cache_ttl: Duration::from_secs(cfg.workers.cache_ttl_secs.get()),
+        webhooks: Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: Default::default() }),
     }
 }
 
@@ -190,6 +193,15 @@ fn api_state(
         clock,
         telemetry,
         org_status,
+        webhooks: api::WebhookRules {
+            allow_private: cfg.webhooks.allow_private,
+            tenants: cfg
+                .tenants
+                .iter()
+                .filter(|t| t.webhook_secret_env.is_some())
+                .map(|t| t.name.get_ref().clone())
+                .collect(),
+        },
     })
 }
 
@@ -201,6 +213,7 @@ struct Workers {
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
+#[allow(clippy::too_many_arguments)] // one call site per command, each naming its parts
 fn start_workers(
     cfg: &Config,
     backend: &Backend,
@@ -208,6 +221,7 @@ fn start_workers(
     orgs: Vec<OrgSettings>,
     clock: Arc<dyn Clock>,
     telemetry: Arc<Telemetry>,
+    env: &dyn Env,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Workers> {
     let router = Arc::new(Router::new(
@@ -221,7 +235,10 @@ fn start_workers(
             ..RetryPolicy::default()
         },
     ));
-    let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_config(cfg)));
+    let mut engine_cfg = engine_config(cfg);
+    engine_cfg.webhooks =
+        Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: config::webhook_secrets(cfg, env)? });
+    let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_cfg));
     let mut background = Vec::new();
     let (t, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());
     background.push(tokio::spawn(async move {
@@ -271,7 +288,8 @@ pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -
     let telemetry = Arc::new(Telemetry::new());
     let orgs = org_settings(&cfg, env.as_ref(), simulate, &shutdown).await?;
     let pool = pool_of(&orgs);
-    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), &shutdown)?;
+    let workers =
+        start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), env.as_ref(), &shutdown)?;
     let state = api_state(&cfg, &backend, tenants, pool, clock, telemetry.clone(), Some(workers.router.clone()));
 
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
@@ -303,7 +321,7 @@ pub async fn worker(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<
     let orgs: Vec<OrgSettings> =
         cfg.orgs.iter().zip(keys).map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k)).collect();
     let telemetry = Arc::new(Telemetry::new());
-    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock, telemetry.clone(), &shutdown)?;
+    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock, telemetry.clone(), env.as_ref(), &shutdown)?;
     let protection =
         crate::worker::TaskProtection::from_env().map(|p| tokio::spawn(p.run(telemetry.clone(), shutdown.clone())));
     tracing::info!(workers = cfg.workers.concurrency.get(), "ratepool worker running");

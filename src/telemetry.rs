@@ -56,6 +56,11 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
 }
@@ -141,6 +146,8 @@ pub struct Telemetry {
     rate_factor: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
     ledger_ops: Family<OpLabels, Counter>,
     jobs_finished: Family<StatusLabels, Counter>,
+    cache_lookups: Family<ResultLabels, Counter>,
+    webhooks: Family<ResultLabels, Counter>,
     job_duration: HistogramFamily<StatusLabels>,
     steps_done: Counter,
     step_overhead: Histogram,
@@ -193,6 +200,14 @@ impl Telemetry {
         registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
         let jobs_finished = Family::<StatusLabels, Counter>::default();
         registry.register("jobs_finished", "Jobs that reached a final status", jobs_finished.clone());
+        let cache_lookups = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "response_cache_lookups",
+            "Response cache lookups by result: hit (no provider call, no quota), miss, error",
+            cache_lookups.clone(),
+        );
+        let webhooks = Family::<ResultLabels, Counter>::default();
+        registry.register("webhook_deliveries", "Webhook deliveries by result: delivered, failed", webhooks.clone());
         let job_duration: HistogramFamily<StatusLabels> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1.0, 2.0, 14)));
         registry.register("job_duration_seconds", "Submission to final status", job_duration.clone());
@@ -224,6 +239,8 @@ impl Telemetry {
             rate_factor,
             ledger_ops,
             jobs_finished,
+            cache_lookups,
+            webhooks,
             job_duration,
             steps_done,
             step_overhead,
@@ -298,6 +315,16 @@ impl Telemetry {
 
     pub fn ledger_ops(&self, op: &'static str) -> u64 {
         self.ledger_ops.get_or_create(&OpLabels { op }).get()
+    }
+
+    /// Counts a response cache lookup: "hit", "miss" or "error".
+    pub fn cache_lookup(&self, result: &'static str) {
+        self.cache_lookups.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a finished webhook delivery: "delivered" or "failed".
+    pub fn webhook_delivery(&self, result: &'static str) {
+        self.webhooks.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn job_finished(&self, status: crate::storage::JobStatus, duration: std::time::Duration) {

@@ -64,6 +64,17 @@ pub struct ApiState {
     pub clock: Arc<dyn Clock>,
     pub telemetry: Arc<Telemetry>,
     pub org_status: Option<Arc<dyn OrgStatusSource>>,
+    pub webhooks: WebhookRules,
+}
+
+/// Which webhook URLs a submission may carry.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookRules {
+    /// `[webhooks] allow_private`: loopback and private targets allowed.
+    pub allow_private: bool,
+    /// Tenants with a signing secret (`webhook_secret_env`); others cannot
+    /// ask for webhooks.
+    pub tenants: std::collections::BTreeSet<TenantId>,
 }
 
 impl ApiState {
@@ -162,6 +173,39 @@ struct JobView {
     created_at: String,
     updated_at: String,
     finished_at: Option<String>,
+    /// Present when the job asked for a webhook.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook: Option<WebhookView>,
+}
+
+/// A job's webhook: `pending` until a delivery is recorded.
+#[derive(Serialize)]
+struct WebhookView {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_status: Option<u16>,
+}
+
+impl From<Option<crate::webhook::DeliveryReport>> for WebhookView {
+    fn from(r: Option<crate::webhook::DeliveryReport>) -> Self {
+        use crate::webhook::DeliveryStatus;
+        match r {
+            None => Self { status: "pending", attempts: None, last_error: None, last_status: None },
+            Some(r) => Self {
+                status: match r.status {
+                    DeliveryStatus::Delivered => "delivered",
+                    DeliveryStatus::Failed => "failed",
+                },
+                attempts: Some(r.attempts),
+                last_error: r.last_error,
+                last_status: r.last_status,
+            },
+        }
+    }
 }
 
 impl From<JobRecord> for JobView {
@@ -178,6 +222,7 @@ impl From<JobRecord> for JobView {
             created_at: rfc3339(j.created_at),
             updated_at: rfc3339(j.updated_at),
             finished_at: j.finished_at.map(rfc3339),
+            webhook: None,
         }
     }
 }
@@ -235,6 +280,16 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
     let key = idempotency_key(&headers)?;
     let spec = JobSpec::parse(&body, &state.limits, &|m| state.serves_model(m))
         .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if let Some(url) = &spec.webhook_url {
+        if !state.webhooks.tenants.contains(&tenant) {
+            return Err(ApiError::invalid(
+                "webhook_url",
+                "this tenant has no webhook signing secret configured (webhook_secret_env)",
+            ));
+        }
+        crate::webhook::check_url(url, state.webhooks.allow_private)
+            .map_err(|e| ApiError::invalid("webhook_url", e.to_string()))?;
+    }
     let job = NewJob {
         id: JobId::generate(),
         tenant: tenant.clone(),
@@ -289,7 +344,13 @@ async fn job_status(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
-    Ok(Json(owned_job(&state, &tenant, &id).await?.into()))
+    let job = owned_job(&state, &tenant, &id).await?;
+    let webhook = if JobSpec::stored_webhook_url(&job.spec_json).is_some() {
+        Some(WebhookView::from(state.jobs.webhook_report(&job.id).await?))
+    } else {
+        None
+    };
+    Ok(Json(JobView { webhook, ..job.into() }))
 }
 
 #[derive(Serialize)]

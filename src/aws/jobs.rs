@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters |
 //! | `<job id>` | `step#<step id>` | one step checkpoint |
+//! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
 //! | `cache#<key hex>` | `cache` | a response cache entry ([`super::cache`]) |
@@ -44,8 +45,8 @@ use super::sdk_err;
 use crate::config::AwsConfig;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 use crate::storage::{
-    Checkpoint, CreateOutcome, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob, OrgCounters,
-    Priority, StorageError, StorageResult, UsageStore,
+    Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
+    OrgCounters, Priority, StorageError, StorageResult, UsageStore,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -53,6 +54,7 @@ type Item = HashMap<String, AttributeValue>;
 const JOB_SK: &str = "job";
 const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
+const WEBHOOK_SK: &str = "webhook";
 const USAGE_ORG_PREFIX: &str = "org#";
 /// The TTL attribute, in epoch seconds as DynamoDB TTL wants.
 pub(super) const TTL_ATTR: &str = "expires_at";
@@ -591,6 +593,46 @@ impl JobStore for DynamoJobs {
                 other => Err(other),
             },
         }
+    }
+
+    /// Conditional on the job item existing, so a report never makes an
+    /// orphan item; kept as long as a finished job.
+    async fn put_webhook_report(&self, id: &JobId, report: &DeliveryReport, now: Micros) -> StorageResult<()> {
+        let json = serde_json::to_string(report)
+            .map_err(|e| StorageError::Backend(format!("encoding a webhook report: {e}")))?;
+        let job = aws_sdk_dynamodb::types::ConditionCheck::builder()
+            .table_name(&self.table)
+            .key("PK", s(id.as_str()))
+            .key("SK", s(JOB_SK))
+            .condition_expression("attribute_exists(PK)")
+            .build()
+            .map_err(|e| sdk_err("building a webhook report condition", e))?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .item("PK", s(id.as_str()))
+            .item("SK", s(WEBHOOK_SK))
+            .item("report", s(&json))
+            .item("updated_at", num(now))
+            .item(TTL_ATTR, self.finished_ttl(now))
+            .build()
+            .map_err(|e| sdk_err("building a webhook report", e))?;
+        let items = vec![
+            TransactWriteItem::builder().condition_check(job).build(),
+            TransactWriteItem::builder().put(put).build(),
+        ];
+        match self.transact(items, "recording a webhook report").await {
+            Ok(()) => Ok(()),
+            Err(TxError::Other(e)) => Err(e),
+            Err(TxError::Cancelled(_)) => Err(StorageError::Conflict(format!("job {id} does not exist"))),
+        }
+    }
+
+    async fn webhook_report(&self, id: &JobId) -> StorageResult<Option<DeliveryReport>> {
+        let Some(item) = self.read_item(id.as_str(), WEBHOOK_SK).await? else { return Ok(None) };
+        let json = Fields::new(&item, "webhook report").s("report")?;
+        serde_json::from_str(json)
+            .map(Some)
+            .map_err(|e| StorageError::Backend(format!("unreadable webhook report: {e}")))
     }
 }
 

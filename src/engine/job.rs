@@ -14,10 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use super::router::{CallError, CallRequest, SendGate};
+use crate::domain::Usage;
 use crate::domain::{JobId, StepId, TenantId};
 use crate::provider::{ChatMessage, ChatRequest};
 use crate::spec::JobSpec;
-use crate::storage::{Checkpoint, Delivery, JobOutcome, JobStatus, Lease, LeaseOutcome, StorageError};
+use crate::storage::{
+    CacheKey, CachedResponse, Checkpoint, Delivery, JobOutcome, JobStatus, Lease, LeaseOutcome, ResponseCache,
+    StorageError,
+};
+use crate::webhook::{DeliveryReport, DeliveryStatus, WebhookPayload};
 
 /// Shutdown signals shared by every job of one engine.
 #[derive(Clone, Default)]
@@ -77,7 +82,9 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
             let left = (expires_at - engine.clock.now()).max(0) as u64;
             return Ok(Ack::Defer(Duration::from_micros(left) + Duration::from_secs(1)));
         }
-        LeaseOutcome::Finished(_) | LeaseOutcome::Missing => return Ok(Ack::Delete),
+        // Finished: its worker may have died before sending the webhook.
+        LeaseOutcome::Finished(_) => return Ok(settle_webhook(engine, delivery, id).await),
+        LeaseOutcome::Missing => return Ok(Ack::Delete),
     };
     let Some(record) = jobs.get_job(id).await? else { return Ok(Ack::Delete) };
     if record.stalled_runs > cfg.max_receives {
@@ -87,6 +94,8 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
         );
         tracing::error!(job = %id, %reason);
         finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await?;
+        // Best effort: the message is about to leave the queue for good.
+        settle_webhook(engine, delivery, id).await;
         // The message moves to the dead-letter queue; nothing left to ack.
         engine.backend.queue.dead_letter(delivery).await?;
         return Ok(Ack::Leave);
@@ -114,9 +123,13 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     heartbeat.abort();
     let lease = current(&lease);
     match result {
-        Ok(StepsEnd::AllDone) => finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await,
+        Ok(StepsEnd::AllDone) => {
+            finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await?;
+            Ok(settle_webhook(engine, delivery, id).await)
+        }
         Ok(StepsEnd::Failed(reason)) => {
-            finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await
+            finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await?;
+            Ok(settle_webhook(engine, delivery, id).await)
         }
         Ok(StepsEnd::HandBack) => {
             jobs.release_lease(&lease).await?;
@@ -158,6 +171,81 @@ async fn finish(
     }
     engine.telemetry.job_finished(status, Duration::from_micros((now - created_at).max(0) as u64));
     Ok(Ack::Delete)
+}
+
+/// Sends a finished job's webhook if it asked for one and no delivery is
+/// recorded yet, then records the report. Called by the worker that
+/// finished the job and by whoever receives its message afterwards (the
+/// finisher died first), so delivery is at least once; the message stays
+/// hidden meanwhile. Cancelled jobs get no webhook. `Delete` once settled;
+/// `Leave` if storage failed, so the message comes back and it is retried.
+async fn settle_webhook(engine: &Engine, delivery: &Delivery, id: &JobId) -> Ack {
+    match try_settle_webhook(engine, delivery, id).await {
+        Ok(()) => Ack::Delete,
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not settle the job's webhook; it will be retried");
+            Ack::Leave
+        }
+    }
+}
+
+async fn try_settle_webhook(engine: &Engine, delivery: &Delivery, id: &JobId) -> Result<(), StorageError> {
+    let jobs = &engine.backend.jobs;
+    let Some(record) = jobs.get_job(id).await? else { return Ok(()) };
+    if !matches!(record.status, JobStatus::Succeeded | JobStatus::Failed) {
+        return Ok(());
+    }
+    let Some(url) = JobSpec::stored_webhook_url(&record.spec_json) else {
+        return Ok(());
+    };
+    if jobs.webhook_report(id).await?.is_some() {
+        return Ok(());
+    }
+    let hooks = &engine.config.webhooks;
+    let payload =
+        WebhookPayload { id: id.clone(), status: record.status, steps_done: record.steps_done, usage: record.usage };
+    let report = match hooks.secrets.get(&record.tenant) {
+        Some(secret) => {
+            let keep = tokio::spawn(keep_hidden(
+                engine.backend.queue.clone(),
+                delivery.receipt.clone(),
+                engine.config.lease_ttl,
+            ));
+            let report = crate::webhook::deliver(&url, secret, &payload, &hooks.policy, engine.clock.as_ref()).await;
+            keep.abort();
+            report
+        }
+        None => DeliveryReport {
+            status: DeliveryStatus::Failed,
+            attempts: 0,
+            last_error: Some(format!(
+                "this worker has no webhook secret for tenant {} (webhook_secret_env)",
+                record.tenant
+            )),
+            last_status: None,
+        },
+    };
+    match report.status {
+        DeliveryStatus::Delivered => {
+            engine.telemetry.webhook_delivery("delivered");
+            tracing::info!(job = %id, attempts = report.attempts, "webhook delivered");
+        }
+        DeliveryStatus::Failed => {
+            engine.telemetry.webhook_delivery("failed");
+            tracing::warn!(job = %id, attempts = report.attempts, error = ?report.last_error, "webhook delivery failed");
+        }
+    }
+    jobs.put_webhook_report(id, &report, engine.clock.now()).await
+}
+
+/// Keeps a message hidden while its job's webhook is being delivered.
+async fn keep_hidden(queue: Arc<dyn crate::storage::JobQueue>, receipt: String, ttl: Duration) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        if queue.extend(&receipt, ttl).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn current(lease: &Mutex<Lease>) -> Lease {
@@ -326,6 +414,9 @@ async fn run_steps(
                     index: i,
                     cancel: steps_cancel.child_token(),
                     gate: gate.clone(),
+                    cache: engine.backend.cache.clone(),
+                    cache_ttl: spec.cache_ttl_secs.map_or(engine.config.cache_ttl, Duration::from_secs),
+                    telemetry: engine.telemetry.clone(),
                 };
                 tasks.spawn(run_step(ctx, deps));
             }
@@ -362,6 +453,18 @@ async fn run_steps(
     }
 }
 
+/// Exact match on everything the provider sees, and the tenant: one
+/// tenant's answers are never served to another.
+fn cache_key(tenant: &TenantId, chat: &ChatRequest) -> CacheKey {
+    let request = serde_json::json!({
+        "tenant": tenant.as_str(),
+        "messages": chat.messages,
+        "max_tokens": chat.max_tokens,
+        "temperature": chat.temperature,
+    });
+    CacheKey::of(chat.model.as_str(), &request)
+}
+
 struct StepCtx {
     router: Arc<super::Router>,
     clock: Arc<dyn crate::domain::Clock>,
@@ -372,6 +475,9 @@ struct StepCtx {
     index: usize,
     cancel: CancellationToken,
     gate: Arc<dyn SendGate>,
+    cache: Arc<dyn ResponseCache>,
+    cache_ttl: Duration,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepDone, StepError> {
@@ -391,6 +497,37 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
     }
     let chat =
         ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
+    let cache_key = step.cache.then(|| cache_key(&ctx.tenant, &chat));
+    if let Some(key) = &cache_key {
+        match ctx.cache.get(key, ctx.clock.now()).await {
+            Ok(Some(hit)) => {
+                ctx.telemetry.cache_lookup("hit");
+                // No call, so no quota and no usage: the checkpoint says
+                // which org first answered, with 0 attempts.
+                return Ok(StepDone {
+                    index: ctx.index,
+                    checkpoint: Checkpoint {
+                        step_id: step.id.clone(),
+                        output: hit.content,
+                        usage: Usage::default(),
+                        org: hit.org,
+                        model: step.model.clone(),
+                        attempts: 0,
+                        started_at,
+                        finished_at: ctx.clock.now(),
+                    },
+                    provider_time: Duration::ZERO,
+                    started,
+                });
+            }
+            Ok(None) => ctx.telemetry.cache_lookup("miss"),
+            Err(e) => {
+                // Best effort: a cache that fails is a miss.
+                ctx.telemetry.cache_lookup("error");
+                tracing::warn!(job = %ctx.job, step = %step.id, error = %e, "response cache read failed; calling the provider");
+            }
+        }
+    }
     let req = CallRequest {
         tenant: ctx.tenant.clone(),
         chat,
@@ -402,6 +539,18 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
         CallError::Storage(e) => StepError::Storage(e),
         other => StepError::Failed(format!("step {}: {other}", step.id)),
     })?;
+    if let Some(key) = &cache_key {
+        let entry = CachedResponse {
+            content: result.content.clone(),
+            usage: result.usage,
+            org: result.org.clone(),
+            model: step.model.clone(),
+            created_at: ctx.clock.now(),
+        };
+        if let Err(e) = ctx.cache.put(key, &entry, ctx.cache_ttl, ctx.clock.now()).await {
+            tracing::warn!(job = %ctx.job, step = %step.id, error = %e, "could not store the answer in the response cache");
+        }
+    }
     Ok(StepDone {
         index: ctx.index,
         checkpoint: Checkpoint {

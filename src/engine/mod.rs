@@ -40,6 +40,17 @@ pub struct EngineConfig {
     pub spec_limits: SpecLimits,
     /// This process's name in leases (`host:pid:random`).
     pub owner: String,
+    /// How long a cached answer is served unless the job says otherwise.
+    pub cache_ttl: Duration,
+    /// How job webhooks are sent, and each tenant's signing secret.
+    pub webhooks: Arc<WebhookSettings>,
+}
+
+/// Webhook delivery settings of one worker process.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookSettings {
+    pub policy: crate::webhook::DeliveryPolicy,
+    pub secrets: std::collections::HashMap<crate::domain::TenantId, secrecy::SecretString>,
 }
 
 impl EngineConfig {

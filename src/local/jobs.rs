@@ -12,8 +12,8 @@ use rusqlite::{OptionalExtension, TransactionBehavior};
 use super::{OrBackend, SqliteBackend, int, micros, parse_priority, parsed, priority_str, uint};
 use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
 use crate::storage::{
-    Checkpoint, CreateOutcome, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob, StorageError,
-    StorageResult,
+    Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
+    StorageError, StorageResult,
 };
 
 /// The columns `job_from_row` reads, in its order (18 of them).
@@ -377,5 +377,39 @@ impl JobStore for SqliteBackend {
             Ok(())
         })
         .await
+    }
+
+    async fn put_webhook_report(&self, id: &JobId, report: &DeliveryReport, now: Micros) -> StorageResult<()> {
+        let id = id.clone();
+        let json = serde_json::to_string(report)
+            .map_err(|e| StorageError::Backend(format!("encoding a webhook report: {e}")))?;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO webhook_deliveries (job_id, report, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (job_id) DO UPDATE SET report = excluded.report, updated_at = excluded.updated_at",
+            )
+            .db()?
+            .execute(rusqlite::params![id.as_str(), json, now])
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn webhook_report(&self, id: &JobId) -> StorageResult<Option<DeliveryReport>> {
+        let id = id.clone();
+        let json: Option<String> = self
+            .read(move |conn| {
+                conn.prepare_cached("SELECT report FROM webhook_deliveries WHERE job_id = ?1")
+                    .db()?
+                    .query_row([id.as_str()], |r| r.get(0))
+                    .optional()
+                    .db()
+            })
+            .await?;
+        json.map(|j| {
+            serde_json::from_str(&j).map_err(|e| StorageError::Backend(format!("unreadable webhook report: {e}")))
+        })
+        .transpose()
     }
 }

@@ -4,7 +4,7 @@
 //! newer binary is refused rather than misread.
 //!
 //! Versions: 1 the queue, jobs, checkpoints, ledger and usage; 2 adds
-//! `response_cache`. Every change so far only adds tables and indexes
+//! `response_cache`; 3 adds `webhook_deliveries`. Every change so far only adds tables and indexes
 //! (`IF NOT EXISTS`), so running the whole schema brings a file of any older
 //! version up to date. A change to an existing table will need its own step,
 //! run when the stored version is below the one that introduced it.
@@ -15,7 +15,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -109,6 +109,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- NULL keys are distinct in SQLite, so jobs without a key never collide.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key);
+
+-- The last webhook delivery report of a job (JSON), once one was made.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    job_id            TEXT    PRIMARY KEY NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    report            TEXT    NOT NULL,
+    updated_at        INTEGER NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id            TEXT    NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,

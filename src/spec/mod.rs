@@ -31,6 +31,8 @@ const DEFAULT_MAX_TOKENS: u32 = 512;
 const DEFAULT_TEMPERATURE: f32 = 1.0;
 const MAX_NAME_CHARS: usize = 200;
 const MAX_PARALLEL: u32 = 64;
+const MAX_CACHE_TTL_SECS: u64 = 30 * 24 * 3600;
+const MAX_WEBHOOK_URL_BYTES: usize = 2048;
 
 /// Size limits on a submitted spec. They bound what one request can make the
 /// service store, schedule and send, whatever the client does.
@@ -117,6 +119,9 @@ pub struct Step {
     /// Indices into [`JobSpec::steps`] of every step this one waits for
     /// (template references and `depends_on`), ascending, without repeats.
     pub deps: Vec<usize>,
+    /// Served from the response cache when the same request was answered
+    /// before (the step's `cache`, else the job's; off by default).
+    pub cache: bool,
 }
 
 /// A validated job spec; see the module doc.
@@ -127,6 +132,12 @@ pub struct JobSpec {
     pub inputs: BTreeMap<String, String>,
     /// Per-job cap on steps in flight, if the client set one.
     pub max_parallel: Option<u32>,
+    /// How long this job's answers stay in the response cache, if the
+    /// client chose (else the configured default).
+    pub cache_ttl_secs: Option<u64>,
+    /// Where the job's summary is POSTed when it succeeds or fails; the
+    /// shape is checked here, the network policy by the API.
+    pub webhook_url: Option<String>,
     pub steps: Vec<Step>,
 }
 
@@ -146,6 +157,12 @@ struct RawSpec {
     defaults: RawDefaults,
     #[serde(default)]
     max_parallel: Option<u32>,
+    #[serde(default)]
+    cache: Option<bool>,
+    #[serde(default)]
+    cache_ttl_secs: Option<u64>,
+    #[serde(default)]
+    webhook_url: Option<String>,
     steps: Vec<RawStep>,
 }
 
@@ -167,6 +184,8 @@ struct RawStep {
     temperature: Option<f32>,
     #[serde(default)]
     depends_on: Vec<StepId>,
+    #[serde(default)]
+    cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +202,10 @@ struct StoredSpec<'a> {
     inputs: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_parallel: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_ttl_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_url: Option<&'a str>,
     steps: Vec<StoredStep<'a>>,
 }
 
@@ -197,6 +220,9 @@ struct StoredStep<'a> {
     /// the template references again, which gives back the same set.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     depends_on: Vec<&'a StepId>,
+    /// Resolved per step, so the job-level default is not stored.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cache: bool,
 }
 
 #[derive(Serialize)]
@@ -231,6 +257,8 @@ impl JobSpec {
             priority: self.priority,
             inputs: &self.inputs,
             max_parallel: self.max_parallel,
+            cache_ttl_secs: self.cache_ttl_secs,
+            webhook_url: self.webhook_url.as_deref(),
             steps: self
                 .steps
                 .iter()
@@ -245,6 +273,7 @@ impl JobSpec {
                     max_tokens: s.max_tokens,
                     temperature: s.temperature,
                     depends_on: s.deps.iter().filter_map(|&d| self.steps.get(d)).map(|d| &d.id).collect(),
+                    cache: s.cache,
                 })
                 .collect(),
         };
@@ -261,6 +290,16 @@ impl JobSpec {
     /// the body that was accepted.
     pub fn from_stored(s: &str, limits: &SpecLimits) -> Result<JobSpec, SpecError> {
         validate(deserialize(s.as_bytes())?, limits, None)
+    }
+
+    /// The webhook URL of a stored spec, read without re-validating the
+    /// rest (the API and the finishing worker need only this).
+    pub fn stored_webhook_url(stored: &str) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Hook {
+            webhook_url: Option<String>,
+        }
+        serde_json::from_str::<Hook>(stored).ok().and_then(|h| h.webhook_url)
     }
 
     pub fn step_index(&self, id: &StepId) -> Option<usize> {
@@ -384,6 +423,17 @@ fn validate(
     {
         return Err(SpecError::new("max_parallel", format!("must be between 1 and {MAX_PARALLEL}, got {p}")));
     }
+    if let Some(t) = raw.cache_ttl_secs
+        && !(1..=MAX_CACHE_TTL_SECS).contains(&t)
+    {
+        return Err(SpecError::new(
+            "cache_ttl_secs",
+            format!("must be between 1 and {MAX_CACHE_TTL_SECS} (30 days), got {t}"),
+        ));
+    }
+    if let Some(url) = &raw.webhook_url {
+        check_webhook_url(url).map_err(|m| SpecError::new("webhook_url", m))?;
+    }
 
     let defaults = raw.defaults;
     if let Some(t) = defaults.max_tokens {
@@ -414,7 +464,9 @@ fn validate(
                 format!("duplicate step id \"{}\" (first used by steps[{first}])", rs.id),
             ));
         }
-        steps.push(check_step(i, rs, &defaults, limits, serves_model)?);
+        let mut step = check_step(i, rs, &defaults, limits, serves_model)?;
+        step.cache = rs.cache.or(raw.cache).unwrap_or(false);
+        steps.push(step);
     }
 
     // Second pass: references, which may point forward in the list.
@@ -463,8 +515,20 @@ fn validate(
         priority: raw.priority.unwrap_or_default(),
         inputs: raw.inputs,
         max_parallel: raw.max_parallel,
+        cache_ttl_secs: raw.cache_ttl_secs,
+        webhook_url: raw.webhook_url,
         steps,
     })
+}
+
+/// The URL's shape: http(s), a host, no credentials, not absurdly long.
+/// Where it may point (no loopback, private or metadata addresses) is the
+/// API's check, against the configured policy.
+fn check_webhook_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_WEBHOOK_URL_BYTES {
+        return Err(format!("is {} bytes, more than the limit of {MAX_WEBHOOK_URL_BYTES}", url.len()));
+    }
+    crate::webhook::check_url(url, true).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Checks one step on its own and resolves its defaults; `deps` is filled in
@@ -534,6 +598,7 @@ fn check_step(
         max_tokens: rs.max_tokens.or(defaults.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS),
         temperature: rs.temperature.or(defaults.temperature).unwrap_or(DEFAULT_TEMPERATURE),
         deps: Vec::new(),
+        cache: false,
     })
 }
 

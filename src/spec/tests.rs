@@ -490,3 +490,53 @@ fn screenplay_example_is_valid_and_parallel() {
     let continuity = &spec.steps[idx("continuity")];
     assert_eq!(continuity.deps.iter().filter(|d| is_scene(d)).count(), scenes.len());
 }
+
+#[test]
+fn cache_is_off_by_default_set_per_job_and_overridden_per_step() {
+    let spec = parse(&base()).unwrap();
+    assert!(spec.steps.iter().all(|s| !s.cache));
+    let mut v = base();
+    v["cache"] = json!(true);
+    v["steps"][1]["cache"] = json!(false);
+    v["cache_ttl_secs"] = json!(600);
+    let spec = parse(&v).unwrap();
+    assert_eq!(spec.steps.iter().map(|s| s.cache).collect::<Vec<_>>(), [true, false]);
+    assert_eq!(spec.cache_ttl_secs, Some(600));
+    let mut v = base();
+    v["steps"][0]["cache"] = json!(true);
+    assert_eq!(parse(&v).unwrap().steps.iter().map(|s| s.cache).collect::<Vec<_>>(), [true, false]);
+}
+
+#[test]
+fn cache_ttl_must_be_between_a_second_and_thirty_days() {
+    rejects(|v| v["cache_ttl_secs"] = json!(0), "cache_ttl_secs", "between 1 and");
+    rejects(|v| v["cache_ttl_secs"] = json!(31 * 24 * 3600), "cache_ttl_secs", "between 1 and");
+    rejects(|v| v["cache_ttl_secs"] = json!(-5), "cache_ttl_secs", "invalid value");
+    rejects(|v| v["cache"] = json!("yes"), "cache", "invalid type");
+}
+
+#[test]
+fn webhook_url_shape_is_checked_and_stored() {
+    rejects(|v| v["webhook_url"] = json!("ftp://hooks.example.com/x"), "webhook_url", "http");
+    rejects(|v| v["webhook_url"] = json!("https://user:pw@hooks.example.com/x"), "webhook_url", "");
+    rejects(|v| v["webhook_url"] = json!("not a url"), "webhook_url", "");
+    rejects(|v| v["webhook_url"] = json!(format!("https://example.com/{}", "a".repeat(3000))), "webhook_url", "limit");
+    let mut v = base();
+    v["webhook_url"] = json!("https://hooks.example.com/jobs?token=abc");
+    let spec = parse(&v).unwrap();
+    let stored = spec.to_stored();
+    assert_eq!(JobSpec::stored_webhook_url(&stored).as_deref(), Some("https://hooks.example.com/jobs?token=abc"));
+    assert_eq!(JobSpec::stored_webhook_url(&parse(&base()).unwrap().to_stored()), None);
+}
+
+#[test]
+fn cache_settings_and_webhook_survive_the_stored_round_trip() {
+    let mut v = base();
+    v["cache"] = json!(true);
+    v["steps"][1]["cache"] = json!(false);
+    v["cache_ttl_secs"] = json!(60);
+    v["webhook_url"] = json!("https://hooks.example.com/j");
+    let spec = parse(&v).unwrap();
+    let again = JobSpec::from_stored(&spec.to_stored(), &SpecLimits::default()).unwrap();
+    assert_eq!(again, spec);
+}

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+pub use crate::webhook::DeliveryReport;
 pub use gcra::{BucketParams, BucketState, Cost};
 
 /// Errors a backend reports. The engine decides on the variant: a lost lease
@@ -288,6 +289,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// Fails a job without holding its lease (dead-lettered after too many
     /// receives). A finished job is left as it is.
     async fn fail_unleased(&self, id: &JobId, reason: &str, now: Micros) -> StorageResult<()>;
+    /// Records how the job's webhook delivery went (replacing an earlier
+    /// report: a redelivery after a crash reports again). The job must exist.
+    async fn put_webhook_report(&self, id: &JobId, report: &DeliveryReport, now: Micros) -> StorageResult<()>;
+    /// The job's last webhook delivery report, if one was recorded.
+    async fn webhook_report(&self, id: &JobId) -> StorageResult<Option<DeliveryReport>>;
 }
 
 // ---------------------------------------------------------------- ledger

@@ -317,6 +317,34 @@ pub async fn queue_receive_returns_early_when_sent(h: &Harness) {
 
 // ------------------------------------------------------------------ jobs
 
+pub async fn webhook_report_round_trips_and_needs_its_job(h: &Harness) {
+    use ratepool::webhook::{DeliveryReport, DeliveryStatus};
+    let jobs = &h.backend.jobs;
+    let (a, b) = (new_job("acme", None), new_job("acme", None));
+    for j in [&a, &b] {
+        jobs.create_job(j).await.expect("create");
+    }
+    assert_eq!(jobs.webhook_report(&a.id).await.expect("read"), None, "no report before a delivery");
+    let failed = DeliveryReport {
+        status: DeliveryStatus::Failed,
+        attempts: 8,
+        last_error: Some("HTTP 503 from hooks.example.com".into()),
+        last_status: Some(503),
+    };
+    jobs.put_webhook_report(&a.id, &failed, T0).await.expect("put");
+    assert_eq!(jobs.webhook_report(&a.id).await.expect("read"), Some(failed));
+    let delivered =
+        DeliveryReport { status: DeliveryStatus::Delivered, attempts: 1, last_error: None, last_status: Some(200) };
+    jobs.put_webhook_report(&a.id, &delivered, T0 + SEC).await.expect("overwrite");
+    assert_eq!(jobs.webhook_report(&a.id).await.expect("read"), Some(delivered.clone()), "the later report wins");
+    assert_eq!(jobs.webhook_report(&b.id).await.expect("read"), None, "reports are per job");
+    let ghost = JobId::generate();
+    assert!(jobs.put_webhook_report(&ghost, &delivered, T0).await.is_err(), "a report needs its job");
+    assert_eq!(jobs.webhook_report(&ghost).await.expect("read"), None, "the refused report left nothing");
+    // The job record itself is unchanged by a report.
+    assert_eq!(jobs.get_job(&a.id).await.expect("get").expect("job").status, JobStatus::Queued);
+}
+
 pub async fn jobs_create_and_get(h: &Harness) {
     let job = new_job("acme", Some(("key-1", "hash-1")));
     let created = match h.backend.jobs.create_job(&job).await.expect("create") {
@@ -873,6 +901,7 @@ macro_rules! conformance_suite {
         queue_receive_waits_when_empty,
         queue_receive_returns_early_when_sent,
         jobs_create_and_get,
+        webhook_report_round_trips_and_needs_its_job,
         jobs_idempotent_create,
         stalled_runs_count_acquisitions_since_progress,
         lease_acquire_held_and_takeover,
