@@ -76,10 +76,6 @@ pub struct AwsConfig {
     pub batch_queue: String,
     #[serde(default = "default_dead_letter_queue")]
     pub dead_letter_queue: String,
-    /// Receives of the interactive queue per receive of the batch queue
-    /// when both have work (batch jobs still get 1 in `weight + 1`).
-    #[serde(default = "default_interactive_weight")]
-    pub interactive_weight: NonZeroU64,
     /// CloudWatch namespace for metrics.
     #[serde(default = "default_namespace")]
     pub metrics_namespace: String,
@@ -103,7 +99,6 @@ impl Default for AwsConfig {
             interactive_queue: default_interactive_queue(),
             batch_queue: default_batch_queue(),
             dead_letter_queue: default_dead_letter_queue(),
-            interactive_weight: default_interactive_weight(),
             metrics_namespace: default_namespace(),
             secret_arn: None,
             retention_days: default_retention_days(),
@@ -210,6 +205,11 @@ pub struct WorkersConfig {
     /// timeout: Fargate kills 120 s after SIGTERM).
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Interactive jobs taken per batch job when both wait (batch jobs
+    /// still get 1 in `weight + 1`, so a steady interactive load cannot
+    /// starve them). Both backends.
+    #[serde(default = "default_interactive_weight")]
+    pub interactive_weight: NonZeroU64,
     /// How long a cached answer (a step with `"cache": true`) is served,
     /// unless the job sets `cache_ttl_secs`.
     #[serde(default = "default_cache_ttl")]
@@ -226,6 +226,7 @@ impl Default for WorkersConfig {
             step_max_attempts: default_step_attempts(),
             shutdown_grace_secs: default_grace(),
             cache_ttl_secs: default_cache_ttl(),
+            interactive_weight: default_interactive_weight(),
         }
     }
 }

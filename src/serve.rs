@@ -69,14 +69,20 @@ pub async fn open_backend(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result
                 SqliteOptions { visibility_timeout: cfg.workers.visibility_timeout(), clock },
             )
             .with_context(|| format!("opening SQLite database {}", cfg.storage.path.display()))?;
+            db.set_interactive_weight(cfg.workers.interactive_weight);
             Ok((db.backend(), None))
         }
         StorageKind::Aws => {
             let clients = AwsClients::load(&cfg.aws).await;
-            let backend =
-                crate::aws::connect(&clients, &cfg.aws, cfg.workers.visibility_timeout(), clock).await.context(
-                    "connecting to the AWS backend (run `ratepool aws init` to create missing tables and queues)",
-                )?;
+            let backend = crate::aws::connect(
+                &clients,
+                &cfg.aws,
+                cfg.workers.visibility_timeout(),
+                cfg.workers.interactive_weight,
+                clock,
+            )
+            .await
+            .context("connecting to the AWS backend (run `ratepool aws init` to create missing tables and queues)")?;
             Ok((backend, Some(clients)))
         }
     }

@@ -697,7 +697,15 @@ fn aws_workers_killed_at_random_lose_and_repeat_nothing_finished() {
         rt.block_on(async { ratepool::api::router(ratepool::serve::lambda_state(&cfg, Some(&env)).await.unwrap()) });
     let store = rt.block_on(async {
         let clients = AwsClients::load(&cfg.aws).await;
-        aws::connect(&clients, &cfg.aws, Duration::from_secs(10), Arc::new(SystemClock)).await.unwrap()
+        aws::connect(
+            &clients,
+            &cfg.aws,
+            Duration::from_secs(10),
+            std::num::NonZeroU64::new(3).unwrap(),
+            Arc::new(SystemClock),
+        )
+        .await
+        .unwrap()
     });
     let mut cluster = Aws {
         dir: dir.path().to_path_buf(),

@@ -82,7 +82,15 @@ impl Lambda {
 fn backend(rt: &tokio::runtime::Runtime, cfg: &Config) -> ratepool::storage::Backend {
     rt.block_on(async {
         let clients = AwsClients::load(&cfg.aws).await;
-        aws::connect(&clients, &cfg.aws, Duration::from_secs(3), Arc::new(SystemClock)).await.unwrap()
+        aws::connect(
+            &clients,
+            &cfg.aws,
+            Duration::from_secs(3),
+            std::num::NonZeroU64::new(3).unwrap(),
+            Arc::new(SystemClock),
+        )
+        .await
+        .unwrap()
     })
 }
 

@@ -42,7 +42,9 @@ async fn harness() -> Harness {
     let clients = AwsClients::load(&cfg).await;
     aws::init(&clients, &cfg, VISIBILITY).await.expect("create tables and queues");
     let clock = Arc::new(ManualClock::new(T0));
-    let backend = aws::connect(&clients, &cfg, VISIBILITY, clock.clone()).await.expect("connect");
+    let backend = aws::connect(&clients, &cfg, VISIBILITY, std::num::NonZeroU64::new(3).unwrap(), clock.clone())
+        .await
+        .expect("connect");
     Harness { backend, clock, visibility_timeout: VISIBILITY, queue_time: QueueTime::Wall, keep_alive: Box::new(()) }
 }
 

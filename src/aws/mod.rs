@@ -67,9 +67,11 @@ pub async fn connect(
     clients: &AwsClients,
     cfg: &AwsConfig,
     visibility_timeout: Duration,
+    interactive_weight: std::num::NonZeroU64,
     clock: Arc<dyn Clock>,
 ) -> StorageResult<Backend> {
-    let queue = Arc::new(queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout).await?);
+    let queue =
+        Arc::new(queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout, interactive_weight).await?);
     let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));

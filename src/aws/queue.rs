@@ -10,6 +10,7 @@
 //! `Conflict("stale receipt")`: only then could another worker hold it.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -131,6 +132,7 @@ impl SqsQueue {
         client: aws_sdk_sqs::Client,
         cfg: &AwsConfig,
         visibility_timeout: Duration,
+        interactive_weight: NonZeroU64,
     ) -> StorageResult<SqsQueue> {
         let (interactive_url, batch_url, dlq_url) = tokio::try_join!(
             existing_url(&client, &cfg.interactive_queue),
@@ -144,7 +146,7 @@ impl SqsQueue {
             dlq_url,
             // SQS takes whole seconds; 0 would make every message visible at once.
             visibility_secs: ceil_secs(visibility_timeout, MAX_VISIBILITY_SECS).max(1),
-            batch_turn: cfg.interactive_weight.get().saturating_add(1),
+            batch_turn: interactive_weight.get().saturating_add(1),
             receives: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
         })

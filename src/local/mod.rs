@@ -20,6 +20,7 @@ mod schema;
 mod usage;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,6 +65,10 @@ struct Shared {
     /// Wakes receivers waiting on an empty queue when a message is sent or
     /// handed back, so they need not poll often.
     queue_ready: Notify,
+    /// Every `batch_turn`-th take looks at the batch lane first
+    /// (`interactive_weight + 1`), so batch jobs are never starved.
+    batch_turn: AtomicU64,
+    takes: AtomicU64,
 }
 
 /// Waiting on a lock held by another process (a second `ratepool` on the same
@@ -73,6 +78,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Enough for every distinct statement this backend prepares, so none is
 /// ever re-parsed.
 const STATEMENT_CACHE: usize = 64;
+
+/// `[workers] interactive_weight`'s default.
+const DEFAULT_INTERACTIVE_WEIGHT: u64 = 3;
 
 impl SqliteBackend {
     /// Opens (creating if needed) the database at `path` and brings its schema
@@ -92,8 +100,15 @@ impl SqliteBackend {
                 clock: options.clock,
                 visibility_timeout: options.visibility_timeout,
                 queue_ready: Notify::new(),
+                batch_turn: AtomicU64::new(DEFAULT_INTERACTIVE_WEIGHT + 1),
+                takes: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Interactive jobs taken per batch job when both lanes wait (default 3).
+    pub fn set_interactive_weight(&self, weight: std::num::NonZeroU64) {
+        self.shared.batch_turn.store(weight.get().saturating_add(1), Ordering::Relaxed);
     }
 
     /// Every role, all backed by this one database.

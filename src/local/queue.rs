@@ -5,6 +5,7 @@
 //! dead-letter name that receipt, so a worker whose visibility lapsed and
 //! whose message went to another worker gets `Conflict("stale receipt")`.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
@@ -44,6 +45,10 @@ impl SqliteBackend {
     async fn take_visible(&self, max: usize) -> StorageResult<Vec<Delivery>> {
         let now = self.now();
         let hidden_until = now.saturating_add(micros(self.shared.visibility_timeout));
+        let turn = self.shared.takes.fetch_add(1, Ordering::Relaxed);
+        let batch_turn = self.shared.batch_turn.load(Ordering::Relaxed).max(1);
+        // Lane order for this take: batch first on its turn.
+        let batch_first = i64::from(turn % batch_turn == batch_turn - 1);
         self.write(move |conn| {
             // One statement picks, hides and re-receipts the messages; the
             // receipt is random per row (randomblob is evaluated per row).
@@ -54,12 +59,12 @@ impl SqliteBackend {
                             receive_count = receive_count + 1,
                             receipt = lower(hex(randomblob(16)))
                       WHERE id IN (SELECT id FROM queue WHERE visible_at <= ?2
-                                    ORDER BY lane, id LIMIT ?3)
+                                    ORDER BY lane <> ?4, id LIMIT ?3)
                   RETURNING lane, id, job_id, tenant, receipt, receive_count",
                 )
                 .db()?;
             let mut rows = stmt
-                .query_map(rusqlite::params![hidden_until, now, int(max)], |r| {
+                .query_map(rusqlite::params![hidden_until, now, int(max), batch_first], |r| {
                     let key: (i64, i64) = (r.get(0)?, r.get(1)?);
                     let delivery = Delivery {
                         message: QueueMessage {
@@ -75,8 +80,8 @@ impl SqliteBackend {
                 .db()?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .db()?;
-            // RETURNING does not promise an order; restore the queue's.
-            rows.sort_by_key(|(key, _)| *key);
+            // RETURNING does not promise an order; restore the take's.
+            rows.sort_by_key(|&((lane, id), _)| (lane != batch_first, id));
             Ok(rows.into_iter().map(|(_, d)| d).collect())
         })
         .await

@@ -289,6 +289,25 @@ pub async fn queue_interactive_before_batch(h: &Harness) {
     assert_eq!(order, vec![Interactive, Interactive, Batch, Batch], "interactive lane first although sent last");
 }
 
+/// With both lanes full, every fourth take (the default weight 3) serves
+/// the batch lane first, so a flood of interactive jobs cannot starve it.
+pub async fn queue_batch_lane_gets_one_take_in_four(h: &Harness) {
+    let q = &h.backend.queue;
+    for _ in 0..8 {
+        q.send(&msg(Priority::Batch)).await.expect("send");
+        q.send(&msg(Priority::Interactive)).await.expect("send");
+    }
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let d = q.receive(1, Duration::from_millis(500)).await.expect("receive");
+        assert_eq!(d.len(), 1, "a message waits in both lanes");
+        order.push(d[0].message.priority);
+    }
+    use Priority::{Batch, Interactive};
+    let i = Interactive;
+    assert_eq!(order, vec![i, i, i, Batch, i, i, i, Batch], "one take in four looks at batch first");
+}
+
 pub async fn queue_receive_waits_when_empty(h: &Harness) {
     let start = std::time::Instant::now();
     let got = h.backend.queue.receive(1, Duration::from_secs(1)).await.expect("receive");
@@ -898,6 +917,7 @@ macro_rules! conformance_suite {
         queue_defer_hides_and_starts_receive_count_again,
         queue_dead_letter_moves_message,
         queue_interactive_before_batch,
+        queue_batch_lane_gets_one_take_in_four,
         queue_receive_waits_when_empty,
         queue_receive_returns_early_when_sent,
         jobs_create_and_get,
