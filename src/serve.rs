@@ -15,6 +15,7 @@ use crate::api::{self, ApiState, PoolOrg};
 use crate::aws::AwsClients;
 use crate::config::{self, Config, Env, StorageKind};
 use crate::domain::{Clock, SystemClock};
+use crate::engine::quota::TenantQuotas;
 use crate::engine::router::{OrgSettings, RetryPolicy};
 use crate::engine::{Engine, EngineConfig, Router};
 use crate::local::{SqliteBackend, SqliteOptions};
@@ -187,6 +188,7 @@ fn api_state(
         tenants,
         pool,
         limits: cfg.limits.spec_limits(),
+        quotas: TenantQuotas::from_config(cfg),
         clock,
         telemetry,
         org_status,
@@ -220,7 +222,8 @@ fn start_workers(
             max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
             ..RetryPolicy::default()
         },
-    ));
+    )
+    .with_tenant_quotas(TenantQuotas::from_config(cfg)));
     let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_config(cfg)));
     let mut background = Vec::new();
     let (t, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());
