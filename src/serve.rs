@@ -212,18 +212,20 @@ fn start_workers(
     telemetry: Arc<Telemetry>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Workers> {
-    let router = Arc::new(Router::new(
-        orgs,
-        backend.ledger.clone(),
-        ProviderClient::new()?,
-        clock.clone(),
-        telemetry.clone(),
-        RetryPolicy {
-            max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
-            ..RetryPolicy::default()
-        },
-    )
-    .with_tenant_quotas(TenantQuotas::from_config(cfg)));
+    let router = Arc::new(
+        Router::new(
+            orgs,
+            backend.ledger.clone(),
+            ProviderClient::new()?,
+            clock.clone(),
+            telemetry.clone(),
+            RetryPolicy {
+                max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
+                ..RetryPolicy::default()
+            },
+        )
+        .with_tenant_quotas(TenantQuotas::from_config(cfg)),
+    );
     let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_config(cfg)));
     let mut background = Vec::new();
     let (t, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());

@@ -137,15 +137,17 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
     .unwrap();
     let ledger = sqlite.backend().ledger;
     let telemetry = Arc::new(Telemetry::new());
-    let router = Arc::new(Router::new(
-        orgs.clone(),
-        ledger.clone(),
-        ProviderClient::new().unwrap(),
-        clock.clone(),
-        telemetry.clone(),
-        policy,
-    )
-    .with_tenant_quotas(quotas));
+    let router = Arc::new(
+        Router::new(
+            orgs.clone(),
+            ledger.clone(),
+            ProviderClient::new().unwrap(),
+            clock.clone(),
+            telemetry.clone(),
+            policy,
+        )
+        .with_tenant_quotas(quotas),
+    );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Harness { sim, base, http, router, ledger, telemetry, orgs, clock, stop: Some(stop), _dir: dir }
 }

@@ -712,7 +712,9 @@ impl Router {
                 tracing::debug!(org = %org.settings.endpoint.name, model = %model, "ledger moved toward the provider's headers");
                 self.remember(idx, model, state, params, self.clock.now());
             }
-            Err(e) => tracing::warn!(org = %org.settings.endpoint.name, error = %e, "could not sync the ledger to provider headers"),
+            Err(e) => {
+                tracing::warn!(org = %org.settings.endpoint.name, error = %e, "could not sync the ledger to provider headers")
+            }
         }
     }
 }

@@ -80,10 +80,7 @@ impl QuotaLedger for SqliteBackend {
                  RETURNING requests_tat, tokens_tat",
             )
             .db()?
-            .query_row(
-                rusqlite::params![org, model, floor.requests_tat, floor.tokens_tat],
-                state_from_row,
-            )
+            .query_row(rusqlite::params![org, model, floor.requests_tat, floor.tokens_tat], state_from_row)
             .db()
         })
         .await

@@ -78,7 +78,11 @@ async fn state_survives_a_restart_without_clean_close() {
             panic!("grant")
         };
         b.usage
-            .add(&[(job.tenant.clone(), OrgName::parse("org-a").unwrap(), OrgCounters { calls: 4, ..Default::default() })])
+            .add(&[(
+                job.tenant.clone(),
+                OrgName::parse("org-a").unwrap(),
+                OrgCounters { calls: 4, ..Default::default() },
+            )])
             .await
             .unwrap();
         // Never closed, like a killed process: no final WAL checkpoint runs,

@@ -216,7 +216,9 @@ pub enum CreateOutcome {
     Existing(JobRecord),
     /// Not stored: the tenant already has `NewJob::in_flight_limit` jobs
     /// queued or running.
-    InFlightLimit { in_flight: u64 },
+    InFlightLimit {
+        in_flight: u64,
+    },
 }
 
 /// Proof of holding a job: every checkpoint and the final status write are
