@@ -353,6 +353,27 @@ pub struct TenantConfig {
     /// with; a tenant without one cannot ask for webhooks.
     #[serde(default)]
     pub webhook_secret_env: Option<String>,
+    /// Limits on this tenant's use of the pool; no section is unlimited.
+    #[serde(default)]
+    pub quota: TenantQuotaConfig,
+}
+
+/// A tenant's `[tenants.quota]`: each limit is optional, and an absent one
+/// is unlimited. Zero is refused (a tenant that may do nothing should not
+/// have a key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuotaConfig {
+    /// Tokens (prompt estimate + max_tokens, as the ledger charges an org)
+    /// per rolling day.
+    #[serde(default)]
+    pub tokens_per_day: Option<NonZeroU64>,
+    /// Provider calls (attempts, retries included) per rolling minute.
+    #[serde(default)]
+    pub calls_per_minute: Option<NonZeroU64>,
+    /// Jobs queued or running at once.
+    #[serde(default)]
+    pub jobs_in_flight: Option<NonZeroU64>,
 }
 
 /// How job webhooks are delivered (`[webhooks]`).
@@ -685,6 +706,45 @@ api_key_env = "SCREENPLAYS_API_KEY"
             ),
             (GOOD.replace("ORG_A_KEY", "sk-live-abc def"), "not an environment variable name"),
             (GOOD.replace("backend = \"sqlite\"", "backend = \"mysql\""), "line 5"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
+    }
+
+    const QUOTA: &str = "[tenants.quota]\ntokens_per_day = 2000000\ncalls_per_minute = 600\njobs_in_flight = 20\n";
+
+    #[test]
+    fn a_tenant_quota_parses_and_its_absence_is_unlimited() {
+        let c = Config::parse(&format!("{GOOD}{QUOTA}")).unwrap();
+        let q = c.tenants[0].quota;
+        assert_eq!(q.tokens_per_day.map(NonZeroU64::get), Some(2_000_000));
+        assert_eq!(q.calls_per_minute.map(NonZeroU64::get), Some(600));
+        assert_eq!(q.jobs_in_flight.map(NonZeroU64::get), Some(20));
+        // Every limit is optional.
+        let c = Config::parse(&format!("{GOOD}[tenants.quota]\njobs_in_flight = 2\n")).unwrap();
+        assert_eq!(
+            c.tenants[0].quota,
+            TenantQuotaConfig { jobs_in_flight: NonZeroU64::new(2), ..TenantQuotaConfig::default() }
+        );
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.tenants[0].quota, TenantQuotaConfig::default(), "no section: unlimited");
+    }
+
+    #[test]
+    fn bad_tenant_quotas_name_the_line_and_reason() {
+        // The quota section starts on line 19 of GOOD + QUOTA.
+        let with = |from: &str, to: &str| format!("{GOOD}{}", QUOTA.replace(from, to));
+        let cases = [
+            (with("jobs_in_flight = 20", "jobs_in_flight = 0"), "line 22"),
+            (with("jobs_in_flight = 20", "jobs_in_flight = 0"), "nonzero"),
+            (with("calls_per_minute = 600", "calls_per_minute = -5"), "line 21"),
+            (with("tokens_per_day = 2000000", "tokens_per_day = 0"), "line 20"),
+            (with("tokens_per_day = 2000000", "tokens_per_day = \"lots\""), "line 20"),
+            (with("jobs_in_flight = 20", "jobs_in_flight = 1.5"), "line 22"),
+            (with("jobs_in_flight", "jobs_in_fligth"), "unknown field `jobs_in_fligth`"),
+            (with("calls_per_minute", "requests_per_minute"), "line 21"),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text).unwrap_err();

@@ -16,6 +16,7 @@ use crate::aws::AwsClients;
 use crate::config::{self, Config, Env, StorageKind};
 use crate::domain::{Clock, SystemClock};
 use crate::engine::WebhookSettings;
+use crate::engine::quota::TenantQuotas;
 use crate::engine::router::{OrgSettings, RetryPolicy};
 use crate::engine::{Engine, EngineConfig, Router};
 use crate::local::{SqliteBackend, SqliteOptions};
@@ -196,6 +197,7 @@ fn api_state(
         tenants,
         pool,
         limits: cfg.limits.spec_limits(),
+        quotas: TenantQuotas::from_config(cfg),
         clock,
         telemetry,
         org_status,
@@ -230,17 +232,20 @@ fn start_workers(
     env: &dyn Env,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Workers> {
-    let router = Arc::new(Router::new(
-        orgs,
-        backend.ledger.clone(),
-        ProviderClient::new()?,
-        clock.clone(),
-        telemetry.clone(),
-        RetryPolicy {
-            max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
-            ..RetryPolicy::default()
-        },
-    ));
+    let router = Arc::new(
+        Router::new(
+            orgs,
+            backend.ledger.clone(),
+            ProviderClient::new()?,
+            clock.clone(),
+            telemetry.clone(),
+            RetryPolicy {
+                max_transient_failures: cfg.workers.step_max_attempts.get().min(1000) as u32,
+                ..RetryPolicy::default()
+            },
+        )
+        .with_tenant_quotas(TenantQuotas::from_config(cfg)),
+    );
     let mut engine_cfg = engine_config(cfg);
     engine_cfg.webhooks =
         Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: config::webhook_secrets(cfg, env)? });

@@ -61,6 +61,12 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantQuotaLabels {
+    tenant: String,
+    quota: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
 }
@@ -145,6 +151,8 @@ pub struct Telemetry {
     out_of_rotation: Family<OrgLabels, Gauge>,
     rate_factor: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
     ledger_ops: Family<OpLabels, Counter>,
+    tenant_quota_waits: Family<TenantQuotaLabels, Counter>,
+    tenant_quota_refusals: Family<TenantQuotaLabels, Counter>,
     jobs_finished: Family<StatusLabels, Counter>,
     cache_lookups: Family<ResultLabels, Counter>,
     webhooks: Family<ResultLabels, Counter>,
@@ -198,6 +206,18 @@ impl Telemetry {
         );
         let ledger_ops = Family::<OpLabels, Counter>::default();
         registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
+        let tenant_quota_waits = Family::<TenantQuotaLabels, Counter>::default();
+        registry.register(
+            "tenant_quota_waits",
+            "Provider calls held because their tenant's own quota was spent",
+            tenant_quota_waits.clone(),
+        );
+        let tenant_quota_refusals = Family::<TenantQuotaLabels, Counter>::default();
+        registry.register(
+            "tenant_quota_refusals",
+            "Job submissions answered 429 for a tenant quota, by quota",
+            tenant_quota_refusals.clone(),
+        );
         let jobs_finished = Family::<StatusLabels, Counter>::default();
         registry.register("jobs_finished", "Jobs that reached a final status", jobs_finished.clone());
         let cache_lookups = Family::<ResultLabels, Counter>::default();
@@ -238,6 +258,8 @@ impl Telemetry {
             out_of_rotation,
             rate_factor,
             ledger_ops,
+            tenant_quota_waits,
+            tenant_quota_refusals,
             jobs_finished,
             cache_lookups,
             webhooks,
@@ -325,6 +347,21 @@ impl Telemetry {
     /// Counts a finished webhook delivery: "delivered" or "failed".
     pub fn webhook_delivery(&self, result: &'static str) {
         self.webhooks.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a call held for its tenant's `quota` ("calls_per_minute" or
+    /// "tokens_per_day").
+    pub fn tenant_quota_wait(&self, tenant: &TenantId, quota: &'static str) {
+        self.tenant_quota_waits.get_or_create(&TenantQuotaLabels { tenant: tenant.to_string(), quota }).inc();
+    }
+
+    pub fn tenant_quota_waits(&self, tenant: &TenantId, quota: &'static str) -> u64 {
+        self.tenant_quota_waits.get_or_create(&TenantQuotaLabels { tenant: tenant.to_string(), quota }).get()
+    }
+
+    /// Counts a submission refused for the tenant's `quota`.
+    pub fn tenant_quota_refusal(&self, tenant: &TenantId, quota: &'static str) {
+        self.tenant_quota_refusals.get_or_create(&TenantQuotaLabels { tenant: tenant.to_string(), quota }).inc();
     }
 
     pub fn job_finished(&self, status: crate::storage::JobStatus, duration: std::time::Duration) {

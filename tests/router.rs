@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 use ratepool::config::Config;
 use ratepool::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
 use ratepool::engine::breaker::BreakerPolicy;
+use ratepool::engine::quota::{TenantQuota, TenantQuotas};
 use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router};
 use ratepool::local::{SqliteBackend, SqliteOptions};
 use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
 use ratepool::sim::{OrgStats, SimConfig, Simulator};
 use ratepool::storage::gcra::BucketParams;
-use ratepool::storage::{Acquisition, BucketKey, Cost, QuotaLedger};
+use ratepool::storage::{Acquisition, BucketKey, BucketState, Cost, QuotaLedger};
 use ratepool::telemetry::Telemetry;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -83,6 +84,10 @@ impl Drop for Harness {
 }
 
 async fn start(defs: &[OrgDef], policy: RetryPolicy) -> Harness {
+    start_with_quotas(defs, policy, TenantQuotas::default()).await
+}
+
+async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQuotas) -> Harness {
     let mut sim_toml = String::from("seed = 7\n[latency]\ntime_scale = 0\n");
     for d in defs {
         sim_toml.push_str(&format!(
@@ -132,14 +137,17 @@ async fn start(defs: &[OrgDef], policy: RetryPolicy) -> Harness {
     .unwrap();
     let ledger = sqlite.backend().ledger;
     let telemetry = Arc::new(Telemetry::new());
-    let router = Arc::new(Router::new(
-        orgs.clone(),
-        ledger.clone(),
-        ProviderClient::new().unwrap(),
-        clock.clone(),
-        telemetry.clone(),
-        policy,
-    ));
+    let router = Arc::new(
+        Router::new(
+            orgs.clone(),
+            ledger.clone(),
+            ProviderClient::new().unwrap(),
+            clock.clone(),
+            telemetry.clone(),
+            policy,
+        )
+        .with_tenant_quotas(quotas),
+    );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Harness { sim, base, http, router, ledger, telemetry, orgs, clock, stop: Some(stop), _dir: dir }
 }
@@ -625,4 +633,68 @@ async fn a_gated_call_waits_for_its_gate_and_a_shut_gate_sends_nothing() {
     // The org is left usable: the next ungated call goes through.
     h.call("after/1", chat(MODEL, 40, 100)).await.unwrap();
     assert_eq!(h.state_of("a"), "ok");
+}
+
+// Tenant quotas --------------------------------------------------------------
+
+fn call_as(tenant: &str, id: String) -> CallRequest {
+    CallRequest { tenant: TenantId::parse(tenant).unwrap(), ..request(id, chat(MODEL, 40, 100)) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_calls_per_minute_is_held_to_it_while_another_is_not() {
+    // 60 calls a minute: a minute's burst at once, then one a second.
+    let busy = TenantId::parse("busy").unwrap();
+    let quotas: TenantQuotas =
+        [(busy.clone(), TenantQuota { calls_per_minute: Some(60), ..TenantQuota::default() })].into_iter().collect();
+    let h = start_with_quotas(&[org("a", 100_000, 100_000_000)], fast_policy(), quotas).await;
+    let first_at = h.clock.now();
+    for i in 0..60 {
+        h.router.call(&call_as("busy", format!("burst/{i}")), &CancellationToken::new()).await.unwrap();
+    }
+    assert_eq!(h.telemetry.tenant_quota_waits(&busy, "calls_per_minute"), 0, "the burst fits");
+
+    // Three more calls of the busy tenant, one after another: each waits for
+    // the next second's refill.
+    let router = h.router.clone();
+    let held_since = Instant::now();
+    let held = tokio::spawn(async move {
+        for i in 0..3 {
+            router.call(&call_as("busy", format!("held/{i}")), &CancellationToken::new()).await.unwrap();
+        }
+        held_since.elapsed()
+    });
+    // Meanwhile another tenant (no quota) goes straight through.
+    let started = Instant::now();
+    for i in 0..50 {
+        h.router.call(&call_as("t", format!("free/{i}")), &CancellationToken::new()).await.unwrap();
+    }
+    let free_took = started.elapsed();
+    assert!(free_took < Duration::from_millis(900), "the other tenant was slowed: {free_took:?}");
+    assert!(!held.is_finished(), "the busy tenant's calls went ahead of its quota");
+    assert_eq!(h.org_stats("a").accepted_calls, 110, "60 + 50 calls reached the org");
+
+    let held_took = held.await.unwrap();
+    // The burst's first charge was at t1 ≥ first_at; the k-th extra call
+    // fits at exactly t1 + k seconds (GCRA, 1 s per call).
+    let done = h.clock.now() - first_at;
+    assert!(done >= 3_000_000, "the third extra call went {} ms early", (3_000_000 - done) / 1_000);
+    assert!(done <= 4_000_000, "held {held_took:?}, longer than the GCRA says");
+    assert!(h.telemetry.tenant_quota_waits(&busy, "calls_per_minute") >= 1);
+    assert_eq!(h.org_stats("a").accepted_calls, 113);
+    assert_eq!(h.rate_limited(), 0);
+
+    // A held call is cancellable, and charges nothing while it waits.
+    let bucket = BucketKey::tenant(&busy);
+    let before: BucketState = h.ledger.state(&bucket).await.unwrap();
+    let cancel = CancellationToken::new();
+    let (router, c) = (h.router.clone(), cancel.clone());
+    let waiting = tokio::spawn(async move { router.call(&call_as("busy", "cancelled/1".into()), &c).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancelled_at = Instant::now();
+    cancel.cancel();
+    assert!(matches!(waiting.await.unwrap(), Err(CallError::Cancelled)));
+    assert!(cancelled_at.elapsed() < Duration::from_millis(200), "took {:?}", cancelled_at.elapsed());
+    assert_eq!(h.ledger.state(&bucket).await.unwrap(), before, "a denied wait charged the tenant");
+    assert_eq!(h.org_stats("a").accepted_calls, 113);
 }

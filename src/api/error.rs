@@ -5,6 +5,7 @@ use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::engine::quota::QuotaKind;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error("storage unavailable")]
     Unavailable(String),
+    /// One of the tenant's quotas refuses the request; `retry_after_secs`
+    /// goes out as the `Retry-After` header too.
+    #[error("{message}")]
+    QuotaExceeded { quota: QuotaKind, limit: u64, retry_after_secs: u64, message: String },
 }
 
 impl ApiError {
@@ -51,6 +56,7 @@ impl IntoResponse for ApiError {
             Self::Conflict(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
         };
         let message = match &self {
             Self::Invalid { message, .. } => message.clone(),
@@ -68,11 +74,22 @@ impl IntoResponse for ApiError {
             // The only conflict a request can cause: its idempotency key was
             // first used with another body.
             Self::Conflict(_) => body["error"]["field"] = "Idempotency-Key".into(),
+            Self::QuotaExceeded { quota, limit, retry_after_secs, .. } => {
+                body["error"]["quota"] = quota.as_str().into();
+                body["error"]["limit"] = (*limit).into();
+                body["error"]["retry_after_secs"] = (*retry_after_secs).into();
+            }
             _ => {}
         }
         let mut resp = (status, Json(body)).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        match &self {
+            Self::Unauthorized => {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            }
+            Self::QuotaExceeded { retry_after_secs, .. } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(*retry_after_secs));
+            }
+            _ => {}
         }
         resp
     }

@@ -24,6 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::TenantKey;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::engine::quota::{QuotaKind, TenantQuotas};
 use crate::engine::router::OrgStatus;
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::{self, BucketParams};
@@ -61,6 +62,7 @@ pub struct ApiState {
     pub tenants: Vec<TenantKey>,
     pub pool: Vec<PoolOrg>,
     pub limits: SpecLimits,
+    pub quotas: TenantQuotas,
     pub clock: Arc<dyn Clock>,
     pub telemetry: Arc<Telemetry>,
     pub org_status: Option<Arc<dyn OrgStatusSource>>,
@@ -290,6 +292,27 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
         crate::webhook::check_url(url, state.webhooks.allow_private)
             .map_err(|e| ApiError::invalid("webhook_url", e.to_string()))?;
     }
+    let quota = state.quotas.get(&tenant);
+    if quota.bucket_params().is_some() {
+        // A read, never a charge: the calls are charged when they are made.
+        let bucket = state.ledger.state(&BucketKey::tenant(&tenant)).await?;
+        let now = state.clock.now();
+        if let Some(spent) = quota.spent(&bucket, now) {
+            let retry_after_secs = ((spent.retry_at - now).max(1) as u64).div_ceil(1_000_000).min(86_400);
+            return Err(refuse(
+                &state,
+                &tenant,
+                spent.kind,
+                spent.limit,
+                retry_after_secs,
+                format!(
+                    "tenant {tenant} has spent its {} quota ({}); retry in {retry_after_secs} s",
+                    spent.kind.as_str(),
+                    spent.limit
+                ),
+            ));
+        }
+    }
     let job = NewJob {
         id: JobId::generate(),
         tenant: tenant.clone(),
@@ -299,6 +322,7 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
         steps_total: spec.steps.len() as u32,
         idempotency: key.map(|k| (k, hex::encode(Sha256::digest(&body)))),
         created_at: state.clock.now(),
+        in_flight_limit: quota.jobs_in_flight,
     };
     let message = |r: &JobRecord| QueueMessage { job_id: r.id.clone(), tenant: r.tenant.clone(), priority: r.priority };
     match state.jobs.create_job(&job).await? {
@@ -324,7 +348,39 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
             resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
             Ok(resp)
         }
+        CreateOutcome::InFlightLimit { in_flight } => {
+            let limit = quota.jobs_in_flight.unwrap_or(in_flight);
+            Err(refuse(
+                &state,
+                &tenant,
+                QuotaKind::JobsInFlight,
+                limit,
+                IN_FLIGHT_RETRY_AFTER_SECS,
+                format!(
+                    "tenant {tenant} has {in_flight} jobs queued or running, its jobs_in_flight quota ({limit}); \
+                     submit again when one has finished"
+                ),
+            ))
+        }
     }
+}
+
+/// The `Retry-After` of a submission refused for jobs in flight: when a job
+/// finishes is not known, so this is only a polling interval.
+const IN_FLIGHT_RETRY_AFTER_SECS: u64 = 5;
+
+/// A 429 for the tenant's `quota`, logged and counted.
+fn refuse(
+    state: &ApiState,
+    tenant: &TenantId,
+    quota: QuotaKind,
+    limit: u64,
+    retry_after_secs: u64,
+    message: String,
+) -> ApiError {
+    tracing::info!(tenant = %tenant, quota = quota.as_str(), limit, retry_after_secs, "submission refused by a tenant quota");
+    state.telemetry.tenant_quota_refusal(tenant, quota.as_str());
+    ApiError::QuotaExceeded { quota, limit, retry_after_secs, message }
 }
 
 /// The job, if it exists and belongs to `tenant`; another tenant's job is

@@ -8,6 +8,7 @@
 //! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
+//! | `quota#<tenant>` | `in_flight` | the tenant's jobs queued or running (`in_flight`) |
 //! | `cache#<key hex>` | `cache` | a response cache entry ([`super::cache`]) |
 //!
 //! Job ids, tenant and org names never contain `#`, so the kinds cannot
@@ -23,6 +24,15 @@
 //! unless it runs longer than the margin; the idempotency item gets
 //! `created + retention`, so it never outlives its job. TTL deletes late
 //! (days on AWS, never on the emulator), so reads skip expired items.
+//!
+//! The in-flight counter is raised in the job's creating transaction
+//! (conditional on the tenant's limit) and lowered in the transaction that
+//! moves the job to a final status, so every job is counted in and out
+//! once. It never expires. Two approximations, both toward admitting more:
+//! jobs created before the counter existed are not counted (an upgraded
+//! table's counters may go below zero until they finish), and a job that
+//! never finishes and whose item TTL deletes (a month past its last lease
+//! write) is never counted out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +42,6 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
@@ -56,6 +65,7 @@ const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
 const WEBHOOK_SK: &str = "webhook";
 const USAGE_ORG_PREFIX: &str = "org#";
+const IN_FLIGHT_SK: &str = "in_flight";
 /// The TTL attribute, in epoch seconds as DynamoDB TTL wants.
 pub(super) const TTL_ATTR: &str = "expires_at";
 
@@ -156,21 +166,96 @@ impl DynamoJobs {
         }
     }
 
+    /// The job and its count in the tenant's in-flight counter in one
+    /// transaction.
     async fn create_plain(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
-        let res = self
-            .client
-            .put_item()
+        let items = vec![self.put_job(job)?, self.count_in(job)?];
+        match self.transact(items, "creating a job").await {
+            Ok(()) => Ok(CreateOutcome::Created(job.queued_record())),
+            Err(TxError::Other(e)) => Err(e),
+            Err(TxError::Cancelled(reasons)) if failed(&reasons, 1) => self.at_limit(&job.tenant, &reasons[1]).await,
+            Err(TxError::Cancelled(_)) => Err(already_exists(&job.id)),
+        }
+    }
+
+    fn put_job(&self, job: &NewJob) -> StorageResult<TransactWriteItem> {
+        let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(self.job_item(job)))
             .condition_expression("attribute_not_exists(PK)")
+            .build()
+            .map_err(|e| sdk_err("building the job write", e))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// Adds the job to its tenant's in-flight counter, on condition that
+    /// the counter is below the job's limit (if it has one).
+    fn count_in(&self, job: &NewJob) -> StorageResult<TransactWriteItem> {
+        let update = "ADD #in_flight :one";
+        let mut add = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(&quota_pk(&job.tenant)))
+            .key("SK", s(IN_FLIGHT_SK))
+            .update_expression(update)
+            .expression_attribute_values(":one", num(1));
+        let mut exprs = vec![update];
+        let condition = "attribute_not_exists(#in_flight) OR #in_flight < :limit";
+        if let Some(limit) = job.in_flight_limit {
+            add = add
+                .condition_expression(condition)
+                .expression_attribute_values(":limit", num(limit))
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+            exprs.push(condition);
+        }
+        let add = add
+            .set_expression_attribute_names(Some(names(&exprs)))
+            .build()
+            .map_err(|e| sdk_err("building the in-flight count", e))?;
+        Ok(TransactWriteItem::builder().update(add).build())
+    }
+
+    /// Takes a finished job of `tenant` off its in-flight counter.
+    fn count_out(&self, tenant: &TenantId) -> StorageResult<TransactWriteItem> {
+        let update = "ADD #in_flight :minus_one";
+        let sub = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(&quota_pk(tenant)))
+            .key("SK", s(IN_FLIGHT_SK))
+            .update_expression(update)
+            .set_expression_attribute_names(Some(names(&[update])))
+            .expression_attribute_values(":minus_one", num(-1))
+            .build()
+            .map_err(|e| sdk_err("building the in-flight count", e))?;
+        Ok(TransactWriteItem::builder().update(sub).build())
+    }
+
+    /// The refusal of a job whose in-flight count failed its condition.
+    async fn at_limit(&self, tenant: &TenantId, reason: &CancellationReason) -> StorageResult<CreateOutcome> {
+        let in_flight = match reason.item().filter(|i| !i.is_empty()) {
+            Some(item) => in_flight_of(item)?,
+            None => self.jobs_in_flight(tenant).await?,
+        };
+        Ok(CreateOutcome::InFlightLimit { in_flight })
+    }
+
+    /// The job's tenant (which never changes), or `None` if there is no
+    /// such job item.
+    async fn tenant_of(&self, id: &JobId) -> StorageResult<Option<TenantId>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("PK", s(id.as_str()))
+            .key("SK", s(JOB_SK))
+            .projection_expression("#tenant")
+            .expression_attribute_names("#tenant", "tenant")
+            .consistent_read(true)
             .send()
-            .await;
-        match res {
-            Ok(_) => Ok(CreateOutcome::Created(job.queued_record())),
-            Err(e) if matches!(e.as_service_error(), Some(PutItemError::ConditionalCheckFailedException(_))) => {
-                Err(already_exists(&job.id))
-            }
-            Err(e) => Err(sdk_err("creating a job", e)),
+            .await
+            .map_err(|e| sdk_err("reading a job's tenant", e))?;
+        match out.item.filter(|i| !i.is_empty()) {
+            Some(item) => Ok(Some(Fields::new(&item, "job item").parsed("tenant", TenantId::parse)?)),
+            None => Ok(None),
         }
     }
 
@@ -179,12 +264,6 @@ impl DynamoJobs {
     async fn create_keyed(&self, job: &NewJob, key: &str, hash: &str) -> StorageResult<CreateOutcome> {
         let now_s = secs(job.created_at);
         let idem_pk = idem_pk(&job.tenant, key);
-        let put_job = Put::builder()
-            .table_name(&self.table)
-            .set_item(Some(self.job_item(job)))
-            .condition_expression("attribute_not_exists(PK)")
-            .build()
-            .map_err(|e| sdk_err("building the job write", e))?;
         let put_idem = Put::builder()
             .table_name(&self.table)
             .item("PK", s(&idem_pk))
@@ -199,8 +278,9 @@ impl DynamoJobs {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .map_err(|e| sdk_err("building the idempotency write", e))?;
-        let items =
-            vec![TransactWriteItem::builder().put(put_job).build(), TransactWriteItem::builder().put(put_idem).build()];
+        // The key before the count: a replay is answered even when the
+        // tenant is at its in-flight limit.
+        let items = vec![self.put_job(job)?, TransactWriteItem::builder().put(put_idem).build(), self.count_in(job)?];
         // A second round only if the key item vanished (TTL) between the
         // cancelled transaction and reading it.
         for _ in 0..2 {
@@ -210,6 +290,9 @@ impl DynamoJobs {
                 Err(TxError::Cancelled(r)) => r,
             };
             if !failed(&reasons, 1) {
+                if failed(&reasons, 2) {
+                    return self.at_limit(&job.tenant, &reasons[2]).await;
+                }
                 return Err(already_exists(&job.id));
             }
             let earlier = match reasons.get(1).and_then(|r| r.item()) {
@@ -290,6 +373,15 @@ impl JobStore for DynamoJobs {
         match &job.idempotency {
             None => self.create_plain(job).await,
             Some((key, hash)) => self.create_keyed(job, key, hash).await,
+        }
+    }
+
+    /// A counter below zero (jobs created before counting began finishing)
+    /// reads as 0.
+    async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64> {
+        match self.read_item(&quota_pk(tenant), IN_FLIGHT_SK).await? {
+            Some(item) => in_flight_of(&item),
+            None => Ok(0),
         }
     }
 
@@ -519,15 +611,23 @@ impl JobStore for DynamoJobs {
         if let Some(e) = error {
             vals.insert(":error".into(), s(&e));
         }
-        let res = self
-            .update(lease.job_id.as_str(), JOB_SK)
+        let Some(tenant) = self.tenant_of(&lease.job_id).await? else { return Err(StorageError::LeaseLost) };
+        let finish = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(lease.job_id.as_str()))
+            .key("SK", s(JOB_SK))
             .update_expression(update)
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names(&[update, condition])))
             .set_expression_attribute_values(Some(vals))
-            .send()
-            .await;
-        res.map(|_| ()).map_err(|e| lease_lost_or(e, "finishing a job"))
+            .build()
+            .map_err(|e| sdk_err("building the job's final write", e))?;
+        let items = vec![TransactWriteItem::builder().update(finish).build(), self.count_out(&tenant)?];
+        match self.transact(items, "finishing a job").await {
+            Ok(()) => Ok(()),
+            Err(TxError::Other(e)) => Err(e),
+            Err(TxError::Cancelled(_)) => Err(StorageError::LeaseLost),
+        }
     }
 
     /// Conditional on the job being queued or running, so a finished job is
@@ -536,8 +636,11 @@ impl JobStore for DynamoJobs {
         let update = "SET #status = :cancelled, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
                       REMOVE #lease_owner, #lease_expires_at";
         let condition = "#status IN (:queued, :running) AND #ttl > :now_s";
-        let res = self
-            .update(id.as_str(), JOB_SK)
+        let Some(tenant) = self.tenant_of(id).await? else { return Ok(None) };
+        let cancel = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(id.as_str()))
+            .key("SK", s(JOB_SK))
             .update_expression(update)
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names(&[update, condition])))
@@ -550,19 +653,21 @@ impl JobStore for DynamoJobs {
                 (":ttl", self.finished_ttl(now)),
             ])))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(Some(JobStatus::Cancelled)),
-            Err(e) => match e.as_service_error() {
-                Some(UpdateItemError::ConditionalCheckFailedException(c)) => match c.item() {
-                    Some(item) if !item.is_empty() && !expired(item, secs(now)) => {
-                        Ok(Some(Fields::new(item, "job item").status()?))
-                    }
-                    _ => Ok(None),
-                },
-                _ => Err(sdk_err("cancelling a job", e)),
-            },
+            .build()
+            .map_err(|e| sdk_err("building the job's cancellation", e))?;
+        let items = vec![TransactWriteItem::builder().update(cancel).build(), self.count_out(&tenant)?];
+        let reasons = match self.transact(items, "cancelling a job").await {
+            Ok(()) => return Ok(Some(JobStatus::Cancelled)),
+            Err(TxError::Other(e)) => return Err(e),
+            Err(TxError::Cancelled(reasons)) => reasons,
+        };
+        let old = match reasons.first().and_then(|r| r.item()).filter(|i| !i.is_empty()) {
+            Some(item) => Some(item.clone()),
+            None => self.read_item(id.as_str(), JOB_SK).await?,
+        };
+        match old {
+            Some(item) if !expired(&item, secs(now)) => Ok(Some(Fields::new(&item, "job item").status()?)),
+            _ => Ok(None),
         }
     }
 
@@ -571,8 +676,11 @@ impl JobStore for DynamoJobs {
         let update = "SET #status = :failed, #error = :error, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
                       REMOVE #lease_owner, #lease_expires_at";
         let condition = "#status IN (:queued, :running)";
-        let res = self
-            .update(id.as_str(), JOB_SK)
+        let Some(tenant) = self.tenant_of(id).await? else { return Ok(()) };
+        let fail = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(id.as_str()))
+            .key("SK", s(JOB_SK))
             .update_expression(update)
             .condition_expression(condition)
             .set_expression_attribute_names(Some(names(&[update, condition])))
@@ -584,14 +692,12 @@ impl JobStore for DynamoJobs {
                 (":now", num(now)),
                 (":ttl", self.finished_ttl(now)),
             ])))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => match lease_lost_or(e, "failing a job") {
-                StorageError::LeaseLost => Ok(()),
-                other => Err(other),
-            },
+            .build()
+            .map_err(|e| sdk_err("building the job's failure", e))?;
+        let items = vec![TransactWriteItem::builder().update(fail).build(), self.count_out(&tenant)?];
+        match self.transact(items, "failing a job").await {
+            Ok(()) | Err(TxError::Cancelled(_)) => Ok(()),
+            Err(TxError::Other(e)) => Err(e),
         }
     }
 
@@ -880,6 +986,16 @@ fn idem_pk(tenant: &TenantId, key: &str) -> String {
 
 fn usage_pk(tenant: &TenantId) -> String {
     format!("usage#{tenant}")
+}
+
+fn quota_pk(tenant: &TenantId) -> String {
+    format!("quota#{tenant}")
+}
+
+/// An in-flight counter item's count; below zero reads as 0.
+fn in_flight_of(item: &Item) -> StorageResult<u64> {
+    let n = Fields::new(item, "in-flight counter").opt_n::<i64>("in_flight")?;
+    Ok(n.unwrap_or(0).max(0) as u64)
 }
 
 fn priority_str(p: Priority) -> &'static str {

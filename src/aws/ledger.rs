@@ -1,6 +1,6 @@
 //! The DynamoDB quota ledger: one item per (org, model), `PK = <org>#<model>`,
-//! holding both buckets' TATs (µs), and one conditional UpdateItem per
-//! acquisition.
+//! and one per tenant with a quota, `PK = #tenant#<tenant>`, holding both
+//! buckets' TATs (µs), and one conditional UpdateItem per acquisition.
 //!
 //! DynamoDB has no `max()` and no arithmetic in conditions, so the GCRA step
 //! `TAT' = max(TAT, now) + n·T if TAT' − now ≤ τ` is split into its two
@@ -184,8 +184,10 @@ impl DynamoLedger {
 }
 
 fn pk(key: &BucketKey) -> String {
-    // Org and model names never contain '#'.
-    format!("{}#{}", key.org, key.model)
+    // Org and model names never contain '#', and a tenant key's first part
+    // starts with one (`#tenant#<tenant>`), so no two keys share an item.
+    let (org, model) = key.parts();
+    format!("{org}#{model}")
 }
 
 fn num(v: Micros) -> AttributeValue {

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 mod job;
+pub mod quota;
 pub mod router;
 
 use std::sync::Arc;

@@ -9,6 +9,15 @@
 //! do not stampede the ledger when capacity returns: one ledger write per
 //! admitted call.
 //!
+//! A tenant with a rate quota (calls per minute, tokens per day; see
+//! [`super::quota`]) has its own bucket pair in the same ledger, charged
+//! before the org's for every call attempt. When it is spent the call waits
+//! until the GCRA says it fits, in a per-tenant FIFO gate taken before the
+//! per-model one, so a throttled tenant holds back only its own calls.
+//! The charge is not handed back when the call then goes unsent (cancelled,
+//! or its gate shut): the tenant loses a call's worth of quota, it never
+//! gets more than its limit.
+//!
 //! An org that answers 503 "Slow Down" has its admitted rate cut (see
 //! [`RateFactor`]): the router charges its calls against limits scaled by
 //! the factor, so the same ledger (whatever its backend) paces it slower,
@@ -22,6 +31,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, BreakerPolicy, RateFactor, SlowDownPolicy, full_jitter};
+use super::quota::{QuotaKind, TenantQuota, TenantQuotas};
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
 use crate::provider::{ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure, RateLimitHeaders};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
@@ -198,6 +208,10 @@ pub struct Router {
     orgs: Vec<OrgState>,
     by_model: HashMap<ModelName, Vec<usize>>,
     gates: HashMap<ModelName, tokio::sync::Mutex<()>>,
+    quotas: TenantQuotas,
+    /// Per tenant with a rate quota, its FIFO admission gate (like `gates`:
+    /// waiting calls take turns instead of stampeding the ledger).
+    tenant_gates: HashMap<TenantId, tokio::sync::Mutex<()>>,
     ledger: Arc<dyn QuotaLedger>,
     client: ProviderClient,
     clock: Arc<dyn Clock>,
@@ -270,7 +284,31 @@ impl Router {
                 }
             })
             .collect();
-        Self { orgs, by_model, gates, ledger, client, clock, telemetry, policy, slow_down: SlowDownPolicy::default() }
+        Self {
+            orgs,
+            by_model,
+            gates,
+            quotas: TenantQuotas::default(),
+            tenant_gates: HashMap::new(),
+            ledger,
+            client,
+            clock,
+            telemetry,
+            policy,
+            slow_down: SlowDownPolicy::default(),
+        }
+    }
+
+    /// The same router enforcing these tenants' rate quotas on every call
+    /// (without, every tenant is unlimited).
+    pub fn with_tenant_quotas(mut self, quotas: TenantQuotas) -> Self {
+        self.tenant_gates = quotas
+            .iter()
+            .filter(|(_, q)| q.bucket_params().is_some())
+            .map(|(t, _)| (t.clone(), tokio::sync::Mutex::new(())))
+            .collect();
+        self.quotas = quotas;
+        self
     }
 
     /// The same router with another answer to 503 "Slow Down" (tests use a
@@ -485,6 +523,7 @@ impl Router {
         let (Some(candidates), Some(gate)) = (self.by_model.get(model), self.gates.get(model)) else {
             return Err(CallError::Unroutable(format!("no configured org serves model {model}")));
         };
+        self.charge_tenant(req, candidates, cancel).await?;
         let _turn = tokio::select! {
             g = gate.lock() => g,
             _ = cancel.cancelled() => return Err(CallError::Cancelled),
@@ -560,6 +599,64 @@ impl Router {
         }
     }
 
+    /// Waits for and charges one call attempt to the tenant's own quota
+    /// (nothing to do for a tenant without a rate quota). The charge is the
+    /// largest reservation any org serving the model would make, so the
+    /// tenant's tokens are counted the same wherever the call goes.
+    async fn charge_tenant(
+        &self,
+        req: &CallRequest,
+        candidates: &[usize],
+        cancel: &CancellationToken,
+    ) -> Result<(), CallError> {
+        let quota = self.quotas.get(&req.tenant);
+        let (Some(params), Some(gate)) = (quota.bucket_params(), self.tenant_gates.get(&req.tenant)) else {
+            return Ok(());
+        };
+        let call = candidates
+            .iter()
+            .map(|&i| call_cost(&req.chat, self.orgs[i].settings.chars_per_token))
+            .max_by_key(|c| c.tokens)
+            .unwrap_or(Cost { requests: 1, tokens: 0 });
+        let cost = quota.charge(call);
+        let key = BucketKey::tenant(&req.tenant);
+        let _turn = tokio::select! {
+            g = gate.lock() => g,
+            _ = cancel.cancelled() => return Err(CallError::Cancelled),
+        };
+        let mut counted = false;
+        loop {
+            let now = self.clock.now();
+            let retry_at = match self.ledger.acquire(&key, &params, cost, now).await? {
+                Acquisition::Granted(_) => {
+                    self.telemetry.ledger_op("acquire");
+                    return Ok(());
+                }
+                Acquisition::Denied { retry_at, state } => {
+                    self.telemetry.ledger_op("denied");
+                    if !counted {
+                        counted = true;
+                        let kind = denied_by(&quota, &params, state, cost, now);
+                        self.telemetry.tenant_quota_wait(&req.tenant, kind.as_str());
+                        tracing::debug!(tenant = %req.tenant, quota = kind.as_str(), "call held by the tenant's quota");
+                    }
+                    retry_at
+                }
+                Acquisition::Never => {
+                    return Err(CallError::Unroutable(format!(
+                        "a call of this size ({} tokens) exceeds tenant {}'s whole tokens_per_day quota",
+                        cost.tokens, req.tenant
+                    )));
+                }
+            };
+            let wait = (retry_at - now).clamp(1_000, 60_000_000);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
+                _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            }
+        }
+    }
+
     fn remember(&self, idx: usize, model: &ModelName, state: BucketState, params: &BucketParams, now: Micros) {
         let org = &self.orgs[idx];
         let mut cache = lock(&org.cache);
@@ -612,10 +709,12 @@ impl Router {
         match self.ledger.raise(&key, floor).await {
             Ok(state) => {
                 self.telemetry.ledger_op("raise");
-                tracing::debug!(org = %key.org, model = %model, "ledger moved toward the provider's headers");
+                tracing::debug!(org = %org.settings.endpoint.name, model = %model, "ledger moved toward the provider's headers");
                 self.remember(idx, model, state, params, self.clock.now());
             }
-            Err(e) => tracing::warn!(org = %key.org, error = %e, "could not sync the ledger to provider headers"),
+            Err(e) => {
+                tracing::warn!(org = %org.settings.endpoint.name, error = %e, "could not sync the ledger to provider headers")
+            }
         }
     }
 }
@@ -661,6 +760,13 @@ impl Drop for ProbeGuard<'_> {
             lock(breaker).on_abandoned();
         }
     }
+}
+
+/// Which of a tenant's two limits refused `cost` at `now`.
+fn denied_by(quota: &TenantQuota, params: &BucketParams, state: BucketState, cost: Cost, now: Micros) -> QuotaKind {
+    let calls_only = Cost { tokens: 0, ..cost };
+    let calls_fit = matches!(gcra::decide(state, params, calls_only, now), gcra::Decision::Allow(_));
+    if quota.calls_per_minute.is_some() && !calls_fit { QuotaKind::CallsPerMinute } else { QuotaKind::TokensPerDay }
 }
 
 fn min_opt(a: Option<Micros>, b: Micros) -> Option<Micros> {

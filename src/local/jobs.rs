@@ -56,6 +56,26 @@ fn status_of(r: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<JobStatus> {
     })
 }
 
+/// The tenant's jobs in flight, from its counter row (none: 0).
+fn in_flight(conn: &rusqlite::Connection, tenant: &TenantId) -> StorageResult<u64> {
+    let n = conn
+        .prepare_cached("SELECT in_flight FROM tenant_jobs WHERE tenant = ?1")
+        .db()?
+        .query_row([tenant.as_str()], |r| r.get::<_, i64>(0))
+        .optional()
+        .db()?;
+    Ok(n.unwrap_or(0).max(0) as u64)
+}
+
+/// Counts one job of `tenant` out, in the transaction that finished it.
+fn count_out(tx: &rusqlite::Transaction<'_>, tenant: &str) -> StorageResult<()> {
+    tx.prepare_cached("UPDATE tenant_jobs SET in_flight = max(in_flight - 1, 0) WHERE tenant = ?1")
+        .db()?
+        .execute([tenant])
+        .db()?;
+    Ok(())
+}
+
 fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
     Ok(Checkpoint {
         step_id: parsed(r, 0, StepId::parse)?,
@@ -102,6 +122,13 @@ impl JobStore for SqliteBackend {
                     };
                 }
             }
+            if let Some(limit) = job.in_flight_limit {
+                let in_flight = in_flight(&tx, &job.tenant)?;
+                if in_flight >= limit {
+                    // Dropping `tx` ends it; nothing was written.
+                    return Ok(CreateOutcome::InFlightLimit { in_flight });
+                }
+            }
             let (key, hash) = match &job.idempotency {
                 Some((k, h)) => (Some(k.as_str()), Some(h.as_str())),
                 None => (None, None),
@@ -129,10 +156,22 @@ impl JobStore for SqliteBackend {
             if inserted == 0 {
                 return Err(StorageError::Conflict(format!("job {} already exists", job.id)));
             }
+            tx.prepare_cached(
+                "INSERT INTO tenant_jobs (tenant, in_flight) VALUES (?1, 1)
+                 ON CONFLICT (tenant) DO UPDATE SET in_flight = in_flight + 1",
+            )
+            .db()?
+            .execute([job.tenant.as_str()])
+            .db()?;
             tx.commit().db()?;
             Ok(CreateOutcome::Created(job.queued_record()))
         })
         .await
+    }
+
+    async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64> {
+        let tenant = tenant.clone();
+        self.read(move |conn| in_flight(conn, &tenant)).await
     }
 
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>> {
@@ -321,34 +360,51 @@ impl JobStore for SqliteBackend {
             JobOutcome::Succeeded => (JobStatus::Succeeded, None),
             JobOutcome::Failed(e) => (JobStatus::Failed, Some(e.clone())),
         };
-        let changed = self
+        let finished = self
             .write(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE jobs SET status = ?5, error = ?6, finished_at = ?4, updated_at = ?4,
-                                     lease_owner = NULL, lease_expires_at = NULL
-                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
-                        AND lease_expires_at > ?4 AND status = 'running'",
-                )
-                .db()?
-                .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, status.as_str(), error])
-                .db()
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+                let tenant = tx
+                    .prepare_cached(
+                        "UPDATE jobs SET status = ?5, error = ?6, finished_at = ?4, updated_at = ?4,
+                                         lease_owner = NULL, lease_expires_at = NULL
+                          WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                            AND lease_expires_at > ?4 AND status = 'running'
+                          RETURNING tenant",
+                    )
+                    .db()?
+                    .query_row(
+                        rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, status.as_str(), error],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()
+                    .db()?;
+                let Some(tenant) = tenant else { return Ok(false) };
+                count_out(&tx, &tenant)?;
+                tx.commit().db()?;
+                Ok(true)
             })
             .await?;
-        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(()) }
+        if finished { Ok(()) } else { Err(StorageError::LeaseLost) }
     }
 
     async fn cancel_job(&self, id: &JobId, now: Micros) -> StorageResult<Option<JobStatus>> {
         let id = id.clone();
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
-            tx.prepare_cached(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?2, updated_at = ?2,
-                                 lease_owner = NULL, lease_expires_at = NULL
-                  WHERE id = ?1 AND status IN ('queued', 'running')",
-            )
-            .db()?
-            .execute(rusqlite::params![id.as_str(), now])
-            .db()?;
+            let cancelled = tx
+                .prepare_cached(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = ?2, updated_at = ?2,
+                                     lease_owner = NULL, lease_expires_at = NULL
+                      WHERE id = ?1 AND status IN ('queued', 'running')
+                      RETURNING tenant",
+                )
+                .db()?
+                .query_row(rusqlite::params![id.as_str(), now], |r| r.get::<_, String>(0))
+                .optional()
+                .db()?;
+            if let Some(tenant) = cancelled {
+                count_out(&tx, &tenant)?;
+            }
             let status = tx
                 .prepare_cached("SELECT status FROM jobs WHERE id = ?1")
                 .db()?
@@ -366,15 +422,22 @@ impl JobStore for SqliteBackend {
         let id = id.clone();
         let reason = reason.to_owned();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3, updated_at = ?3,
-                                 lease_owner = NULL, lease_expires_at = NULL
-                  WHERE id = ?1 AND status IN ('queued', 'running')",
-            )
-            .db()?
-            .execute(rusqlite::params![id.as_str(), reason, now])
-            .db()?;
-            Ok(())
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            let failed = tx
+                .prepare_cached(
+                    "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3, updated_at = ?3,
+                                     lease_owner = NULL, lease_expires_at = NULL
+                      WHERE id = ?1 AND status IN ('queued', 'running')
+                      RETURNING tenant",
+                )
+                .db()?
+                .query_row(rusqlite::params![id.as_str(), reason, now], |r| r.get::<_, String>(0))
+                .optional()
+                .db()?;
+            if let Some(tenant) = failed {
+                count_out(&tx, &tenant)?;
+            }
+            tx.commit().db()
         })
         .await
     }

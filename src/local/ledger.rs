@@ -1,4 +1,5 @@
-//! The quota ledger: one row per (org, model) holding both buckets' TATs.
+//! The quota ledger: one row per bucket key (an org's model, or a tenant,
+//! see [`BucketKey::parts`]) holding both buckets' TATs.
 //!
 //! `acquire` reads, decides with [`gcra::decide`] and writes in one
 //! IMMEDIATE transaction, writing nothing when it denies.
@@ -13,6 +14,12 @@ use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, Cost, Qu
 
 const READ_STATE: &str = "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
 
+/// The `(org, model)` columns of a key, owned for the blocking pool.
+fn owned_parts(key: &BucketKey) -> (String, String) {
+    let (org, model) = key.parts();
+    (org.to_owned(), model.to_owned())
+}
+
 fn state_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BucketState> {
     Ok(BucketState { requests_tat: r.get(0)?, tokens_tat: r.get(1)? })
 }
@@ -26,7 +33,7 @@ impl QuotaLedger for SqliteBackend {
         cost: Cost,
         now: Micros,
     ) -> StorageResult<Acquisition> {
-        let key = key.clone();
+        let (org, model) = owned_parts(key);
         let params = *params;
         self.write(move |conn| {
             // IMMEDIATE takes the write lock before the read, so another
@@ -35,7 +42,7 @@ impl QuotaLedger for SqliteBackend {
             let state = tx
                 .prepare_cached(READ_STATE)
                 .db()?
-                .query_row([key.org.as_str(), key.model.as_str()], state_from_row)
+                .query_row([&org, &model], state_from_row)
                 .optional()
                 .db()?
                 .unwrap_or_default();
@@ -47,12 +54,7 @@ impl QuotaLedger for SqliteBackend {
                             SET requests_tat = excluded.requests_tat, tokens_tat = excluded.tokens_tat",
                     )
                     .db()?
-                    .execute(rusqlite::params![
-                        key.org.as_str(),
-                        key.model.as_str(),
-                        after.requests_tat,
-                        after.tokens_tat
-                    ])
+                    .execute(rusqlite::params![org, model, after.requests_tat, after.tokens_tat])
                     .db()?;
                     tx.commit().db()?;
                     Ok(Acquisition::Granted(after))
@@ -66,7 +68,7 @@ impl QuotaLedger for SqliteBackend {
     }
 
     async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState> {
-        let key = key.clone();
+        let (org, model) = owned_parts(key);
         self.write(move |conn| {
             // `max` per column is `gcra::raise` written as one UPSERT, so the
             // raise needs no transaction and can never lower a TAT.
@@ -78,22 +80,19 @@ impl QuotaLedger for SqliteBackend {
                  RETURNING requests_tat, tokens_tat",
             )
             .db()?
-            .query_row(
-                rusqlite::params![key.org.as_str(), key.model.as_str(), floor.requests_tat, floor.tokens_tat],
-                state_from_row,
-            )
+            .query_row(rusqlite::params![org, model, floor.requests_tat, floor.tokens_tat], state_from_row)
             .db()
         })
         .await
     }
 
     async fn state(&self, key: &BucketKey) -> StorageResult<BucketState> {
-        let key = key.clone();
+        let (org, model) = owned_parts(key);
         self.read(move |conn| {
             Ok(conn
                 .prepare_cached(READ_STATE)
                 .db()?
-                .query_row([key.org.as_str(), key.model.as_str()], state_from_row)
+                .query_row([&org, &model], state_from_row)
                 .optional()
                 .db()?
                 .unwrap_or_default())

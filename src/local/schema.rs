@@ -4,10 +4,12 @@
 //! newer binary is refused rather than misread.
 //!
 //! Versions: 1 the queue, jobs, checkpoints, ledger and usage; 2 adds
-//! `response_cache`; 3 adds `webhook_deliveries`. Every change so far only adds tables and indexes
-//! (`IF NOT EXISTS`), so running the whole schema brings a file of any older
-//! version up to date. A change to an existing table will need its own step,
-//! run when the stored version is below the one that introduced it.
+//! `response_cache`; 3 adds `webhook_deliveries`; 4 adds `tenant_jobs`,
+//! filled from the jobs already in flight when a file is upgraded. Every
+//! change so far only adds tables and indexes (`IF NOT EXISTS`), so running
+//! the whole schema brings a file of any older version up to date. A change
+//! to an existing table will need its own step, run when the stored version
+//! is below the one that introduced it.
 
 use rusqlite::Connection;
 
@@ -15,7 +17,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -47,8 +49,13 @@ pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
             "database schema version {version} is newer than this binary understands ({SCHEMA_VERSION})"
         )));
     }
+    // The counters start from the jobs an older binary left in flight.
+    let backfill = if version < 4 { BACKFILL_TENANT_JOBS } else { "" };
     // One batch in one transaction: a crash mid-way leaves no half schema.
-    conn.execute_batch(&format!("BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")).db()
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;\n{SCHEMA}\n{backfill}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+    ))
+    .db()
 }
 
 const SCHEMA: &str = r#"
@@ -156,6 +163,14 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (tenant, org)
 ) WITHOUT ROWID;
 
+-- Since version 3. Per tenant, its jobs queued or running: raised with the
+-- job's insert, lowered with the write that finishes it, in one transaction
+-- each, so the jobs_in_flight quota is checked against an exact count.
+CREATE TABLE IF NOT EXISTS tenant_jobs (
+    tenant    TEXT    PRIMARY KEY NOT NULL,
+    in_flight INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- Since version 2. `value` is the entry as JSON; `expires_at` in
 -- microseconds. A rowid table, since values can be large.
 CREATE TABLE IF NOT EXISTS response_cache (
@@ -166,3 +181,8 @@ CREATE TABLE IF NOT EXISTS response_cache (
 -- The purge deletes the oldest expired rows first.
 CREATE INDEX IF NOT EXISTS response_cache_expiry ON response_cache (expires_at);
 "#;
+
+const BACKFILL_TENANT_JOBS: &str = "
+INSERT OR REPLACE INTO tenant_jobs (tenant, in_flight)
+    SELECT tenant, count(*) FROM jobs WHERE status IN ('queued', 'running') GROUP BY tenant;
+";

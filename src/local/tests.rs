@@ -32,6 +32,7 @@ fn new_job() -> NewJob {
         steps_total: 2,
         idempotency: Some(("k".into(), "h".into())),
         created_at: T0,
+        in_flight_limit: None,
     }
 }
 
@@ -77,7 +78,11 @@ async fn state_survives_a_restart_without_clean_close() {
             panic!("grant")
         };
         b.usage
-            .add(&[(job.tenant.clone(), key.org.clone(), OrgCounters { calls: 4, ..Default::default() })])
+            .add(&[(
+                job.tenant.clone(),
+                OrgName::parse("org-a").unwrap(),
+                OrgCounters { calls: 4, ..Default::default() },
+            )])
             .await
             .unwrap();
         // Never closed, like a killed process: no final WAL checkpoint runs,
@@ -240,6 +245,35 @@ async fn a_version_1_file_upgrades_to_the_response_cache() {
     let key = CacheKey::of("m", &serde_json::json!({"messages": []}));
     b.cache.put(&key, &cache_entry(), Duration::from_secs(60), T0).await.unwrap();
     assert_eq!(b.cache.get(&key, T0).await.unwrap(), Some(cache_entry()));
+}
+
+#[tokio::test]
+async fn a_version_2_file_upgrades_with_its_jobs_in_flight_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let acme = TenantId::parse("acme").unwrap();
+    let fresh = || NewJob { id: JobId::generate(), idempotency: None, ..new_job() };
+    let (queued, done) = (fresh(), fresh());
+    {
+        let b = open(&path).backend();
+        for job in [&queued, &fresh(), &done] {
+            b.jobs.create_job(job).await.unwrap();
+        }
+        b.jobs.cancel_job(&done.id, T0).await.unwrap();
+    }
+    // What a version 2 binary left behind: no counters, version 2.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("DROP TABLE tenant_jobs; PRAGMA user_version = 2;").unwrap();
+    drop(raw);
+
+    let b = open(&path).backend();
+    assert_eq!(b.jobs.jobs_in_flight(&acme).await.unwrap(), 2, "the queued jobs, not the cancelled one");
+    b.jobs.cancel_job(&queued.id, T0).await.unwrap();
+    assert_eq!(b.jobs.jobs_in_flight(&acme).await.unwrap(), 1);
+    // Opening an up-to-date file again does not count anything twice.
+    drop(b);
+    let b = open(&path).backend();
+    assert_eq!(b.jobs.jobs_in_flight(&acme).await.unwrap(), 1);
 }
 
 #[tokio::test]

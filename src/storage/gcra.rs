@@ -24,10 +24,17 @@ pub struct Rate {
 }
 
 pub const MINUTE_US: i64 = 60_000_000;
+pub const DAY_US: i64 = 24 * 60 * MINUTE_US;
 
 impl Rate {
     pub fn per_minute(limit: u64) -> Self {
         Self { limit, period_us: MINUTE_US, tolerance_us: MINUTE_US }
+    }
+
+    /// A daily allowance (a tenant's tokens per day): the whole day's may be
+    /// spent at once, and it comes back linearly over the next 24 hours.
+    pub fn per_day(limit: u64) -> Self {
+        Self { limit, period_us: DAY_US, tolerance_us: DAY_US }
     }
 
     /// The same rate with `slack_us` less burst tolerance. The provider
@@ -297,6 +304,28 @@ mod tests {
                 assert!(run(&mut prov, &prov_p, n, now + delay), "provider rejected call {i}");
             }
         }
+    }
+
+    #[test]
+    fn a_daily_allowance_is_spent_at_once_and_refills_over_the_day() {
+        let p = BucketParams { requests: Rate::per_minute(1_000_000), tokens: Rate::per_day(86_400) };
+        let mut st = BucketState::default();
+        let t0 = 3 * DAY_US;
+        assert!(run(&mut st, &p, 86_000, t0), "most of the day's tokens in one go");
+        assert!(run(&mut st, &p, 400, t0));
+        assert!(!run(&mut st, &p, 1, t0), "the day's allowance is spent");
+        // One token per second comes back (86,400 a day).
+        match decide(st, &p, Cost { requests: 1, tokens: 10 }, t0) {
+            Decision::Deny { retry_at } => assert_eq!(retry_at, t0 + 10 * S),
+            other => panic!("expected deny, got {other:?}"),
+        }
+        assert!(run(&mut st, &p, 10, t0 + 10 * S));
+        assert_eq!(
+            decide(BucketState::default(), &p, Cost { requests: 1, tokens: 86_401 }, t0),
+            Decision::Never,
+            "more than a whole day's allowance"
+        );
+        assert_eq!(p.tokens.remaining(st.tokens_tat, st.tokens_tat), 86_400, "full again a day later");
     }
 
     #[test]

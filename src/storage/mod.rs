@@ -154,6 +154,10 @@ pub struct NewJob {
     /// key returns the first job; with a different body it is a conflict.
     pub idempotency: Option<(String, String)>,
     pub created_at: Micros,
+    /// The tenant's `jobs_in_flight` quota: the job is refused
+    /// ([`CreateOutcome::InFlightLimit`]) if the tenant already has this
+    /// many jobs queued or running.
+    pub in_flight_limit: Option<u64>,
 }
 
 impl NewJob {
@@ -211,6 +215,11 @@ pub enum CreateOutcome {
     Created(JobRecord),
     /// The idempotency key was seen before with the same request.
     Existing(JobRecord),
+    /// Not stored: the tenant already has `NewJob::in_flight_limit` jobs
+    /// queued or running.
+    InFlightLimit {
+        in_flight: u64,
+    },
 }
 
 /// Proof of holding a job: every checkpoint and the final status write are
@@ -260,11 +269,19 @@ pub enum JobOutcome {
     Failed(String),
 }
 
+/// Every job store keeps, per tenant, a count of its jobs in flight
+/// (queued or running): raised by `create_job` in the same atomic write as
+/// the job itself (conditional on `NewJob::in_flight_limit`), lowered by
+/// the one write that moves a job to a final status (`finish_job`,
+/// `cancel_job`, `fail_unleased`), so each job is counted out exactly once.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Stores a new job in `queued`, or returns the job an earlier request
-    /// with the same idempotency key created (`Conflict` if its body differs).
+    /// with the same idempotency key created (`Conflict` if its body differs;
+    /// a replay is never refused for the in-flight limit).
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome>;
+    /// The tenant's jobs queued or running, as counted (see the trait doc).
+    async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64>;
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>>;
     /// Takes the job for `owner` until `now + ttl` if it is unleased or its
     /// lease expired, moving it to `running` and adding one to
@@ -298,16 +315,45 @@ pub trait JobStore: Send + Sync + 'static {
 
 // ---------------------------------------------------------------- ledger
 
-/// One (org, model): the unit that holds both of its buckets.
+/// What a pair of buckets (requests, tokens) limits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct BucketKey {
-    pub org: OrgName,
-    pub model: ModelName,
+pub enum BucketKey {
+    /// One (org, model) of the pool: the provider's limits.
+    Org { org: OrgName, model: ModelName },
+    /// One tenant's own quota (calls per minute, tokens per day), over
+    /// every org and model.
+    Tenant(TenantId),
 }
+
+/// The first storage part of every tenant key. Org names never contain
+/// `#`, so no (org, model) key can be stored under the same parts.
+const TENANT_BUCKET_SCOPE: &str = "#tenant";
 
 impl BucketKey {
     pub fn new(org: &OrgName, model: &ModelName) -> Self {
-        Self { org: org.clone(), model: model.clone() }
+        Self::Org { org: org.clone(), model: model.clone() }
+    }
+
+    pub fn tenant(tenant: &TenantId) -> Self {
+        Self::Tenant(tenant.clone())
+    }
+
+    /// The two strings a backend stores the key under: `(org, model)` for
+    /// an org, `("#tenant", tenant)` for a tenant.
+    pub fn parts(&self) -> (&str, &str) {
+        match self {
+            Self::Org { org, model } => (org.as_str(), model.as_str()),
+            Self::Tenant(t) => (TENANT_BUCKET_SCOPE, t.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for BucketKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Org { org, model } => write!(f, "org {org}, model {model}"),
+            Self::Tenant(t) => write!(f, "tenant {t}"),
+        }
     }
 }
 

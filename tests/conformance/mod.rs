@@ -102,6 +102,7 @@ fn new_job(tenant_name: &str, idempotency: Option<(&str, &str)>) -> NewJob {
         steps_total: 3,
         idempotency: idempotency.map(|(k, h)| (k.to_owned(), h.to_owned())),
         created_at: T0,
+        in_flight_limit: None,
     }
 }
 
@@ -783,6 +784,165 @@ async fn ledger_state(h: &Harness) -> BucketState {
     h.backend.ledger.state(&key()).await.expect("state")
 }
 
+pub async fn ledger_tenant_buckets_are_apart_from_org_buckets(h: &Harness) {
+    let ledger = &h.backend.ledger;
+    // Names chosen so that naive "a#b" keys would collide.
+    let by_tenant = BucketKey::tenant(&tenant("org-a"));
+    let orgs = [key(), BucketKey::new(&org("tenant"), &model("org-a")), BucketKey::new(&org("org-a"), &model("org-a"))];
+    let p = params(5, 1_000);
+    for i in 0..5 {
+        let r = ledger.acquire(&by_tenant, &p, one_call(100), T0).await.expect("acquire");
+        assert!(matches!(r, Acquisition::Granted(_)), "tenant call {i}: {r:?}");
+    }
+    assert!(matches!(
+        ledger.acquire(&by_tenant, &p, one_call(100), T0).await.expect("acquire"),
+        Acquisition::Denied { .. }
+    ));
+    for k in &orgs {
+        assert_eq!(ledger.state(k).await.expect("state"), BucketState::default(), "{k} untouched by the tenant");
+        assert!(matches!(ledger.acquire(k, &p, one_call(100), T0).await.expect("acquire"), Acquisition::Granted(_)));
+    }
+    let full = BucketState { requests_tat: T0 + 60 * SEC, tokens_tat: T0 + 30 * SEC };
+    assert_eq!(ledger.state(&by_tenant).await.expect("state"), full, "org charges leave the tenant alone");
+}
+
+// ------------------------------------------------------------------ jobs in flight
+
+/// 10–40 ms, different per call.
+fn rand_ms() -> u64 {
+    10 + u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 31
+}
+
+fn limited(tenant_name: &str, limit: u64) -> NewJob {
+    NewJob { in_flight_limit: Some(limit), ..new_job(tenant_name, None) }
+}
+
+async fn in_flight(h: &Harness, tenant_name: &str) -> u64 {
+    h.backend.jobs.jobs_in_flight(&tenant(tenant_name)).await.expect("jobs_in_flight")
+}
+
+async fn created(h: &Harness, job: &NewJob) -> JobId {
+    match h.backend.jobs.create_job(job).await.expect("create_job") {
+        CreateOutcome::Created(r) => r.id,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+pub async fn in_flight_limit_refuses_and_stores_nothing(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    assert_eq!(in_flight(h, "acme").await, 0);
+    created(h, &limited("acme", 2)).await;
+    created(h, &limited("acme", 2)).await;
+    assert_eq!(in_flight(h, "acme").await, 2);
+    let refused = limited("acme", 2);
+    assert_eq!(jobs.create_job(&refused).await.expect("create_job"), CreateOutcome::InFlightLimit { in_flight: 2 });
+    assert_eq!(jobs.get_job(&refused.id).await.expect("get_job"), None, "a refused job is not stored");
+    assert_eq!(in_flight(h, "acme").await, 2, "nor counted");
+    // Each tenant has its own count.
+    created(h, &limited("globex", 2)).await;
+    assert_eq!(in_flight(h, "globex").await, 1);
+    // A job without a limit is counted, never refused.
+    created(h, &new_job("acme", None)).await;
+    assert_eq!(in_flight(h, "acme").await, 3);
+    assert_eq!(
+        jobs.create_job(&limited("acme", 3)).await.expect("create_job"),
+        CreateOutcome::InFlightLimit { in_flight: 3 }
+    );
+}
+
+pub async fn in_flight_counts_each_job_out_exactly_once(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(created(h, &new_job("acme", None)).await);
+    }
+    let [done, queued, running, dead, waiting] = <[JobId; 5]>::try_from(ids).expect("five jobs");
+    assert_eq!(in_flight(h, "acme").await, 5);
+
+    let lease = acquire(h, &done, "w1", T0).await;
+    assert_eq!(in_flight(h, "acme").await, 5, "running is still in flight");
+    jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + SEC).await.expect("finish");
+    assert_eq!(in_flight(h, "acme").await, 4);
+    assert_lease_lost(jobs.finish_job(&lease, &JobOutcome::Failed("again".into()), T0 + SEC).await, "second finish");
+    assert_eq!(in_flight(h, "acme").await, 4, "a refused finish counts nothing out");
+
+    assert_eq!(jobs.cancel_job(&queued, T0 + SEC).await.expect("cancel"), Some(JobStatus::Cancelled));
+    assert_eq!(jobs.cancel_job(&queued, T0 + 2 * SEC).await.expect("cancel"), Some(JobStatus::Cancelled));
+    assert_eq!(in_flight(h, "acme").await, 3, "a repeated cancel counts out once");
+
+    let lease = acquire(h, &running, "w2", T0).await;
+    assert_eq!(jobs.cancel_job(&running, T0 + SEC).await.expect("cancel"), Some(JobStatus::Cancelled));
+    assert_lease_lost(jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + 2 * SEC).await, "finish after cancel");
+    assert_eq!(in_flight(h, "acme").await, 2);
+
+    jobs.fail_unleased(&dead, "dead-lettered", T0 + SEC).await.expect("fail");
+    jobs.fail_unleased(&dead, "dead-lettered", T0 + 2 * SEC).await.expect("fail again");
+    jobs.fail_unleased(&queued, "dead-lettered", T0 + 2 * SEC).await.expect("fail a cancelled job");
+    assert_eq!(in_flight(h, "acme").await, 1);
+
+    // Unknown jobs change nothing.
+    let missing = JobId::generate();
+    assert_eq!(jobs.cancel_job(&missing, T0).await.expect("cancel"), None);
+    jobs.fail_unleased(&missing, "x", T0).await.expect("fail");
+    assert_eq!(in_flight(h, "acme").await, 1);
+    assert_eq!(get(h, &waiting).await.status, JobStatus::Queued);
+}
+
+pub async fn in_flight_limit_never_refuses_a_replay(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let first = NewJob { in_flight_limit: Some(1), ..new_job("acme", Some(("key-1", "hash-1"))) };
+    created(h, &first).await;
+    let retry = NewJob { id: JobId::generate(), ..first.clone() };
+    match jobs.create_job(&retry).await.expect("create_job") {
+        CreateOutcome::Existing(r) => assert_eq!(r.id, first.id),
+        other => panic!("a replay at the limit should be answered, got {other:?}"),
+    }
+    assert_eq!(in_flight(h, "acme").await, 1);
+    let other = NewJob { in_flight_limit: Some(1), ..new_job("acme", Some(("key-2", "hash-2"))) };
+    assert_eq!(jobs.create_job(&other).await.expect("create_job"), CreateOutcome::InFlightLimit { in_flight: 1 });
+    // The refused request did not take its key: once the first job is
+    // finished the same request is created.
+    jobs.cancel_job(&first.id, T0 + SEC).await.expect("cancel");
+    assert_eq!(in_flight(h, "acme").await, 0);
+    assert_eq!(created(h, &other).await, other.id);
+    assert_eq!(in_flight(h, "acme").await, 1);
+}
+
+pub async fn in_flight_concurrent_creates_never_exceed_the_limit(h: &Harness) {
+    const LIMIT: u64 = 5;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let jobs = h.backend.jobs.clone();
+            tokio::spawn(async move {
+                let job = limited("acme", LIMIT);
+                // A backend error (contention) is retryable: retried, as a
+                // client would on the 503.
+                for _ in 0..10 {
+                    match jobs.create_job(&job).await {
+                        Ok(CreateOutcome::Created(_)) => return true,
+                        Ok(CreateOutcome::InFlightLimit { in_flight }) => {
+                            assert!(in_flight >= LIMIT, "refused below the limit: {in_flight}");
+                            return false;
+                        }
+                        Ok(other) => panic!("unexpected {other:?}"),
+                        Err(StorageError::Backend(_)) => {
+                            tokio::time::sleep(Duration::from_millis(rand_ms())).await;
+                        }
+                        Err(e) => panic!("create_job: {e}"),
+                    }
+                }
+                panic!("create_job kept failing")
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u64::from(t.await.expect("join"));
+    }
+    assert_eq!(admitted, LIMIT, "16 concurrent submissions, limit {LIMIT}");
+    assert_eq!(in_flight(h, "acme").await, LIMIT);
+}
+
 // ------------------------------------------------------------------ usage
 
 pub async fn usage_add_and_tenant_isolation(h: &Harness) {
@@ -942,6 +1102,11 @@ macro_rules! conformance_suite {
         ledger_never_for_oversized_cost,
         ledger_raise_never_lowers,
         ledger_concurrent_acquires_never_overgrant,
+        ledger_tenant_buckets_are_apart_from_org_buckets,
+        in_flight_limit_refuses_and_stores_nothing,
+        in_flight_counts_each_job_out_exactly_once,
+        in_flight_limit_never_refuses_a_replay,
+        in_flight_concurrent_creates_never_exceed_the_limit,
         usage_add_and_tenant_isolation,
         cache_miss_on_empty,
         cache_put_then_get_round_trips,
