@@ -210,6 +210,10 @@ pub struct WorkersConfig {
     /// starve them). Both backends.
     #[serde(default = "default_interactive_weight")]
     pub interactive_weight: NonZeroU64,
+    /// How long a call waits for a primary org before fallback orgs may
+    /// take it, unless the job sets `fallback_after_secs`.
+    #[serde(default = "default_fallback_after")]
+    pub fallback_after_secs: u64,
     /// How long a cached answer (a step with `"cache": true`) is served,
     /// unless the job sets `cache_ttl_secs`.
     #[serde(default = "default_cache_ttl")]
@@ -227,6 +231,7 @@ impl Default for WorkersConfig {
             shutdown_grace_secs: default_grace(),
             cache_ttl_secs: default_cache_ttl(),
             interactive_weight: default_interactive_weight(),
+            fallback_after_secs: default_fallback_after(),
         }
     }
 }
@@ -251,6 +256,9 @@ fn default_step_attempts() -> NonZeroU64 {
 }
 fn default_grace() -> u64 {
     10
+}
+fn default_fallback_after() -> u64 {
+    30
 }
 fn default_cache_ttl() -> NonZeroU64 {
     nz(24 * 3600)
@@ -329,6 +337,12 @@ pub struct OrgConfig {
     pub header_sync: bool,
     #[serde(default = "default_timeout")]
     pub timeout_secs: NonZeroU64,
+    /// A self-hosted or otherwise secondary endpoint (vLLM, Ollama, any
+    /// OpenAI-compatible server): used only for steps with `"tier":
+    /// "cheap"`, or when the primary orgs have had no capacity for the
+    /// job's `fallback_after_secs`.
+    #[serde(default)]
+    pub fallback: bool,
 }
 
 fn default_base_url() -> String {

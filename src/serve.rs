@@ -56,6 +56,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         spec_limits: cfg.limits.spec_limits(),
         owner: EngineConfig::default_owner(),
         cache_ttl: Duration::from_secs(cfg.workers.cache_ttl_secs.get()),
+        fallback_after: Duration::from_secs(cfg.workers.fallback_after_secs),
         webhooks: Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: Default::default() }),
     }
 }

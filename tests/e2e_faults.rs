@@ -426,6 +426,7 @@ async fn an_org_that_says_slow_down_gets_a_lower_rate_that_recovers() {
                     },
                     request_id: format!("c{c}/n{n}"),
                     gate: None,
+                    routing: Default::default(),
                 };
                 tokio::select! {
                     r = router.call(&req, &done) => if !done.is_cancelled() { r.unwrap(); },

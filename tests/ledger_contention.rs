@@ -91,6 +91,7 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
                         },
                         request_id: format!("w{w}/c{c}/{i}"),
                         gate: None,
+                        routing: Default::default(),
                     };
                     router.call(&req, &CancellationToken::new()).await.expect("every call succeeds");
                 }

@@ -14,7 +14,7 @@ use ratepool::config::Config;
 use ratepool::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
 use ratepool::engine::breaker::BreakerPolicy;
 use ratepool::engine::quota::{TenantQuota, TenantQuotas};
-use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router};
+use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router, Routing};
 use ratepool::local::{SqliteBackend, SqliteOptions};
 use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
 use ratepool::sim::{OrgStats, SimConfig, Simulator};
@@ -38,10 +38,12 @@ struct OrgDef {
     header_sync: bool,
     /// Models ratepool believes the org serves that the simulator lacks.
     extra_models: &'static [&'static str],
+    /// A fallback org (`fallback = true`).
+    fallback: bool,
 }
 
 fn org(name: &'static str, rpm: u64, tpm: u64) -> OrgDef {
-    OrgDef { name, sim: (rpm, tpm), ours: (rpm, tpm), header_sync: true, extra_models: &[] }
+    OrgDef { name, sim: (rpm, tpm), ours: (rpm, tpm), header_sync: true, extra_models: &[], fallback: false }
 }
 
 fn key(name: &str) -> String {
@@ -113,9 +115,9 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
     let mut cfg = String::new();
     for d in defs {
         cfg.push_str(&format!(
-            "[[orgs]]\nname = \"{}\"\napi_key_env = \"UNUSED_KEY\"\nheader_sync = {}\ntimeout_secs = 5\n\
+            "[[orgs]]\nname = \"{}\"\napi_key_env = \"UNUSED_KEY\"\nheader_sync = {}\nfallback = {}\ntimeout_secs = 5\n\
              models.\"{MODEL}\" = {{ rpm = {}, tpm = {} }}\n",
-            d.name, d.header_sync, d.ours.0, d.ours.1
+            d.name, d.header_sync, d.fallback, d.ours.0, d.ours.1
         ));
         for m in d.extra_models {
             cfg.push_str(&format!("models.\"{m}\" = {{ rpm = {}, tpm = {} }}\n", d.ours.0, d.ours.1));
@@ -163,7 +165,13 @@ fn chat(model: &str, prompt_chars: usize, max_tokens: u32) -> ChatRequest {
 }
 
 fn request(id: impl Into<String>, chat: ChatRequest) -> CallRequest {
-    CallRequest { tenant: TenantId::parse("t").unwrap(), chat, request_id: id.into(), gate: None }
+    CallRequest {
+        tenant: TenantId::parse("t").unwrap(),
+        chat,
+        request_id: id.into(),
+        gate: None,
+        routing: Default::default(),
+    }
 }
 
 impl Harness {
@@ -697,4 +705,63 @@ async fn a_tenant_at_its_calls_per_minute_is_held_to_it_while_another_is_not() {
     assert!(cancelled_at.elapsed() < Duration::from_millis(200), "took {:?}", cancelled_at.elapsed());
     assert_eq!(h.ledger.state(&bucket).await.unwrap(), before, "a denied wait charged the tenant");
     assert_eq!(h.org_stats("a").accepted_calls, 113);
+}
+
+// Fallback orgs -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_orgs_take_cheap_steps_and_calls_the_primaries_cannot_serve_in_time() {
+    // "a" admits 3 calls a minute, 2 of them at once (the ledger keeps a
+    // second of burst in hand); "local" is a self-hosted fallback.
+    let local = OrgDef { fallback: true, ..org("local", 1_000, 1_000_000) };
+    let h = start(&[org("a", 3, 100_000), local], fast_policy()).await;
+    let routed = |cheap: bool, wait_ms: u64| {
+        let mut r = request("x", chat(MODEL, 40, 10));
+        r.routing = Routing { cheap, fallback_after: Duration::from_millis(wait_ms) };
+        r
+    };
+    let call = |mut r: CallRequest, id: &str| {
+        r.request_id = id.to_string();
+        let router = h.router.clone();
+        async move { router.call(&r, &CancellationToken::new()).await }
+    };
+    // Standard calls go to the primary while it has capacity.
+    for i in 0..2 {
+        let done = call(routed(false, 400), &format!("std/{i}")).await.unwrap();
+        assert_eq!(done.org.as_str(), "a");
+    }
+    assert_eq!(h.org_stats("local").accepted_calls, 0, "the fallback took a call the primary could serve");
+    // The primary is spent: a standard call waits `fallback_after`, then
+    // goes to the fallback.
+    let t = Instant::now();
+    let done = call(routed(false, 400), "std/late").await.unwrap();
+    let waited = t.elapsed();
+    assert_eq!(done.org.as_str(), "local");
+    assert!(waited >= Duration::from_millis(390), "fell back after {waited:?}, before the job's wait");
+    assert!(waited < Duration::from_secs(5), "fell back only after {waited:?}");
+    assert_eq!(h.rate_limited(), 0);
+
+    // Cheap steps go to the fallback at once, even with the primary free.
+    let h =
+        start(&[org("a", 1_000, 100_000), OrgDef { fallback: true, ..org("local", 1_000, 1_000_000) }], fast_policy())
+            .await;
+    for i in 0..5 {
+        let mut r = request(format!("cheap/{i}"), chat(MODEL, 40, 10));
+        r.routing = Routing { cheap: true, fallback_after: Duration::from_secs(30) };
+        let done = h.router.call(&r, &CancellationToken::new()).await.unwrap();
+        assert_eq!(done.org.as_str(), "local");
+    }
+    assert_eq!((h.org_stats("a").accepted_calls, h.org_stats("local").accepted_calls), (0, 5));
+    // And standard ones to the primary.
+    h.call("std/0", chat(MODEL, 40, 10)).await.unwrap();
+    assert_eq!(h.org_stats("a").accepted_calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_step_with_no_fallback_org_runs_on_the_primaries() {
+    let h = start(&[org("a", 1_000, 100_000)], fast_policy()).await;
+    let mut r = request("cheap/0", chat(MODEL, 40, 10));
+    r.routing = Routing { cheap: true, fallback_after: Duration::from_secs(30) };
+    let done = h.router.call(&r, &CancellationToken::new()).await.unwrap();
+    assert_eq!(done.org.as_str(), "a");
 }

@@ -658,6 +658,7 @@ async fn requests_per_call(
                         },
                         request_id: format!("r{r}/c{c}/{i}"),
                         gate: None,
+                        routing: Default::default(),
                     };
                     router.call(&req, &CancellationToken::new()).await?;
                 }

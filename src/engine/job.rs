@@ -13,11 +13,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
-use super::router::{CallError, CallRequest, SendGate};
+use super::router::{CallError, CallRequest, Routing, SendGate};
 use crate::domain::Usage;
 use crate::domain::{JobId, StepId, TenantId};
 use crate::provider::{ChatMessage, ChatRequest};
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, Tier};
 use crate::storage::{
     CacheKey, CachedResponse, Checkpoint, Delivery, JobOutcome, JobStatus, Lease, LeaseOutcome, ResponseCache,
     StorageError,
@@ -416,6 +416,7 @@ async fn run_steps(
                     gate: gate.clone(),
                     cache: engine.backend.cache.clone(),
                     cache_ttl: spec.cache_ttl_secs.map_or(engine.config.cache_ttl, Duration::from_secs),
+                    fallback_after: spec.fallback_after_secs.map_or(engine.config.fallback_after, Duration::from_secs),
                     telemetry: engine.telemetry.clone(),
                 };
                 tasks.spawn(run_step(ctx, deps));
@@ -477,6 +478,7 @@ struct StepCtx {
     gate: Arc<dyn SendGate>,
     cache: Arc<dyn ResponseCache>,
     cache_ttl: Duration,
+    fallback_after: Duration,
     telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
@@ -533,6 +535,7 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
         chat,
         request_id: format!("{}/{}", ctx.job, step.id),
         gate: Some(ctx.gate.clone()),
+        routing: Routing { cheap: step.tier == Tier::Cheap, fallback_after: ctx.fallback_after },
     };
     let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
         CallError::Cancelled => StepError::Cancelled,

@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub owner: String,
     /// How long a cached answer is served unless the job says otherwise.
     pub cache_ttl: Duration,
+    /// How long a step waits for a primary org before fallback orgs may take
+    /// it, unless the job says otherwise.
+    pub fallback_after: Duration,
     /// How job webhooks are sent, and each tenant's signing secret.
     pub webhooks: Arc<WebhookSettings>,
 }

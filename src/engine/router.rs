@@ -55,6 +55,8 @@ pub struct OrgSettings {
     pub provider_limits: BTreeMap<ModelName, (u64, u64)>,
     pub chars_per_token: f64,
     pub header_sync: bool,
+    /// Taken only by cheap steps, or after `Routing::fallback_after`.
+    pub fallback: bool,
 }
 
 impl OrgSettings {
@@ -85,6 +87,7 @@ impl OrgSettings {
             provider_limits,
             chars_per_token: org.chars_per_token,
             header_sync: org.header_sync,
+            fallback: org.fallback,
         }
     }
 }
@@ -144,6 +147,25 @@ pub struct CallRequest {
     pub request_id: String,
     /// Asked before each attempt is sent, after its quota is charged.
     pub gate: Option<Arc<dyn SendGate>>,
+    pub routing: Routing,
+}
+
+/// Which orgs a call may use: primary orgs, fallback orgs (`fallback =
+/// true`, e.g. a self-hosted vLLM) or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routing {
+    /// A cheap step goes to the fallback orgs (to the primaries only if no
+    /// fallback org serves its model).
+    pub cheap: bool,
+    /// A standard call waits this long for a primary org before fallback
+    /// orgs may take it too.
+    pub fallback_after: Duration,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self { cheap: false, fallback_after: Duration::from_secs(30) }
+    }
 }
 
 impl std::fmt::Debug for CallRequest {
@@ -153,6 +175,7 @@ impl std::fmt::Debug for CallRequest {
             .field("chat", &self.chat)
             .field("request_id", &self.request_id)
             .field("gate", &self.gate.is_some())
+            .field("routing", &self.routing)
             .finish()
     }
 }
@@ -528,13 +551,27 @@ impl Router {
             g = gate.lock() => g,
             _ = cancel.cancelled() => return Err(CallError::Cancelled),
         };
+        let is_fallback = |i: usize| self.orgs[i].settings.fallback;
+        let has_fallback = candidates.iter().any(|&i| is_fallback(i));
+        let has_primary = candidates.iter().any(|&i| !is_fallback(i));
+        let cheap = req.routing.cheap && has_fallback;
+        let started = self.clock.now();
+        let opens_at =
+            started.saturating_add(i64::try_from(req.routing.fallback_after.as_micros()).unwrap_or(i64::MAX));
+        let mut forced_open = false;
         loop {
             let now = self.clock.now();
+            // Cheap calls use the fallback orgs only; the rest the
+            // primaries, and the fallbacks too once they waited long enough
+            // (or no primary can ever take the call, or none serves it).
+            let fallback_open = cheap || !has_primary || forced_open || now >= opens_at;
+            let usable = |i: usize| if is_fallback(i) { fallback_open } else { !cheap };
+            let considered = candidates.iter().filter(|&&i| usable(i)).count();
             // (headroom, index, cost, cached state) of every org that may take a call now.
             let mut ready = Vec::new();
-            let mut wake_at: Option<Micros> = None;
+            let mut wake_at: Option<Micros> = if fallback_open || !has_fallback { None } else { Some(opens_at) };
             let mut never = 0usize;
-            for &i in candidates {
+            for &i in candidates.iter().filter(|&&i| usable(i)) {
                 let org = &self.orgs[i];
                 // One guard for the check and the reset: a guard taken in an
                 // `if let` scrutinee lives through its body, so locking again
@@ -563,7 +600,11 @@ impl Router {
                     Some(_) => ready.push((gcra::headroom(&cached, &params, now), i, cost, params)),
                 }
             }
-            if never == candidates.len() {
+            if never == considered && has_fallback && !fallback_open {
+                forced_open = true;
+                continue;
+            }
+            if never == considered {
                 return Err(CallError::Unroutable(format!(
                     "a call of this size exceeds the per-minute limits of every org serving {model}"
                 )));

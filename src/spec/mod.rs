@@ -32,6 +32,7 @@ const DEFAULT_TEMPERATURE: f32 = 1.0;
 const MAX_NAME_CHARS: usize = 200;
 const MAX_PARALLEL: u32 = 64;
 const MAX_CACHE_TTL_SECS: u64 = 30 * 24 * 3600;
+const MAX_FALLBACK_AFTER_SECS: u64 = 3600;
 const MAX_WEBHOOK_URL_BYTES: usize = 2048;
 
 /// Size limits on a submitted spec. They bound what one request can make the
@@ -122,6 +123,24 @@ pub struct Step {
     /// Served from the response cache when the same request was answered
     /// before (the step's `cache`, else the job's; off by default).
     pub cache: bool,
+    /// `"tier": "cheap"`: run on the fallback orgs (self-hosted models).
+    pub tier: Tier,
+}
+
+/// Where a step may run: `standard` on the primary orgs (falling back only
+/// when they have no capacity in time), `cheap` on the fallback orgs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    #[default]
+    Standard,
+    Cheap,
+}
+
+impl Tier {
+    fn is_standard(&self) -> bool {
+        *self == Tier::Standard
+    }
 }
 
 /// A validated job spec; see the module doc.
@@ -135,6 +154,9 @@ pub struct JobSpec {
     /// How long this job's answers stay in the response cache, if the
     /// client chose (else the configured default).
     pub cache_ttl_secs: Option<u64>,
+    /// How long a step waits for a primary org before a fallback org may
+    /// take it, if the client chose (else the configured default).
+    pub fallback_after_secs: Option<u64>,
     /// Where the job's summary is POSTed when it succeeds or fails; the
     /// shape is checked here, the network policy by the API.
     pub webhook_url: Option<String>,
@@ -162,6 +184,8 @@ struct RawSpec {
     #[serde(default)]
     cache_ttl_secs: Option<u64>,
     #[serde(default)]
+    fallback_after_secs: Option<u64>,
+    #[serde(default)]
     webhook_url: Option<String>,
     steps: Vec<RawStep>,
 }
@@ -186,6 +210,8 @@ struct RawStep {
     depends_on: Vec<StepId>,
     #[serde(default)]
     cache: Option<bool>,
+    #[serde(default)]
+    tier: Tier,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +231,8 @@ struct StoredSpec<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     cache_ttl_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    fallback_after_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     webhook_url: Option<&'a str>,
     steps: Vec<StoredStep<'a>>,
 }
@@ -223,6 +251,8 @@ struct StoredStep<'a> {
     /// Resolved per step, so the job-level default is not stored.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     cache: bool,
+    #[serde(skip_serializing_if = "Tier::is_standard")]
+    tier: Tier,
 }
 
 #[derive(Serialize)]
@@ -258,6 +288,7 @@ impl JobSpec {
             inputs: &self.inputs,
             max_parallel: self.max_parallel,
             cache_ttl_secs: self.cache_ttl_secs,
+            fallback_after_secs: self.fallback_after_secs,
             webhook_url: self.webhook_url.as_deref(),
             steps: self
                 .steps
@@ -274,6 +305,7 @@ impl JobSpec {
                     temperature: s.temperature,
                     depends_on: s.deps.iter().filter_map(|&d| self.steps.get(d)).map(|d| &d.id).collect(),
                     cache: s.cache,
+                    tier: s.tier,
                 })
                 .collect(),
         };
@@ -431,6 +463,14 @@ fn validate(
             format!("must be between 1 and {MAX_CACHE_TTL_SECS} (30 days), got {t}"),
         ));
     }
+    if let Some(t) = raw.fallback_after_secs
+        && t > MAX_FALLBACK_AFTER_SECS
+    {
+        return Err(SpecError::new(
+            "fallback_after_secs",
+            format!("must be at most {MAX_FALLBACK_AFTER_SECS} (1 hour), got {t}"),
+        ));
+    }
     if let Some(url) = &raw.webhook_url {
         check_webhook_url(url).map_err(|m| SpecError::new("webhook_url", m))?;
     }
@@ -466,6 +506,7 @@ fn validate(
         }
         let mut step = check_step(i, rs, &defaults, limits, serves_model)?;
         step.cache = rs.cache.or(raw.cache).unwrap_or(false);
+        step.tier = rs.tier;
         steps.push(step);
     }
 
@@ -516,6 +557,7 @@ fn validate(
         inputs: raw.inputs,
         max_parallel: raw.max_parallel,
         cache_ttl_secs: raw.cache_ttl_secs,
+        fallback_after_secs: raw.fallback_after_secs,
         webhook_url: raw.webhook_url,
         steps,
     })
@@ -599,6 +641,7 @@ fn check_step(
         temperature: rs.temperature.or(defaults.temperature).unwrap_or(DEFAULT_TEMPERATURE),
         deps: Vec::new(),
         cache: false,
+        tier: Tier::Standard,
     })
 }
 

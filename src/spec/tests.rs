@@ -540,3 +540,16 @@ fn cache_settings_and_webhook_survive_the_stored_round_trip() {
     let again = JobSpec::from_stored(&spec.to_stored(), &SpecLimits::default()).unwrap();
     assert_eq!(again, spec);
 }
+
+#[test]
+fn tier_and_fallback_wait_are_parsed_checked_and_stored() {
+    let mut v = base();
+    v["steps"][1]["tier"] = json!("cheap");
+    v["fallback_after_secs"] = json!(5);
+    let spec = parse(&v).unwrap();
+    assert_eq!(spec.steps.iter().map(|s| s.tier).collect::<Vec<_>>(), [Tier::Standard, Tier::Cheap]);
+    assert_eq!(spec.fallback_after_secs, Some(5));
+    assert_eq!(JobSpec::from_stored(&spec.to_stored(), &SpecLimits::default()).unwrap(), spec);
+    rejects(|v| v["steps"][0]["tier"] = json!("premium"), "steps[0].tier", "unknown variant");
+    rejects(|v| v["fallback_after_secs"] = json!(3601), "fallback_after_secs", "at most 3600");
+}
