@@ -31,7 +31,7 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
-    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7."] {
+    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8."] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -86,4 +86,14 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     for x in h {
         assert!(f(&x["calls"]) >= 10.0, "{x}");
     }
+
+    // 8: every probe measured both ways; the flood all finished (checked
+    // by the figure); the ratio is the medians'.
+    let p = &r["priority"][0];
+    for k in ["interactive_s", "fifo_s"] {
+        let v = p[k].as_array().unwrap();
+        assert_eq!(v.len() as f64, f(&p["interactive_jobs"]), "{p}");
+        assert!(v.iter().all(|x| f(x) > 0.0), "{p}");
+    }
+    assert!((f(&p["speedup"]) - f(&p["fifo_p50_s"]) / f(&p["interactive_p50_s"])).abs() < 1e-9, "{p}");
 }

@@ -74,6 +74,12 @@ pub struct Sizes {
     /// Calls by four routers through a bucket of two thirds as many
     /// requests per minute; 0 skips it (a binding bucket takes a minute).
     pub contention_calls: usize,
+    /// Figure 8: batch jobs flooding the queue, interactive jobs submitted
+    /// behind them, jobs one server runs at once, and chain length.
+    pub flood_jobs: usize,
+    pub interactive_jobs: usize,
+    pub flood_concurrency: usize,
+    pub flood_steps: usize,
 }
 
 impl Sizes {
@@ -93,6 +99,10 @@ impl Sizes {
             ledger_secs: 5.0,
             alone_calls: 200,
             contention_calls: 90,
+            flood_jobs: 300,
+            interactive_jobs: 10,
+            flood_concurrency: 8,
+            flood_steps: 3,
         }
     }
 
@@ -112,6 +122,10 @@ impl Sizes {
             ledger_secs: 0.3,
             alone_calls: 16,
             contention_calls: 0,
+            flood_jobs: 16,
+            interactive_jobs: 3,
+            flood_concurrency: 2,
+            flood_steps: 2,
         }
     }
 }
@@ -769,4 +783,100 @@ pub async fn header_sync(ctx: &Ctx, run: usize) -> anyhow::Result<Vec<HeaderRun>
         sim.proc.stop().await;
     }
     Ok(out)
+}
+
+// ----------------------------------------------------------- 8: priorities
+
+/// Interactive latency under a batch flood: the same jobs submitted as
+/// `interactive` behind a queue of `batch` jobs, and (the FIFO reference)
+/// as `batch` themselves, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PriorityRun {
+    pub flood_jobs: usize,
+    pub interactive_jobs: usize,
+    pub concurrency: usize,
+    pub steps_per_job: usize,
+    /// Submission to finish of each probe job, seconds.
+    pub interactive_s: Vec<f64>,
+    pub fifo_s: Vec<f64>,
+    pub interactive_p50_s: f64,
+    pub fifo_p50_s: f64,
+    /// fifo p50 ÷ interactive p50.
+    pub speedup: f64,
+    /// Batch jobs that finished while the interactive probes were waiting
+    /// or running: batch is served, not starved.
+    pub batch_done_meanwhile: usize,
+}
+
+fn with_priority(spec: &str, priority: &str) -> anyhow::Result<String> {
+    let mut v: serde_json::Value = serde_json::from_str(spec)?;
+    v["priority"] = serde_json::Value::from(priority);
+    Ok(v.to_string())
+}
+
+/// One flood, then the probes as `probe_priority`; returns the probes'
+/// latencies and how many flood jobs finished while they were in the system.
+async fn flood_and_probe(ctx: &Ctx, name: &str, probe_priority: &str) -> anyhow::Result<(Vec<f64>, usize)> {
+    let s = &ctx.sizes;
+    let dir = harness::run_dir(&ctx.work, name)?;
+    let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], s.latency).await?;
+    let setup = ServerSetup { orgs: vec![unlimited()], concurrency: s.flood_concurrency, header_sync: true };
+    let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
+    let flood: Vec<String> = (0..s.flood_jobs)
+        .map(|j| with_priority(&chain_spec(&format!("{name}-flood-{j}"), s.flood_steps, s.max_tokens), "batch"))
+        .collect::<anyhow::Result<_>>()?;
+    let flood_ids = submit_all(&server, flood).await?;
+    let mut probe_ids = Vec::new();
+    for j in 0..s.interactive_jobs {
+        let spec = chain_spec(&format!("{name}-probe-{j}"), s.flood_steps, s.max_tokens);
+        probe_ids.push(server.submit(&with_priority(&spec, probe_priority)?).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let timeout = Duration::from_secs(600);
+    let probes = server.wait_all(&probe_ids, Duration::from_millis(20), timeout).await?;
+    let flood_docs = server.wait_all(&flood_ids, Duration::from_millis(200), timeout).await?;
+    all_succeeded(&probes)?;
+    all_succeeded(&flood_docs)?;
+    let mut latencies = Vec::new();
+    let (mut first_in, mut last_out) = (f64::INFINITY, 0.0f64);
+    for d in &probes {
+        let created = harness::epoch_secs(&d.created_at)?;
+        let finished = harness::epoch_secs(d.finished_at.as_deref().unwrap_or_default())?;
+        latencies.push(finished - created);
+        first_in = first_in.min(created);
+        last_out = last_out.max(finished);
+    }
+    let mut meanwhile = 0;
+    for d in &flood_docs {
+        let finished = harness::epoch_secs(d.finished_at.as_deref().unwrap_or_default())?;
+        if finished >= first_in && finished <= last_out {
+            meanwhile += 1;
+        }
+    }
+    server_stop(server).await;
+    sim.proc.stop().await;
+    Ok((latencies, meanwhile))
+}
+
+pub async fn priority(ctx: &Ctx, run: usize) -> anyhow::Result<PriorityRun> {
+    let s = &ctx.sizes;
+    let (interactive_s, batch_done_meanwhile) = flood_and_probe(ctx, &format!("priority-{run}"), "interactive").await?;
+    let (fifo_s, _) = flood_and_probe(ctx, &format!("priority-{run}-fifo"), "batch").await?;
+    let (interactive_p50_s, fifo_p50_s) = (super::median(interactive_s.clone()), super::median(fifo_s.clone()));
+    eprintln!(
+        "  interactive p50 {interactive_p50_s:.2} s behind {} batch jobs, as batch {fifo_p50_s:.2} s; {batch_done_meanwhile} batch jobs done meanwhile",
+        s.flood_jobs
+    );
+    Ok(PriorityRun {
+        flood_jobs: s.flood_jobs,
+        interactive_jobs: s.interactive_jobs,
+        concurrency: s.flood_concurrency,
+        steps_per_job: s.flood_steps,
+        interactive_s,
+        fifo_s,
+        interactive_p50_s,
+        fifo_p50_s,
+        speedup: fifo_p50_s / interactive_p50_s,
+        batch_done_meanwhile,
+    })
 }

@@ -7,7 +7,8 @@
 //! against one org called one job after another; engine overhead per step;
 //! resident memory with 1,000 jobs in flight; ledger requests per call and
 //! acquisitions per second; header sync against a client spending the quota
-//! behind ratepool's back. See `BENCHMARKS.md`.
+//! behind ratepool's back; interactive latency under a batch flood. See
+//! `BENCHMARKS.md`.
 
 pub mod figures;
 pub mod harness;
@@ -28,11 +29,19 @@ pub enum Figure {
     Memory,
     Ledger,
     Headers,
+    Priority,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 6] =
-        [Figure::Scaling, Figure::Baseline, Figure::Overhead, Figure::Memory, Figure::Ledger, Figure::Headers];
+    pub const ALL: [Figure; 7] = [
+        Figure::Scaling,
+        Figure::Baseline,
+        Figure::Overhead,
+        Figure::Memory,
+        Figure::Ledger,
+        Figure::Headers,
+        Figure::Priority,
+    ];
 }
 
 pub struct Options {
@@ -51,6 +60,7 @@ pub struct Results {
     pub memory: Vec<figures::MemoryRun>,
     pub ledger: Vec<figures::LedgerRun>,
     pub headers: Vec<Vec<figures::HeaderRun>>,
+    pub priority: Vec<figures::PriorityRun>,
 }
 
 /// Runs the chosen figures `runs` times each.
@@ -67,6 +77,7 @@ pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
                 Figure::Memory => r.memory.push(figures::memory(ctx, run).await?),
                 Figure::Ledger => r.ledger.push(figures::ledger(ctx, run).await?),
                 Figure::Headers => r.headers.push(figures::header_sync(ctx, run).await?),
+                Figure::Priority => r.priority.push(figures::priority(ctx, run).await?),
             }
         }
     }
@@ -248,6 +259,39 @@ pub fn report(r: &Results) -> String {
             );
         }
         let _ = writeln!(s);
+    }
+    if !r.priority.is_empty() {
+        let p = &r.priority[0];
+        let _ = writeln!(
+            s,
+            "### 8. Priorities: {} interactive jobs behind {} batch jobs ({} steps each, {} jobs at once)\n",
+            p.interactive_jobs, p.flood_jobs, p.steps_per_job, p.concurrency
+        );
+        let _ = writeln!(s, "| probes submitted as | p50 submit → done s | max s | batch jobs done meanwhile |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let runs = &r.priority;
+        let _ = writeln!(
+            s,
+            "| interactive | **{:.2}** [{}] | {:.2} | {:.0} |",
+            med(runs, |x| x.interactive_p50_s),
+            all(runs, |x| x.interactive_p50_s, 2),
+            med(runs, |x| max(&x.interactive_s)),
+            med(runs, |x| x.batch_done_meanwhile as f64),
+        );
+        let _ = writeln!(
+            s,
+            "| batch (FIFO reference) | {:.2} [{}] | {:.2} | |",
+            med(runs, |x| x.fifo_p50_s),
+            all(runs, |x| x.fifo_p50_s, 2),
+            med(runs, |x| max(&x.fifo_s)),
+        );
+        let _ = writeln!(
+            s,
+            "\nInteractive is **{:.1}×** faster than FIFO [{}] (ratio within each run).\n",
+            med(runs, |x| x.speedup),
+            all(runs, |x| x.speedup, 1)
+        );
     }
     s
 }
