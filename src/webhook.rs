@@ -474,13 +474,7 @@ async fn attempt_once(
 /// The error and its sources, without the URL (whose path may hold a
 /// token): reqwest's top-level message alone does not say what failed.
 fn error_chain(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
+    let mut msg = crate::provider::error_chain(e);
     if let Some(url) = e.url() {
         msg = msg.replace(url.as_str(), "<webhook url>");
     }

@@ -37,7 +37,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ratepool::aws::{self, AwsClients};
 use ratepool::config::Config;
 use ratepool::domain::{JobId, SystemClock};
 use ratepool::local::{SqliteBackend, SqliteOptions};
@@ -695,18 +694,7 @@ fn aws_workers_killed_at_random_lose_and_repeat_nothing_finished() {
     let env = BTreeMap::from([("TENANT_A_KEY".to_string(), TENANT_A_KEY.to_string())]);
     let api =
         rt.block_on(async { ratepool::api::router(ratepool::serve::lambda_state(&cfg, Some(&env)).await.unwrap()) });
-    let store = rt.block_on(async {
-        let clients = AwsClients::load(&cfg.aws).await;
-        aws::connect(
-            &clients,
-            &cfg.aws,
-            Duration::from_secs(10),
-            std::num::NonZeroU64::new(3).unwrap(),
-            Arc::new(SystemClock),
-        )
-        .await
-        .unwrap()
-    });
+    let store = aws_store(&rt, &cfg, Duration::from_secs(10));
     let mut cluster = Aws {
         dir: dir.path().to_path_buf(),
         config,

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ratepool::aws::{self, AwsClients};
+use ratepool::aws::AwsClients;
 use ratepool::config::Config;
-use ratepool::domain::{JobId, SystemClock};
+use ratepool::domain::JobId;
 use serde_json::{Value, json};
 
 fn endpoint() -> String {
@@ -80,18 +80,7 @@ impl Lambda {
 }
 
 fn backend(rt: &tokio::runtime::Runtime, cfg: &Config) -> ratepool::storage::Backend {
-    rt.block_on(async {
-        let clients = AwsClients::load(&cfg.aws).await;
-        aws::connect(
-            &clients,
-            &cfg.aws,
-            Duration::from_secs(3),
-            std::num::NonZeroU64::new(3).unwrap(),
-            Arc::new(SystemClock),
-        )
-        .await
-        .unwrap()
-    })
+    aws_store(rt, cfg, Duration::from_secs(3))
 }
 
 #[test]

@@ -184,21 +184,21 @@ impl ProviderClient {
     }
 }
 
-fn transport_failure(e: &reqwest::Error) -> ProviderFailure {
-    if e.is_timeout() {
-        ProviderFailure::Timeout
-    } else {
-        // The whole source chain: reqwest's top-level message alone ("error
-        // sending request") does not say whether the peer reset or closed.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        ProviderFailure::Connection(msg)
+/// An error and its whole source chain: reqwest's top-level message alone
+/// ("error sending request") does not say whether the peer reset or closed.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
     }
+    msg
+}
+
+fn transport_failure(e: &reqwest::Error) -> ProviderFailure {
+    if e.is_timeout() { ProviderFailure::Timeout } else { ProviderFailure::Connection(error_chain(e)) }
 }
 
 /// Sorts a non-2xx answer into the router's classes.

@@ -282,3 +282,24 @@ pub fn lambda_call(
     };
     (resp.status_code as u16, body)
 }
+
+/// The AWS backend a test reads and checks through (interactive weight 3).
+#[allow(dead_code)] // only the AWS tests open the store
+pub fn aws_store(
+    rt: &tokio::runtime::Runtime,
+    cfg: &ratepool::config::Config,
+    visibility: Duration,
+) -> ratepool::storage::Backend {
+    rt.block_on(async {
+        let clients = ratepool::aws::AwsClients::load(&cfg.aws).await;
+        ratepool::aws::connect(
+            &clients,
+            &cfg.aws,
+            visibility,
+            std::num::NonZeroU64::new(3).expect("non-zero"),
+            std::sync::Arc::new(ratepool::domain::SystemClock),
+        )
+        .await
+        .expect("connect to the AWS backend")
+    })
+}
