@@ -46,8 +46,8 @@ bench:
 
 ## A long kill storm on both backends (tests/chaos_kill_storm.rs): workers
 ## SIGKILLed CHAOS_KILLS times while CHAOS_JOBS jobs of CHAOS_STEPS steps run.
-## Starts and stops its own moto, like `make test`. `make test` runs a short
-## one on SQLite; the AWS storm is still failing on moto (RELIABILITY.md).
+## Starts and stops its own moto, like `make test`. `make test` runs the
+## 20-kill storm on both backends; this one is longer (RELIABILITY.md).
 CHAOS_KILLS ?= 200
 CHAOS_JOBS  ?= 50
 CHAOS_STEPS ?= 12

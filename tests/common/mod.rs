@@ -29,6 +29,14 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+        // A failing test's processes say what they were doing: the tail of
+        // each log goes to the test's output (shown only on failure).
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("--- last {} lines of {}:\n{}", tail.len(), self.log.display(), tail.join("\n"));
+        }
     }
 }
 
