@@ -79,9 +79,17 @@ fn jobs_in_flight_quota_refuses_with_429_stores_nothing_and_frees_up() {
         "{metrics}"
     );
 
+    // `/v1/usage` shows alpha what is left of its quota.
+    let (status, usage) = get(&format!("{base}/v1/usage"), TENANT_A_KEY);
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["quota"], serde_json::json!({"jobs_in_flight": {"limit": 2, "remaining": 0}}), "{usage}");
+
     // The other tenant has no quota and is not held by alpha's.
     let (status, _, body) = submit_full(base, TENANT_B_KEY, &job(3));
     assert_eq!(status, 202, "{body}");
+    let (status, usage) = get(&format!("{base}/v1/usage"), TENANT_B_KEY);
+    assert_eq!(status, 200, "{usage}");
+    assert!(usage.get("quota").is_none(), "beta has no quota: {usage}");
 
     // Once alpha's jobs have finished, it may submit again.
     let docs = wait_all(base, TENANT_A_KEY, &ids, Duration::from_secs(60));
@@ -120,6 +128,9 @@ fn a_spent_calls_per_minute_quota_refuses_submissions_until_it_refills() {
     assert!((20..=30).contains(&retry_after), "{retry_after}");
     assert_eq!(counts(&db), before, "a refused job is neither stored nor enqueued");
     assert_eq!(sim_stats(&sim)["total_calls"], 2, "{}", sim_stats(&sim));
+    let (status, usage) = get(&format!("{base}/v1/usage"), TENANT_A_KEY);
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["quota"], serde_json::json!({"calls_per_minute": {"limit": 2, "remaining": 0}}), "{usage}");
 
     // The other tenant is not held by alpha's quota.
     let (status, _, body) = submit_full(base, TENANT_B_KEY, &job(2));

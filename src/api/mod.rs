@@ -24,7 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::TenantKey;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, TenantId, Usage};
-use crate::engine::quota::{QuotaKind, TenantQuotas};
+use crate::engine::quota::{QuotaKind, QuotaReport, TenantQuotas};
 use crate::engine::router::OrgStatus;
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::{self, BucketParams};
@@ -483,6 +483,9 @@ struct OrgUsageView {
 #[derive(Serialize)]
 struct UsageReport {
     tenant: TenantId,
+    /// What is left of the tenant's own limits, if it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<QuotaReport>,
     orgs: Vec<OrgUsageView>,
 }
 
@@ -524,7 +527,21 @@ async fn usage(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result
             headroom,
         });
     }
-    Ok(Json(UsageReport { tenant, orgs }))
+    let limits = state.quotas.get(&tenant);
+    let quota = if limits.is_limited() {
+        let bucket = match limits.bucket_params() {
+            Some(_) => state.ledger.state(&BucketKey::tenant(&tenant)).await?,
+            None => Default::default(),
+        };
+        let in_flight = match limits.jobs_in_flight {
+            Some(_) => state.jobs.jobs_in_flight(&tenant).await?,
+            None => 0,
+        };
+        Some(limits.report(&bucket, now, in_flight))
+    } else {
+        None
+    };
+    Ok(Json(UsageReport { tenant, quota, orgs }))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {

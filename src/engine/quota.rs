@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use serde::Serialize;
+
 use crate::config::{Config, TenantQuotaConfig};
 use crate::domain::{Micros, TenantId};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Decision, Rate};
@@ -96,6 +98,46 @@ impl TenantQuota {
     }
 }
 
+/// One limit of a tenant's quota and what is left of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Left {
+    pub limit: u64,
+    pub remaining: u64,
+}
+
+/// What is left of each limit a tenant has (`/v1/usage`); a limit it does
+/// not have is absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QuotaReport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<Left>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls_per_minute: Option<Left>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs_in_flight: Option<Left>,
+}
+
+impl TenantQuota {
+    /// Whether the tenant has any limit at all.
+    pub fn is_limited(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// What is left at `now` of each limit, given the tenant's bucket state
+    /// and its jobs queued or running.
+    pub fn report(&self, state: &BucketState, now: Micros, in_flight: u64) -> QuotaReport {
+        let params = self.bucket_params();
+        let rate = |limit: Option<u64>, left: &dyn Fn(&BucketParams) -> u64| {
+            Some(Left { limit: limit?, remaining: params.as_ref().map_or(0, left) })
+        };
+        QuotaReport {
+            tokens_per_day: rate(self.tokens_per_day, &|p| p.tokens.remaining(state.tokens_tat, now)),
+            calls_per_minute: rate(self.calls_per_minute, &|p| p.requests.remaining(state.requests_tat, now)),
+            jobs_in_flight: self.jobs_in_flight.map(|limit| Left { limit, remaining: limit.saturating_sub(in_flight) }),
+        }
+    }
+}
+
 /// Every configured tenant's quota.
 #[derive(Debug, Clone, Default)]
 pub struct TenantQuotas(HashMap<TenantId, TenantQuota>);
@@ -163,5 +205,31 @@ mod tests {
         );
         // A tenant without a calls limit is never refused for calls.
         assert_eq!(quota(Some(86_400), None).spent(&calls_spent, now), None);
+    }
+
+    #[test]
+    fn the_report_shows_what_is_left_of_each_limit_the_tenant_has() {
+        let q = TenantQuota { tokens_per_day: Some(86_400), calls_per_minute: Some(60), jobs_in_flight: Some(5) };
+        let p = q.bucket_params().unwrap();
+        let now = 1_000 * S;
+        let fresh = q.report(&BucketState::default(), now, 0);
+        assert_eq!(fresh.calls_per_minute, Some(Left { limit: 60, remaining: 60 }));
+        assert_eq!(fresh.tokens_per_day, Some(Left { limit: 86_400, remaining: 86_400 }));
+        assert_eq!(fresh.jobs_in_flight, Some(Left { limit: 5, remaining: 5 }));
+        // 20 calls and 1,000 tokens taken just now, 7 jobs over a lowered limit.
+        let used = BucketState { requests_tat: now + 20 * S, tokens_tat: now + p.tokens.increment(1_000) };
+        let r = q.report(&used, now, 7);
+        assert_eq!(r.calls_per_minute, Some(Left { limit: 60, remaining: 40 }));
+        assert_eq!(r.tokens_per_day, Some(Left { limit: 86_400, remaining: 85_400 }));
+        assert_eq!(r.jobs_in_flight, Some(Left { limit: 5, remaining: 0 }));
+        // Only the limits the tenant has are reported.
+        let calls_only = quota(None, Some(60));
+        assert!(calls_only.is_limited() && !TenantQuota::default().is_limited());
+        let r = calls_only.report(&used, now, 7);
+        assert_eq!((r.tokens_per_day, r.jobs_in_flight), (None, None));
+        assert_eq!(
+            serde_json::to_value(r).unwrap(),
+            serde_json::json!({"calls_per_minute": {"limit": 60, "remaining": 40}})
+        );
     }
 }
