@@ -18,10 +18,19 @@ fn counts(db: &std::path::Path) -> (i64, i64) {
 
 /// POST /v1/jobs, with the answer's `Retry-After` header.
 fn submit_full(base: &str, key: &str, body: &str) -> (u16, Option<String>, Value) {
-    let r = http().post(format!("{base}/v1/jobs")).bearer_auth(key).body(body.to_string()).send().expect("POST");
-    let status = r.status().as_u16();
-    let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-    (status, retry_after, r.json().unwrap_or(Value::Null))
+    let (status, headers, body) = submit_keyed(base, key, body, None);
+    (status, headers.get("retry-after").map(|v| v.to_str().unwrap().to_string()), body)
+}
+
+/// POST /v1/jobs with an optional `Idempotency-Key`, with the answer's headers.
+fn submit_keyed(base: &str, key: &str, body: &str, idem: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = http().post(format!("{base}/v1/jobs")).bearer_auth(key).body(body.to_string());
+    if let Some(idem) = idem {
+        req = req.header("Idempotency-Key", idem);
+    }
+    let r = req.send().expect("POST");
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.json().unwrap_or(Value::Null))
 }
 
 /// A serve config whose tenant alpha has `quota` (TOML lines) and beta none.
@@ -112,10 +121,10 @@ fn a_spent_calls_per_minute_quota_refuses_submissions_until_it_refills() {
     let base = server.url.as_str();
 
     // One job of two calls spends the minute's burst.
-    let (status, _, body) = submit_full(base, TENANT_A_KEY, &job(0));
+    let (status, _, body) = submit_keyed(base, TENANT_A_KEY, &job(0), Some("first"));
     assert_eq!(status, 202, "{body}");
     let id = body["id"].as_str().unwrap().to_string();
-    let docs = wait_all(base, TENANT_A_KEY, &[id], Duration::from_secs(30));
+    let docs = wait_all(base, TENANT_A_KEY, std::slice::from_ref(&id), Duration::from_secs(30));
     assert_eq!(docs[0]["status"], "succeeded", "{docs:?}");
     let before = counts(&db);
 
@@ -131,6 +140,18 @@ fn a_spent_calls_per_minute_quota_refuses_submissions_until_it_refills() {
     let (status, usage) = get(&format!("{base}/v1/usage"), TENANT_A_KEY);
     assert_eq!(status, 200, "{usage}");
     assert_eq!(usage["quota"], serde_json::json!({"calls_per_minute": {"limit": 2, "remaining": 0}}), "{usage}");
+
+    // A retry of the accepted request (its answer lost) gets its job, not a
+    // 429; a new key is refused like any new job.
+    let (status, headers, replay) = submit_keyed(base, TENANT_A_KEY, &job(0), Some("first"));
+    assert_eq!(status, 202, "{replay}");
+    assert_eq!(headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    assert_eq!(replay["id"], id.as_str(), "{replay}");
+    let (status, _, body) = submit_keyed(base, TENANT_A_KEY, &job(0), Some("second"));
+    assert_eq!(status, 429, "{body}");
+    let (status, _, body) = submit_keyed(base, TENANT_A_KEY, &job(1), Some("first"));
+    assert_eq!((status, &body["error"]["field"]), (422, &Value::from("Idempotency-Key")), "{body}");
+    assert_eq!(counts(&db), before, "replays and refusals store nothing");
 
     // The other tenant is not held by alpha's quota.
     let (status, _, body) = submit_full(base, TENANT_B_KEY, &job(2));

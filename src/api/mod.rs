@@ -292,12 +292,19 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
         crate::webhook::check_url(url, state.webhooks.allow_private)
             .map_err(|e| ApiError::invalid("webhook_url", e.to_string()))?;
     }
+    let idempotency = key.map(|k| (k, hex::encode(Sha256::digest(&body))));
     let quota = state.quotas.get(&tenant);
     if quota.bucket_params().is_some() {
         // A read, never a charge: the calls are charged when they are made.
         let bucket = state.ledger.state(&BucketKey::tenant(&tenant)).await?;
         let now = state.clock.now();
         if let Some(spent) = quota.spent(&bucket, now) {
+            // A retry of a request already accepted gets its job, not a 429.
+            if let Some((key, hash)) = &idempotency
+                && let Some(record) = state.jobs.replay(&tenant, key, hash).await?
+            {
+                return replayed(&state, record).await;
+            }
             let retry_after_secs = ((spent.retry_at - now).max(1) as u64).div_ceil(1_000_000).min(86_400);
             return Err(refuse(
                 &state,
@@ -320,14 +327,13 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
         priority: spec.priority,
         spec_json: spec.to_stored(),
         steps_total: spec.steps.len() as u32,
-        idempotency: key.map(|k| (k, hex::encode(Sha256::digest(&body)))),
+        idempotency,
         created_at: state.clock.now(),
         in_flight_limit: quota.jobs_in_flight,
     };
-    let message = |r: &JobRecord| QueueMessage { job_id: r.id.clone(), tenant: r.tenant.clone(), priority: r.priority };
     match state.jobs.create_job(&job).await? {
         CreateOutcome::Created(record) => {
-            if let Err(e) = state.queue.send(&message(&record)).await {
+            if let Err(e) = state.queue.send(&queue_message(&record)).await {
                 // Nothing half-written: the job must not sit "queued" with
                 // no message that would ever run it.
                 let _ = state.jobs.fail_unleased(&record.id, "could not be enqueued", state.clock.now()).await;
@@ -336,18 +342,7 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
             tracing::info!(job = %record.id, tenant = %tenant, steps = record.steps_total, "job accepted");
             Ok((StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response())
         }
-        CreateOutcome::Existing(record) => {
-            // A retry of a request whose first answer was lost. Re-send while
-            // still queued: the first send may be what failed, and a second
-            // message for the same job is harmless (the lease dedups runs).
-            if record.status == JobStatus::Queued {
-                state.queue.send(&message(&record)).await?;
-            }
-            let mut resp =
-                (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
-            resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
-            Ok(resp)
-        }
+        CreateOutcome::Existing(record) => replayed(&state, record).await,
         CreateOutcome::InFlightLimit { in_flight } => {
             let limit = quota.jobs_in_flight.unwrap_or(in_flight);
             Err(refuse(
@@ -363,6 +358,23 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
             ))
         }
     }
+}
+
+fn queue_message(r: &JobRecord) -> QueueMessage {
+    QueueMessage { job_id: r.id.clone(), tenant: r.tenant.clone(), priority: r.priority }
+}
+
+/// The answer to a retry of a request whose first answer was lost: the job
+/// it created. Re-sent while still queued: the first send may be what
+/// failed, and a second message for the same job is harmless (the lease
+/// dedups runs).
+async fn replayed(state: &ApiState, record: JobRecord) -> Result<Response, ApiError> {
+    if record.status == JobStatus::Queued {
+        state.queue.send(&queue_message(&record)).await?;
+    }
+    let mut resp = (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
+    resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+    Ok(resp)
 }
 
 /// The `Retry-After` of a submission refused for jobs in flight: when a job

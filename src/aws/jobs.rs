@@ -299,22 +299,34 @@ impl DynamoJobs {
                 Some(item) if !item.is_empty() => Some(item.clone()),
                 _ => self.read_item(&idem_pk, IDEM_SK).await?,
             };
-            let Some(earlier) = earlier.filter(|i| !expired(i, now_s)) else { continue };
-            let f = Fields::new(&earlier, "idempotency item");
-            if f.s("request_hash")? != hash {
-                return Err(StorageError::Conflict(format!(
-                    "idempotency key {key:?} was used with a different request"
-                )));
+            if let Some(record) = self.keyed_job(earlier, key, hash, now_s).await? {
+                return Ok(CreateOutcome::Existing(record));
             }
-            let first = JobId::parse(f.s("job_id")?).map_err(|e| corrupt("idempotency item", &e.0))?;
-            return match self.get_job_at(&first, now_s).await? {
-                Some(record) => Ok(CreateOutcome::Existing(record)),
-                None => Err(StorageError::Conflict(format!(
-                    "idempotency key {key:?} belongs to job {first}, which no longer exists"
-                ))),
-            };
         }
         Err(StorageError::Backend(format!("idempotency key {key:?} changed while the job was being created")))
+    }
+
+    /// The job an idempotency item names, unless the item is missing or
+    /// expired; `Conflict` if it was made by a request other than `hash`.
+    async fn keyed_job(
+        &self,
+        item: Option<Item>,
+        key: &str,
+        hash: &str,
+        now_s: i64,
+    ) -> StorageResult<Option<JobRecord>> {
+        let Some(earlier) = item.filter(|i| !i.is_empty() && !expired(i, now_s)) else { return Ok(None) };
+        let f = Fields::new(&earlier, "idempotency item");
+        if f.s("request_hash")? != hash {
+            return Err(StorageError::Conflict(format!("idempotency key {key:?} was used with a different request")));
+        }
+        let first = JobId::parse(f.s("job_id")?).map_err(|e| corrupt("idempotency item", &e.0))?;
+        match self.get_job_at(&first, now_s).await? {
+            Some(record) => Ok(Some(record)),
+            None => Err(StorageError::Conflict(format!(
+                "idempotency key {key:?} belongs to job {first}, which no longer exists"
+            ))),
+        }
     }
 
     fn job_item(&self, job: &NewJob) -> Item {
@@ -378,6 +390,11 @@ impl JobStore for DynamoJobs {
 
     /// A counter below zero (jobs created before counting began finishing)
     /// reads as 0.
+    async fn replay(&self, tenant: &TenantId, key: &str, hash: &str) -> StorageResult<Option<JobRecord>> {
+        let item = self.read_item(&idem_pk(tenant, key), IDEM_SK).await?;
+        self.keyed_job(item, key, hash, secs(self.clock.now())).await
+    }
+
     async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64> {
         match self.read_item(&quota_pk(tenant), IN_FLIGHT_SK).await? {
             Some(item) => in_flight_of(&item),

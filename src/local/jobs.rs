@@ -67,6 +67,31 @@ fn in_flight(conn: &rusqlite::Connection, tenant: &TenantId) -> StorageResult<u6
     Ok(n.unwrap_or(0).max(0) as u64)
 }
 
+/// The job `tenant` created earlier with idempotency key `key`, if any;
+/// `Conflict` if that request's hash was not `hash`.
+fn keyed_job(
+    conn: &rusqlite::Connection,
+    tenant: &TenantId,
+    key: &str,
+    hash: &str,
+) -> StorageResult<Option<JobRecord>> {
+    let earlier = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            job_columns!(),
+            ", request_hash FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2"
+        ))
+        .db()?
+        .query_row(rusqlite::params![tenant.as_str(), key], |r| Ok((job_from_row(r)?, r.get::<_, Option<String>>(18)?)))
+        .optional()
+        .db()?;
+    match earlier {
+        Some((record, stored)) if stored.as_deref() == Some(hash) => Ok(Some(record)),
+        Some(_) => Err(StorageError::Conflict(format!("idempotency key {key:?} was used with a different request"))),
+        None => Ok(None),
+    }
+}
+
 /// Counts one job of `tenant` out, in the transaction that finished it.
 fn count_out(tx: &rusqlite::Transaction<'_>, tenant: &str) -> StorageResult<()> {
     tx.prepare_cached("UPDATE tenant_jobs SET in_flight = max(in_flight - 1, 0) WHERE tenant = ?1")
@@ -99,28 +124,10 @@ impl JobStore for SqliteBackend {
             // IMMEDIATE: the key lookup and the insert see one state, even
             // with another process on the file.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
-            if let Some((key, hash)) = &job.idempotency {
-                let earlier = tx
-                    .prepare_cached(concat!(
-                        "SELECT ",
-                        job_columns!(),
-                        ", request_hash FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2"
-                    ))
-                    .db()?
-                    .query_row(rusqlite::params![job.tenant.as_str(), key], |r| {
-                        Ok((job_from_row(r)?, r.get::<_, Option<String>>(18)?))
-                    })
-                    .optional()
-                    .db()?;
-                if let Some((record, stored_hash)) = earlier {
-                    return if stored_hash.as_deref() == Some(hash.as_str()) {
-                        Ok(CreateOutcome::Existing(record))
-                    } else {
-                        Err(StorageError::Conflict(format!(
-                            "idempotency key {key:?} was used with a different request"
-                        )))
-                    };
-                }
+            if let Some((key, hash)) = &job.idempotency
+                && let Some(record) = keyed_job(&tx, &job.tenant, key, hash)?
+            {
+                return Ok(CreateOutcome::Existing(record));
             }
             if let Some(limit) = job.in_flight_limit {
                 let in_flight = in_flight(&tx, &job.tenant)?;
@@ -172,6 +179,11 @@ impl JobStore for SqliteBackend {
     async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64> {
         let tenant = tenant.clone();
         self.read(move |conn| in_flight(conn, &tenant)).await
+    }
+
+    async fn replay(&self, tenant: &TenantId, key: &str, hash: &str) -> StorageResult<Option<JobRecord>> {
+        let (tenant, key, hash) = (tenant.clone(), key.to_string(), hash.to_string());
+        self.read(move |conn| keyed_job(conn, &tenant, &key, &hash)).await
     }
 
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>> {

@@ -280,6 +280,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// with the same idempotency key created (`Conflict` if its body differs;
     /// a replay is never refused for the in-flight limit).
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome>;
+    /// The job an earlier request with idempotency key `key` created, if
+    /// any, creating nothing: what a retry of that request is answered
+    /// with when a new job would be refused. `Conflict` if its body's
+    /// `hash` differs, as in `create_job`.
+    async fn replay(&self, tenant: &TenantId, key: &str, hash: &str) -> StorageResult<Option<JobRecord>>;
     /// The tenant's jobs queued or running, as counted (see the trait doc).
     async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64>;
     async fn get_job(&self, id: &JobId) -> StorageResult<Option<JobRecord>>;

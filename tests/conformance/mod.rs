@@ -425,6 +425,25 @@ pub async fn jobs_idempotent_create(h: &Harness) {
     }
 }
 
+pub async fn jobs_replay_finds_a_keyed_job_and_creates_nothing(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let first = new_job("acme", Some(("key-1", "hash-1")));
+    let acme = first.tenant.clone();
+    assert_eq!(jobs.replay(&acme, "key-1", "hash-1").await.expect("unused key"), None);
+    let created = match jobs.create_job(&first).await.expect("create") {
+        CreateOutcome::Created(r) => r,
+        other => panic!("expected Created, got {other:?}"),
+    };
+    assert_eq!(jobs.replay(&acme, "key-1", "hash-1").await.expect("replay"), Some(created));
+    assert_conflict(jobs.replay(&acme, "key-1", "hash-2").await, "same key, different body");
+    assert_eq!(jobs.replay(&acme, "key-2", "hash-1").await.expect("another key"), None);
+    let globex = tenant("globex");
+    assert_eq!(jobs.replay(&globex, "key-1", "hash-1").await.expect("another tenant"), None, "keys are per tenant");
+    // Asking created nothing.
+    assert_eq!(jobs.jobs_in_flight(&acme).await.expect("count"), 1);
+    assert_eq!(jobs.jobs_in_flight(&globex).await.expect("count"), 0);
+}
+
 pub async fn lease_acquire_held_and_takeover(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
@@ -1083,6 +1102,7 @@ macro_rules! conformance_suite {
         jobs_create_and_get,
         webhook_report_round_trips_and_needs_its_job,
         jobs_idempotent_create,
+        jobs_replay_finds_a_keyed_job_and_creates_nothing,
         stalled_runs_count_acquisitions_since_progress,
         lease_acquire_held_and_takeover,
         lease_renew_extends,
