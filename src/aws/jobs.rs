@@ -388,13 +388,13 @@ impl JobStore for DynamoJobs {
         }
     }
 
-    /// A counter below zero (jobs created before counting began finishing)
-    /// reads as 0.
     async fn replay(&self, tenant: &TenantId, key: &str, hash: &str) -> StorageResult<Option<JobRecord>> {
         let item = self.read_item(&idem_pk(tenant, key), IDEM_SK).await?;
         self.keyed_job(item, key, hash, secs(self.clock.now())).await
     }
 
+    /// A counter below zero (jobs created before counting began finishing)
+    /// reads as 0.
     async fn jobs_in_flight(&self, tenant: &TenantId) -> StorageResult<u64> {
         match self.read_item(&quota_pk(tenant), IN_FLIGHT_SK).await? {
             Some(item) => in_flight_of(&item),

@@ -96,6 +96,25 @@ impl TenantQuota {
         check(QuotaKind::CallsPerMinute, self.calls_per_minute, Cost { requests: 1, tokens: 0 })
             .or_else(|| check(QuotaKind::TokensPerDay, self.tokens_per_day, Cost { requests: 0, tokens: 1 }))
     }
+
+    /// Whether the tenant has any limit at all.
+    pub fn is_limited(&self) -> bool {
+        *self != Self::default()
+    }
+
+    /// What is left at `now` of each limit, given the tenant's bucket state
+    /// and its jobs queued or running.
+    pub fn report(&self, state: &BucketState, now: Micros, in_flight: u64) -> QuotaReport {
+        let params = self.bucket_params();
+        let rate = |limit: Option<u64>, left: &dyn Fn(&BucketParams) -> u64| {
+            Some(Left { limit: limit?, remaining: params.as_ref().map_or(0, left) })
+        };
+        QuotaReport {
+            tokens_per_day: rate(self.tokens_per_day, &|p| p.tokens.remaining(state.tokens_tat, now)),
+            calls_per_minute: rate(self.calls_per_minute, &|p| p.requests.remaining(state.requests_tat, now)),
+            jobs_in_flight: self.jobs_in_flight.map(|limit| Left { limit, remaining: limit.saturating_sub(in_flight) }),
+        }
+    }
 }
 
 /// One limit of a tenant's quota and what is left of it.
@@ -115,27 +134,6 @@ pub struct QuotaReport {
     pub calls_per_minute: Option<Left>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs_in_flight: Option<Left>,
-}
-
-impl TenantQuota {
-    /// Whether the tenant has any limit at all.
-    pub fn is_limited(&self) -> bool {
-        *self != Self::default()
-    }
-
-    /// What is left at `now` of each limit, given the tenant's bucket state
-    /// and its jobs queued or running.
-    pub fn report(&self, state: &BucketState, now: Micros, in_flight: u64) -> QuotaReport {
-        let params = self.bucket_params();
-        let rate = |limit: Option<u64>, left: &dyn Fn(&BucketParams) -> u64| {
-            Some(Left { limit: limit?, remaining: params.as_ref().map_or(0, left) })
-        };
-        QuotaReport {
-            tokens_per_day: rate(self.tokens_per_day, &|p| p.tokens.remaining(state.tokens_tat, now)),
-            calls_per_minute: rate(self.calls_per_minute, &|p| p.requests.remaining(state.requests_tat, now)),
-            jobs_in_flight: self.jobs_in_flight.map(|limit| Left { limit, remaining: limit.saturating_sub(in_flight) }),
-        }
-    }
 }
 
 /// Every configured tenant's quota.
