@@ -94,6 +94,12 @@ pub struct DynamoJobs {
     /// Only `get_job` and `checkpoints`, which take no `now`, read it: to
     /// hide items whose TTL passed but that DynamoDB has not deleted yet.
     clock: Arc<dyn Clock>,
+    /// One lock per tenant: this process's creates that check a tenant's
+    /// in-flight limit go one at a time, each reading the count the last
+    /// one wrote, as the ledger does per bucket. DynamoDB's conditional
+    /// transaction keeps processes apart; this keeps one process exact on
+    /// the moto emulator too, whose writes to one item are not atomic.
+    limited_creates: std::sync::Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl DynamoJobs {
@@ -101,7 +107,13 @@ impl DynamoJobs {
     pub async fn connect(client: Client, cfg: &AwsConfig, clock: Arc<dyn Clock>) -> StorageResult<Self> {
         describe_status(&client, &cfg.jobs_table).await?.ok_or_else(|| missing_table(&cfg.jobs_table))?;
         let retention_secs = i64::try_from(cfg.retention_days.get()).unwrap_or(i64::MAX / 86_400 / 2) * 86_400;
-        Ok(Self { client, table: cfg.jobs_table.clone(), retention_secs, clock })
+        Ok(Self {
+            client,
+            table: cfg.jobs_table.clone(),
+            retention_secs,
+            clock,
+            limited_creates: std::sync::Mutex::new(HashMap::new()),
+        })
     }
 
     /// When a finished job's items go.
@@ -382,6 +394,19 @@ impl JobStore for DynamoJobs {
                 job.id
             )));
         }
+        let _turn = match job.in_flight_limit {
+            Some(_) => {
+                let lock = self
+                    .limited_creates
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(job.tenant.clone())
+                    .or_default()
+                    .clone();
+                Some(lock.lock_owned().await)
+            }
+            None => None,
+        };
         match &job.idempotency {
             None => self.create_plain(job).await,
             Some((key, hash)) => self.create_keyed(job, key, hash).await,
