@@ -15,7 +15,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::domain::{ModelName, OrgName, TenantId};
+use crate::aws::AwsConfig;
+use crate::domain::{Env, ModelName, OrgName, TenantId};
+use crate::engine::quota::{TenantQuota, TenantQuotas};
+use crate::engine::router::OrgSettings;
+use crate::provider::OrgEndpoint;
 use crate::spec::SpecLimits;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,82 +57,8 @@ pub struct Config {
     pub aws: AwsConfig,
 }
 
-/// Where the AWS backend's resources are. Every name has a default so a dev
-/// account or the emulator needs only `region` (and `endpoint_url`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsConfig {
-    /// Region; else the SDK's usual sources (`AWS_REGION`, profile).
-    #[serde(default)]
-    pub region: Option<String>,
-    /// An emulator or VPC endpoint; else `AWS_ENDPOINT_URL` or AWS itself.
-    #[serde(default)]
-    pub endpoint_url: Option<String>,
-    /// Jobs, step checkpoints and per-tenant usage (PK/SK).
-    #[serde(default = "default_jobs_table")]
-    pub jobs_table: String,
-    /// The quota ledger: one item per (org, model).
-    #[serde(default = "default_ledger_table")]
-    pub ledger_table: String,
-    #[serde(default = "default_interactive_queue")]
-    pub interactive_queue: String,
-    #[serde(default = "default_batch_queue")]
-    pub batch_queue: String,
-    #[serde(default = "default_dead_letter_queue")]
-    pub dead_letter_queue: String,
-    /// CloudWatch namespace for metrics.
-    #[serde(default = "default_namespace")]
-    pub metrics_namespace: String,
-    /// A Secrets Manager secret holding a JSON object of environment
-    /// variable names to values (the org and tenant keys); read once at
-    /// start and consulted before the process environment.
-    #[serde(default)]
-    pub secret_arn: Option<String>,
-    /// Days a finished job's items are kept (DynamoDB TTL).
-    #[serde(default = "default_retention_days")]
-    pub retention_days: NonZeroU64,
-}
-
-impl Default for AwsConfig {
-    fn default() -> Self {
-        Self {
-            region: None,
-            endpoint_url: None,
-            jobs_table: default_jobs_table(),
-            ledger_table: default_ledger_table(),
-            interactive_queue: default_interactive_queue(),
-            batch_queue: default_batch_queue(),
-            dead_letter_queue: default_dead_letter_queue(),
-            metrics_namespace: default_namespace(),
-            secret_arn: None,
-            retention_days: default_retention_days(),
-        }
-    }
-}
-
-fn default_jobs_table() -> String {
-    "ratepool-jobs".into()
-}
-fn default_ledger_table() -> String {
-    "ratepool-ledger".into()
-}
-fn default_interactive_queue() -> String {
-    "ratepool-interactive".into()
-}
-fn default_batch_queue() -> String {
-    "ratepool-batch".into()
-}
-fn default_dead_letter_queue() -> String {
-    "ratepool-dlq".into()
-}
 fn default_interactive_weight() -> NonZeroU64 {
     nz(3)
-}
-fn default_namespace() -> String {
-    "Ratepool".into()
-}
-fn default_retention_days() -> NonZeroU64 {
-    nz(30)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +275,26 @@ pub struct OrgConfig {
     pub fallback: bool,
 }
 
+impl OrgConfig {
+    /// The router's settings for this org, calling `base_url` with `api_key`
+    /// (the configured URL, or a simulator standing in for it).
+    pub fn settings(&self, base_url: String, api_key: SecretString) -> OrgSettings {
+        let endpoint = OrgEndpoint {
+            name: self.name.get_ref().clone(),
+            base_url,
+            api_key,
+            timeout: Duration::from_secs(self.timeout_secs.get()),
+        };
+        let limits = self.models.iter().map(|(m, l)| (m.clone(), (l.rpm.get(), l.tpm.get()))).collect();
+        OrgSettings {
+            chars_per_token: self.chars_per_token,
+            header_sync: self.header_sync,
+            fallback: self.fallback,
+            ..OrgSettings::new(endpoint, limits, self.safety_margin)
+        }
+    }
+}
+
 fn default_base_url() -> String {
     "https://api.openai.com/v1".into()
 }
@@ -388,6 +338,16 @@ pub struct TenantQuotaConfig {
     /// Jobs queued or running at once.
     #[serde(default)]
     pub jobs_in_flight: Option<NonZeroU64>,
+}
+
+impl TenantQuotaConfig {
+    pub fn quota(&self) -> TenantQuota {
+        TenantQuota {
+            tokens_per_day: self.tokens_per_day.map(NonZeroU64::get),
+            calls_per_minute: self.calls_per_minute.map(NonZeroU64::get),
+            jobs_in_flight: self.jobs_in_flight.map(NonZeroU64::get),
+        }
+    }
 }
 
 /// How job webhooks are delivered (`[webhooks]`).
@@ -553,6 +513,11 @@ impl Config {
     }
 
     /// Every model some org serves.
+    /// Every tenant's quota (a tenant without `[tenants.quota]` is unlimited).
+    pub fn tenant_quotas(&self) -> TenantQuotas {
+        TenantQuotas::new(self.tenants.iter().map(|t| (t.name.get_ref().clone(), t.quota.quota())).collect())
+    }
+
     pub fn models(&self) -> BTreeSet<ModelName> {
         self.orgs.iter().flat_map(|o| o.models.keys().cloned()).collect()
     }
@@ -568,27 +533,6 @@ fn check_env_name(name: &str) -> Result<(), String> {
         Err(format!(
             "api_key_env {name:?} is not an environment variable name (the key itself goes in the environment, not in this file)"
         ))
-    }
-}
-
-/// Reads secrets from an environment (injected so tests need not mutate
-/// the process environment).
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-/// The process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
-impl Env for BTreeMap<String, String> {
-    fn var(&self, name: &str) -> Option<String> {
-        self.get(name).cloned()
     }
 }
 

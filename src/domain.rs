@@ -94,6 +94,15 @@ impl JobId {
     }
 }
 
+/// Which lane a job waits in; interactive is served first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
 /// Token and call counts of finished work, as the provider reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -153,6 +162,27 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> Micros {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads secrets from an environment (injected so tests need not mutate
+/// the process environment).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for std::collections::BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
     }
 }
 

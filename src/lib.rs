@@ -11,12 +11,14 @@
 //!   benchmark (`ratepool bench`).
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
-//! - [`webhook`]: signed, retried job webhooks and their SSRF guard.
+//! - [`webhook`]: signed, retried job webhooks; [`ssrf`]: the guard on the
+//!   URLs they go to; [`backoff`]: the jittered backoff every retry uses.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod api;
 pub mod aws;
+pub mod backoff;
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -28,6 +30,7 @@ pub mod provider;
 pub mod serve;
 pub mod sim;
 pub mod spec;
+pub mod ssrf;
 pub mod storage;
 pub mod telemetry;
 pub mod webhook;

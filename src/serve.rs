@@ -13,10 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, PoolOrg};
 use crate::aws::AwsClients;
-use crate::config::{self, Config, Env, StorageKind};
-use crate::domain::{Clock, SystemClock};
-use crate::engine::WebhookSettings;
-use crate::engine::quota::TenantQuotas;
+use crate::config::{self, Config, StorageKind};
+use crate::domain::{Clock, Env, ProcessEnv, SystemClock};
 use crate::engine::router::{OrgSettings, RetryPolicy};
 use crate::engine::{Engine, EngineConfig, Router};
 use crate::local::{SqliteBackend, SqliteOptions};
@@ -24,6 +22,7 @@ use crate::provider::ProviderClient;
 use crate::sim::{LatencyConfig, SimConfig, SimLimits, SimOrg, Simulator};
 use crate::storage::Backend;
 use crate::telemetry::Telemetry;
+use crate::webhook::WebhookNotifier;
 
 /// Whether to stand the simulator in for the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +56,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         owner: EngineConfig::default_owner(),
         cache_ttl: Duration::from_secs(cfg.workers.cache_ttl_secs.get()),
         fallback_after: Duration::from_secs(cfg.workers.fallback_after_secs),
-        webhooks: Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: Default::default() }),
+        // No tenant secrets: `start_workers` puts in the notifier that has them.
+        notifier: Arc::new(WebhookNotifier::new(cfg.webhooks.policy(), Default::default(), Arc::new(SystemClock))),
     }
 }
 
@@ -103,12 +103,7 @@ async fn org_settings(
         Simulate::Auto => config::org_keys(cfg, env)?,
     };
     if let Some(keys) = keys {
-        return Ok(cfg
-            .orgs
-            .iter()
-            .zip(keys)
-            .map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k))
-            .collect());
+        return Ok(cfg.orgs.iter().zip(keys).map(|(o, k)| o.settings(o.base_url.clone(), k)).collect());
     }
     tracing::warn!(
         "no provider API keys in the environment: calls go to the built-in simulator (set the orgs' api_key_env variables to use the real provider)"
@@ -154,7 +149,7 @@ async fn org_settings(
         .orgs
         .iter()
         .zip(sim_orgs)
-        .map(|(o, s)| OrgSettings::from_config(o, format!("http://{addr}/v1"), SecretString::from(s.api_key)))
+        .map(|(o, s)| o.settings(format!("http://{addr}/v1"), SecretString::from(s.api_key)))
         .collect())
 }
 
@@ -163,7 +158,7 @@ async fn org_settings(
 async fn key_env(cfg: &Config, aws: Option<&AwsClients>) -> anyhow::Result<Box<dyn Env + Send + Sync>> {
     match (&cfg.aws.secret_arn, aws) {
         (Some(arn), Some(clients)) => Ok(Box::new(crate::aws::SecretEnv::load(clients, arn).await?)),
-        _ => Ok(Box::new(config::ProcessEnv)),
+        _ => Ok(Box::new(ProcessEnv)),
     }
 }
 
@@ -173,11 +168,8 @@ fn pool_of(orgs: &[OrgSettings]) -> Vec<PoolOrg> {
 
 fn pool_from_config(cfg: &Config) -> Vec<PoolOrg> {
     // Only the ledger parameters matter for the API; key and URL do not.
-    let settings: Vec<OrgSettings> = cfg
-        .orgs
-        .iter()
-        .map(|o| OrgSettings::from_config(o, o.base_url.clone(), SecretString::from(String::new())))
-        .collect();
+    let settings: Vec<OrgSettings> =
+        cfg.orgs.iter().map(|o| o.settings(o.base_url.clone(), SecretString::from(String::new()))).collect();
     pool_of(&settings)
 }
 
@@ -198,7 +190,7 @@ fn api_state(
         tenants,
         pool,
         limits: cfg.limits.spec_limits(),
-        quotas: TenantQuotas::from_config(cfg),
+        quotas: cfg.tenant_quotas(),
         clock,
         telemetry,
         org_status,
@@ -245,11 +237,11 @@ fn start_workers(
                 ..RetryPolicy::default()
             },
         )
-        .with_tenant_quotas(TenantQuotas::from_config(cfg)),
+        .with_tenant_quotas(cfg.tenant_quotas()),
     );
     let mut engine_cfg = engine_config(cfg);
-    engine_cfg.webhooks =
-        Arc::new(WebhookSettings { policy: cfg.webhooks.policy(), secrets: config::webhook_secrets(cfg, env)? });
+    engine_cfg.notifier =
+        Arc::new(WebhookNotifier::new(cfg.webhooks.policy(), config::webhook_secrets(cfg, env)?, clock.clone()));
     let engine = Arc::new(Engine::new(backend.clone(), router.clone(), telemetry.clone(), clock, engine_cfg));
     let mut background = Vec::new();
     let (t, usage, stop) = (telemetry.clone(), backend.usage.clone(), shutdown.clone());
@@ -330,8 +322,7 @@ pub async fn worker(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<
     let keys = config::org_keys(&cfg, env.as_ref())?.ok_or_else(|| {
         anyhow::anyhow!("no org API keys found (set the orgs' api_key_env variables, or [aws] secret_arn)")
     })?;
-    let orgs: Vec<OrgSettings> =
-        cfg.orgs.iter().zip(keys).map(|(o, k)| OrgSettings::from_config(o, o.base_url.clone(), k)).collect();
+    let orgs: Vec<OrgSettings> = cfg.orgs.iter().zip(keys).map(|(o, k)| o.settings(o.base_url.clone(), k)).collect();
     let telemetry = Arc::new(Telemetry::new());
     let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock, telemetry.clone(), env.as_ref(), &shutdown)?;
     let protection =

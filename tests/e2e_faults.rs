@@ -358,7 +358,7 @@ async fn slow_down_harness(
     let orgs: Vec<OrgSettings> = cfg
         .orgs
         .iter()
-        .map(|o| OrgSettings::from_config(o, format!("{base}/v1"), SecretString::from(key(o.name.get_ref().as_str()))))
+        .map(|o| o.settings(format!("{base}/v1"), SecretString::from(key(o.name.get_ref().as_str()))))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let ledger = SqliteBackend::open(

@@ -9,11 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ratepool::aws::AwsConfig;
 use ratepool::aws::ledger::DynamoLedger;
 use ratepool::aws::{self, AwsClients};
-use ratepool::config::{AwsConfig, Config};
+use ratepool::config::Config;
 use ratepool::domain::{ModelName, SystemClock, TenantId};
-use ratepool::engine::router::{CallRequest, OrgSettings, RetryPolicy, Router};
+use ratepool::engine::router::{CallRequest, RetryPolicy, Router};
 use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
 use ratepool::sim::{SimConfig, Simulator};
 use ratepool::telemetry::Telemetry;
@@ -67,8 +68,7 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
         let ledger =
             Arc::new(DynamoLedger::connect(clients.dynamodb.clone(), &aws_cfg, Arc::new(SystemClock)).await.unwrap());
         ledgers.push(ledger.clone());
-        let org =
-            OrgSettings::from_config(&cfg.orgs[0], base.clone(), SecretString::from("sk-a-contention".to_string()));
+        let org = cfg.orgs[0].settings(base.clone(), SecretString::from("sk-a-contention".to_string()));
         let router = Arc::new(Router::new(
             vec![org],
             ledger,

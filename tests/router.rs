@@ -110,7 +110,7 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
     }));
 
     // Ratepool's side goes through the real config parser and
-    // `OrgSettings::from_config`, so the ledger gets production parameters
+    // `OrgConfig::settings`, so the ledger gets production parameters
     // (transit allowance included).
     let mut cfg = String::new();
     for d in defs {
@@ -128,7 +128,7 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
     let orgs: Vec<OrgSettings> = cfg
         .orgs
         .iter()
-        .map(|o| OrgSettings::from_config(o, format!("{base}/v1"), SecretString::from(key(o.name.get_ref().as_str()))))
+        .map(|o| o.settings(format!("{base}/v1"), SecretString::from(key(o.name.get_ref().as_str()))))
         .collect();
 
     let dir = tempfile::tempdir().unwrap();

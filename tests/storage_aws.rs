@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conformance::{Harness, QueueTime, T0};
+use ratepool::aws::AwsConfig;
 use ratepool::aws::{self, AwsClients};
-use ratepool::config::AwsConfig;
 use ratepool::domain::ManualClock;
 
 /// Short, so the visibility tests (which really wait on SQS) stay quick.

@@ -18,8 +18,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     NotReady(String),
+    /// The request's `Idempotency-Key` was first used with another body.
     #[error("{0}")]
-    Conflict(String),
+    IdempotencyMismatch(String),
     #[error("{0}")]
     TooLarge(String),
     #[error("storage unavailable")]
@@ -39,7 +40,7 @@ impl ApiError {
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::Conflict(m) => Self::Conflict(m),
+            e @ StorageError::IdempotencyMismatch { .. } => Self::IdempotencyMismatch(e.to_string()),
             StorageError::TooLarge(m) => Self::TooLarge(m),
             other => Self::Unavailable(other.to_string()),
         }
@@ -53,7 +54,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::NotReady(_) => (StatusCode::CONFLICT, "conflict"),
-            Self::Conflict(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict"),
+            Self::IdempotencyMismatch(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
@@ -71,9 +72,7 @@ impl IntoResponse for ApiError {
         match &self {
             Self::Invalid { field, .. } => body["error"]["field"] = field.clone().into(),
             Self::TooLarge(_) => body["error"]["field"] = "body".into(),
-            // The only conflict a request can cause: its idempotency key was
-            // first used with another body.
-            Self::Conflict(_) => body["error"]["field"] = "Idempotency-Key".into(),
+            Self::IdempotencyMismatch(_) => body["error"]["field"] = "Idempotency-Key".into(),
             Self::QuotaExceeded { quota, limit, retry_after_secs, .. } => {
                 body["error"]["quota"] = quota.as_str().into();
                 body["error"]["limit"] = (*limit).into();

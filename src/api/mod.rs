@@ -167,7 +167,7 @@ struct JobView {
     id: JobId,
     name: String,
     status: JobStatus,
-    priority: crate::storage::Priority,
+    priority: crate::domain::Priority,
     steps_total: u32,
     steps_done: u32,
     usage: UsageView,
@@ -192,9 +192,9 @@ struct WebhookView {
     last_status: Option<u16>,
 }
 
-impl From<Option<crate::webhook::DeliveryReport>> for WebhookView {
-    fn from(r: Option<crate::webhook::DeliveryReport>) -> Self {
-        use crate::webhook::DeliveryStatus;
+impl From<Option<crate::storage::DeliveryReport>> for WebhookView {
+    fn from(r: Option<crate::storage::DeliveryReport>) -> Self {
+        use crate::storage::DeliveryStatus;
         match r {
             None => Self { status: "pending", attempts: None, last_error: None, last_status: None },
             Some(r) => Self {
@@ -289,7 +289,7 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
                 "this tenant has no webhook signing secret configured (webhook_secret_env)",
             ));
         }
-        crate::webhook::check_url(url, state.webhooks.allow_private)
+        crate::ssrf::check_url(url, state.webhooks.allow_private)
             .map_err(|e| ApiError::invalid("webhook_url", e.to_string()))?;
     }
     let idempotency = key.map(|k| (k, hex::encode(Sha256::digest(&body))));

@@ -50,12 +50,12 @@ use aws_sdk_dynamodb::types::{
     TransactWriteItem, Update,
 };
 
+use super::AwsConfig;
 use super::sdk_err;
-use crate::config::AwsConfig;
-use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    OrgCounters, Priority, StorageError, StorageResult, UsageStore,
+    OrgCounters, StorageError, StorageResult, UsageStore,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -319,7 +319,7 @@ impl DynamoJobs {
     }
 
     /// The job an idempotency item names, unless the item is missing or
-    /// expired; `Conflict` if it was made by a request other than `hash`.
+    /// expired; `IdempotencyMismatch` if it was made by a request other than `hash`.
     async fn keyed_job(
         &self,
         item: Option<Item>,
@@ -330,14 +330,12 @@ impl DynamoJobs {
         let Some(earlier) = item.filter(|i| !i.is_empty() && !expired(i, now_s)) else { return Ok(None) };
         let f = Fields::new(&earlier, "idempotency item");
         if f.s("request_hash")? != hash {
-            return Err(StorageError::Conflict(format!("idempotency key {key:?} was used with a different request")));
+            return Err(StorageError::IdempotencyMismatch { key: key.to_owned() });
         }
         let first = JobId::parse(f.s("job_id")?).map_err(|e| corrupt("idempotency item", &e.0))?;
         match self.get_job_at(&first, now_s).await? {
             Some(record) => Ok(Some(record)),
-            None => Err(StorageError::Conflict(format!(
-                "idempotency key {key:?} belongs to job {first}, which no longer exists"
-            ))),
+            None => Err(StorageError::Missing(format!("job {first}, which idempotency key {key:?} names,"))),
         }
     }
 
@@ -382,8 +380,8 @@ fn failed(reasons: &[CancellationReason], idx: usize) -> bool {
 
 #[async_trait]
 impl JobStore for DynamoJobs {
-    /// A new job whose id already exists (not via its idempotency key) is a
-    /// `Conflict`, as on SQLite. A spec over [`MAX_PAYLOAD_BYTES`] is
+    /// A new job whose id already exists (not via its idempotency key) is
+    /// `AlreadyExists`, as on SQLite. A spec over [`MAX_PAYLOAD_BYTES`] is
     /// `TooLarge`. The idempotency key expires `retention_days` after the
     /// first submission.
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
@@ -586,9 +584,7 @@ impl JobStore for DynamoJobs {
             Ok(()) => Ok(()),
             Err(TxError::Other(e)) => Err(e),
             Err(TxError::Cancelled(reasons)) if failed(&reasons, 0) => Err(StorageError::LeaseLost),
-            Err(TxError::Cancelled(_)) => {
-                Err(StorageError::Conflict(format!("step {} already has a checkpoint", cp.step_id)))
-            }
+            Err(TxError::Cancelled(_)) => Err(StorageError::CheckpointExists(cp.step_id.clone())),
         }
     }
 
@@ -771,7 +767,7 @@ impl JobStore for DynamoJobs {
         match self.transact(items, "recording a webhook report").await {
             Ok(()) => Ok(()),
             Err(TxError::Other(e)) => Err(e),
-            Err(TxError::Cancelled(_)) => Err(StorageError::Conflict(format!("job {id} does not exist"))),
+            Err(TxError::Cancelled(_)) => Err(StorageError::Missing(format!("job {id}"))),
         }
     }
 
@@ -1060,7 +1056,7 @@ fn clip(s: &str) -> String {
 }
 
 fn already_exists(id: &JobId) -> StorageError {
-    StorageError::Conflict(format!("job {id} already exists"))
+    StorageError::AlreadyExists(format!("job {id}"))
 }
 
 fn corrupt(what: &str, detail: &str) -> StorageError {

@@ -39,8 +39,8 @@ use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
+use super::AwsConfig;
 use super::sdk_err;
-use crate::config::AwsConfig;
 use crate::domain::{Clock, Micros};
 use crate::storage::gcra::{self, Decision, Rate};
 use crate::storage::{

@@ -4,6 +4,7 @@
 //! emulator in tests).
 
 pub mod cache;
+mod config;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
@@ -15,9 +16,9 @@ use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region};
 
-use crate::config::{AwsConfig, Env};
-use crate::domain::Clock;
+use crate::domain::{Clock, Env};
 use crate::storage::{Backend, StorageError, StorageResult};
+pub use config::AwsConfig;
 
 /// SDK clients, built once at start and shared.
 #[derive(Clone, Debug)]

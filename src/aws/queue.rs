@@ -7,7 +7,7 @@
 //! accepts a delete with an old handle and "might not" delete), so this
 //! queue remembers until when each receipt it handed out keeps its message
 //! hidden, and refuses a receipt whose visibility may have lapsed with
-//! `Conflict("stale receipt")`: only then could another worker hold it.
+//! `StaleReceipt`: only then could another worker hold it.
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
@@ -19,9 +19,10 @@ use async_trait::async_trait;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 
+use super::AwsConfig;
 use super::sdk_err;
-use crate::config::AwsConfig;
-use crate::storage::{Delivery, JobQueue, Priority, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::domain::Priority;
+use crate::storage::{Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
 
 /// SQS returns at most 10 messages per receive.
 const MAX_BATCH: usize = 10;
@@ -71,10 +72,6 @@ impl Lane {
             _ => None,
         }
     }
-}
-
-fn stale() -> StorageError {
-    StorageError::Conflict("stale receipt".into())
 }
 
 /// Whole seconds for SQS, rounded up so a message is hidden at least as
@@ -165,12 +162,12 @@ impl SqsQueue {
     }
 
     /// The lane and SQS handle of a receipt this queue handed out and whose
-    /// message is surely still hidden; else `Conflict("stale receipt")`.
+    /// message is surely still hidden; else `StaleReceipt`.
     fn current<'r>(&self, receipt: &'r str) -> StorageResult<(Lane, &'r str)> {
         let (lane, handle) = receipt
             .split_once('|')
             .and_then(|(tag, handle)| Some((Lane::from_tag(tag)?, handle)))
-            .ok_or_else(|| StorageError::Conflict("not a receipt of this queue".into()))?;
+            .ok_or(StorageError::StaleReceipt)?;
         let mut held = self.held();
         match held.get(receipt) {
             Some(until) if Instant::now() + RECEIPT_MARGIN < *until => Ok((lane, handle)),
@@ -178,10 +175,10 @@ impl SqsQueue {
             // and SQS would still accept this handle.
             Some(_) => {
                 held.remove(receipt);
-                Err(stale())
+                Err(StorageError::StaleReceipt)
             }
             // Never ours, or already deleted / handed back / lapsed.
-            None => Err(stale()),
+            None => Err(StorageError::StaleReceipt),
         }
     }
 
@@ -283,7 +280,7 @@ impl SqsQueue {
             }
             Err(e) if e.as_service_error().is_some_and(is_stale_receipt_error) => {
                 self.forget(receipt);
-                Err(stale())
+                Err(StorageError::StaleReceipt)
             }
             Err(e) => Err(sdk_err("deleting an SQS message", e)),
         }
@@ -469,7 +466,7 @@ impl JobQueue for SqsQueue {
             }
             Err(e) if e.as_service_error().is_some_and(is_stale_receipt_error) => {
                 self.forget(receipt);
-                Err(stale())
+                Err(StorageError::StaleReceipt)
             }
             Err(e) => Err(sdk_err("extending an SQS message's visibility", e)),
         }

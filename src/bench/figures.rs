@@ -13,9 +13,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::harness::{self, JobDoc, MODEL, OrgLimits, Server, ServerSetup, Sim};
+use crate::backoff::full_jitter;
 use crate::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
-use crate::engine::breaker::full_jitter;
-use crate::engine::router::{CallRequest, OrgSettings, RetryPolicy, Router};
+use crate::engine::router::{CallRequest, RetryPolicy, Router};
 use crate::provider::{ChatMessage, ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure};
 use crate::sim::{LatencyConfig, SimStats};
 use crate::spec::{JobSpec, SpecLimits};
@@ -606,21 +606,21 @@ pub async fn ledger(ctx: &Ctx, run: usize) -> anyhow::Result<LedgerRun> {
     })
 }
 
-fn aws_config(endpoint: &str, run: usize) -> crate::config::AwsConfig {
+fn aws_config(endpoint: &str, run: usize) -> crate::aws::AwsConfig {
     let s = uuid::Uuid::new_v4().simple().to_string();
-    crate::config::AwsConfig {
+    crate::aws::AwsConfig {
         region: Some("us-east-1".into()),
         endpoint_url: Some(endpoint.to_string()),
         jobs_table: format!("bench-jobs-{run}-{}", &s[..8]),
         ledger_table: format!("bench-ledger-{run}-{}", &s[..8]),
-        ..crate::config::AwsConfig::default()
+        ..crate::aws::AwsConfig::default()
     }
 }
 
 /// `routers` routers, each with its own DynamoDB client, make `calls` calls
 /// in all through one org limited to `rpm`; DynamoDB requests per call.
 async fn requests_per_call(
-    aws_cfg: &crate::config::AwsConfig,
+    aws_cfg: &crate::aws::AwsConfig,
     routers: usize,
     calls: usize,
     rpm: u64,
@@ -648,7 +648,7 @@ async fn requests_per_call(
             crate::aws::ledger::DynamoLedger::connect(clients.dynamodb.clone(), aws_cfg, Arc::new(SystemClock)).await?,
         );
         ledgers.push(ledger.clone());
-        let settings = OrgSettings::from_config(org_cfg, base.clone(), SecretString::from(key.clone()));
+        let settings = org_cfg.settings(base.clone(), SecretString::from(key.clone()));
         let router = Arc::new(Router::new(
             vec![settings],
             ledger,

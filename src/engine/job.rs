@@ -19,10 +19,9 @@ use crate::domain::{JobId, StepId, TenantId};
 use crate::provider::{ChatMessage, ChatRequest};
 use crate::spec::{JobSpec, Tier};
 use crate::storage::{
-    CacheKey, CachedResponse, Checkpoint, Delivery, JobOutcome, JobStatus, Lease, LeaseOutcome, ResponseCache,
-    StorageError,
+    CacheKey, CachedResponse, Checkpoint, Delivery, DeliveryStatus, JobOutcome, JobStatus, Lease, LeaseOutcome,
+    ResponseCache, StorageError,
 };
-use crate::webhook::{DeliveryReport, DeliveryStatus, WebhookPayload};
 
 /// Shutdown signals shared by every job of one engine.
 #[derive(Clone, Default)]
@@ -65,7 +64,7 @@ pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop
         Ok(()) => {}
         // Our receipt lapsed (a late heartbeat) and the message was passed
         // on: its next receiver finds the job finished or leased.
-        Err(StorageError::Conflict(_)) => {
+        Err(StorageError::StaleReceipt) => {
             tracing::info!(job = %job, "the queue message was already passed on; its next receiver settles it");
         }
         Err(e) => tracing::warn!(job = %job, error = %e, "could not acknowledge the queue message"),
@@ -201,30 +200,10 @@ async fn try_settle_webhook(engine: &Engine, delivery: &Delivery, id: &JobId) ->
     if jobs.webhook_report(id).await?.is_some() {
         return Ok(());
     }
-    let hooks = &engine.config.webhooks;
-    let payload =
-        WebhookPayload { id: id.clone(), status: record.status, steps_done: record.steps_done, usage: record.usage };
-    let report = match hooks.secrets.get(&record.tenant) {
-        Some(secret) => {
-            let keep = tokio::spawn(keep_hidden(
-                engine.backend.queue.clone(),
-                delivery.receipt.clone(),
-                engine.config.lease_ttl,
-            ));
-            let report = crate::webhook::deliver(&url, secret, &payload, &hooks.policy, engine.clock.as_ref()).await;
-            keep.abort();
-            report
-        }
-        None => DeliveryReport {
-            status: DeliveryStatus::Failed,
-            attempts: 0,
-            last_error: Some(format!(
-                "this worker has no webhook secret for tenant {} (webhook_secret_env)",
-                record.tenant
-            )),
-            last_status: None,
-        },
-    };
+    let keep =
+        tokio::spawn(keep_hidden(engine.backend.queue.clone(), delivery.receipt.clone(), engine.config.lease_ttl));
+    let report = engine.config.notifier.notify(&record, &url).await;
+    keep.abort();
     match report.status {
         DeliveryStatus::Delivered => {
             engine.telemetry.webhook_delivery("delivered");
@@ -279,7 +258,7 @@ async fn heartbeat(
         let (extended, renewed) = tokio::join!(extended, backend.jobs.renew_lease(&held, ttl, clock.now()));
         match extended {
             None | Some(Ok(())) => {}
-            Some(Err(StorageError::Conflict(_))) => {
+            Some(Err(StorageError::StaleReceipt)) => {
                 tracing::info!(
                     job = %held.job_id,
                     "heartbeat came after the message's visibility timeout; the lease keeps the job"

@@ -4,6 +4,7 @@
 
 pub mod breaker;
 mod job;
+mod notify;
 pub mod quota;
 pub mod router;
 
@@ -18,6 +19,7 @@ use crate::domain::Clock;
 use crate::spec::SpecLimits;
 use crate::storage::Backend;
 use crate::telemetry::Telemetry;
+pub use notify::JobNotifier;
 pub use router::Router;
 
 /// How the workers of one process behave.
@@ -46,15 +48,8 @@ pub struct EngineConfig {
     /// How long a step waits for a primary org before fallback orgs may take
     /// it, unless the job says otherwise.
     pub fallback_after: Duration,
-    /// How job webhooks are sent, and each tenant's signing secret.
-    pub webhooks: Arc<WebhookSettings>,
-}
-
-/// Webhook delivery settings of one worker process.
-#[derive(Debug, Clone, Default)]
-pub struct WebhookSettings {
-    pub policy: crate::webhook::DeliveryPolicy,
-    pub secrets: std::collections::HashMap<crate::domain::TenantId, secrecy::SecretString>,
+    /// Tells a finished job's client (its webhook).
+    pub notifier: Arc<dyn JobNotifier>,
 }
 
 impl EngineConfig {

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::config::{Config, TenantQuotaConfig};
 use crate::domain::{Micros, TenantId};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Decision, Rate};
 
@@ -50,14 +49,6 @@ pub struct Spent {
 }
 
 impl TenantQuota {
-    pub fn from_config(q: &TenantQuotaConfig) -> Self {
-        Self {
-            tokens_per_day: q.tokens_per_day.map(|v| v.get()),
-            calls_per_minute: q.calls_per_minute.map(|v| v.get()),
-            jobs_in_flight: q.jobs_in_flight.map(|v| v.get()),
-        }
-    }
-
     /// The ledger parameters of the tenant's bucket pair, if it has a rate
     /// limit at all. An unset limit's bucket is charged nothing (see
     /// [`Self::charge`]), so its rate here is only a placeholder.
@@ -141,8 +132,8 @@ pub struct QuotaReport {
 pub struct TenantQuotas(HashMap<TenantId, TenantQuota>);
 
 impl TenantQuotas {
-    pub fn from_config(cfg: &Config) -> Self {
-        Self(cfg.tenants.iter().map(|t| (t.name.get_ref().clone(), TenantQuota::from_config(&t.quota))).collect())
+    pub fn new(quotas: HashMap<TenantId, TenantQuota>) -> Self {
+        Self(quotas)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&TenantId, &TenantQuota)> {

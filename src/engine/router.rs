@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::{Breaker, BreakerPolicy, RateFactor, SlowDownPolicy, full_jitter};
+use super::breaker::{Breaker, BreakerPolicy, RateFactor, SlowDownPolicy};
 use super::quota::{QuotaKind, TenantQuota, TenantQuotas};
+use crate::backoff::full_jitter;
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
 use crate::provider::{ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure, RateLimitHeaders};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
@@ -60,35 +60,24 @@ pub struct OrgSettings {
 }
 
 impl OrgSettings {
-    /// Builds the settings of one configured org.
-    pub fn from_config(org: &crate::config::OrgConfig, base_url: String, api_key: SecretString) -> Self {
-        let keep = 1.0 - org.safety_margin;
-        let mut models = BTreeMap::new();
-        let mut provider_limits = BTreeMap::new();
-        for (model, lim) in &org.models {
-            let scaled = |v: u64| ((v as f64 * keep).floor() as u64).max(1);
-            models.insert(
-                model.clone(),
-                BucketParams {
-                    requests: Rate::per_minute(scaled(lim.rpm.get())).with_slack(TRANSIT_ALLOWANCE_US),
-                    tokens: Rate::per_minute(scaled(lim.tpm.get())).with_slack(TRANSIT_ALLOWANCE_US),
-                },
-            );
-            provider_limits.insert(model.clone(), (lim.rpm.get(), lim.tpm.get()));
-        }
-        Self {
-            endpoint: OrgEndpoint {
-                name: org.name.get_ref().clone(),
-                base_url,
-                api_key,
-                timeout: Duration::from_secs(org.timeout_secs.get()),
-            },
-            models,
-            provider_limits,
-            chars_per_token: org.chars_per_token,
-            header_sync: org.header_sync,
-            fallback: org.fallback,
-        }
+    /// An org whose ledger buckets are its provider limits (`(rpm, tpm)` per
+    /// model) less `safety_margin`, with the provider's usual prompt
+    /// estimate (4 characters a token), header sync on, and primary (not a
+    /// fallback).
+    pub fn new(endpoint: OrgEndpoint, provider_limits: BTreeMap<ModelName, (u64, u64)>, safety_margin: f64) -> Self {
+        let keep = 1.0 - safety_margin;
+        let scaled = |v: u64| ((v as f64 * keep).floor() as u64).max(1);
+        let models = provider_limits
+            .iter()
+            .map(|(model, &(rpm, tpm))| {
+                let params = BucketParams {
+                    requests: Rate::per_minute(scaled(rpm)).with_slack(TRANSIT_ALLOWANCE_US),
+                    tokens: Rate::per_minute(scaled(tpm)).with_slack(TRANSIT_ALLOWANCE_US),
+                };
+                (model.clone(), params)
+            })
+            .collect();
+        Self { endpoint, models, provider_limits, chars_per_token: 4.0, header_sync: true, fallback: false }
     }
 }
 

@@ -68,7 +68,7 @@ fn in_flight(conn: &rusqlite::Connection, tenant: &TenantId) -> StorageResult<u6
 }
 
 /// The job `tenant` created earlier with idempotency key `key`, if any;
-/// `Conflict` if that request's hash was not `hash`.
+/// `IdempotencyMismatch` if that request's hash was not `hash`.
 fn keyed_job(
     conn: &rusqlite::Connection,
     tenant: &TenantId,
@@ -87,7 +87,7 @@ fn keyed_job(
         .db()?;
     match earlier {
         Some((record, stored)) if stored.as_deref() == Some(hash) => Ok(Some(record)),
-        Some(_) => Err(StorageError::Conflict(format!("idempotency key {key:?} was used with a different request"))),
+        Some(_) => Err(StorageError::IdempotencyMismatch { key: key.to_owned() }),
         None => Ok(None),
     }
 }
@@ -117,7 +117,7 @@ fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
 #[async_trait]
 impl JobStore for SqliteBackend {
     /// A new job whose id already exists (not via its idempotency key) is a
-    /// `Conflict`: ids are minted fresh, so that is a caller bug.
+    /// `AlreadyExists`: ids are minted fresh, so that is a caller bug.
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
         let job = job.clone();
         self.write(move |conn| {
@@ -161,7 +161,7 @@ impl JobStore for SqliteBackend {
                 ])
                 .db()?;
             if inserted == 0 {
-                return Err(StorageError::Conflict(format!("job {} already exists", job.id)));
+                return Err(StorageError::AlreadyExists(format!("job {}", job.id)));
             }
             tx.prepare_cached(
                 "INSERT INTO tenant_jobs (tenant, in_flight) VALUES (?1, 1)
@@ -339,7 +339,7 @@ impl JobStore for SqliteBackend {
                 .db()?;
             if inserted == 0 {
                 // Dropping `tx` rolls back the progress update.
-                return Err(StorageError::Conflict(format!("step {} already has a checkpoint", cp.step_id)));
+                return Err(StorageError::CheckpointExists(cp.step_id.clone()));
             }
             tx.commit().db()
         })

@@ -27,8 +27,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::Notify;
 
-use crate::domain::{Clock, InvalidId, Micros, SystemClock};
-use crate::storage::{Backend, Priority, StorageError, StorageResult};
+use crate::domain::{Clock, InvalidId, Micros, Priority, SystemClock};
+use crate::storage::{Backend, StorageError, StorageResult};
 
 /// How the SQLite backend behaves; the defaults suit production.
 #[derive(Clone)]

@@ -3,14 +3,15 @@
 //! A receive hides a message until `now + visibility_timeout` (by the
 //! injected clock) and gives it a fresh receipt; extend, delete and
 //! dead-letter name that receipt, so a worker whose visibility lapsed and
-//! whose message went to another worker gets `Conflict("stale receipt")`.
+//! whose message went to another worker gets `StaleReceipt`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
+use crate::domain::Priority;
 use crate::domain::{JobId, Micros, TenantId};
-use crate::storage::{Delivery, JobQueue, Priority, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::storage::{Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
 use async_trait::async_trait;
 
 /// How often an idle receiver looks again even without a wake-up: messages
@@ -34,10 +35,6 @@ fn priority_of(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Priority
             format!("unknown queue lane {other}").into(),
         )),
     }
-}
-
-fn stale() -> StorageError {
-    StorageError::Conflict("stale receipt".into())
 }
 
 impl SqliteBackend {
@@ -148,7 +145,7 @@ impl JobQueue for SqliteBackend {
             })
             .await?;
         if changed == 0 {
-            return Err(stale());
+            return Err(StorageError::StaleReceipt);
         }
         if timeout.is_zero() {
             self.shared.queue_ready.notify_waiters();
@@ -163,7 +160,7 @@ impl JobQueue for SqliteBackend {
                 conn.prepare_cached("DELETE FROM queue WHERE receipt = ?1").db()?.execute([receipt]).db()
             })
             .await?;
-        if changed == 0 { Err(stale()) } else { Ok(()) }
+        if changed == 0 { Err(StorageError::StaleReceipt) } else { Ok(()) }
     }
 
     /// One statement: the row is hidden, re-receipted and its count reset,
@@ -182,7 +179,7 @@ impl JobQueue for SqliteBackend {
                 .db()
             })
             .await?;
-        if changed == 0 { Err(stale()) } else { Ok(()) }
+        if changed == 0 { Err(StorageError::StaleReceipt) } else { Ok(()) }
     }
 
     /// Moves the row itself (not `delivery.message`), so what is
@@ -201,7 +198,7 @@ impl JobQueue for SqliteBackend {
                 .execute(rusqlite::params![receipt, now])
                 .db()?;
             if moved == 0 {
-                return Err(stale());
+                return Err(StorageError::StaleReceipt);
             }
             tx.prepare_cached("DELETE FROM queue WHERE receipt = ?1").db()?.execute([&receipt]).db()?;
             tx.commit().db()

@@ -19,8 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{ModelName, StepId};
-use crate::storage::Priority;
+use crate::domain::{ModelName, Priority, StepId};
 
 pub use template::{RenderError, Template, TemplateError};
 
@@ -570,7 +569,7 @@ fn check_webhook_url(url: &str) -> Result<(), String> {
     if url.len() > MAX_WEBHOOK_URL_BYTES {
         return Err(format!("is {} bytes, more than the limit of {MAX_WEBHOOK_URL_BYTES}", url.len()));
     }
-    crate::webhook::check_url(url, true).map(|_| ()).map_err(|e| e.to_string())
+    crate::ssrf::check_url(url, true).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Checks one step on its own and resolves its defaults; `deps` is filled in

@@ -14,8 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
-pub use crate::webhook::DeliveryReport;
+use crate::domain::{JobId, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
 pub use gcra::{BucketParams, BucketState, Cost};
 
 /// Errors a backend reports. The engine decides on the variant: a lost lease
@@ -26,10 +25,27 @@ pub enum StorageError {
     /// worker took it, or the job was cancelled or finished meanwhile).
     #[error("job lease lost")]
     LeaseLost,
-    /// A conditional write found a state it may not change (for example an
-    /// idempotency key reused with a different request).
-    #[error("conflict: {0}")]
-    Conflict(String),
+    /// A queue receipt that no longer holds its message: its visibility
+    /// timeout passed and the message was received again (or deferred), or
+    /// it is not a receipt of this queue. Whoever holds the message now
+    /// settles it.
+    #[error("stale queue receipt")]
+    StaleReceipt,
+    /// An idempotency key was first used with a different request; nothing
+    /// was written.
+    #[error("idempotency key {key:?} was first used with a different request")]
+    IdempotencyMismatch { key: String },
+    /// The step already has a checkpoint; nothing was written. A retried
+    /// write whose first response was lost lands here too.
+    #[error("step {0} already has a checkpoint")]
+    CheckpointExists(StepId),
+    /// A record with this id is already stored. Ids are minted fresh, so
+    /// this is a caller bug, never a client's.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The record a write is about does not exist.
+    #[error("{0} does not exist")]
+    Missing(String),
     /// A record is larger than the backend stores.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -41,15 +57,6 @@ pub enum StorageError {
 pub type StorageResult<T> = Result<T, StorageError>;
 
 // ---------------------------------------------------------------- queue
-
-/// Which lane a job waits in; interactive is served first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    #[default]
-    Interactive,
-    Batch,
-}
 
 /// What the queue carries: a pointer to the job record, never the spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,12 +284,12 @@ pub enum JobOutcome {
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Stores a new job in `queued`, or returns the job an earlier request
-    /// with the same idempotency key created (`Conflict` if its body differs;
+    /// with the same idempotency key created (`IdempotencyMismatch` if its body differs;
     /// a replay is never refused for the in-flight limit).
     async fn create_job(&self, job: &NewJob) -> StorageResult<CreateOutcome>;
     /// The job an earlier request with idempotency key `key` created, if
     /// any, creating nothing: what a retry of that request is answered
-    /// with when a new job would be refused. `Conflict` if its body's
+    /// with when a new job would be refused. `IdempotencyMismatch` if its body's
     /// `hash` differs, as in `create_job`.
     async fn replay(&self, tenant: &TenantId, key: &str, hash: &str) -> StorageResult<Option<JobRecord>>;
     /// The tenant's jobs queued or running, as counted (see the trait doc).
@@ -299,8 +306,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn release_lease(&self, lease: &Lease) -> StorageResult<()>;
     /// Writes one step's checkpoint and adds it to the job's progress and
     /// usage, only if `lease` is held and unexpired at `now` (else
-    /// `LeaseLost`). Writing a step that already has a checkpoint is a
-    /// `Conflict` and changes nothing.
+    /// `LeaseLost`). Writing a step that already has a checkpoint is
+    /// `CheckpointExists` and changes nothing.
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()>;
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>>;
     /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
@@ -579,6 +586,29 @@ pub trait ResponseCache: Send + Sync + 'static {
     /// Stores `value` until `now + ttl`, replacing any entry under `key`
     /// (last write wins). `TooLarge` if the backend cannot hold it.
     async fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration, now: Micros) -> StorageResult<()>;
+}
+
+// ---------------------------------------------------------------- webhooks
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Delivered,
+    Failed,
+}
+
+/// How a job's webhook delivery went, stored on the job as its webhook
+/// status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryReport {
+    pub status: DeliveryStatus,
+    /// Attempts made, failed DNS lookups and connects included; 0 if the
+    /// URL was refused before the first.
+    pub attempts: u32,
+    /// Why the last attempt failed; `None` once delivered.
+    pub last_error: Option<String>,
+    /// HTTP status of the last answer, if there was one.
+    pub last_status: Option<u16>,
 }
 
 /// A storage backend: one value of each role.

@@ -13,12 +13,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
 use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
     Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
-    Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, Priority, QueueMessage,
-    QueueStats, StorageError,
+    Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, QueueMessage, QueueStats,
+    StorageError,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -142,8 +142,15 @@ fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str)
     assert!(matches!(r, Err(StorageError::LeaseLost)), "{what}: expected LeaseLost, got {r:?}");
 }
 
-fn assert_conflict<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
-    assert!(matches!(r, Err(StorageError::Conflict(_))), "{what}: expected Conflict, got {r:?}");
+fn assert_stale<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
+    assert!(matches!(r, Err(StorageError::StaleReceipt)), "{what}: expected StaleReceipt, got {r:?}");
+}
+
+fn assert_mismatch<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
+    assert!(
+        matches!(r, Err(StorageError::IdempotencyMismatch { .. })),
+        "{what}: expected IdempotencyMismatch, got {r:?}"
+    );
 }
 
 // ------------------------------------------------------------------ queue
@@ -208,7 +215,7 @@ pub async fn queue_stale_receipt_cannot_extend(h: &Harness) {
     h.expire_visibility().await;
     let new = receive_n(h, 1).await;
     assert_eq!((old.len(), new.len()), (1, 1));
-    assert_conflict(q.extend(&old[0].receipt, Duration::ZERO).await, "extend with a stale receipt");
+    assert_stale(q.extend(&old[0].receipt, Duration::ZERO).await, "extend with a stale receipt");
     assert!(nothing_visible(h).await, "the stale extend did not hand the message back");
     q.extend(&new[0].receipt, h.visibility_timeout).await.expect("the current receipt still works");
 }
@@ -221,7 +228,7 @@ pub async fn queue_stale_receipt_cannot_delete(h: &Harness) {
     h.expire_visibility().await;
     let new = receive_n(h, 1).await;
     assert_eq!((old.len(), new.len()), (1, 1));
-    assert_conflict(q.delete(&old[0].receipt).await, "delete with a stale receipt");
+    assert_stale(q.delete(&old[0].receipt).await, "delete with a stale receipt");
     // The message is still there: hand it back with the current receipt.
     q.extend(&new[0].receipt, Duration::ZERO).await.expect("current receipt");
     let third = receive_n(h, 1).await;
@@ -242,8 +249,8 @@ pub async fn queue_defer_hides_and_starts_receive_count_again(h: &Harness) {
     assert_eq!(second[0].receive_count, 2);
     q.defer(&second[0], h.visibility_timeout).await.expect("defer");
     assert!(nothing_visible(h).await, "a deferred message is hidden for its delay");
-    assert_conflict(q.extend(&second[0].receipt, Duration::ZERO).await, "extend with a deferred receipt");
-    assert_conflict(q.defer(&first[0], Duration::ZERO).await, "defer with a stale receipt");
+    assert_stale(q.extend(&second[0].receipt, Duration::ZERO).await, "extend with a deferred receipt");
+    assert_stale(q.defer(&first[0], Duration::ZERO).await, "defer with a stale receipt");
     let stats = q.stats().await.expect("stats");
     assert_eq!((stats.visible + stats.in_flight, stats.dead), (1, 0), "one copy, not two: {stats:?}");
     h.expire_visibility().await;
@@ -338,7 +345,7 @@ pub async fn queue_receive_returns_early_when_sent(h: &Harness) {
 // ------------------------------------------------------------------ jobs
 
 pub async fn webhook_report_round_trips_and_needs_its_job(h: &Harness) {
-    use ratepool::webhook::{DeliveryReport, DeliveryStatus};
+    use ratepool::storage::{DeliveryReport, DeliveryStatus};
     let jobs = &h.backend.jobs;
     let (a, b) = (new_job("acme", None), new_job("acme", None));
     for j in [&a, &b] {
@@ -412,7 +419,7 @@ pub async fn jobs_idempotent_create(h: &Harness) {
     assert_eq!(jobs.get_job(&repeat.id).await.expect("get"), None, "the repeat stored nothing");
 
     let changed = new_job("acme", Some(("key-1", "hash-2")));
-    assert_conflict(jobs.create_job(&changed).await, "same key, different body");
+    assert_mismatch(jobs.create_job(&changed).await, "same key, different body");
     assert_eq!(jobs.get_job(&changed.id).await.expect("get"), None);
 
     let other_tenant = new_job("globex", Some(("key-1", "hash-1")));
@@ -435,7 +442,7 @@ pub async fn jobs_replay_finds_a_keyed_job_and_creates_nothing(h: &Harness) {
         other => panic!("expected Created, got {other:?}"),
     };
     assert_eq!(jobs.replay(&acme, "key-1", "hash-1").await.expect("replay"), Some(created));
-    assert_conflict(jobs.replay(&acme, "key-1", "hash-2").await, "same key, different body");
+    assert_mismatch(jobs.replay(&acme, "key-1", "hash-2").await, "same key, different body");
     assert_eq!(jobs.replay(&acme, "key-2", "hash-1").await.expect("another key"), None);
     let globex = tenant("globex");
     assert_eq!(jobs.replay(&globex, "key-1", "hash-1").await.expect("another tenant"), None, "keys are per tenant");
@@ -565,7 +572,8 @@ pub async fn checkpoint_duplicate_is_conflict(h: &Harness) {
     let a = acquire(h, &id, "worker-a", T0).await;
     let first = checkpoint("s1", "first", 100);
     jobs.put_checkpoint(&a, &first, T0 + 1).await.expect("first");
-    assert_conflict(jobs.put_checkpoint(&a, &checkpoint("s1", "second", 7), T0 + 2).await, "duplicate step");
+    let dup = jobs.put_checkpoint(&a, &checkpoint("s1", "second", 7), T0 + 2).await;
+    assert!(matches!(&dup, Err(StorageError::CheckpointExists(s)) if s.as_str() == "s1"), "duplicate step: {dup:?}");
     let rec = get(h, &id).await;
     assert_eq!(rec.steps_done, 1, "a duplicate does not count");
     assert_eq!(rec.usage, first.usage, "a duplicate adds no usage");
