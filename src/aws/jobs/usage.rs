@@ -1,0 +1,86 @@
+//! Per-tenant usage counters: one item per (tenant, org).
+
+use super::*;
+
+#[async_trait]
+impl UsageStore for DynamoJobs {
+    /// One transaction of ADDs (deltas for the same tenant and org merged
+    /// first), so a flush is counted whole or not at all and a caller that
+    /// re-queues a failed batch never double counts. A batch over 100
+    /// (tenant, org) pairs takes one transaction per 100.
+    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()> {
+        let mut merged: Vec<((TenantId, OrgName), OrgCounters)> = Vec::new();
+        for (tenant, org, c) in deltas {
+            match merged.iter_mut().find(|((t, o), _)| t == tenant && o == org) {
+                Some((_, total)) => total.merge(c),
+                None => merged.push(((tenant.clone(), org.clone()), c.clone())),
+            }
+        }
+        let update = "ADD #calls :calls, #prompt_tokens :pt, #completion_tokens :ct, #rate_limited :rl, \
+                      #insufficient_quota :iq, #server_errors :se, #timeouts :to, #connection_errors :ce, \
+                      #request_errors :re";
+        for chunk in merged.chunks(TX_MAX_ITEMS) {
+            let mut items = Vec::with_capacity(chunk.len());
+            for ((tenant, org), c) in chunk {
+                let add = Update::builder()
+                    .table_name(&self.table)
+                    .key("PK", s(&usage_pk(tenant)))
+                    .key("SK", s(&format!("{USAGE_ORG_PREFIX}{org}")))
+                    .update_expression(update)
+                    .set_expression_attribute_names(Some(names(&[update])))
+                    .set_expression_attribute_values(Some(values([
+                        (":calls", num(c.calls)),
+                        (":pt", num(c.prompt_tokens)),
+                        (":ct", num(c.completion_tokens)),
+                        (":rl", num(c.rate_limited)),
+                        (":iq", num(c.insufficient_quota)),
+                        (":se", num(c.server_errors)),
+                        (":to", num(c.timeouts)),
+                        (":ce", num(c.connection_errors)),
+                        (":re", num(c.request_errors)),
+                    ])))
+                    .build()
+                    .map_err(|e| sdk_err("building a usage update", e))?;
+                items.push(TransactWriteItem::builder().update(add).build());
+            }
+            match self.transact(items, "adding usage").await {
+                Ok(()) => {}
+                Err(TxError::Other(e)) => return Err(e),
+                // No item carries a condition, so this cannot happen.
+                Err(TxError::Cancelled(r)) => {
+                    return Err(StorageError::Backend(format!("usage update cancelled: {:?}", codes(&r))));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ordered by org name.
+    async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+                .expression_attribute_values(":pk", s(&usage_pk(tenant)))
+                .expression_attribute_values(":prefix", s(USAGE_ORG_PREFIX))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("reading usage", e))?;
+            for item in page.items() {
+                out.push(usage_from_item(item)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}

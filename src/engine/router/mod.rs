@@ -1,0 +1,386 @@
+//! Routing one provider call over the pool of organizations.
+//!
+//! For a call of a given model the router takes, among the orgs that serve
+//! it and are in rotation, the one with the most headroom (from the bucket
+//! state cached from every ledger write), charges its quota in the ledger,
+//! and sends the call. When no org has room it sleeps until the earliest one
+//! will — never spinning, never failing the job for it. Admissions of one
+//! model are serialized through a fair (FIFO) gate so that waiting callers
+//! do not stampede the ledger when capacity returns: one ledger write per
+//! admitted call.
+//!
+//! A tenant with a rate quota (calls per minute, tokens per day; see
+//! [`super::quota`]) has its own bucket pair in the same ledger, charged
+//! before the org's for every call attempt. When it is spent the call waits
+//! until the GCRA says it fits, in a per-tenant FIFO gate taken before the
+//! per-model one, so a throttled tenant holds back only its own calls.
+//! The charge is not handed back when the call then goes unsent (cancelled,
+//! or its gate shut): the tenant loses a call's worth of quota, it never
+//! gets more than its limit.
+//!
+//! An org that answers 503 "Slow Down" has its admitted rate cut (see
+//! [`RateFactor`]): the router charges its calls against limits scaled by
+//! the factor, so the same ledger (whatever its backend) paces it slower,
+//! and routing prefers the orgs with more headroom meanwhile.
+
+mod admit;
+mod request;
+mod settings;
+mod sync;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::breaker::{Breaker, RateFactor, SlowDownPolicy};
+use super::quota::TenantQuotas;
+use crate::backoff::full_jitter;
+use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::provider::{ProviderClient, ProviderFailure};
+use crate::storage::gcra::BucketState;
+use crate::storage::{CallEvent, CallOutcome, QuotaLedger};
+use crate::telemetry::{BreakerGauge, Telemetry};
+pub use admit::{call_cost, scaled};
+pub use request::{CallError, CallRequest, CallResult, Routing, SendGate};
+pub use settings::{OrgSettings, RetryPolicy};
+pub use sync::provider_floor;
+
+/// Why an org is out of rotation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutOfRotation {
+    pub reason: String,
+    pub until: Micros,
+}
+
+struct OrgState {
+    settings: OrgSettings,
+    breaker: Mutex<Breaker>,
+    out: Mutex<Option<OutOfRotation>>,
+    /// Last bucket state seen per model. TATs only grow, so a cached state
+    /// is never more pessimistic than the stored one: skipping an org the
+    /// cache calls full is safe.
+    cache: Mutex<HashMap<ModelName, BucketState>>,
+    /// Per model: the share of the configured rate admitted (503 Slow Down).
+    /// Local to this process: each worker backs off on what it is told.
+    rate: Mutex<HashMap<ModelName, RateFactor>>,
+}
+
+/// Per-org status for `/v1/usage`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OrgStatus {
+    pub org: OrgName,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_of_rotation: Option<OutOfRotation>,
+}
+
+pub struct Router {
+    orgs: Vec<OrgState>,
+    by_model: HashMap<ModelName, Vec<usize>>,
+    gates: HashMap<ModelName, tokio::sync::Mutex<()>>,
+    quotas: TenantQuotas,
+    /// Per tenant with a rate quota, its FIFO admission gate (like `gates`:
+    /// waiting calls take turns instead of stampeding the ledger).
+    tenant_gates: HashMap<TenantId, tokio::sync::Mutex<()>>,
+    ledger: Arc<dyn QuotaLedger>,
+    client: ProviderClient,
+    clock: Arc<dyn Clock>,
+    telemetry: Arc<Telemetry>,
+    policy: RetryPolicy,
+    slow_down: SlowDownPolicy,
+}
+
+fn to_micros(d: Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
+
+impl Router {
+    pub fn new(
+        orgs: Vec<OrgSettings>,
+        ledger: Arc<dyn QuotaLedger>,
+        client: ProviderClient,
+        clock: Arc<dyn Clock>,
+        telemetry: Arc<Telemetry>,
+        policy: RetryPolicy,
+    ) -> Self {
+        let mut by_model: HashMap<ModelName, Vec<usize>> = HashMap::new();
+        for (i, o) in orgs.iter().enumerate() {
+            for m in o.models.keys() {
+                by_model.entry(m.clone()).or_default().push(i);
+            }
+        }
+        let gates = by_model.keys().map(|m| (m.clone(), tokio::sync::Mutex::new(()))).collect();
+        let orgs = orgs
+            .into_iter()
+            .map(|settings| {
+                telemetry.set_breaker(&settings.endpoint.name, BreakerGauge::Closed);
+                telemetry.set_out_of_rotation(&settings.endpoint.name, false);
+                for model in settings.models.keys() {
+                    telemetry.set_rate_factor(&settings.endpoint.name, model, 1.0);
+                }
+                OrgState {
+                    settings,
+                    breaker: Mutex::new(Breaker::new(policy.breaker)),
+                    out: Mutex::new(None),
+                    cache: Mutex::new(HashMap::new()),
+                    rate: Mutex::new(HashMap::new()),
+                }
+            })
+            .collect();
+        Self {
+            orgs,
+            by_model,
+            gates,
+            quotas: TenantQuotas::default(),
+            tenant_gates: HashMap::new(),
+            ledger,
+            client,
+            clock,
+            telemetry,
+            policy,
+            slow_down: SlowDownPolicy::default(),
+        }
+    }
+
+    /// The same router enforcing these tenants' rate quotas on every call
+    /// (without, every tenant is unlimited).
+    pub fn with_tenant_quotas(mut self, quotas: TenantQuotas) -> Self {
+        self.tenant_gates = quotas
+            .iter()
+            .filter(|(_, q)| q.bucket_params().is_some())
+            .map(|(t, _)| (t.clone(), tokio::sync::Mutex::new(())))
+            .collect();
+        self.quotas = quotas;
+        self
+    }
+
+    /// The same router with another answer to 503 "Slow Down" (tests use a
+    /// fast recovery; production keeps [`SlowDownPolicy::default`]).
+    pub fn with_slow_down(mut self, policy: SlowDownPolicy) -> Self {
+        self.slow_down = policy;
+        self
+    }
+
+    pub fn serves(&self, model: &ModelName) -> bool {
+        self.by_model.contains_key(model)
+    }
+
+    pub fn status(&self) -> Vec<OrgStatus> {
+        let now = self.clock.now();
+        self.orgs
+            .iter()
+            .map(|o| {
+                let out = lock(&o.out).clone().filter(|x| x.until > now);
+                let state = if out.is_some() {
+                    "out_of_rotation"
+                } else {
+                    match lock(&o.breaker).gauge() {
+                        BreakerGauge::Closed => "ok",
+                        BreakerGauge::HalfOpen => "half_open",
+                        BreakerGauge::Open => "breaker_open",
+                    }
+                };
+                OrgStatus { org: o.settings.endpoint.name.clone(), state, out_of_rotation: out }
+            })
+            .collect()
+    }
+
+    /// Sends one call, routing and retrying as the module doc says.
+    pub async fn call(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<CallResult, CallError> {
+        let mut attempts = 0u32;
+        let mut transient = 0u32;
+        let mut provider_time = Duration::ZERO;
+        loop {
+            let (idx, probe) = self.admit(req, cancel).await?;
+            let org = &self.orgs[idx];
+            let name = &org.settings.endpoint.name;
+            // Hands the breaker's probe back if this call ends unanswered
+            // (held by the gate, cancelled here, or the caller drops this
+            // future).
+            let probe = ProbeGuard(probe.then_some(&org.breaker));
+            if let Some(gate) = &req.gate {
+                let go = tokio::select! {
+                    go = gate.ready() => go,
+                    _ = cancel.cancelled() => false,
+                };
+                if !go {
+                    return Err(CallError::Cancelled);
+                }
+            }
+            attempts += 1;
+            let sent_at = self.clock.now();
+            let started = tokio::time::Instant::now();
+            let answer = tokio::select! {
+                a = self.client.chat(&org.settings.endpoint, &req.chat, &req.request_id) => a,
+                _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            };
+            probe.answered();
+            let latency = started.elapsed();
+            provider_time += latency;
+            let event = |outcome, usage| CallEvent {
+                tenant: req.tenant.clone(),
+                org: name.clone(),
+                model: req.chat.model.clone(),
+                outcome,
+                usage,
+                latency,
+            };
+            match answer {
+                Ok(ok) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::Ok, ok.usage));
+                    self.sync_headers(idx, &req.chat.model, &ok.limits, sent_at, None).await;
+                    return Ok(CallResult {
+                        content: ok.content,
+                        usage: ok.usage,
+                        org: name.clone(),
+                        attempts,
+                        provider_time,
+                    });
+                }
+                Err(ProviderFailure::RateLimited { retry_after, limits, message }) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
+                    tracing::info!(org = %name, model = %req.chat.model, %message, "rate limited by provider; re-routing");
+                    self.sync_headers(
+                        idx,
+                        &req.chat.model,
+                        &limits,
+                        sent_at,
+                        Some(retry_after.unwrap_or(Duration::from_secs(1))),
+                    )
+                    .await;
+                }
+                Err(ProviderFailure::SlowDown { retry_after, limits, message }) => {
+                    // Healthy (it answered), but asking for fewer requests:
+                    // the lowered rate is the backoff, and the call goes to
+                    // whichever org now has the most headroom. Not counted
+                    // against the transient budget, like a 429: the rate cut
+                    // bounds how often this org is asked again.
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::ServerError, Usage::default()));
+                    self.slowed_down(idx, &req.chat.model, &message);
+                    self.sync_headers(idx, &req.chat.model, &limits, sent_at, retry_after).await;
+                }
+                Err(ProviderFailure::InsufficientQuota { message }) => {
+                    // The org answered: healthy as far as the breaker goes
+                    // (a half-open probe would otherwise wait forever).
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::InsufficientQuota, Usage::default()));
+                    self.take_out(idx, format!("insufficient_quota: {message}"));
+                }
+                Err(ProviderFailure::Unauthorized { status, message }) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
+                    self.take_out(idx, format!("credentials refused ({status}): {message}"));
+                }
+                Err(ProviderFailure::Request { status, message }) => {
+                    self.breaker_success(org);
+                    self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
+                    return Err(CallError::Request(format!("provider rejected the request ({status}): {message}")));
+                }
+                Err(failure) => {
+                    let outcome = match failure {
+                        ProviderFailure::Timeout => CallOutcome::Timeout,
+                        ProviderFailure::Connection(_) => CallOutcome::ConnectionError,
+                        _ => CallOutcome::ServerError,
+                    };
+                    self.telemetry.record_call(&event(outcome, Usage::default()));
+                    let opened = lock(&org.breaker).on_failure(self.clock.now());
+                    if let Some(g) = opened {
+                        tracing::warn!(org = %name, "circuit breaker opened after repeated failures");
+                        self.telemetry.set_breaker(name, g);
+                    }
+                    transient += 1;
+                    if transient >= self.policy.max_transient_failures {
+                        return Err(CallError::Exhausted { attempts, last: failure.to_string() });
+                    }
+                    let hint = match &failure {
+                        ProviderFailure::Server { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    let wait = full_jitter(
+                        transient - 1,
+                        self.policy.backoff_base,
+                        self.policy.backoff_cap,
+                        rand::random::<f64>(),
+                    )
+                    .max(hint.unwrap_or_default().min(self.policy.backoff_cap));
+                    tracing::debug!(org = %name, error = %failure, ?wait, "transient provider failure; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = cancel.cancelled() => return Err(CallError::Cancelled),
+                    }
+                }
+            }
+        }
+    }
+
+    fn breaker_success(&self, org: &OrgState) {
+        if let Some(g) = lock(&org.breaker).on_success() {
+            tracing::info!(org = %org.settings.endpoint.name, "circuit breaker closed");
+            self.telemetry.set_breaker(&org.settings.endpoint.name, g);
+        }
+    }
+
+    /// Cuts the admitted rate of (org, model) after a 503 "Slow Down".
+    fn slowed_down(&self, idx: usize, model: &ModelName, message: &str) {
+        let org = &self.orgs[idx];
+        let now = self.clock.now();
+        let cut =
+            lock(&org.rate).entry(model.clone()).or_insert_with(|| RateFactor::new(self.slow_down)).on_slow_down(now);
+        if let Some(factor) = cut {
+            tracing::warn!(
+                org = %org.settings.endpoint.name, model = %model, factor, %message,
+                "provider asked to slow down; admitted rate cut"
+            );
+            self.telemetry.set_rate_factor(&org.settings.endpoint.name, model, factor);
+        }
+    }
+
+    /// The current rate factor of (org, model), refreshing its gauge.
+    fn rate_factor(&self, idx: usize, model: &ModelName, now: Micros) -> f64 {
+        let org = &self.orgs[idx];
+        let mut rates = lock(&org.rate);
+        let Some(rate) = rates.get_mut(model) else { return 1.0 };
+        let factor = rate.get(now);
+        if rate.take_restored(now) {
+            tracing::info!(org = %org.settings.endpoint.name, model = %model, "admitted rate back to the full limit after a slow-down");
+        }
+        self.telemetry.set_rate_factor(&org.settings.endpoint.name, model, factor);
+        factor
+    }
+
+    fn take_out(&self, idx: usize, reason: String) {
+        let org = &self.orgs[idx];
+        let until = self.clock.now() + to_micros(self.policy.out_of_rotation_for);
+        tracing::error!(org = %org.settings.endpoint.name, %reason, "org taken out of rotation");
+        *lock(&org.out) = Some(OutOfRotation { reason, until });
+        self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, true);
+    }
+}
+
+/// The breaker of an org whose half-open probe is out, until the probe's
+/// answer arrives ([`ProbeGuard::answered`]); dropped before that, it
+/// releases the probe so the next call may probe instead.
+struct ProbeGuard<'a>(Option<&'a Mutex<Breaker>>);
+
+impl ProbeGuard<'_> {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            lock(breaker).on_abandoned();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
