@@ -24,7 +24,7 @@ use ratepool::domain::{Clock, ModelName, SystemClock, TenantId};
 use ratepool::engine::breaker::SlowDownPolicy;
 use ratepool::engine::router::{CallRequest, OrgSettings, RetryPolicy, Router};
 use ratepool::local::{SqliteBackend, SqliteOptions};
-use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
+use ratepool::provider::{ProviderClient, ProviderRequest};
 use ratepool::sim::{SimConfig, Simulator};
 use ratepool::telemetry::Telemetry;
 use secrecy::SecretString;
@@ -418,15 +418,15 @@ async fn an_org_that_says_slow_down_gets_a_lower_rate_that_recovers() {
             while !done.is_cancelled() {
                 let req = CallRequest {
                     tenant: TenantId::parse("t").unwrap(),
-                    chat: ChatRequest {
-                        model: ModelName::parse(MODEL).unwrap(),
-                        messages: vec![ChatMessage { role: "user".into(), content: format!("caller {c} call {n}") }],
-                        max_tokens: 10,
-                        temperature: 0.0,
-                    },
+                    request: ProviderRequest::user_prompt(
+                        &ModelName::parse(MODEL).unwrap(),
+                        &format!("caller {c} call {n}"),
+                        10,
+                    ),
                     request_id: format!("c{c}/n{n}"),
                     gate: None,
                     routing: Default::default(),
+                    max_wait: None,
                 };
                 tokio::select! {
                     r = router.call(&req, &done) => if !done.is_cancelled() { r.unwrap(); },

@@ -15,7 +15,7 @@ use ratepool::aws::{self, AwsClients};
 use ratepool::config::Config;
 use ratepool::domain::{ModelName, SystemClock, TenantId};
 use ratepool::engine::router::{CallRequest, RetryPolicy, Router};
-use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
+use ratepool::provider::{ProviderClient, ProviderRequest};
 use ratepool::sim::{SimConfig, Simulator};
 use ratepool::telemetry::Telemetry;
 use secrecy::SecretString;
@@ -83,15 +83,15 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
                 for i in 0..CALLS_PER_WORKER / 4 {
                     let req = CallRequest {
                         tenant: TenantId::parse("t").unwrap(),
-                        chat: ChatRequest {
-                            model: ModelName::parse("m").unwrap(),
-                            messages: vec![ChatMessage { role: "user".into(), content: format!("w{w} c{c} i{i}") }],
-                            max_tokens: 5,
-                            temperature: 0.0,
-                        },
+                        request: ProviderRequest::user_prompt(
+                            &ModelName::parse("m").unwrap(),
+                            &format!("w{w} c{c} i{i}"),
+                            5,
+                        ),
                         request_id: format!("w{w}/c{c}/{i}"),
                         gate: None,
                         routing: Default::default(),
+                        max_wait: None,
                     };
                     router.call(&req, &CancellationToken::new()).await.expect("every call succeeds");
                 }

@@ -16,7 +16,7 @@ use ratepool::engine::breaker::BreakerPolicy;
 use ratepool::engine::quota::{TenantQuota, TenantQuotas};
 use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router, Routing};
 use ratepool::local::{SqliteBackend, SqliteOptions};
-use ratepool::provider::{ChatMessage, ChatRequest, ProviderClient};
+use ratepool::provider::{ProviderClient, ProviderRequest};
 use ratepool::sim::{OrgStats, SimConfig, Simulator};
 use ratepool::storage::gcra::BucketParams;
 use ratepool::storage::{Acquisition, BucketKey, BucketState, Cost, QuotaLedger};
@@ -155,27 +155,23 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
 }
 
 /// A request costing `ceil(prompt_chars / 4) + max_tokens` tokens.
-fn chat(model: &str, prompt_chars: usize, max_tokens: u32) -> ChatRequest {
-    ChatRequest {
-        model: ModelName::parse(model).unwrap(),
-        messages: vec![ChatMessage { role: "user".into(), content: "x".repeat(prompt_chars) }],
-        max_tokens,
-        temperature: 0.0,
-    }
+fn chat(model: &str, prompt_chars: usize, max_tokens: u32) -> ProviderRequest {
+    ProviderRequest::user_prompt(&ModelName::parse(model).unwrap(), &"x".repeat(prompt_chars), max_tokens)
 }
 
-fn request(id: impl Into<String>, chat: ChatRequest) -> CallRequest {
+fn request(id: impl Into<String>, chat: ProviderRequest) -> CallRequest {
     CallRequest {
         tenant: TenantId::parse("t").unwrap(),
-        chat,
+        request: chat,
         request_id: id.into(),
         gate: None,
         routing: Default::default(),
+        max_wait: None,
     }
 }
 
 impl Harness {
-    async fn call(&self, id: impl Into<String>, chat: ChatRequest) -> Result<CallResult, CallError> {
+    async fn call(&self, id: impl Into<String>, chat: ProviderRequest) -> Result<CallResult, CallError> {
         self.router.call(&request(id, chat), &CancellationToken::new()).await
     }
 
@@ -538,14 +534,20 @@ async fn request_errors_fail_at_once_with_the_providers_message() {
     let a = OrgDef { extra_models: &["gpt-missing"], ..org("a", 600, 1_000_000) };
     let h = start(&[a], fast_policy()).await;
     match h.call("missing", chat("gpt-missing", 40, 100)).await {
-        Err(CallError::Request(msg)) => {
-            assert!(msg.contains("404") && msg.contains("`gpt-missing` does not exist"), "{msg}")
+        Err(CallError::Request { status, message, body }) => {
+            assert_eq!(status, 404);
+            assert!(message.contains("`gpt-missing` does not exist"), "{message}");
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["code"], "model_not_found", "the provider's own body, for the proxy to relay");
         }
         other => panic!("expected a request error, got {other:?}"),
     }
     assert_eq!(h.sim.stats().total_calls, 1, "not retried");
     match h.call("too-long", chat(MODEL, 40, 200_000)).await {
-        Err(CallError::Request(msg)) => assert!(msg.contains("400") && msg.contains("Invalid 'max_tokens'"), "{msg}"),
+        Err(e @ CallError::Request { status: 400, .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("400") && msg.contains("Invalid 'max_tokens'"), "{msg}")
+        }
         other => panic!("expected a request error, got {other:?}"),
     }
     assert_eq!(h.sim.stats().total_calls, 2, "not retried");
@@ -764,4 +766,67 @@ async fn a_cheap_step_with_no_fallback_org_runs_on_the_primaries() {
     r.routing = Routing { cheap: true, fallback_after: Duration::from_secs(30) };
     let done = h.router.call(&r, &CancellationToken::new()).await.unwrap();
     assert_eq!(done.org.as_str(), "a");
+}
+
+// Bounded waits and streams (the OpenAI-compatible endpoint's calls) ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_have_capacity_within_its_wait_is_told_when_and_charged_nothing() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    let (key, params) = h.bucket("a");
+    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now()).await.unwrap();
+    let before = h.ledger.state(&key).await.unwrap();
+    // A 10 000-token call needs ~9 s of refill: more than its 1 s wait.
+    let mut req = request("bounded/1", chat(MODEL, 40, 9_990));
+    req.max_wait = Some(Duration::from_secs(1));
+    let asked = Instant::now();
+    let now = h.clock.now();
+    match h.router.call(&req, &CancellationToken::new()).await {
+        Err(CallError::NoCapacity { retry_at }) => {
+            let secs = (retry_at - now) as f64 / 1e6;
+            assert!((7.0..11.0).contains(&secs), "capacity in {secs} s");
+        }
+        other => panic!("expected NoCapacity, got {other:?}"),
+    }
+    assert!(asked.elapsed() < Duration::from_millis(500), "told at once, not after the wait: {:?}", asked.elapsed());
+    assert_eq!(h.ledger.state(&key).await.unwrap(), before, "nothing charged");
+    assert_eq!(h.sim.stats().total_calls, 0);
+    // A wait long enough for the capacity is waited out.
+    let mut req = request("bounded/2", chat(MODEL, 40, 1_990));
+    req.max_wait = Some(Duration::from_secs(5));
+    let r = h.router.call(&req, &CancellationToken::new()).await.unwrap();
+    assert!(r.waited > Duration::from_millis(500), "waited {:?}", r.waited);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_call_gives_up_retrying_a_failing_org_at_its_deadline() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    h.http.post(format!("{}/_sim/orgs/a", h.base)).json(&json!({"down": true})).send().await.unwrap();
+    let mut req = request("down/1", chat(MODEL, 40, 10));
+    req.max_wait = Some(Duration::from_millis(300));
+    let asked = Instant::now();
+    let r = h.router.call(&req, &CancellationToken::new()).await;
+    assert!(matches!(&r, Err(CallError::Exhausted { last, .. }) if last.contains("a: ")), "{r:?}");
+    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_call_streams_the_answer_and_counts_its_usage_when_finished() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    let body = json!({"model": MODEL, "stream": true, "max_tokens": 20,
+        "messages": [{"role": "user", "content": "stream me"}]});
+    let req = request("stream/1", ProviderRequest::chat(body.as_object().unwrap().clone(), 1024).unwrap());
+    let open = h.router.open(&req, &CancellationToken::new()).await.unwrap();
+    assert_eq!((open.org.as_str(), open.attempts), ("a", 1));
+    let text = open.response.text().await.unwrap();
+    let last_data = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).filter(|e| e.starts_with('{')).last();
+    let last_data = last_data.unwrap();
+    let usage_chunk: Value = serde_json::from_str(last_data).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]), "the provider was asked for the usage chunk");
+    let usage = ratepool::provider::usage_of(last_data.as_bytes()).unwrap();
+    let calls = || h.telemetry.render().lines().filter(|l| l.starts_with("ratepool_provider_calls_total")).count();
+    let before = calls();
+    open.record.finish(usage);
+    assert!(calls() >= before, "the call is counted once finished");
+    assert!(h.telemetry.render().contains("outcome=\"ok\""), "{}", h.telemetry.render());
 }

@@ -16,7 +16,7 @@ use super::harness::{self, JobDoc, MODEL, OrgLimits, Server, ServerSetup, Sim};
 use crate::backoff::full_jitter;
 use crate::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
 use crate::engine::router::{CallRequest, RetryPolicy, Router};
-use crate::provider::{ChatMessage, ChatRequest, OrgEndpoint, ProviderClient, ProviderFailure};
+use crate::provider::{OrgEndpoint, ProviderClient, ProviderFailure, ProviderRequest, first_choice_content};
 use crate::sim::{LatencyConfig, SimStats};
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::Rate;
@@ -329,17 +329,12 @@ pub async fn baseline(ctx: &Ctx, run: usize) -> anyhow::Result<BaselineRun> {
             let mut messages = Vec::new();
             for m in &step.messages {
                 let content = m.content.render(&spec.inputs, &lookup, limits.max_rendered_bytes)?;
-                messages.push(ChatMessage { role: m.role.as_str().to_string(), content });
+                messages.push(serde_json::json!({"role": m.role.as_str(), "content": content}));
             }
-            let chat = ChatRequest {
-                model: step.model.clone(),
-                messages,
-                max_tokens: step.max_tokens,
-                temperature: step.temperature,
-            };
+            let request = ProviderRequest::chat(step.body(messages), u64::from(step.max_tokens))?;
             let mut attempt = 0;
             let answer = loop {
-                match client.chat(&org, &chat, &format!("baseline-{j}/{}", step.id)).await {
+                match client.call(&org, &request, &format!("baseline-{j}/{}", step.id)).await {
                     Ok(a) => break a,
                     Err(ProviderFailure::RateLimited { .. }) => {
                         answered_429 += 1;
@@ -351,7 +346,7 @@ pub async fn baseline(ctx: &Ctx, run: usize) -> anyhow::Result<BaselineRun> {
                     Err(e) => bail!("baseline call failed: {e}"),
                 }
             };
-            outputs.insert(step.id.clone(), answer.content);
+            outputs.insert(step.id.clone(), first_choice_content(&answer.body).map_err(|e| anyhow::anyhow!(e))?);
         }
     }
     let baseline_s = started.elapsed().as_secs_f64();
@@ -664,15 +659,11 @@ async fn requests_per_call(
                 for i in 0..per_task {
                     let req = CallRequest {
                         tenant: TenantId::parse("t")?,
-                        chat: ChatRequest {
-                            model: ModelName::parse(MODEL)?,
-                            messages: vec![ChatMessage { role: "user".into(), content: format!("r{r} c{c} i{i}") }],
-                            max_tokens: 5,
-                            temperature: 0.0,
-                        },
+                        request: ProviderRequest::user_prompt(&ModelName::parse(MODEL)?, &format!("r{r} c{c} i{i}"), 5),
                         request_id: format!("r{r}/c{c}/{i}"),
                         gate: None,
                         routing: Default::default(),
+                        max_wait: None,
                     };
                     router.call(&req, &CancellationToken::new()).await?;
                 }
@@ -713,16 +704,11 @@ async fn other_client(base_url: String, key: String, org: OrgLimits, stop: Cance
     let client = ProviderClient::new()?;
     // One call charges about `per_call` tokens (a short prompt + max_tokens).
     let per_call = (org.tpm / 20).max(8);
-    let chat = ChatRequest {
-        model: ModelName::parse(MODEL)?,
-        messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }],
-        max_tokens: (per_call - 1) as u32,
-        temperature: 0.0,
-    };
+    let chat = ProviderRequest::user_prompt(&ModelName::parse(MODEL)?, "hi", (per_call - 1) as u32);
     let mut spent = 0;
     let mut n = 0u64;
     for _ in 0..10 {
-        if client.chat(&endpoint, &chat, &format!("other/{n}")).await.is_ok() {
+        if client.call(&endpoint, &chat, &format!("other/{n}")).await.is_ok() {
             spent += per_call;
         }
         n += 1;
@@ -734,7 +720,7 @@ async fn other_client(base_url: String, key: String, org: OrgLimits, stop: Cance
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return Ok(spent),
         }
-        if client.chat(&endpoint, &chat, &format!("other/{n}")).await.is_ok() {
+        if client.call(&endpoint, &chat, &format!("other/{n}")).await.is_ok() {
             spent += per_call;
         }
         n += 1;

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::Engine;
 use super::router::{CallError, CallRequest, Routing, SendGate};
 use crate::domain::Usage;
-use crate::domain::{JobId, StepId, TenantId};
-use crate::provider::{ChatMessage, ChatRequest};
+use crate::domain::{JobId, ModelName, StepId, TenantId};
+use crate::provider::ProviderRequest;
 use crate::spec::{JobSpec, Tier};
 use crate::storage::{
     CacheKey, CachedResponse, Checkpoint, Delivery, DeliveryStatus, JobOutcome, JobStatus, Lease, LeaseOutcome,
@@ -435,14 +435,9 @@ async fn run_steps(
 
 /// Exact match on everything the provider sees, and the tenant: one
 /// tenant's answers are never served to another.
-fn cache_key(tenant: &TenantId, chat: &ChatRequest) -> CacheKey {
-    let request = serde_json::json!({
-        "tenant": tenant.as_str(),
-        "messages": chat.messages,
-        "max_tokens": chat.max_tokens,
-        "temperature": chat.temperature,
-    });
-    CacheKey::of(chat.model.as_str(), &request)
+fn cache_key(tenant: &TenantId, model: &ModelName, body: &serde_json::Map<String, serde_json::Value>) -> CacheKey {
+    let request = serde_json::json!({"tenant": tenant.as_str(), "body": body});
+    CacheKey::of(model.as_str(), &request)
 }
 
 struct StepCtx {
@@ -474,11 +469,12 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
             .render(&ctx.spec.inputs, &lookup, budget)
             .map_err(|e| StepError::Failed(format!("step {}: messages[{m}]: {e}", step.id)))?;
         budget = budget.saturating_sub(content.len());
-        messages.push(ChatMessage { role: msg.role.as_str().to_string(), content });
+        messages.push(serde_json::json!({"role": msg.role.as_str(), "content": content}));
     }
-    let chat =
-        ChatRequest { model: step.model.clone(), messages, max_tokens: step.max_tokens, temperature: step.temperature };
-    let cache_key = step.cache.then(|| cache_key(&ctx.tenant, &chat));
+    let body = step.body(messages);
+    let cache_key = step.cache.then(|| cache_key(&ctx.tenant, &step.model, &body));
+    let request = ProviderRequest::chat(body, u64::from(step.max_tokens))
+        .map_err(|e| StepError::Failed(format!("step {}: {e}", step.id)))?;
     if let Some(key) = &cache_key {
         match ctx.cache.get(key, ctx.clock.now()).await {
             Ok(Some(hit)) => {
@@ -511,19 +507,22 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
     }
     let req = CallRequest {
         tenant: ctx.tenant.clone(),
-        chat,
+        request,
         request_id: format!("{}/{}", ctx.job, step.id),
         gate: Some(ctx.gate.clone()),
         routing: Routing { cheap: step.tier == Tier::Cheap, fallback_after: ctx.fallback_after },
+        max_wait: None,
     };
     let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
         CallError::Cancelled => StepError::Cancelled,
         CallError::Storage(e) => StepError::Storage(e),
         other => StepError::Failed(format!("step {}: {other}", step.id)),
     })?;
+    let content = crate::provider::first_choice_content(&result.body)
+        .map_err(|e| StepError::Failed(format!("step {}: {e}", step.id)))?;
     if let Some(key) = &cache_key {
         let entry = CachedResponse {
-            content: result.content.clone(),
+            content: content.clone(),
             usage: result.usage,
             org: result.org.clone(),
             model: step.model.clone(),
@@ -537,7 +536,7 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
         index: ctx.index,
         checkpoint: Checkpoint {
             step_id: step.id.clone(),
-            output: result.content,
+            output: content,
             usage: result.usage,
             org: result.org,
             model: step.model.clone(),

@@ -1,18 +1,23 @@
-//! The client for OpenAI-compatible chat-completions endpoints.
+//! The client for OpenAI-compatible endpoints (chat completions,
+//! embeddings).
 //!
 //! It makes one call and classifies the answer; what to do about it (route
 //! elsewhere, back off, fail the step) is the router's decision
-//! (`crate::engine::router`).
+//! (`crate::engine::router`). [`request`] builds what is sent and what it
+//! reserves against an org's limits.
 
 pub mod headers;
+pub mod request;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::domain::{ModelName, OrgName, Usage};
+use crate::domain::{OrgName, Usage};
 pub use headers::RateLimitHeaders;
+pub use request::{Endpoint, InvalidRequest, ProviderRequest, Reservation, StreamMode};
 
 /// One organization's endpoint. The key is a `SecretString`: it prints as
 /// `[REDACTED]` and is exposed only to build the `Authorization` header.
@@ -25,26 +30,20 @@ pub struct OrgEndpoint {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// A chat-completions request as ratepool sends it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChatRequest {
-    pub model: ModelName,
-    pub messages: Vec<ChatMessage>,
-    pub max_tokens: u32,
-    pub temperature: f32,
-}
-
-/// A successful answer.
+/// A whole successful answer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChatSuccess {
-    pub content: String,
+pub struct Answer {
+    /// The provider's JSON body, as it sent it.
+    pub body: Bytes,
     pub usage: Usage,
+    pub limits: RateLimitHeaders,
+}
+
+/// A successful answer whose body has not been read: a stream's chunks
+/// arrive on `response`.
+#[derive(Debug)]
+pub struct Opened {
+    pub response: reqwest::Response,
     pub limits: RateLimitHeaders,
 }
 
@@ -61,8 +60,9 @@ pub enum ProviderFailure {
     #[error("org credentials refused ({status}): {message}")]
     Unauthorized { status: u16, message: String },
     /// Another 4xx: the request itself is wrong; retrying will not help.
+    /// `body` is the provider's answer as it sent it.
     #[error("request rejected by provider ({status}): {message}")]
-    Request { status: u16, message: String },
+    Request { status: u16, message: String, body: Bytes },
     /// 503 "Slow Down": the org is healthy but wants fewer requests; the
     /// router lowers its admitted rate for a while instead of backing off.
     #[error("provider asked to slow down: {message}")]
@@ -92,22 +92,12 @@ struct ErrorBody {
     code: Option<String>,
 }
 
+/// The part of any answer body (a completion, an embeddings list, a
+/// stream's usage chunk) that counts tokens.
 #[derive(Deserialize)]
-struct CompletionBody {
-    choices: Vec<Choice>,
+struct UsageOnly {
     #[serde(default)]
     usage: Option<UsageBody>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    message: ChoiceMessage,
-}
-
-#[derive(Deserialize)]
-struct ChoiceMessage {
-    #[serde(default)]
-    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +106,33 @@ struct UsageBody {
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+}
+
+/// The usage of one answer body, if it has one (`None` also for a body that
+/// is not JSON). `calls` is 1: the body is one call's.
+pub fn usage_of(body: &[u8]) -> Option<Usage> {
+    let u = serde_json::from_slice::<UsageOnly>(body).ok()?.usage?;
+    Some(Usage { calls: 1, prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })
+}
+
+/// The text of a chat completion's first choice (empty when it has none,
+/// e.g. a tool call); an error if the body is not a completion.
+pub fn first_choice_content(body: &[u8]) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Completion {
+        choices: Vec<Choice>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        message: Message,
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        #[serde(default)]
+        content: Option<String>,
+    }
+    let c: Completion = serde_json::from_slice(body).map_err(|e| format!("unreadable completion: {e}"))?;
+    Ok(c.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default())
 }
 
 /// Error bodies are capped when quoted back to users.
@@ -136,50 +153,67 @@ impl ProviderClient {
         Ok(Self { http })
     }
 
-    /// Makes one call. `client_request_id` is sent as `X-Client-Request-Id`
-    /// (OpenAI's tracing header) so a call can be matched to its job step.
-    pub async fn chat(
+    /// Makes one call and reads the whole answer. `client_request_id` is
+    /// sent as `X-Client-Request-Id` (OpenAI's tracing header) so a call
+    /// can be matched to its job step. The org's timeout covers the whole
+    /// call; a 2xx body that is not JSON is a server error.
+    pub async fn call(
         &self,
         org: &OrgEndpoint,
-        req: &ChatRequest,
+        req: &ProviderRequest,
         client_request_id: &str,
-    ) -> Result<ChatSuccess, ProviderFailure> {
-        let url = format!("{}/chat/completions", org.base_url.trim_end_matches('/'));
-        let sent = self
-            .http
-            .post(url)
-            .bearer_auth(org.api_key.expose_secret())
-            .header("x-client-request-id", client_request_id)
-            .timeout(org.timeout)
-            .json(req)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return Err(transport_failure(&e)),
-        };
-        let status = resp.status().as_u16();
-        let limits = RateLimitHeaders::from_headers(resp.headers());
-        let retry_after = headers::retry_after(resp.headers());
-        let body = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => return Err(transport_failure(&e)),
-        };
-        if (200..300).contains(&status) {
-            let parsed: CompletionBody = serde_json::from_slice(&body).map_err(|e| ProviderFailure::Server {
+    ) -> Result<Answer, ProviderFailure> {
+        let sent = self.post(org, req, client_request_id).timeout(org.timeout).send().await;
+        let Opened { response, limits } = self.classify(sent).await?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|e| transport_failure(&e))?;
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            return Err(ProviderFailure::Server {
                 status,
                 retry_after: None,
                 limits,
-                message: format!("unreadable completion: {e}"),
-            })?;
-            let content = parsed.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
-            let usage = parsed.usage.map_or(Usage { calls: 1, ..Usage::default() }, |u| Usage {
-                calls: 1,
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
+                message: "the answer is not JSON".into(),
             });
-            return Ok(ChatSuccess { content, usage, limits });
         }
+        let usage = usage_of(&body).unwrap_or(Usage { calls: 1, ..Usage::default() });
+        Ok(Answer { body, usage, limits })
+    }
+
+    /// Makes one call and returns once a successful answer's headers have
+    /// arrived, its body unread: a stream is relayed as it comes. The org's
+    /// timeout bounds the wait for the headers; the caller bounds the gaps
+    /// between chunks.
+    pub async fn open(
+        &self,
+        org: &OrgEndpoint,
+        req: &ProviderRequest,
+        client_request_id: &str,
+    ) -> Result<Opened, ProviderFailure> {
+        let answer = async { self.classify(self.post(org, req, client_request_id).send().await).await };
+        tokio::time::timeout(org.timeout, answer).await.map_err(|_| ProviderFailure::Timeout)?
+    }
+
+    fn post(&self, org: &OrgEndpoint, req: &ProviderRequest, client_request_id: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{}", org.base_url.trim_end_matches('/'), req.endpoint.path());
+        self.http
+            .post(url)
+            .bearer_auth(org.api_key.expose_secret())
+            .header("x-client-request-id", client_request_id)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(req.body.clone())
+    }
+
+    /// A 2xx answer with its headers read; any other status, read whole
+    /// and sorted into the router's classes.
+    async fn classify(&self, sent: Result<reqwest::Response, reqwest::Error>) -> Result<Opened, ProviderFailure> {
+        let response = sent.map_err(|e| transport_failure(&e))?;
+        let limits = RateLimitHeaders::from_headers(response.headers());
+        if response.status().is_success() {
+            return Ok(Opened { response, limits });
+        }
+        let status = response.status().as_u16();
+        let retry_after = headers::retry_after(response.headers());
+        let body = response.bytes().await.map_err(|e| transport_failure(&e))?;
         Err(classify_error(status, &body, retry_after, limits))
     }
 }
@@ -233,7 +267,7 @@ pub fn classify_error(
         401 | 403 => ProviderFailure::Unauthorized { status, message },
         408 => ProviderFailure::Timeout,
         503 if is_slow_down(kind, code, &message) => ProviderFailure::SlowDown { retry_after, limits, message },
-        400..=499 => ProviderFailure::Request { status, message },
+        400..=499 => ProviderFailure::Request { status, message, body: Bytes::copy_from_slice(body) },
         _ => ProviderFailure::Server { status, retry_after, limits, message },
     }
 }
@@ -265,7 +299,11 @@ mod tests {
         let bad = r#"{"error":{"message":"'messages' is required","type":"invalid_request_error"}}"#;
         assert_eq!(
             classify(400, bad),
-            ProviderFailure::Request { status: 400, message: "'messages' is required".into() }
+            ProviderFailure::Request {
+                status: 400,
+                message: "'messages' is required".into(),
+                body: Bytes::copy_from_slice(bad.as_bytes())
+            }
         );
         assert!(matches!(classify(401, "{}"), ProviderFailure::Unauthorized { status: 401, .. }));
         assert!(matches!(classify(503, "upstream overloaded"), ProviderFailure::Server { status: 503, .. }));

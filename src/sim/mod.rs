@@ -17,6 +17,7 @@
 mod config;
 mod limits;
 mod stats;
+mod stream;
 mod text;
 mod wire;
 
@@ -195,12 +196,16 @@ impl Simulator {
         }
     }
 
-    /// The chat routes (`/v1/chat/completions`, `/chat/completions`) and the
-    /// `/_sim/*` control routes.
+    /// The OpenAI routes (chat completions, embeddings, models; with and
+    /// without the `/v1` prefix) and the `/_sim/*` control routes.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/embeddings", post(embeddings))
+            .route("/v1/models", get(models))
+            .route("/models", get(models))
             .route("/_sim/stats", get(get_stats))
             .route("/_sim/requests", get(get_requests))
             .route("/_sim/attempts", get(get_attempts))
@@ -277,42 +282,35 @@ impl Inner {
         Duration::try_from_secs_f64(ms / 1_000.0).unwrap_or(Duration::ZERO)
     }
 
-    async fn chat(&self, headers: &HeaderMap, body: &[u8]) -> Response {
-        self.total_calls.fetch_add(1, Ordering::Relaxed);
-        let org = match self.authenticate(headers) {
-            Ok(org) => org,
-            Err(e) => return e.into_response(),
-        };
-        let call = match wire::parse_chat(body) {
-            Ok(call) => call,
-            Err(e) => return e.into_response(),
-        };
+    /// Everything between a parsed request and its answer, as the real
+    /// provider does it: the model, an outage, injected faults, billing,
+    /// slow-down and the rate limiter (both buckets taken at arrival, or
+    /// nothing). `Ok` carries the rate-limit headers after the charge.
+    async fn admit(&self, org: usize, call: &Admission<'_>, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
         self.lock().requests.attempt(&request_id(headers, body));
-
-        // Model, outage and injected faults.
         let stall = {
             let mut guard = self.lock();
             let Shared { orgs, faults, rng, .. } = &mut *guard;
             let o = &mut orgs[org];
-            let Some(limiter) = o.models.get(&call.model) else {
-                return ApiError::model_not_found(&call.model).into_response();
+            let Some(limiter) = o.models.get(call.model) else {
+                return Err(ApiError::model_not_found(call.model).into_response());
             };
             let headers = wire::ratelimit_headers(&limiter.snapshot(self.clock.now()));
             if o.down {
                 o.counts.unavailable += 1;
-                return (headers, ApiError::server_error(StatusCode::SERVICE_UNAVAILABLE)).into_response();
+                return Err((headers, ApiError::server_error(StatusCode::SERVICE_UNAVAILABLE)).into_response());
             }
             match Shared::draw_fault(faults, rng) {
                 None => None,
                 Some(Fault::ServerError(status)) => {
                     o.counts.server_errors += 1;
                     tracing::debug!(org = %o.name, %status, "sim: injected server error");
-                    return (headers, ApiError::server_error(status)).into_response();
+                    return Err((headers, ApiError::server_error(status)).into_response());
                 }
                 Some(Fault::Drop) => {
                     o.counts.dropped += 1;
                     tracing::debug!(org = %o.name, "sim: injected dropped connection");
-                    return dropped_connection();
+                    return Err(dropped_connection());
                 }
                 Some(Fault::Stall(d)) => {
                     o.counts.stalled += 1;
@@ -324,84 +322,167 @@ impl Inner {
         if let Some(d) = stall
             && !self.pause(d).await
         {
-            return dropped_connection();
+            return Err(dropped_connection());
         }
 
-        // Billing, then the limiter: both buckets taken at arrival or nothing.
-        let prompt_tokens = call.prompt_tokens(self.chars_per_token);
-        let cost = Cost { requests: 1, tokens: prompt_tokens.saturating_add(call.max_tokens) };
-        let answer = call.answer();
-        {
-            let mut guard = self.lock();
-            let Shared { orgs, requests, .. } = &mut *guard;
-            let o = &mut orgs[org];
-            let Some(limiter) = o.models.get_mut(&call.model) else {
-                return ApiError::model_not_found(&call.model).into_response();
-            };
-            let now = self.clock.now();
-            if o.insufficient_quota {
-                o.counts.insufficient_quota += 1;
-                let headers = wire::ratelimit_headers(&limiter.snapshot(now));
-                return (headers, ApiError::insufficient_quota()).into_response();
-            }
-            if let Some(slow) = o.slow_down.as_mut()
-                && !slow.admits(now)
-            {
-                o.counts.slowed_down += 1;
-                let headers = wire::ratelimit_headers(&limiter.snapshot(now));
-                return (headers, ApiError::slow_down()).into_response();
-            }
-            if let Err(refusal) = limiter.try_take(cost, now) {
-                match refusal.kind {
-                    LimitKind::Requests => o.counts.rate_limited_requests += 1,
-                    LimitKind::Tokens => o.counts.rate_limited_tokens += 1,
-                }
-                let mut headers = wire::ratelimit_headers(&limiter.snapshot(now));
-                if let Some(wait) = refusal.retry_after {
-                    headers.extend(wire::retry_headers(wait));
-                }
-                return (headers, ApiError::rate_limited(&refusal, &call.model, &o.name)).into_response();
-            }
-            o.counts.accepted_calls += 1;
-            o.counts.accepted_prompt_tokens += prompt_tokens;
-            o.counts.accepted_completion_tokens += answer.tokens;
-            o.counts.charged_tokens += cost.tokens;
-            requests.record(&request_id(headers, body));
-        }
-
-        // Generation time, after admission as at the real provider.
-        if !self.pause(self.latency(answer.tokens)).await {
-            return dropped_connection();
-        }
-        let text = answer.text();
-        // Headers describe the buckets when the answer leaves, so a client
-        // that reads "remaining"/"reset" relative to receipt is not misled
-        // by the generation time.
-        let headers = {
-            let st = self.lock();
-            match st.orgs[org].models.get(&call.model) {
-                Some(l) => wire::ratelimit_headers(&l.snapshot(self.clock.now())),
-                None => HeaderMap::new(),
-            }
+        let mut guard = self.lock();
+        let Shared { orgs, requests, .. } = &mut *guard;
+        let o = &mut orgs[org];
+        let Some(limiter) = o.models.get_mut(call.model) else {
+            return Err(ApiError::model_not_found(call.model).into_response());
         };
+        let now = self.clock.now();
+        if o.insufficient_quota {
+            o.counts.insufficient_quota += 1;
+            let headers = wire::ratelimit_headers(&limiter.snapshot(now));
+            return Err((headers, ApiError::insufficient_quota()).into_response());
+        }
+        if let Some(slow) = o.slow_down.as_mut()
+            && !slow.admits(now)
+        {
+            o.counts.slowed_down += 1;
+            let headers = wire::ratelimit_headers(&limiter.snapshot(now));
+            return Err((headers, ApiError::slow_down()).into_response());
+        }
+        if let Err(refusal) = limiter.try_take(call.cost, now) {
+            match refusal.kind {
+                LimitKind::Requests => o.counts.rate_limited_requests += 1,
+                LimitKind::Tokens => o.counts.rate_limited_tokens += 1,
+            }
+            let mut headers = wire::ratelimit_headers(&limiter.snapshot(now));
+            if let Some(wait) = refusal.retry_after {
+                headers.extend(wire::retry_headers(wait));
+            }
+            return Err((headers, ApiError::rate_limited(&refusal, call.model, &o.name)).into_response());
+        }
+        o.counts.accepted_calls += 1;
+        o.counts.accepted_prompt_tokens += call.prompt_tokens;
+        o.counts.accepted_completion_tokens += call.completion_tokens;
+        o.counts.charged_tokens += call.cost.tokens;
+        requests.record(&request_id(headers, body));
+        Ok(())
+    }
+
+    /// The rate-limit headers of (org, model) now: when the answer leaves,
+    /// so a client that reads "remaining"/"reset" relative to receipt is
+    /// not misled by the generation time.
+    fn headers_now(&self, org: usize, model: &str) -> HeaderMap {
+        let st = self.lock();
+        match st.orgs[org].models.get(model) {
+            Some(l) => wire::ratelimit_headers(&l.snapshot(self.clock.now())),
+            None => HeaderMap::new(),
+        }
+    }
+
+    async fn chat(&self, headers: &HeaderMap, body: &[u8]) -> Response {
+        self.total_calls.fetch_add(1, Ordering::Relaxed);
+        let org = match self.authenticate(headers) {
+            Ok(org) => org,
+            Err(e) => return e.into_response(),
+        };
+        let call = match wire::parse_chat(body) {
+            Ok(call) => call,
+            Err(e) => return e.into_response(),
+        };
+        let answer = call.answer();
+        let prompt_tokens = call.prompt_tokens(self.chars_per_token);
+        let admission = Admission {
+            model: &call.model,
+            cost: call.reservation.cost(self.chars_per_token),
+            prompt_tokens,
+            completion_tokens: answer.tokens(),
+        };
+        if let Err(refused) = self.admit(org, &admission, headers, body).await {
+            return refused;
+        }
+        let created = self.clock.now().div_euclid(1_000_000);
+        let usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": answer.tokens(),
+            "total_tokens": prompt_tokens + answer.tokens(),
+        });
+        if let Some(include_usage) = call.stream {
+            let chunks = stream::chunks(&call, &answer, created, include_usage.then_some(&usage));
+            let paced = stream::paced(chunks, self.latency(0), self.latency(1).saturating_sub(self.latency(0)));
+            let headers = self.headers_now(org, &call.model);
+            return stream::response(headers, paced, self.closing.clone());
+        }
+        // Generation time, after admission as at the real provider.
+        if !self.pause(self.latency(answer.tokens())).await {
+            return dropped_connection();
+        }
+        let choices: Vec<_> = answer
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| json!({"index": i, "message": c.message(), "logprobs": null, "finish_reason": c.finish_reason}))
+            .collect();
         let body = json!({
             "id": answer.id,
             "object": "chat.completion",
-            "created": self.clock.now().div_euclid(1_000_000),
+            "created": created,
             "model": call.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": answer.finish_reason,
-            }],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": answer.tokens,
-                "total_tokens": prompt_tokens + answer.tokens,
-            },
+            "choices": choices,
+            "usage": usage,
         });
-        (headers, Json(body)).into_response()
+        (self.headers_now(org, &call.model), Json(body)).into_response()
     }
+
+    async fn embeddings(&self, headers: &HeaderMap, body: &[u8]) -> Response {
+        self.total_calls.fetch_add(1, Ordering::Relaxed);
+        let org = match self.authenticate(headers) {
+            Ok(org) => org,
+            Err(e) => return e.into_response(),
+        };
+        let call = match wire::parse_embeddings(body) {
+            Ok(call) => call,
+            Err(e) => return e.into_response(),
+        };
+        let cost = call.reservation.cost(self.chars_per_token);
+        let admission = Admission { model: &call.model, cost, prompt_tokens: cost.tokens, completion_tokens: 0 };
+        if let Err(refused) = self.admit(org, &admission, headers, body).await {
+            return refused;
+        }
+        if !self.pause(self.latency(0)).await {
+            return dropped_connection();
+        }
+        let data: Vec<_> = call
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                json!({"object": "embedding", "index": i, "embedding": text::embedding(&call.model, input, call.dimensions)})
+            })
+            .collect();
+        let body = json!({
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": cost.tokens, "total_tokens": cost.tokens},
+        });
+        (self.headers_now(org, &call.model), Json(body)).into_response()
+    }
+
+    /// The models the key's org serves, as `GET /v1/models` lists them.
+    fn models(&self, headers: &HeaderMap) -> Response {
+        let org = match self.authenticate(headers) {
+            Ok(org) => org,
+            Err(e) => return e.into_response(),
+        };
+        let st = self.lock();
+        let o = &st.orgs[org];
+        let data: Vec<_> =
+            o.models.keys().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": o.name})).collect();
+        Json(json!({"object": "list", "data": data})).into_response()
+    }
+}
+
+/// What one call takes from its org, for [`Inner::admit`].
+struct Admission<'a> {
+    model: &'a str,
+    cost: Cost,
+    prompt_tokens: u64,
+    completion_tokens: u64,
 }
 
 /// The id a call is counted under: the client's `X-Client-Request-Id`
@@ -425,6 +506,14 @@ fn dropped_connection() -> Response {
 
 async fn chat(State(sim): State<Simulator>, headers: HeaderMap, body: Bytes) -> Response {
     sim.inner.chat(&headers, &body).await
+}
+
+async fn embeddings(State(sim): State<Simulator>, headers: HeaderMap, body: Bytes) -> Response {
+    sim.inner.embeddings(&headers, &body).await
+}
+
+async fn models(State(sim): State<Simulator>, headers: HeaderMap) -> Response {
+    sim.inner.models(&headers)
 }
 
 async fn get_stats(State(sim): State<Simulator>) -> Json<SimStats> {

@@ -472,3 +472,100 @@ async fn peak_60s_tracks_the_busiest_minute() {
     assert_eq!(admitted, 3);
     assert_eq!(t.org("org-a").await.models["gpt-4o-mini"].peak_60s_requests, 3);
 }
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_the_same_answer_in_chunks() {
+    let t = spawn(CONFIG).await;
+    let whole: Value = t.chat("sk-b", &request("Tell me about rivers.", 40)).await.unwrap().json().await.unwrap();
+    for include_usage in [false, true] {
+        let mut req = request("Tell me about rivers.", 40);
+        req["stream"] = json!(true);
+        if include_usage {
+            req["stream_options"] = json!({"include_usage": true});
+        }
+        let r = t.chat("sk-b", &req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(header(&r, "content-type"), "text/event-stream");
+        assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"));
+        let events = sse_events(&r.text().await.unwrap());
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == whole["id"]));
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let text: String =
+            chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().concat();
+        assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+        let finish: Vec<&Value> =
+            chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+        assert_eq!(finish, vec![&whole["choices"][0]["finish_reason"]]);
+        let usage: Vec<&Value> = chunks.iter().filter(|c| c["choices"] == json!([])).map(|c| &c["usage"]).collect();
+        if include_usage {
+            assert_eq!(usage, vec![&whole["usage"]], "one usage chunk, last");
+            assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+        } else {
+            assert!(usage.is_empty() && chunks.iter().all(|c| c.get("usage").is_none()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn n_choices_are_answered_and_charged() {
+    let t = spawn(CONFIG).await;
+    let mut req = request("abcd", 10);
+    req["n"] = json!(3);
+    let body: Value = t.chat("sk-b", &req).await.unwrap().json().await.unwrap();
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert_eq!(choices.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
+    // 1 prompt token + 3 × 10 reserved.
+    assert_eq!(t.org("org-b").await.charged_tokens, 31);
+    req["n"] = json!(0);
+    let e: Value = t.chat("sk-b", &req).await.unwrap().json().await.unwrap();
+    assert_eq!(e["error"]["param"], "n");
+}
+
+#[tokio::test]
+async fn embeddings_are_pooled_under_the_models_limits() {
+    let toml = format!("{CONFIG}models.\"text-embedding-3-small\" = {{ rpm = 2, tpm = 1000 }}\n");
+    let t = spawn(&toml).await;
+    let embed = |input: Value| {
+        t.http
+            .post(format!("{}/v1/embeddings", t.base))
+            .bearer_auth("sk-b")
+            .json(&json!({"model": "text-embedding-3-small", "input": input, "dimensions": 8}))
+            .send()
+    };
+    let r = embed(json!(["abcd", "abcdefgh"])).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("x-ratelimit-remaining-requests"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
+    // 12 characters / 4 = 3 tokens; no completion.
+    assert_eq!(body["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
+    assert_eq!(embed(json!([1, 2, 3])).await.unwrap().status(), StatusCode::OK);
+    let third = embed(json!("x")).await.unwrap();
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS, "rpm 2");
+    let bad: Value = embed(json!([])).await.unwrap().json().await.unwrap();
+    assert_eq!(bad["error"]["param"], "input");
+    let m = &t.org("org-b").await.models["text-embedding-3-small"];
+    assert_eq!(m.peak_60s_requests, 2);
+}
+
+#[tokio::test]
+async fn models_lists_what_the_keys_org_serves() {
+    let toml = format!("{CONFIG}models.\"text-embedding-3-small\" = {{ rpm = 2, tpm = 1000 }}\n");
+    let t = spawn(&toml).await;
+    let list = |key: &str| t.http.get(format!("{}/v1/models", t.base)).bearer_auth(key).send();
+    let b: Value = list("sk-b").await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = b["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["gpt-4o-mini", "text-embedding-3-small"]);
+    assert_eq!(b["data"][0]["owned_by"], "org-b");
+    assert_eq!(list("sk-nope").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+}

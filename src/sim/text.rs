@@ -1,10 +1,14 @@
-//! Deterministic completions: the answer text and its token count are a
-//! function of (model, messages, max_tokens, temperature) only — never of
-//! the org, the time or the fault RNG — so a job rerun after a crash
-//! produces exactly the outputs of an undisturbed run, and tests can compare
-//! the two.
+//! Deterministic answers: a completion's text and token count are a
+//! function of the request only (model, messages, max_tokens, temperature,
+//! seed, and the choice's index) — never of the org, the time or the fault
+//! RNG — so a job rerun after a crash produces exactly the outputs of an
+//! undisturbed run, and tests can compare the two. Embedding vectors are a
+//! function of the model and the input text.
 
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+use crate::provider::Reservation;
 
 /// The part of a chat request that decides its answer, normalised.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,34 +18,68 @@ pub(super) struct ChatCall {
     pub messages: Vec<(String, String)>,
     pub max_tokens: u64,
     pub temperature: Option<f64>,
+    /// Choices to answer with.
+    pub n: u64,
+    /// Sequences that end a choice's text where they first appear.
+    pub stop: Vec<String>,
+    pub seed: Option<i64>,
+    /// `Some(include_usage)` for a streamed request.
+    pub stream: Option<bool>,
+    /// What the call is charged at arrival (the same rule ratepool's
+    /// ledger uses, `crate::provider::Reservation`).
+    pub reservation: Reservation,
+    /// Kept for the answer's shape: structured outputs and tool calls.
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
 }
 
-/// A call's answer, decided before the call is admitted (its token count is
-/// needed for the stats) while the text is only generated once it is sent.
+/// One choice of an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Answer {
-    /// `chatcmpl-…`, derived from the digest so it is as repeatable as the text.
-    pub id: String,
+pub(super) struct Choice {
     pub tokens: u64,
-    /// `"length"` when the answer used all of max_tokens, else `"stop"`.
+    /// `"length"` when the choice used all of max_tokens, else `"stop"`.
     pub finish_reason: &'static str,
+    /// Decided up front when a stop sequence may cut it (its token count
+    /// depends on where); else generated once the call is admitted.
+    text: Option<String>,
     /// The text generator's state after drawing `tokens`.
     rng: SplitMix64,
 }
 
-impl Answer {
+impl Choice {
     /// About four characters of pseudo-text per token.
     pub(super) fn text(&self) -> String {
-        pseudo_text(&mut self.rng.clone(), self.tokens as usize * 4)
+        self.text.clone().unwrap_or_else(|| pseudo_text(&mut self.rng.clone(), self.tokens as usize * 4))
+    }
+
+    /// The assistant message of this choice.
+    pub(super) fn message(&self) -> Value {
+        json!({"role": "assistant", "content": self.text(), "refusal": null})
+    }
+}
+
+/// A call's answer, decided before the call is admitted (its token count is
+/// needed for the stats and the latency).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Answer {
+    /// `chatcmpl-…`, derived from the digest so it is as repeatable as the text.
+    pub id: String,
+    pub choices: Vec<Choice>,
+}
+
+impl Answer {
+    /// Completion tokens of all choices.
+    pub(super) fn tokens(&self) -> u64 {
+        self.choices.iter().map(|c| c.tokens).sum()
     }
 }
 
 impl ChatCall {
     /// The prompt estimate OpenAI documents for what it charges at arrival:
-    /// characters of all message contents / chars_per_token, rounded up.
+    /// characters of the prompt / chars_per_token, rounded up.
     pub(super) fn prompt_tokens(&self, chars_per_token: f64) -> u64 {
-        let chars: usize = self.messages.iter().map(|(_, c)| c.chars().count()).sum();
-        (chars as f64 / chars_per_token).ceil() as u64
+        Reservation { completion_tokens: 0, ..self.reservation }.cost(chars_per_token).tokens
     }
 
     /// SHA-256 of the fields that decide the answer, each length-prefixed so
@@ -60,25 +98,53 @@ impl ChatCall {
         field(&self.max_tokens.to_le_bytes());
         // Absent means OpenAI's default of 1, so both spellings answer alike.
         field(&self.temperature.unwrap_or(1.0).to_bits().to_le_bytes());
+        if let Some(seed) = self.seed {
+            field(&seed.to_le_bytes());
+        }
         h.finalize().into()
     }
 
-    /// The answer: between max_tokens/2 and max_tokens tokens.
+    /// The answer: `n` choices of between max_tokens/2 and max_tokens
+    /// tokens each, cut at the first stop sequence.
     pub(super) fn answer(&self) -> Answer {
         let digest = self.digest();
+        let choices = (0..self.n.max(1)).map(|i| self.choice(&digest, i)).collect();
+        Answer { id: format!("chatcmpl-{}", hex::encode(&digest[..12])), choices }
+    }
+
+    fn choice(&self, digest: &[u8; 32], index: u64) -> Choice {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&digest[..8]);
-        let mut rng = SplitMix64(u64::from_le_bytes(seed));
+        // Choice 0 is what a request without `n` gets; the others differ.
+        let mut rng = SplitMix64(u64::from_le_bytes(seed) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let max = self.max_tokens.max(1);
         let min = max.div_ceil(2);
         let tokens = min + rng.next() % (max - min + 1);
-        Answer {
-            id: format!("chatcmpl-{}", hex::encode(&digest[..12])),
-            tokens,
-            finish_reason: if tokens == max { "length" } else { "stop" },
-            rng,
+        let mut choice =
+            Choice { tokens, finish_reason: if tokens == max { "length" } else { "stop" }, text: None, rng };
+        if !self.stop.is_empty() {
+            let mut text = choice.text();
+            if let Some(cut) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                choice.tokens = (text.len() as u64).div_ceil(4);
+                choice.finish_reason = "stop";
+            }
+            choice.text = Some(text);
         }
+        choice
     }
+}
+
+/// A deterministic unit vector of `dimensions` numbers for `input`.
+pub(super) fn embedding(model: &str, input: &str, dimensions: usize) -> Vec<f64> {
+    let digest =
+        Sha256::new().chain_update(model.as_bytes()).chain_update([0]).chain_update(input.as_bytes()).finalize();
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&digest[..8]);
+    let mut rng = SplitMix64(u64::from_le_bytes(seed));
+    let raw: Vec<f64> = (0..dimensions).map(|_| (rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0).collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    raw.into_iter().map(|x| x / norm).collect()
 }
 
 /// A tiny, fast PRNG: the text only has to look varied, not be random.
@@ -199,11 +265,21 @@ mod tests {
     use super::*;
 
     fn call(content: &str, max_tokens: u64, temperature: Option<f64>) -> ChatCall {
+        let body = json!({"model": "gpt-4o-mini", "max_tokens": max_tokens, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]});
         ChatCall {
             model: "gpt-4o-mini".into(),
             messages: vec![("system".into(), "Be brief.".into()), ("user".into(), content.into())],
             max_tokens,
             temperature,
+            n: 1,
+            stop: Vec::new(),
+            seed: None,
+            stream: None,
+            reservation: Reservation::of_chat(body.as_object().unwrap(), max_tokens),
+            response_format: None,
+            tools: None,
+            tool_choice: None,
         }
     }
 
@@ -211,21 +287,21 @@ mod tests {
     fn answers_are_repeatable_and_depend_on_every_input() {
         let a = call("Write a story.", 200, Some(0.7));
         assert_eq!(a.answer(), a.answer());
-        let base = a.answer().text();
-        assert_eq!(a.answer().text(), base);
-        assert_ne!(call("Write a poem.", 200, Some(0.7)).answer().text(), base);
-        assert_ne!(call("Write a story.", 201, Some(0.7)).answer().text(), base);
-        assert_ne!(call("Write a story.", 200, Some(0.2)).answer().text(), base);
+        let base = a.answer().choices[0].text();
+        assert_eq!(a.answer().choices[0].text(), base);
+        assert_ne!(call("Write a poem.", 200, Some(0.7)).answer().choices[0].text(), base);
+        assert_ne!(call("Write a story.", 201, Some(0.7)).answer().choices[0].text(), base);
+        assert_ne!(call("Write a story.", 200, Some(0.2)).answer().choices[0].text(), base);
         assert_eq!(call("x", 10, None).answer(), call("x", 10, Some(1.0)).answer());
         let mut other_model = a.clone();
         other_model.model = "gpt-4o".into();
-        assert_ne!(other_model.answer().text(), base);
+        assert_ne!(other_model.answer().choices[0].text(), base);
     }
 
     #[test]
     fn token_count_is_in_range_and_text_is_about_four_chars_per_token() {
         for i in 0..200 {
-            let c = call(&format!("prompt {i}"), 1 + i * 7, None).answer();
+            let c = call(&format!("prompt {i}"), 1 + i * 7, None).answer().choices.remove(0);
             let max = 1 + i * 7;
             assert!(c.tokens >= max.div_ceil(2) && c.tokens <= max, "{} not in range for {max}", c.tokens);
             assert_eq!(c.finish_reason == "length", c.tokens == max);
@@ -234,6 +310,36 @@ mod tests {
             assert!(len >= c.tokens * 4 && len < c.tokens * 4 + 200, "{len} chars for {} tokens", c.tokens);
             assert!(text.ends_with('.') && text.chars().next().is_some_and(|ch| ch.is_uppercase()));
         }
+    }
+
+    #[test]
+    fn n_choices_differ_a_seed_changes_them_and_stop_cuts_them() {
+        let mut c = call("Write a story.", 200, Some(0.7));
+        let one = c.answer();
+        c.n = 3;
+        let three = c.answer();
+        assert_eq!(three.choices.len(), 3);
+        assert_eq!(three.choices[0], one.choices[0], "choice 0 is the answer without n");
+        assert_ne!(three.choices[1].text(), three.choices[2].text());
+        assert_eq!(three.tokens(), three.choices.iter().map(|c| c.tokens).sum::<u64>());
+        c.n = 1;
+        c.seed = Some(7);
+        assert_ne!(c.answer().choices[0].text(), one.choices[0].text(), "a seed is part of the request");
+        c.seed = None;
+        c.stop = vec![". ".into()];
+        let cut = c.answer().choices.remove(0);
+        let text = cut.text();
+        assert!(!text.contains(". ") && one.choices[0].text().starts_with(&text), "{text}");
+        assert_eq!((cut.finish_reason, cut.tokens), ("stop", (text.len() as u64).div_ceil(4)));
+    }
+
+    #[test]
+    fn embeddings_are_repeatable_unit_vectors() {
+        let a = embedding("e", "hello", 16);
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, embedding("e", "hello", 16));
+        assert_ne!(a, embedding("e", "hullo", 16));
+        assert!((a.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-9);
     }
 
     #[test]

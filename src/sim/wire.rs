@@ -8,9 +8,10 @@ use axum::Json;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use crate::domain::Micros;
+use crate::provider::Reservation;
 
 use super::limits::{Refusal, Snapshot};
 use super::text::ChatCall;
@@ -33,6 +34,35 @@ struct RawChat {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     temperature: Option<f64>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    seed: Option<i64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -57,14 +87,24 @@ struct RawPart {
     text: Option<String>,
 }
 
-/// Reads a chat completion request; other fields are ignored as OpenAI's
-/// optional parameters would be.
-pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+/// OpenAI's bounds on `n` and on the number of stop sequences.
+const MAX_N: u64 = 128;
+const MAX_STOP: usize = 4;
+
+/// The body as a JSON object, or OpenAI's 400 for anything else.
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_request(format!("We could not parse the JSON body of your request. ({e})"), None, None)
     })?;
-    for field in ["model", "messages"] {
-        if value.get(field).is_none() {
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid_request("The request body must be a JSON object.".into(), None, None)),
+    }
+}
+
+fn require(map: &Map<String, Value>, fields: &[&'static str]) -> Result<(), ApiError> {
+    for &field in fields {
+        if !map.contains_key(field) {
             return Err(ApiError::invalid_request(
                 format!("Missing required parameter: '{field}'."),
                 Some(field),
@@ -72,7 +112,16 @@ pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
             ));
         }
     }
-    let raw: RawChat = serde_json::from_value(value)
+    Ok(())
+}
+
+/// Reads a chat completion request; other fields are ignored as OpenAI's
+/// optional parameters would be.
+pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
+    let map = object(body)?;
+    require(&map, &["model", "messages"])?;
+    let reservation = Reservation::of_chat(&map, DEFAULT_MAX_TOKENS);
+    let raw: RawChat = serde_json::from_value(Value::Object(map))
         .map_err(|e| ApiError::invalid_request(format!("Invalid request body: {e}"), None, None))?;
     if raw.messages.is_empty() {
         return Err(ApiError::invalid_request(
@@ -94,6 +143,26 @@ pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
             Some("invalid_value"),
         ));
     }
+    let n = raw.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid_request(
+            format!("Invalid 'n': {n}. It must be between 1 and {MAX_N}."),
+            Some("n"),
+            Some("invalid_value"),
+        ));
+    }
+    let stop = match raw.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid_request(
+            format!("Invalid 'stop': at most {MAX_STOP} non-empty sequences."),
+            Some("stop"),
+            Some("invalid_value"),
+        ));
+    }
     let messages = raw
         .messages
         .into_iter()
@@ -106,7 +175,91 @@ pub(super) fn parse_chat(body: &[u8]) -> Result<ChatCall, ApiError> {
             (m.role, text)
         })
         .collect();
-    Ok(ChatCall { model: raw.model, messages, max_tokens, temperature: raw.temperature })
+    let stream = raw.stream.unwrap_or(false).then(|| raw.stream_options.and_then(|o| o.include_usage).unwrap_or(false));
+    Ok(ChatCall {
+        model: raw.model,
+        messages,
+        max_tokens,
+        temperature: raw.temperature,
+        n,
+        stop,
+        seed: raw.seed,
+        stream,
+        reservation,
+        response_format: raw.response_format,
+        tools: raw.tools,
+        tool_choice: raw.tool_choice,
+    })
+}
+
+/// An embeddings request, as much of it as decides the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct EmbeddingsCall {
+    pub model: String,
+    /// Each input as text (token-id inputs as their ids, space-separated).
+    pub inputs: Vec<String>,
+    pub dimensions: usize,
+    pub reservation: Reservation,
+}
+
+/// The vector size when the request names none: small, so tests move
+/// little data; the numbers mean nothing anyway.
+const DEFAULT_DIMENSIONS: usize = 64;
+const MAX_DIMENSIONS: u64 = 3072;
+/// OpenAI's limit on inputs per request.
+const MAX_INPUTS: usize = 2048;
+
+pub(super) fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsCall, ApiError> {
+    let map = object(body)?;
+    require(&map, &["model", "input"])?;
+    let reservation = Reservation::of_embeddings(&map);
+    let model = match map.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        _ => return Err(ApiError::invalid_request("'model' must be a string.".into(), Some("model"), None)),
+    };
+    let bad_input = || {
+        ApiError::invalid_request(
+            "'input' must be a string, an array of strings, or an array of token arrays.".into(),
+            Some("input"),
+            Some("invalid_value"),
+        )
+    };
+    let ids = |v: &Value| -> Option<String> {
+        let ids: Option<Vec<String>> = v.as_array()?.iter().map(|i| i.as_u64().map(|n| n.to_string())).collect();
+        ids.map(|i| i.join(" "))
+    };
+    let inputs: Vec<String> = match map.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(v @ Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            vec![ids(v).ok_or_else(bad_input)?]
+        }
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => Some(s.clone()),
+                other => ids(other),
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(bad_input)?,
+        _ => return Err(bad_input()),
+    };
+    if inputs.len() > MAX_INPUTS || inputs.iter().any(String::is_empty) {
+        return Err(bad_input());
+    }
+    let dimensions = match map.get("dimensions") {
+        None => DEFAULT_DIMENSIONS,
+        Some(v) => match v.as_u64() {
+            Some(d) if (1..=MAX_DIMENSIONS).contains(&d) => d as usize,
+            _ => {
+                return Err(ApiError::invalid_request(
+                    format!("Invalid 'dimensions': it must be between 1 and {MAX_DIMENSIONS}."),
+                    Some("dimensions"),
+                    Some("invalid_value"),
+                ));
+            }
+        },
+    };
+    Ok(EmbeddingsCall { model, inputs, dimensions, reservation })
 }
 
 /// An OpenAI-style error answer:

@@ -126,6 +126,25 @@ pub struct Step {
     pub tier: Tier,
 }
 
+impl Step {
+    /// The chat-completions body the provider is sent for this step, with
+    /// its messages rendered (`{"role", "content"}` objects).
+    pub fn body(&self, messages: Vec<serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+        let mut body = serde_json::Map::new();
+        body.insert("model".into(), self.model.as_str().into());
+        body.insert("messages".into(), messages.into());
+        body.insert("max_tokens".into(), self.max_tokens.into());
+        body.insert("temperature".into(), wire_f32(self.temperature));
+        body
+    }
+}
+
+/// An `f32` as the JSON number a person wrote (`0.8`, not
+/// `0.800000011920929`): through its shortest decimal form.
+fn wire_f32(v: f32) -> serde_json::Value {
+    v.to_string().parse::<f64>().map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
 /// Where a step may run: `standard` on the primary orgs (falling back only
 /// when they have no capacity in time), `cheap` on the fallback orgs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -496,7 +496,7 @@ pub trait UsageStore: Send + Sync + 'static {
 /// What the hashed bytes start with. Bump it whenever the encoding below or
 /// the meaning of a cached entry changes, so old entries become misses
 /// instead of wrong hits.
-const CACHE_KEY_VERSION: &[u8] = b"ratepool.response-cache.v1\n";
+const CACHE_KEY_VERSION: &[u8] = b"ratepool.response-cache.v2\n";
 
 /// The exact-match key of one completion request: the hex SHA-256 digest of
 /// a versioned, canonical encoding of the model and the request body.

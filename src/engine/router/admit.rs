@@ -8,19 +8,49 @@ use tokio_util::sync::CancellationToken;
 use super::{CallError, CallRequest, Router, lock};
 use crate::domain::Micros;
 use crate::engine::quota::{QuotaKind, TenantQuota};
-use crate::provider::ChatRequest;
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
 use crate::storage::{Acquisition, BucketKey};
 
-fn prompt_chars(chat: &ChatRequest) -> usize {
-    chat.messages.iter().map(|m| m.content.chars().count()).sum()
+/// Sleeps `wait` microseconds for capacity that returns at `retry_at`,
+/// unless that is past the call's deadline: then the call is told at once
+/// (capacity returns in order; nothing frees it sooner).
+async fn wait_for(
+    wait: Micros,
+    retry_at: Micros,
+    now: Micros,
+    deadline: Option<Micros>,
+    cancel: &CancellationToken,
+) -> Result<(), CallError> {
+    if deadline.is_some_and(|d| now.saturating_add(wait) > d) {
+        return Err(CallError::NoCapacity { retry_at });
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => Ok(()),
+        _ = cancel.cancelled() => Err(CallError::Cancelled),
+    }
 }
 
-/// The provider's reservation for a call: prompt estimated from its
-/// character count, plus the whole `max_tokens`.
-pub fn call_cost(chat: &ChatRequest, chars_per_token: f64) -> Cost {
-    let prompt = (prompt_chars(chat) as f64 / chars_per_token).ceil() as u64;
-    Cost { requests: 1, tokens: prompt + u64::from(chat.max_tokens) }
+/// Takes a FIFO admission turn, waiting no later than the deadline. A call
+/// that cannot get its turn in time is told when the call ahead of it
+/// expects capacity, as far as this process knows (`fallback_retry_at`).
+async fn turn<'g>(
+    gate: &'g tokio::sync::Mutex<()>,
+    deadline: Option<(Micros, Micros)>,
+    fallback_retry_at: impl FnOnce() -> Micros,
+    cancel: &CancellationToken,
+) -> Result<tokio::sync::MutexGuard<'g, ()>, CallError> {
+    let within = async {
+        match deadline {
+            None => Some(gate.lock().await),
+            Some((now, d)) => {
+                tokio::time::timeout(Duration::from_micros((d - now).max(0) as u64), gate.lock()).await.ok()
+            }
+        }
+    };
+    tokio::select! {
+        g = within => g.ok_or_else(|| CallError::NoCapacity { retry_at: fallback_retry_at() }),
+        _ = cancel.cancelled() => Err(CallError::Cancelled),
+    }
 }
 
 /// `params` with both limits scaled by `factor` (a slowed-down org): the
@@ -41,21 +71,22 @@ pub fn scaled(params: &BucketParams, factor: f64, cost: Cost) -> BucketParams {
 
 impl Router {
     /// Waits for and charges capacity on the best org; returns its index
-    /// and whether the call is that org's half-open breaker probe.
+    /// and whether the call is that org's half-open breaker probe. With a
+    /// `deadline`, capacity that does not come before it is
+    /// [`CallError::NoCapacity`] and the org is charged nothing.
     pub(super) async fn admit(
         &self,
         req: &CallRequest,
+        deadline: Option<Micros>,
         cancel: &CancellationToken,
     ) -> Result<(usize, bool), CallError> {
-        let model = &req.chat.model;
+        let model = &req.request.model;
         let (Some(candidates), Some(gate)) = (self.by_model.get(model), self.gates.get(model)) else {
             return Err(CallError::Unroutable(format!("no configured org serves model {model}")));
         };
-        self.charge_tenant(req, candidates, cancel).await?;
-        let _turn = tokio::select! {
-            g = gate.lock() => g,
-            _ = cancel.cancelled() => return Err(CallError::Cancelled),
-        };
+        self.charge_tenant(req, candidates, deadline, cancel).await?;
+        let within = deadline.map(|d| (self.clock.now(), d));
+        let _turn = turn(gate, within, || self.earliest_capacity(req, candidates), cancel).await?;
         let is_fallback = |i: usize| self.orgs[i].settings.fallback;
         let has_fallback = candidates.iter().any(|&i| is_fallback(i));
         let has_primary = candidates.iter().any(|&i| !is_fallback(i));
@@ -75,6 +106,9 @@ impl Router {
             // (headroom, index, cost, cached state) of every org that may take a call now.
             let mut ready = Vec::new();
             let mut wake_at: Option<Micros> = if fallback_open || !has_fallback { None } else { Some(opens_at) };
+            // Whether some org is only out of quota (then the wait is for
+            // capacity), or every one is unhealthy (breaker, rotation).
+            let mut rate_limited = false;
             let mut never = 0usize;
             for &i in candidates.iter().filter(|&&i| usable(i)) {
                 let org = &self.orgs[i];
@@ -96,12 +130,15 @@ impl Router {
                     continue;
                 }
                 let Some(params) = org.settings.models.get(model) else { continue };
-                let cost = call_cost(&req.chat, org.settings.chars_per_token);
+                let cost = req.request.cost(org.settings.chars_per_token);
                 let params = scaled(params, self.rate_factor(i, model, now), cost);
                 let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
                 match gcra::available_at(&cached, &params, cost, now) {
                     None => never += 1,
-                    Some(at) if at > now => wake_at = min_opt(wake_at, at),
+                    Some(at) if at > now => {
+                        rate_limited = true;
+                        wake_at = min_opt(wake_at, at);
+                    }
                     Some(_) => ready.push((gcra::headroom(&cached, &params, now), i, cost, params)),
                 }
             }
@@ -130,6 +167,7 @@ impl Router {
                     Acquisition::Denied { retry_at, state } => {
                         self.telemetry.ledger_op("denied");
                         self.remember(i, model, state, &params, now);
+                        rate_limited = true;
                         wake_at = min_opt(wake_at, retry_at);
                     }
                     Acquisition::Never => {}
@@ -137,12 +175,38 @@ impl Router {
             }
             // Nothing free: sleep until the earliest capacity. Out-of-rotation
             // orgs are looked at again at least once a minute.
+            let now = self.clock.now();
             let wait = wake_at.map_or(60_000_000, |t| (t - now).clamp(1_000, 60_000_000));
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
-                _ = cancel.cancelled() => return Err(CallError::Cancelled),
+            let retry_at = wake_at.unwrap_or(now + wait);
+            if !rate_limited && deadline.is_some_and(|d| now.saturating_add(wait) > d) {
+                return Err(CallError::Unavailable {
+                    retry_at,
+                    reason: format!(
+                        "every org serving {model} is unavailable (circuit breaker open or out of rotation)"
+                    ),
+                });
             }
+            wait_for(wait, retry_at, now, deadline, cancel).await?;
         }
+    }
+
+    /// When the earliest org serving the request's model has room for it,
+    /// by this process's cached bucket states (a guess: other processes
+    /// may have spent it); for a call that gives up waiting for its turn.
+    fn earliest_capacity(&self, req: &CallRequest, candidates: &[usize]) -> Micros {
+        let model = &req.request.model;
+        let now = self.clock.now();
+        candidates
+            .iter()
+            .filter_map(|&i| {
+                let org = &self.orgs[i];
+                let params = org.settings.models.get(model)?;
+                let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
+                gcra::available_at(&cached, params, req.request.cost(org.settings.chars_per_token), now)
+            })
+            .min()
+            .unwrap_or(now)
+            .max(now)
     }
 
     /// Waits for and charges one call attempt to the tenant's own quota
@@ -153,6 +217,7 @@ impl Router {
         &self,
         req: &CallRequest,
         candidates: &[usize],
+        deadline: Option<Micros>,
         cancel: &CancellationToken,
     ) -> Result<(), CallError> {
         let quota = self.quotas.get(&req.tenant);
@@ -161,15 +226,13 @@ impl Router {
         };
         let call = candidates
             .iter()
-            .map(|&i| call_cost(&req.chat, self.orgs[i].settings.chars_per_token))
+            .map(|&i| req.request.cost(self.orgs[i].settings.chars_per_token))
             .max_by_key(|c| c.tokens)
             .unwrap_or(Cost { requests: 1, tokens: 0 });
         let cost = quota.charge(call);
         let key = BucketKey::tenant(&req.tenant);
-        let _turn = tokio::select! {
-            g = gate.lock() => g,
-            _ = cancel.cancelled() => return Err(CallError::Cancelled),
-        };
+        let within = deadline.map(|d| (self.clock.now(), d));
+        let _turn = turn(gate, within, || self.clock.now() + 1_000_000, cancel).await?;
         let mut counted = false;
         loop {
             let now = self.clock.now();
@@ -195,11 +258,9 @@ impl Router {
                     )));
                 }
             };
+            let now = self.clock.now();
             let wait = (retry_at - now).clamp(1_000, 60_000_000);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_micros(wait as u64)) => {}
-                _ = cancel.cancelled() => return Err(CallError::Cancelled),
-            }
+            wait_for(wait, retry_at, now, deadline, cancel).await?;
         }
     }
 }
@@ -220,24 +281,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::domain::{Clock, ModelName};
+    use crate::domain::Clock;
     use crate::engine::router::settings::TRANSIT_ALLOWANCE_US;
-    use crate::provider::ChatMessage;
-
-    #[test]
-    fn cost_is_prompt_estimate_plus_max_tokens() {
-        let chat = ChatRequest {
-            model: ModelName::parse("m").unwrap(),
-            messages: vec![
-                ChatMessage { role: "system".into(), content: "abcd".repeat(10) },
-                ChatMessage { role: "user".into(), content: "x".repeat(3) },
-            ],
-            max_tokens: 100,
-            temperature: 0.0,
-        };
-        // 43 characters / 4 → 11 tokens (rounded up) + 100.
-        assert_eq!(call_cost(&chat, 4.0), Cost { requests: 1, tokens: 111 });
-    }
 
     #[test]
     fn a_slowed_org_is_paced_at_the_factor_and_still_takes_every_call() {

@@ -38,12 +38,12 @@ use super::breaker::{Breaker, RateFactor, SlowDownPolicy};
 use super::quota::TenantQuotas;
 use crate::backoff::full_jitter;
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
-use crate::provider::{ProviderClient, ProviderFailure};
+use crate::provider::{Answer, Opened, ProviderClient, ProviderFailure};
 use crate::storage::gcra::BucketState;
 use crate::storage::{CallEvent, CallOutcome, QuotaLedger};
 use crate::telemetry::{BreakerGauge, Telemetry};
-pub use admit::{call_cost, scaled};
-pub use request::{CallError, CallRequest, CallResult, Routing, SendGate};
+pub use admit::scaled;
+pub use request::{CallError, CallRecord, CallRequest, CallResult, OpenCall, Routing, SendGate};
 pub use settings::{OrgSettings, RetryPolicy};
 pub use sync::provider_floor;
 
@@ -187,13 +187,57 @@ impl Router {
             .collect()
     }
 
-    /// Sends one call, routing and retrying as the module doc says.
+    /// Sends one call and reads its whole answer, routing and retrying as
+    /// the module doc says.
     pub async fn call(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<CallResult, CallError> {
+        let done = self.attempts(req, cancel, Mode::Whole).await?;
+        let Got::Whole(answer) = done.got else {
+            return Err(CallError::Unroutable("internal: a whole answer was asked for".into()));
+        };
+        Ok(CallResult {
+            body: answer.body,
+            usage: answer.usage,
+            org: done.org,
+            attempts: done.attempts,
+            provider_time: done.provider_time,
+            waited: done.waited,
+        })
+    }
+
+    /// Sends one call and returns once a successful answer's headers have
+    /// arrived; its body (a stream) is the caller's to read. Failures before
+    /// that are routed and retried as for [`Self::call`]; after it, the
+    /// call belongs to the org that answered.
+    pub async fn open(&self, req: &CallRequest, cancel: &CancellationToken) -> Result<OpenCall, CallError> {
+        let done = self.attempts(req, cancel, Mode::Stream).await?;
+        let Got::Stream(opened) = done.got else {
+            return Err(CallError::Unroutable("internal: a stream was asked for".into()));
+        };
+        let (opened, record) = *opened;
+        Ok(OpenCall { response: opened.response, org: done.org, attempts: done.attempts, waited: done.waited, record })
+    }
+
+    /// The attempt loop shared by [`Self::call`] and [`Self::open`].
+    async fn attempts(&self, req: &CallRequest, cancel: &CancellationToken, mode: Mode) -> Result<Done, CallError> {
+        let model = &req.request.model;
+        let deadline = req.max_wait.map(|w| self.clock.now().saturating_add(to_micros(w)));
         let mut attempts = 0u32;
         let mut transient = 0u32;
         let mut provider_time = Duration::ZERO;
+        let mut waited = Duration::ZERO;
+        let mut last_failure: Option<String> = None;
         loop {
-            let (idx, probe) = self.admit(req, cancel).await?;
+            let waiting = tokio::time::Instant::now();
+            let (idx, probe) = match self.admit(req, deadline, cancel).await {
+                Ok(admitted) => admitted,
+                // The orgs this call tried are failing: say what failed.
+                Err(CallError::NoCapacity { .. } | CallError::Unavailable { .. }) if last_failure.is_some() => {
+                    let last = last_failure.unwrap_or_default();
+                    return Err(CallError::Exhausted { attempts, last });
+                }
+                Err(e) => return Err(e),
+            };
+            waited += waiting.elapsed();
             let org = &self.orgs[idx];
             let name = &org.settings.endpoint.name;
             // Hands the breaker's probe back if this call ends unanswered
@@ -212,8 +256,14 @@ impl Router {
             attempts += 1;
             let sent_at = self.clock.now();
             let started = tokio::time::Instant::now();
+            let endpoint = &org.settings.endpoint;
             let answer = tokio::select! {
-                a = self.client.chat(&org.settings.endpoint, &req.chat, &req.request_id) => a,
+                a = async {
+                    match mode {
+                        Mode::Whole => self.client.call(endpoint, &req.request, &req.request_id).await.map(Answered::Whole),
+                        Mode::Stream => self.client.open(endpoint, &req.request, &req.request_id).await.map(Answered::Stream),
+                    }
+                } => a,
                 _ = cancel.cancelled() => return Err(CallError::Cancelled),
             };
             probe.answered();
@@ -222,38 +272,43 @@ impl Router {
             let event = |outcome, usage| CallEvent {
                 tenant: req.tenant.clone(),
                 org: name.clone(),
-                model: req.chat.model.clone(),
+                model: model.clone(),
                 outcome,
                 usage,
                 latency,
             };
-            match answer {
-                Ok(ok) => {
+            let failure = match answer {
+                Ok(answered) => {
                     self.breaker_success(org);
-                    self.telemetry.record_call(&event(CallOutcome::Ok, ok.usage));
-                    self.sync_headers(idx, &req.chat.model, &ok.limits, sent_at, None).await;
-                    return Ok(CallResult {
-                        content: ok.content,
-                        usage: ok.usage,
-                        org: name.clone(),
-                        attempts,
-                        provider_time,
-                    });
+                    let got = match answered {
+                        Answered::Whole(answer) => {
+                            self.telemetry.record_call(&event(CallOutcome::Ok, answer.usage));
+                            self.sync_headers(idx, model, &answer.limits, sent_at, None).await;
+                            Got::Whole(answer)
+                        }
+                        Answered::Stream(opened) => {
+                            self.sync_headers(idx, model, &opened.limits, sent_at, None).await;
+                            let record = CallRecord::new(
+                                self.telemetry.clone(),
+                                event(CallOutcome::Ok, Usage::default()),
+                                started,
+                            );
+                            Got::Stream(Box::new((opened, record)))
+                        }
+                    };
+                    return Ok(Done { got, org: name.clone(), attempts, provider_time, waited });
                 }
-                Err(ProviderFailure::RateLimited { retry_after, limits, message }) => {
+                Err(failure) => failure,
+            };
+            match failure {
+                ProviderFailure::RateLimited { retry_after, limits, message } => {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
-                    tracing::info!(org = %name, model = %req.chat.model, %message, "rate limited by provider; re-routing");
-                    self.sync_headers(
-                        idx,
-                        &req.chat.model,
-                        &limits,
-                        sent_at,
-                        Some(retry_after.unwrap_or(Duration::from_secs(1))),
-                    )
-                    .await;
+                    tracing::info!(org = %name, model = %model, %message, "rate limited by provider; re-routing");
+                    let blocked_for = Some(retry_after.unwrap_or(Duration::from_secs(1)));
+                    self.sync_headers(idx, model, &limits, sent_at, blocked_for).await;
                 }
-                Err(ProviderFailure::SlowDown { retry_after, limits, message }) => {
+                ProviderFailure::SlowDown { retry_after, limits, message } => {
                     // Healthy (it answered), but asking for fewer requests:
                     // the lowered rate is the backoff, and the call goes to
                     // whichever org now has the most headroom. Not counted
@@ -261,27 +316,27 @@ impl Router {
                     // bounds how often this org is asked again.
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::ServerError, Usage::default()));
-                    self.slowed_down(idx, &req.chat.model, &message);
-                    self.sync_headers(idx, &req.chat.model, &limits, sent_at, retry_after).await;
+                    self.slowed_down(idx, model, &message);
+                    self.sync_headers(idx, model, &limits, sent_at, retry_after).await;
                 }
-                Err(ProviderFailure::InsufficientQuota { message }) => {
+                ProviderFailure::InsufficientQuota { message } => {
                     // The org answered: healthy as far as the breaker goes
                     // (a half-open probe would otherwise wait forever).
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::InsufficientQuota, Usage::default()));
                     self.take_out(idx, format!("insufficient_quota: {message}"));
                 }
-                Err(ProviderFailure::Unauthorized { status, message }) => {
+                ProviderFailure::Unauthorized { status, message } => {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
                     self.take_out(idx, format!("credentials refused ({status}): {message}"));
                 }
-                Err(ProviderFailure::Request { status, message }) => {
+                ProviderFailure::Request { status, message, body } => {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RequestError, Usage::default()));
-                    return Err(CallError::Request(format!("provider rejected the request ({status}): {message}")));
+                    return Err(CallError::Request { status, message, body });
                 }
-                Err(failure) => {
+                failure => {
                     let outcome = match failure {
                         ProviderFailure::Timeout => CallOutcome::Timeout,
                         ProviderFailure::Connection(_) => CallOutcome::ConnectionError,
@@ -294,8 +349,10 @@ impl Router {
                         self.telemetry.set_breaker(name, g);
                     }
                     transient += 1;
+                    last_failure = Some(format!("{name}: {failure}"));
+                    let exhausted = || CallError::Exhausted { attempts, last: format!("{name}: {failure}") };
                     if transient >= self.policy.max_transient_failures {
-                        return Err(CallError::Exhausted { attempts, last: failure.to_string() });
+                        return Err(exhausted());
                     }
                     let hint = match &failure {
                         ProviderFailure::Server { retry_after, .. } => *retry_after,
@@ -308,6 +365,9 @@ impl Router {
                         rand::random::<f64>(),
                     )
                     .max(hint.unwrap_or_default().min(self.policy.backoff_cap));
+                    if deadline.is_some_and(|d| self.clock.now().saturating_add(to_micros(wait)) > d) {
+                        return Err(exhausted());
+                    }
                     tracing::debug!(org = %name, error = %failure, ?wait, "transient provider failure; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -360,6 +420,34 @@ impl Router {
         *lock(&org.out) = Some(OutOfRotation { reason, until });
         self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, true);
     }
+}
+
+/// Whether a call's answer is read whole or handed over as a stream.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Whole,
+    Stream,
+}
+
+/// One attempt's successful answer, as its mode asked.
+enum Answered {
+    Whole(Answer),
+    Stream(Opened),
+}
+
+/// What a successful attempt leaves for the caller.
+enum Got {
+    Whole(Answer),
+    Stream(Box<(Opened, CallRecord)>),
+}
+
+/// The end of a successful call.
+struct Done {
+    got: Got,
+    org: OrgName,
+    attempts: u32,
+    provider_time: Duration,
+    waited: Duration,
 }
 
 /// The breaker of an org whose half-open probe is out, until the probe's

@@ -1,0 +1,127 @@
+//! Streamed answers (`"stream": true`), as OpenAI sends them: server-sent
+//! events of `chat.completion.chunk` objects — the role first, then the
+//! content in pieces, then each choice's finish reason, then (if asked with
+//! `stream_options.include_usage`) a chunk with no choices and the usage,
+//! then `data: [DONE]`. Chunks are paced like the whole answer would be:
+//! the first after the base latency, each piece after its tokens' time.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::text::{Answer, ChatCall};
+
+/// Characters per content piece: about four tokens.
+const PIECE_CHARS: usize = 16;
+
+/// Every event of the stream, each with the completion tokens it carries.
+pub(super) fn chunks(call: &ChatCall, answer: &Answer, created: i64, usage: Option<&Value>) -> Vec<(u64, Bytes)> {
+    let chunk = |choices: Value, usage_field: Option<&Value>| {
+        let mut c = json!({
+            "id": answer.id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": call.model,
+            "choices": choices,
+        });
+        // With include_usage every chunk has a `usage` field, null but in
+        // the last one, as OpenAI sends it.
+        if usage.is_some() {
+            c["usage"] = usage_field.cloned().unwrap_or(Value::Null);
+        }
+        event(&c)
+    };
+    let mut out = Vec::new();
+    for (i, choice) in answer.choices.iter().enumerate() {
+        let delta = |d: Value, finish: Option<&str>| json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": finish}]);
+        out.push((0, chunk(delta(json!({"role": "assistant", "content": ""}), None), None)));
+        let text = choice.text();
+        let pieces = split(&text, PIECE_CHARS);
+        let mut left = choice.tokens;
+        let n = pieces.len() as u64;
+        for (k, piece) in pieces.into_iter().enumerate() {
+            // The choice's tokens spread over its pieces.
+            let tokens = if k as u64 + 1 == n { left } else { (choice.tokens / n.max(1)).min(left) };
+            left -= tokens;
+            out.push((tokens, chunk(delta(json!({"content": piece}), None), None)));
+        }
+        out.push((left, chunk(delta(json!({}), Some(choice.finish_reason)), None)));
+    }
+    if let Some(u) = usage {
+        out.push((0, chunk(json!([]), Some(u))));
+    }
+    out.push((0, Bytes::from_static(b"data: [DONE]\n\n")));
+    out
+}
+
+/// The events with the delay before each: `first` before the first, and
+/// `per_token` for every token an event carries.
+pub(super) fn paced(chunks: Vec<(u64, Bytes)>, first: Duration, per_token: Duration) -> Vec<(Duration, Bytes)> {
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, (tokens, bytes))| {
+            let wait = per_token.saturating_mul(u32::try_from(tokens).unwrap_or(u32::MAX));
+            (if i == 0 { first + wait } else { wait }, bytes)
+        })
+        .collect()
+}
+
+/// The SSE response; a shutdown mid-stream cuts it off like a dropped
+/// connection.
+pub(super) fn response(mut headers: HeaderMap, events: Vec<(Duration, Bytes)>, closing: CancellationToken) -> Response {
+    let body = futures::stream::unfold((events.into_iter(), closing), |(mut events, closing)| async move {
+        let (wait, bytes) = events.next()?;
+        if !wait.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = closing.cancelled() => {
+                    let cut = std::io::Error::other("stream cut off by the simulator's shutdown");
+                    return Some((Err(cut), (Vec::new().into_iter(), closing)));
+                }
+            }
+        }
+        Some((Ok::<_, std::io::Error>(bytes), (events, closing)))
+    });
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    (headers, Body::from_stream(body)).into_response()
+}
+
+fn event(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// `text` in pieces of about `size` bytes, cut on character boundaries.
+fn split(text: &str, size: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let mut cut = size.min(rest.len());
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        out.push(piece);
+        rest = tail;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_text_on_char_boundaries() {
+        let text = "é".repeat(20) + "abc";
+        let pieces = split(&text, 5);
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.iter().all(|p| !p.is_empty() && p.len() <= 6));
+        assert!(split("", 5).is_empty());
+    }
+}
