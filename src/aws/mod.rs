@@ -20,6 +20,42 @@ use crate::domain::{Clock, Env};
 use crate::storage::{Backend, StorageError, StorageResult};
 pub use config::AwsConfig;
 
+/// How long AWS requests may take. Without bounds a request to a hung
+/// endpoint never returns: a step waits forever on a ledger write while
+/// the heartbeat, which still works, keeps its lease alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// One HTTP attempt. DynamoDB and SQS answer in milliseconds; this is
+    /// for the attempt that hangs, so the SDK's own retry gets its turn.
+    pub attempt: Duration,
+    /// An operation, its retries included.
+    pub operation: Duration,
+}
+
+impl Default for Timeouts {
+    /// An operation (three attempts and their backoff) ends well within a
+    /// third of the default 30 s lease, which the heartbeat renews.
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(3), attempt: Duration::from_secs(3), operation: Duration::from_secs(10) }
+    }
+}
+
+impl Timeouts {
+    fn config(&self) -> aws_config::timeout::TimeoutConfig {
+        aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .operation_attempt_timeout(self.attempt)
+            .operation_timeout(self.operation)
+            .build()
+    }
+
+    /// A long poll holds its attempt open for `wait` by design.
+    pub(crate) fn for_long_poll(&self, wait: Duration) -> aws_config::timeout::TimeoutConfig {
+        Timeouts { attempt: self.attempt + wait, operation: self.operation + 2 * wait, ..*self }.config()
+    }
+}
+
 /// SDK clients, built once at start and shared.
 #[derive(Clone, Debug)]
 pub struct AwsClients {
@@ -27,27 +63,40 @@ pub struct AwsClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
+    pub timeouts: Timeouts,
 }
 
 impl AwsClients {
     /// From the usual SDK sources, overridden by `[aws] region` and
-    /// `endpoint_url` when set.
+    /// `endpoint_url` when set, with the default [`Timeouts`].
     pub async fn load(cfg: &AwsConfig) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(r) = &cfg.region {
-            loader = loader.region(Region::new(r.clone()));
-        }
-        if let Some(e) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(e.clone());
-        }
-        let sdk = loader.load().await;
+        Self::from_sdk(&loader(cfg).load().await, Timeouts::default())
+    }
+
+    /// Clients of `sdk` whose requests are bounded by `timeouts`.
+    pub fn from_sdk(sdk: &aws_config::SdkConfig, timeouts: Timeouts) -> Self {
+        let sdk = sdk.to_builder().timeout_config(timeouts.config()).build();
         Self {
             sqs: aws_sdk_sqs::Client::new(&sdk),
             dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
             cloudwatch: aws_sdk_cloudwatch::Client::new(&sdk),
             secrets: aws_sdk_secretsmanager::Client::new(&sdk),
+            timeouts,
         }
     }
+}
+
+/// The SDK's usual sources (environment, profile, instance role),
+/// overridden by `[aws] region` and `endpoint_url` when set.
+pub fn loader(cfg: &AwsConfig) -> aws_config::ConfigLoader {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(r) = &cfg.region {
+        loader = loader.region(Region::new(r.clone()));
+    }
+    if let Some(e) = &cfg.endpoint_url {
+        loader = loader.endpoint_url(e.clone());
+    }
+    loader
 }
 
 /// Maps any SDK error to a retryable backend error, keeping the service's
@@ -71,8 +120,10 @@ pub async fn connect(
     interactive_weight: std::num::NonZeroU64,
     clock: Arc<dyn Clock>,
 ) -> StorageResult<Backend> {
-    let queue =
-        Arc::new(queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout, interactive_weight).await?);
+    let queue = Arc::new(
+        queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout, interactive_weight, clients.timeouts)
+            .await?,
+    );
     let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));
@@ -115,5 +166,65 @@ impl SecretEnv {
 impl Env for SecretEnv {
     fn var(&self, name: &str) -> Option<String> {
         self.values.get(name).cloned().or_else(|| std::env::var(name).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::domain::SystemClock;
+
+    /// Accepts connections and reads requests, never answering: a hung
+    /// endpoint. Returns its address and how many connections it took.
+    async fn hung_endpoint() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted)
+    }
+
+    #[tokio::test]
+    async fn requests_to_a_hung_endpoint_end_at_the_operation_timeout() {
+        let (endpoint, accepted) = hung_endpoint().await;
+        let cfg = AwsConfig { region: Some("us-east-1".into()), endpoint_url: Some(endpoint), ..AwsConfig::default() };
+        let creds = aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test");
+        let sdk = loader(&cfg).credentials_provider(creds).load().await;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            attempt: Duration::from_millis(200),
+            operation: Duration::from_secs(1),
+        };
+        let clients = AwsClients::from_sdk(&sdk, timeouts);
+        let started = Instant::now();
+        let weight = std::num::NonZeroU64::MIN;
+        let opened = connect(&clients, &cfg, Duration::from_secs(30), weight, Arc::new(SystemClock));
+        let r = tokio::time::timeout(Duration::from_secs(10), opened).await.expect("bounded by the SDK, not the test");
+        assert!(matches!(r, Err(StorageError::Backend(_))), "{:?}", r.err());
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+        assert!(accepted.load(Ordering::SeqCst) >= 1, "the requests reached the hung endpoint");
+    }
+
+    #[test]
+    fn a_long_poll_gets_its_wait_on_top_of_the_attempt_timeout() {
+        let t = Timeouts::default();
+        let poll = t.for_long_poll(Duration::from_secs(20));
+        assert_eq!(poll.operation_attempt_timeout(), Some(t.attempt + Duration::from_secs(20)));
+        assert!(poll.operation_timeout() >= Some(t.attempt + Duration::from_secs(20)));
+        assert!(t.operation < Duration::from_secs(10) + Duration::from_millis(1), "within a third of a 30 s lease");
     }
 }

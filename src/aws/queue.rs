@@ -121,6 +121,8 @@ pub struct SqsQueue {
     /// surely still hides its message for us. An entry is dropped once it
     /// passes, so the map holds about the messages in flight here.
     held: Mutex<HashMap<String, Instant>>,
+    /// The client's bounds; a long poll's attempt is allowed its wait on top.
+    timeouts: super::Timeouts,
 }
 
 impl SqsQueue {
@@ -130,6 +132,7 @@ impl SqsQueue {
         cfg: &AwsConfig,
         visibility_timeout: Duration,
         interactive_weight: NonZeroU64,
+        timeouts: super::Timeouts,
     ) -> StorageResult<SqsQueue> {
         let (interactive_url, batch_url, dlq_url) = tokio::try_join!(
             existing_url(&client, &cfg.interactive_queue),
@@ -146,6 +149,7 @@ impl SqsQueue {
             batch_turn: interactive_weight.get().saturating_add(1),
             receives: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
+            timeouts,
         })
     }
 
@@ -197,6 +201,10 @@ impl SqsQueue {
             .wait_time_seconds(wait_secs)
             .visibility_timeout(self.visibility_secs)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(self.timeouts.for_long_poll(secs(wait_secs))),
+            )
             .send()
             .await
             .map_err(|e| sdk_err("receiving from SQS", e))?;
@@ -545,6 +553,10 @@ impl JobQueue for SqsQueue {
                 // messages does not look empty; with messages it answers at once.
                 .wait_time_seconds(1)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .customize()
+                .config_override(
+                    aws_sdk_sqs::config::Builder::default().timeout_config(self.timeouts.for_long_poll(secs(1))),
+                )
                 .send()
                 .await
                 .map_err(|e| sdk_err("reading the SQS dead-letter queue", e))?;
