@@ -4,6 +4,8 @@
 #   moto_start    starts moto (log in target/moto.log), stops it when the
 #                 calling shell exits, and exports AWS_ENDPOINT_URL and dummy
 #                 credentials for it
+#   moto_stop     stops it now (moto keeps every table and queue of its run in
+#                 memory: a fresh one for the heaviest tests keeps it small)
 venv=${RATEPOOL_VENV:-.venv}
 
 moto_install() {
@@ -19,9 +21,9 @@ moto_start() {
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   mkdir -p target
-  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >> target/moto.log 2>&1 &
   moto_pid=$!
-  trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true' EXIT
+  trap moto_stop EXIT
   for _ in $(seq 1 100); do
     curl -sf "http://127.0.0.1:$port/moto-api/" > /dev/null && break
     sleep 0.2
@@ -31,4 +33,12 @@ moto_start() {
   echo "== moto on 127.0.0.1:$port"
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+}
+
+moto_stop() {
+  if [[ -n ${moto_pid:-} ]]; then
+    kill "$moto_pid" 2>/dev/null || true
+    wait "$moto_pid" 2>/dev/null || true
+    moto_pid=
+  fi
 }
