@@ -6,6 +6,7 @@
 //! (`crate::local` for one machine, `crate::aws` for production) and all pass
 //! the same conformance suite in `tests/conformance/`.
 
+pub mod faults;
 pub mod gcra;
 
 use std::time::Duration;
