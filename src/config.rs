@@ -55,6 +55,9 @@ pub struct Config {
     /// Resource names for `storage.backend = "aws"`.
     #[serde(default)]
     pub aws: AwsConfig,
+    /// The Calls door: `/v1/chat/completions` and `/v1/embeddings`.
+    #[serde(default)]
+    pub calls: CallsConfig,
 }
 
 fn default_interactive_weight() -> NonZeroU64 {
@@ -404,6 +407,103 @@ fn default_webhook_timeout() -> NonZeroU64 {
     nz(10)
 }
 
+/// The Calls door (`[calls]`): OpenAI-compatible calls that wait for
+/// pooled capacity and, with an `Idempotency-Key`, are stored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallsConfig {
+    /// How long a call waits for capacity when it sends no
+    /// `Ratepool-Max-Wait` header; 0 answers 429 at once.
+    #[serde(default = "default_call_wait")]
+    pub max_wait_secs: Spanned<u64>,
+    /// The most a `Ratepool-Max-Wait` header may ask for; larger values
+    /// are cut to it. Wait plus the provider's timeout should stay under
+    /// the SDKs' own 10-minute timeout.
+    #[serde(default = "default_call_wait_cap")]
+    pub max_wait_cap_secs: Spanned<u64>,
+    /// Largest request body; larger ones are refused with 413.
+    #[serde(default = "default_call_body")]
+    pub max_body_bytes: Spanned<usize>,
+    /// What the ledger reserves for a request that sets neither
+    /// `max_completion_tokens` nor `max_tokens`.
+    #[serde(default = "default_call_max_tokens")]
+    pub default_max_tokens: NonZeroU64,
+    /// How long a durable call's answer is kept for replays.
+    #[serde(default = "default_idempotency_ttl")]
+    pub idempotency_ttl_secs: Spanned<u64>,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            max_wait_secs: default_call_wait(),
+            max_wait_cap_secs: default_call_wait_cap(),
+            max_body_bytes: default_call_body(),
+            default_max_tokens: default_call_max_tokens(),
+            idempotency_ttl_secs: default_idempotency_ttl(),
+        }
+    }
+}
+
+/// A default that is not in the file: no span (it cannot be the culprit
+/// of an error unless another, spanned, value is).
+fn unspanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+fn default_call_wait() -> Spanned<u64> {
+    unspanned(60)
+}
+fn default_call_wait_cap() -> Spanned<u64> {
+    unspanned(300)
+}
+fn default_call_body() -> Spanned<usize> {
+    unspanned(8 << 20)
+}
+fn default_call_max_tokens() -> NonZeroU64 {
+    nz(4096)
+}
+fn default_idempotency_ttl() -> Spanned<u64> {
+    unspanned(24 * 3600)
+}
+
+/// Limits on `[calls]` values.
+const MAX_WAIT_CAP_SECS: u64 = 3600;
+const MAX_IDEMPOTENCY_TTL_SECS: u64 = 365 * 86_400;
+const MAX_CALL_BODY_BYTES: usize = 256 << 20;
+
+impl CallsConfig {
+    fn validate(&self, at: &dyn Fn(std::ops::Range<usize>, String) -> String) -> Result<(), String> {
+        let (wait, cap) = (&self.max_wait_secs, &self.max_wait_cap_secs);
+        if !(1..=MAX_WAIT_CAP_SECS).contains(cap.get_ref()) {
+            return Err(at(cap.span(), format!("[calls] max_wait_cap_secs must be 1 to {MAX_WAIT_CAP_SECS}")));
+        }
+        if wait.get_ref() > cap.get_ref() {
+            // The wait's line, or the cap's when the wait is the default.
+            let span = if wait.span().is_empty() { cap.span() } else { wait.span() };
+            return Err(at(
+                span,
+                format!(
+                    "[calls] max_wait_secs ({}) must not exceed max_wait_cap_secs ({})",
+                    wait.get_ref(),
+                    cap.get_ref()
+                ),
+            ));
+        }
+        let body = &self.max_body_bytes;
+        if !(1024..=MAX_CALL_BODY_BYTES).contains(body.get_ref()) {
+            return Err(at(body.span(), format!("[calls] max_body_bytes must be 1024 to {MAX_CALL_BODY_BYTES}")));
+        }
+        let ttl = &self.idempotency_ttl_secs;
+        if !(1..=MAX_IDEMPOTENCY_TTL_SECS).contains(ttl.get_ref()) {
+            return Err(at(
+                ttl.span(),
+                format!("[calls] idempotency_ttl_secs must be 1 to {MAX_IDEMPOTENCY_TTL_SECS} (a year)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The built-in simulator's behaviour under `serve --simulate`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -509,6 +609,7 @@ impl Config {
         if !(self.simulator.time_scale.is_finite() && self.simulator.time_scale >= 0.0) {
             return Err("[simulator]: time_scale must be a number >= 0".into());
         }
+        self.calls.validate(&at)?;
         Ok(())
     }
 
@@ -703,6 +804,36 @@ api_key_env = "SCREENPLAYS_API_KEY"
             (with("jobs_in_flight = 20", "jobs_in_flight = 1.5"), "line 22"),
             (with("jobs_in_flight", "jobs_in_fligth"), "unknown field `jobs_in_fligth`"),
             (with("calls_per_minute", "requests_per_minute"), "line 21"),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn the_calls_section_has_defaults_and_its_mistakes_name_the_line() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((*c.calls.max_wait_secs.get_ref(), *c.calls.max_wait_cap_secs.get_ref()), (60, 300));
+        assert_eq!(*c.calls.max_body_bytes.get_ref(), 8 << 20);
+        assert_eq!(c.calls.default_max_tokens.get(), 4096);
+        assert_eq!(*c.calls.idempotency_ttl_secs.get_ref(), 86_400);
+        let set = "[calls]\nmax_wait_secs = 5\nmax_wait_cap_secs = 30\nmax_body_bytes = 65536\n\
+                   default_max_tokens = 256\nidempotency_ttl_secs = 3600\n";
+        let c = Config::parse(&format!("{GOOD}{set}")).unwrap();
+        assert_eq!((*c.calls.max_wait_secs.get_ref(), *c.calls.max_wait_cap_secs.get_ref()), (5, 30));
+        assert_eq!((*c.calls.max_body_bytes.get_ref(), c.calls.default_max_tokens.get()), (65_536, 256));
+        // [calls] starts on line 19 of GOOD + the section.
+        let with = |from: &str, to: &str| format!("{GOOD}{}", set.replace(from, to));
+        let cases = [
+            (with("max_wait_secs = 5", "max_wait_secs = 31"), "line 20: [calls] max_wait_secs (31) must not exceed"),
+            (format!("{GOOD}[calls]\nmax_wait_cap_secs = 30\n"), "line 20: [calls] max_wait_secs (60)"),
+            (with("max_wait_cap_secs = 30", "max_wait_cap_secs = 0"), "line 21"),
+            (with("max_body_bytes = 65536", "max_body_bytes = 10"), "line 22: [calls] max_body_bytes"),
+            (with("default_max_tokens = 256", "default_max_tokens = 0"), "line 23"),
+            (with("idempotency_ttl_secs = 3600", "idempotency_ttl_secs = 0"), "line 24"),
+            (with("max_wait_secs = 5", "max_wait_secs = -1"), "line 20"),
+            (with("max_wait_secs", "max_wiat_secs"), "unknown field `max_wiat_secs`"),
         ];
         for (text, want) in cases {
             let err = Config::parse(&text).unwrap_err();

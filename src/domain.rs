@@ -94,6 +94,40 @@ impl JobId {
     }
 }
 
+/// A client's idempotency key (`Idempotency-Key`): 1 to 255 visible ASCII
+/// characters. Chosen by the client, so it is only ever compared, never
+/// trusted to be free of `#`, `/` or other separators.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        let s = s.trim();
+        if s.is_empty() || s.len() > Self::MAX_LEN || !s.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(InvalidId(format!("must be 1 to {} visible ASCII characters", Self::MAX_LEN)));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(k: IdempotencyKey) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Which lane a job waits in; interactive is served first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,6 +232,16 @@ mod tests {
         assert!(StepId::parse("x".repeat(65)).is_err());
         assert!(serde_json::from_str::<StepId>("\"ok-1\"").is_ok());
         assert!(serde_json::from_str::<StepId>("\"no/slash\"").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_up_to_255() {
+        assert_eq!(IdempotencyKey::parse(" job-1/step#2 ").unwrap().as_str(), "job-1/step#2");
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse("a b").is_err());
+        assert!(IdempotencyKey::parse("caf\u{e9}").is_err());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
     }
 
     #[test]

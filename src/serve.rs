@@ -11,6 +11,7 @@ use anyhow::Context;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::calls::{CallSettings, CallsDoor};
 use crate::api::{self, ApiState, PoolOrg};
 use crate::aws::AwsClients;
 use crate::config::{self, Config, StorageKind};
@@ -173,6 +174,21 @@ fn pool_from_config(cfg: &Config) -> Vec<PoolOrg> {
     pool_of(&settings)
 }
 
+/// The Calls door's settings from `[calls]` and `[workers]`.
+pub fn call_settings(cfg: &Config) -> CallSettings {
+    let c = &cfg.calls;
+    CallSettings {
+        default_wait: Duration::from_secs(*c.max_wait_secs.get_ref()),
+        wait_cap: Duration::from_secs(*c.max_wait_cap_secs.get_ref()),
+        max_body_bytes: *c.max_body_bytes.get_ref(),
+        default_max_tokens: c.default_max_tokens.get(),
+        idempotency_ttl: Duration::from_secs(*c.idempotency_ttl_secs.get_ref()),
+        fallback_after: Duration::from_secs(cfg.workers.fallback_after_secs),
+    }
+}
+
+/// The API's state; `router` is `None` where no provider calls are made
+/// (the Lambda).
 fn api_state(
     cfg: &Config,
     backend: &Backend,
@@ -180,8 +196,9 @@ fn api_state(
     pool: Vec<PoolOrg>,
     clock: Arc<dyn Clock>,
     telemetry: Arc<Telemetry>,
-    org_status: Option<Arc<dyn api::OrgStatusSource>>,
+    router: Option<Arc<Router>>,
 ) -> Arc<ApiState> {
+    let org_status = router.clone().map(|r| r as Arc<dyn api::OrgStatusSource>);
     Arc::new(ApiState {
         jobs: backend.jobs.clone(),
         queue: backend.queue.clone(),
@@ -203,6 +220,7 @@ fn api_state(
                 .map(|t| t.name.get_ref().clone())
                 .collect(),
         },
+        calls: CallsDoor { router, store: backend.calls.clone(), settings: call_settings(cfg) },
     })
 }
 

@@ -71,6 +71,17 @@ struct OpLabels {
     op: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallsDoorLabels {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -160,6 +171,9 @@ pub struct Telemetry {
     steps_done: Counter,
     step_overhead: Histogram,
     jobs_in_flight: Gauge,
+    door_calls: Family<CallsDoorLabels, Counter>,
+    door_wait: HistogramFamily<EndpointLabels>,
+    durable_store_failures: Counter,
     queue_visible: Gauge,
     queue_in_flight: Gauge,
     queue_dead: Gauge,
@@ -241,6 +255,24 @@ impl Telemetry {
         );
         let jobs_in_flight = Gauge::default();
         registry.register("jobs_in_flight", "Jobs this process is running", jobs_in_flight.clone());
+        let door_calls = Family::<CallsDoorLabels, Counter>::default();
+        registry.register(
+            "calls",
+            "Calls to the OpenAI-compatible endpoints by endpoint and outcome (replayed: a durable call's stored answer)",
+            door_calls.clone(),
+        );
+        let door_wait: HistogramFamily<EndpointLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "call_wait_seconds",
+            "Time a call to the OpenAI-compatible endpoints waited for capacity",
+            door_wait.clone(),
+        );
+        let durable_store_failures = Counter::default();
+        registry.register(
+            "durable_call_store_failures",
+            "Durable calls answered without their answer stored (a replay would call the provider again)",
+            durable_store_failures.clone(),
+        );
         let queue_visible = Gauge::default();
         registry.register("queue_visible", "Jobs waiting in the queue", queue_visible.clone());
         let queue_in_flight = Gauge::default();
@@ -267,6 +299,9 @@ impl Telemetry {
             steps_done,
             step_overhead,
             jobs_in_flight,
+            door_calls,
+            door_wait,
+            durable_store_failures,
             queue_visible,
             queue_in_flight,
             queue_dead,
@@ -381,6 +416,24 @@ impl Telemetry {
     pub fn step_done(&self, overhead: std::time::Duration) {
         self.steps_done.inc();
         self.step_overhead.observe(overhead.as_secs_f64());
+    }
+
+    /// Counts one call to an OpenAI-compatible `endpoint` by how it ended.
+    pub fn door_call(&self, endpoint: &'static str, outcome: &'static str) {
+        self.door_calls.get_or_create(&CallsDoorLabels { endpoint, outcome }).inc();
+    }
+
+    pub fn door_calls(&self, endpoint: &'static str, outcome: &'static str) -> u64 {
+        self.door_calls.get_or_create(&CallsDoorLabels { endpoint, outcome }).get()
+    }
+
+    /// How long a call to `endpoint` waited for capacity before it was sent.
+    pub fn door_wait(&self, endpoint: &'static str, waited: std::time::Duration) {
+        self.door_wait.get_or_create(&EndpointLabels { endpoint }).observe(waited.as_secs_f64());
+    }
+
+    pub fn durable_store_failed(&self) {
+        self.durable_store_failures.inc();
     }
 
     pub fn jobs_in_flight(&self) -> &Gauge {

@@ -561,8 +561,10 @@ async fn a_call_larger_than_every_org_is_unroutable_at_once() {
     let h = start(&[org("a", 600, 1_000), org("b", 600, 2_000)], fast_policy()).await;
     let started = Instant::now();
     match h.call("huge", chat(MODEL, 40, 2_500)).await {
-        Err(CallError::Unroutable(msg)) => assert!(msg.contains("exceeds"), "{msg}"),
-        other => panic!("expected unroutable, got {other:?}"),
+        Err(CallError::TooLarge { tokens, largest, model }) => {
+            assert_eq!((tokens, largest, model.as_str()), (2_510, 2_000, MODEL));
+        }
+        other => panic!("expected too large, got {other:?}"),
     }
     match h.call("nobody", chat("gpt-nobody-serves", 40, 10)).await {
         Err(CallError::Unroutable(msg)) => assert!(msg.contains("gpt-nobody-serves"), "{msg}"),
@@ -707,6 +709,43 @@ async fn a_tenant_at_its_calls_per_minute_is_held_to_it_while_another_is_not() {
     assert!(cancelled_at.elapsed() < Duration::from_millis(200), "took {:?}", cancelled_at.elapsed());
     assert_eq!(h.ledger.state(&bucket).await.unwrap(), before, "a denied wait charged the tenant");
     assert_eq!(h.org_stats("a").accepted_calls, 113);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_too_large_for_every_org_charges_not_even_its_tenants_quota() {
+    let busy = TenantId::parse("busy").unwrap();
+    let quotas: TenantQuotas =
+        [(busy.clone(), TenantQuota { calls_per_minute: Some(60), ..TenantQuota::default() })].into_iter().collect();
+    let h = start_with_quotas(&[org("a", 600, 1_000)], fast_policy(), quotas).await;
+    let bucket = BucketKey::tenant(&busy);
+    let before = h.ledger.state(&bucket).await.unwrap();
+    let req = CallRequest { tenant: busy.clone(), ..request("huge", chat(MODEL, 40, 5_000)) };
+    let r = h.router.call(&req, &CancellationToken::new()).await;
+    assert!(matches!(r, Err(CallError::TooLarge { largest: 1_000, .. })), "{r:?}");
+    assert_eq!(h.ledger.state(&bucket).await.unwrap(), before, "the tenant was charged for a call never made");
+    assert_eq!(h.sim.stats().total_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_limits_sum_the_orgs_in_rotation_from_what_the_router_last_saw() {
+    let h = start(&[org("a", 600, 60_000), org("b", 300, 30_000)], fast_policy()).await;
+    let model = ModelName::parse(MODEL).unwrap();
+    let fresh = h.router.pool_limits(&model).unwrap();
+    assert_eq!((fresh.limit_requests, fresh.limit_tokens), (Some(900), Some(90_000)));
+    assert_eq!(fresh.reset_tokens, Some(Duration::ZERO), "full buckets reset at once");
+    assert!(h.router.pool_limits(&ModelName::parse("gpt-nobody-serves").unwrap()).is_none());
+    h.call("one", chat(MODEL, 40, 990)).await.unwrap();
+    let after = h.router.pool_limits(&model).unwrap();
+    let spent = fresh.remaining_tokens.unwrap() - after.remaining_tokens.unwrap();
+    assert!((990..1_100).contains(&spent), "one call's 1,000 tokens are gone: {spent}");
+    assert!(after.reset_tokens.unwrap() > Duration::from_millis(500), "{after:?}");
+    // An org out of rotation leaves the pool's figures.
+    h.control("/_sim/orgs/b", json!({"insufficient_quota": true})).await;
+    for i in 0..4 {
+        let _ = h.call(format!("drain/{i}"), chat(MODEL, 40, 10)).await;
+    }
+    assert_eq!(h.state_of("b"), "out_of_rotation");
+    assert_eq!(h.router.pool_limits(&model).unwrap().limit_requests, Some(600));
 }
 
 // Fallback orgs -------------------------------------------------------------

@@ -49,6 +49,7 @@ async fn harness() -> Harness {
 }
 
 conformance_suite!(harness);
+calls_suite!(harness);
 
 /// DynamoDB-only: an item holds at most 400 KB, and the engine treats the
 /// refused put as a miss.

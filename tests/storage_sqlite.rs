@@ -27,6 +27,7 @@ async fn harness() -> Harness {
 }
 
 conformance_suite!(harness);
+calls_suite!(harness);
 
 /// The fault-injecting wrapper does what it counts: a failed write leaves
 /// nothing behind, a lost answer leaves the write behind, and every fault

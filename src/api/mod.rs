@@ -1,9 +1,11 @@
-//! The HTTP API: submit, inspect, cancel and read jobs; usage; metrics.
+//! The HTTP API: submit, inspect, cancel and read jobs; usage; metrics;
+//! and the OpenAI-compatible Calls door ([`calls`]).
 //!
 //! One `axum::Router` serves `ratepool serve` and (through the Lambda
 //! adapter) API Gateway, so both answer the same routes with the same
 //! validation, authentication and bodies.
 
+pub mod calls;
 mod error;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TenantKey;
-use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::domain::{Clock, IdempotencyKey, JobId, Micros, ModelName, OrgName, TenantId, Usage};
 use crate::engine::quota::{QuotaKind, QuotaReport, TenantQuotas};
 use crate::engine::router::OrgStatus;
 use crate::spec::{JobSpec, SpecLimits};
@@ -67,6 +69,8 @@ pub struct ApiState {
     pub telemetry: Arc<Telemetry>,
     pub org_status: Option<Arc<dyn OrgStatusSource>>,
     pub webhooks: WebhookRules,
+    /// The OpenAI-compatible routes' router, store and settings.
+    pub calls: calls::CallsDoor,
 }
 
 /// Which webhook URLs a submission may carry.
@@ -94,8 +98,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/usage", get(usage))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(calls::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        // `submit` enforces the spec's body limit itself (see `read_body`).
+        // `submit` and the calls enforce their body limits themselves (see `read_body`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -229,18 +234,9 @@ impl From<JobRecord> for JobView {
     }
 }
 
-const MAX_IDEMPOTENCY_KEY: usize = 255;
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let s = v.to_str().ok().map(str::trim).unwrap_or("");
-    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ApiError::invalid(
-            "Idempotency-Key",
-            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
-        ));
-    }
-    Ok(Some(s.to_string()))
+    IdempotencyKey::parse(v.to_str().unwrap_or("")).map(Some).map_err(|e| ApiError::invalid("Idempotency-Key", e.0))
 }
 
 /// Bodies up to this size past the limit are read and discarded before the
@@ -292,7 +288,7 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
         crate::ssrf::check_url(url, state.webhooks.allow_private)
             .map_err(|e| ApiError::invalid("webhook_url", e.to_string()))?;
     }
-    let idempotency = key.map(|k| (k, hex::encode(Sha256::digest(&body))));
+    let idempotency = key.map(|k| (String::from(k), hex::encode(Sha256::digest(&body))));
     let quota = state.quotas.get(&tenant);
     if quota.bucket_params().is_some() {
         // A read, never a charge: the calls are charged when they are made.

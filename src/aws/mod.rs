@@ -4,6 +4,7 @@
 //! emulator in tests).
 
 pub mod cache;
+pub mod calls;
 mod config;
 pub mod jobs;
 pub mod ledger;
@@ -128,7 +129,8 @@ pub async fn connect(
     let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));
-    Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs, cache })
+    let calls = Arc::new(calls::DynamoCalls::new(clients.dynamodb.clone(), &cfg.jobs_table));
+    Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs, cache, calls })
 }
 
 /// Creates the tables and queues that do not exist yet (`ratepool aws

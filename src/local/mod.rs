@@ -11,8 +11,10 @@
 //! - `ledger`: the GCRA quota ledger (the math is [`crate::storage::gcra`]).
 //! - `usage`: per-tenant, per-org usage counters.
 //! - `cache`: the exact-match response cache.
+//! - `calls`: the durable calls' claims and stored answers.
 
 mod cache;
+mod calls;
 mod jobs;
 mod ledger;
 mod queue;
@@ -114,7 +116,14 @@ impl SqliteBackend {
     /// Every role, all backed by this one database.
     pub fn backend(&self) -> Backend {
         let me = Arc::new(self.clone());
-        Backend { queue: me.clone(), jobs: me.clone(), ledger: me.clone(), usage: me.clone(), cache: me }
+        Backend {
+            queue: me.clone(),
+            jobs: me.clone(),
+            ledger: me.clone(),
+            usage: me.clone(),
+            cache: me.clone(),
+            calls: me,
+        }
     }
 
     fn now(&self) -> Micros {

@@ -5,7 +5,8 @@
 //!
 //! Versions: 1 the queue, jobs, checkpoints, ledger and usage; 2 adds
 //! `response_cache`; 3 adds `webhook_deliveries`; 4 adds `tenant_jobs`,
-//! filled from the jobs already in flight when a file is upgraded. Every
+//! filled from the jobs already in flight when a file is upgraded; 5 adds
+//! `durable_calls` (the Calls door's stored answers). Every
 //! change so far only adds tables and indexes (`IF NOT EXISTS`), so running
 //! the whole schema brings a file of any older version up to date. A change
 //! to an existing table will need its own step, run when the stored version
@@ -17,7 +18,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -53,7 +54,7 @@ pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
     let backfill = if version < 4 { BACKFILL_TENANT_JOBS } else { "" };
     // One batch in one transaction: a crash mid-way leaves no half schema.
     conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE;\n{SCHEMA}\n{backfill}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        "BEGIN IMMEDIATE;\n{SCHEMA}\n{DURABLE_CALLS}\n{backfill}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     ))
     .db()
 }
@@ -180,6 +181,29 @@ CREATE TABLE IF NOT EXISTS response_cache (
 );
 -- The purge deletes the oldest expired rows first.
 CREATE INDEX IF NOT EXISTS response_cache_expiry ON response_cache (expires_at);
+"#;
+
+/// Since version 5: one row per (tenant, idempotency key) of the Calls
+/// door (`crate::storage::calls`). While in flight `owner` and
+/// `claim_until` are set and `expires_at` is `claim_until`; once answered
+/// the answer's columns are set and `expires_at` is when it is forgotten.
+const DURABLE_CALLS: &str = r#"
+CREATE TABLE IF NOT EXISTS durable_calls (
+    tenant       TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    request_hash TEXT    NOT NULL,
+    owner        TEXT,
+    claim_until  INTEGER,
+    status       INTEGER,
+    kind         TEXT,
+    org          TEXT,
+    body         BLOB,
+    created_at   INTEGER,
+    expires_at   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+-- Claims purge the oldest expired rows first.
+CREATE INDEX IF NOT EXISTS durable_calls_expiry ON durable_calls (expires_at);
 "#;
 
 const BACKFILL_TENANT_JOBS: &str = "

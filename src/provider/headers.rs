@@ -1,4 +1,6 @@
-//! Parsing of the provider's rate-limit headers and retry hints.
+//! The provider's rate-limit headers and retry hints: parsed from its
+//! answers, and written the same way where ratepool answers as a provider
+//! (the simulator, the Calls door).
 //!
 //! OpenAI reports its view of each bucket on every response:
 //! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, where reset is a
@@ -8,7 +10,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The provider's view of one org's buckets, as far as the headers tell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,6 +110,62 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     duration_from_secs(total)
 }
 
+/// Formats a duration as OpenAI's headers do: Go's `time.Duration` string
+/// at millisecond resolution (`6m0s`, `1h0m0s`, `1.5s`, `120ms`, `0s`).
+/// Rounds up to the millisecond, so "wait this long" is never too short,
+/// and never writes the sub-millisecond units Go would use below 1 ms.
+pub fn format_go_duration(d: Duration) -> String {
+    let ms = d.as_micros().div_ceil(1_000);
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let (h, m) = (ms / 3_600_000, ms / 60_000 % 60);
+    let (s, frac) = (ms / 1_000 % 60, ms % 1_000);
+    let secs = if frac == 0 {
+        format!("{s}s")
+    } else {
+        let digits = format!("{frac:03}");
+        format!("{s}.{}s", digits.trim_end_matches('0'))
+    };
+    match (h, m) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+/// `retry-after-ms` and `retry-after` for a wait of `wait`: milliseconds,
+/// and whole seconds rounded up, so a client that reads only the coarse
+/// one never comes back early.
+pub fn retry_after_headers(wait: Duration) -> HeaderMap {
+    let ms = u64::try_from(wait.as_micros().div_ceil(1_000)).unwrap_or(u64::MAX);
+    let mut h = HeaderMap::new();
+    h.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(ms));
+    h.insert(http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1_000)));
+    h
+}
+
+/// OpenAI's `x-ratelimit-*` headers for limits and what is left of them;
+/// the fields that are `None` are left out.
+pub fn rate_limit_header_map(r: &RateLimitHeaders) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: Option<String>| {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("x-ratelimit-limit-requests", r.limit_requests.map(|v| v.to_string()));
+    put("x-ratelimit-limit-tokens", r.limit_tokens.map(|v| v.to_string()));
+    put("x-ratelimit-remaining-requests", r.remaining_requests.map(|v| v.to_string()));
+    put("x-ratelimit-remaining-tokens", r.remaining_tokens.map(|v| v.to_string()));
+    put("x-ratelimit-reset-requests", r.reset_requests.map(format_go_duration));
+    put("x-ratelimit-reset-tokens", r.reset_tokens.map(format_go_duration));
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +213,47 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_written_like_openai_headers() {
+        let f = |ms: u64| format_go_duration(Duration::from_millis(ms));
+        assert_eq!(f(360_000), "6m0s");
+        assert_eq!(f(1_500), "1.5s");
+        assert_eq!(f(120), "120ms");
+        assert_eq!(f(0), "0s");
+        assert_eq!(f(6_600), "6.6s");
+        assert_eq!(f(1_000), "1s");
+        assert_eq!(f(61_050), "1m1.05s");
+        assert_eq!(f(3_600_000), "1h0m0s");
+        assert_eq!(f(3_723_500), "1h2m3.5s");
+        assert_eq!(format_go_duration(Duration::from_micros(1)), "1ms");
+        assert_eq!(format_go_duration(Duration::from_micros(1_000_001)), "1.001s");
+    }
+
+    #[test]
+    fn retry_headers_round_up_and_parse_back() {
+        let h = retry_after_headers(Duration::from_micros(2_000_001));
+        assert_eq!(h["retry-after-ms"], "2001");
+        assert_eq!(h["retry-after"], "3");
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(2001)));
+        let h = retry_after_headers(Duration::ZERO);
+        assert_eq!((h["retry-after-ms"].to_str().unwrap(), h["retry-after"].to_str().unwrap()), ("0", "0"));
+    }
+
+    #[test]
+    fn written_rate_limit_headers_parse_back() {
+        let r = RateLimitHeaders {
+            limit_requests: Some(3_000),
+            limit_tokens: Some(90_000),
+            remaining_requests: Some(2_999),
+            remaining_tokens: Some(89_000),
+            reset_requests: Some(Duration::from_millis(20)),
+            reset_tokens: Some(Duration::from_millis(667)),
+        };
+        assert_eq!(RateLimitHeaders::from_headers(&rate_limit_header_map(&r)), r);
+        let partial = RateLimitHeaders { remaining_tokens: Some(5), ..Default::default() };
+        assert_eq!(rate_limit_header_map(&partial).len(), 1);
+    }
+
+    #[test]
     fn retry_after_prefers_milliseconds() {
         let h = headers(&[("retry-after-ms", "1500"), ("retry-after", "9")]);
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
@@ -179,7 +278,7 @@ mod proptests {
 
     /// Go's `time.Duration.String()`: `0s`, `17ns`, `1.5µs`, `120ms`,
     /// `6m0s`, `1h2m3.5s` — units below a second only under a second.
-    fn format_go_duration(d: Duration) -> String {
+    fn go_string(d: Duration) -> String {
         let ns = d.as_nanos();
         let with_fraction = |v: u128, unit: u128, digits: usize| {
             let (whole, rem) = (v / unit, v % unit);
@@ -223,7 +322,7 @@ mod proptests {
             (Duration::from_millis(3_723_500), "1h2m3.5s"),
             (Duration::from_nanos(3_723_123_456_789), "1h2m3.123456789s"),
         ] {
-            assert_eq!(format_go_duration(d), go);
+            assert_eq!(go_string(d), go);
         }
     }
 
@@ -256,7 +355,7 @@ mod proptests {
                 h.insert(name, HeaderValue::from_str(&v).unwrap());
             }
         };
-        let dur = |d: Option<Duration>| d.map(|d| format_go_duration(d).replace("µs", micro));
+        let dur = |d: Option<Duration>| d.map(|d| go_string(d).replace("µs", micro));
         put("x-ratelimit-limit-requests", r.limit_requests.map(|n| n.to_string()));
         put("x-ratelimit-limit-tokens", r.limit_tokens.map(|n| n.to_string()));
         put("x-ratelimit-remaining-requests", r.remaining_requests.map(|n| n.to_string()));
@@ -292,7 +391,7 @@ mod proptests {
 
         #[test]
         fn go_durations_round_trip(d in day_or_less(), micro in prop::sample::select(vec!["µs", "us", "μs"])) {
-            let text = format_go_duration(d).replace("µs", micro);
+            let text = go_string(d).replace("µs", micro);
             prop_assert_eq!(parse_go_duration(&text), Some(d), "{}", text);
         }
 

@@ -45,7 +45,6 @@ use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Decision, Rate
 
 pub use config::{DEFAULT_LISTEN, FaultConfig, LatencyConfig, SimConfig, SimLimits, SimOrg};
 pub use stats::{ModelStats, OrgStats, SimStats};
-pub use wire::format_go_duration;
 
 use config::FaultPatch;
 use limits::{LimitKind, ModelLimiter};
@@ -68,6 +67,8 @@ struct Inner {
     /// Every chat request received; outside the lock because it is counted
     /// before anything else is known.
     total_calls: AtomicU64,
+    /// Streamed answers whose client went away before their last event.
+    streams_cut: Arc<AtomicU64>,
     /// Never held across an `.await`.
     state: Mutex<Shared>,
     /// Cancelled when [`serve`] shuts down, so calls sleeping through their
@@ -190,6 +191,7 @@ impl Simulator {
                 chars_per_token: config.chars_per_token,
                 keys,
                 total_calls: AtomicU64::new(0),
+                streams_cut: Arc::new(AtomicU64::new(0)),
                 state: Mutex::new(state),
                 closing: CancellationToken::new(),
             }),
@@ -217,7 +219,11 @@ impl Simulator {
     /// What `GET /_sim/stats` returns.
     pub fn stats(&self) -> SimStats {
         let st = self.inner.lock();
-        let mut s = SimStats { total_calls: self.inner.total_calls.load(Ordering::Relaxed), ..SimStats::default() };
+        let mut s = SimStats {
+            total_calls: self.inner.total_calls.load(Ordering::Relaxed),
+            streams_cut: self.inner.streams_cut.load(Ordering::Relaxed),
+            ..SimStats::default()
+        };
         st.requests.fill(&mut s);
         for o in &st.orgs {
             let mut os = o.counts.clone();
@@ -405,7 +411,7 @@ impl Inner {
             let chunks = stream::chunks(&call, &answer, created, include_usage.then_some(&usage));
             let paced = stream::paced(chunks, self.latency(0), self.latency(1).saturating_sub(self.latency(0)));
             let headers = self.headers_now(org, &call.model);
-            return stream::response(headers, paced, self.closing.clone());
+            return stream::response(headers, paced, self.closing.clone(), self.streams_cut.clone());
         }
         // Generation time, after admission as at the real provider.
         if !self.pause(self.latency(answer.tokens())).await {

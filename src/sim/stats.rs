@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub struct SimStats {
     /// Every chat request received, whatever its answer.
     pub total_calls: u64,
+    /// Streamed answers whose client went away (closed the connection)
+    /// before the last event.
+    #[serde(default)]
+    pub streams_cut: u64,
     /// Request ids accepted at least once.
     pub distinct_requests: u64,
     /// Request ids accepted more than once.

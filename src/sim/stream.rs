@@ -4,7 +4,10 @@
 //! `stream_options.include_usage`) a chunk with no choices and the usage,
 //! then `data: [DONE]`. Chunks are paced like the whole answer would be:
 //! the first after the base latency, each piece after its tokens' time.
+//! A stream whose client goes away before the end is counted as cut.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -71,21 +74,45 @@ pub(super) fn paced(chunks: Vec<(u64, Bytes)>, first: Duration, per_token: Durat
         .collect()
 }
 
+/// Counts a stream whose body is dropped before its last event was taken:
+/// the client went away (or the shutdown cut it), so the answer was not
+/// delivered whole.
+struct Delivery {
+    events: std::vec::IntoIter<(Duration, Bytes)>,
+    closing: CancellationToken,
+    cut: Arc<AtomicU64>,
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.events.len() > 0 {
+            self.cut.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The SSE response; a shutdown mid-stream cuts it off like a dropped
-/// connection.
-pub(super) fn response(mut headers: HeaderMap, events: Vec<(Duration, Bytes)>, closing: CancellationToken) -> Response {
-    let body = futures::stream::unfold((events.into_iter(), closing), |(mut events, closing)| async move {
-        let (wait, bytes) = events.next()?;
+/// connection. `cut` counts streams not delivered to their end.
+pub(super) fn response(
+    mut headers: HeaderMap,
+    events: Vec<(Duration, Bytes)>,
+    closing: CancellationToken,
+    cut: Arc<AtomicU64>,
+) -> Response {
+    let delivery = Delivery { events: events.into_iter(), closing, cut };
+    let body = futures::stream::unfold(delivery, |mut d| async move {
+        let (wait, bytes) = d.events.as_slice().first().cloned()?;
         if !wait.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = closing.cancelled() => {
+                () = d.closing.cancelled() => {
                     let cut = std::io::Error::other("stream cut off by the simulator's shutdown");
-                    return Some((Err(cut), (Vec::new().into_iter(), closing)));
+                    return Some((Err(cut), d));
                 }
             }
         }
-        Some((Ok::<_, std::io::Error>(bytes), (events, closing)))
+        d.events.next();
+        Some((Ok::<_, std::io::Error>(bytes), d))
     });
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

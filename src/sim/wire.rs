@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use crate::domain::Micros;
 use crate::provider::Reservation;
+use crate::provider::headers::{format_go_duration, retry_after_headers};
 
 use super::limits::{Refusal, Snapshot};
 use super::text::ChatCall;
@@ -386,66 +387,18 @@ pub(super) fn ratelimit_headers(s: &Snapshot) -> HeaderMap {
     h
 }
 
-/// `retry-after-ms` and `retry-after` (whole seconds, rounded up so a client
-/// that only reads the coarse one never retries early).
+/// `retry-after-ms` and `retry-after` for a wait of `wait` microseconds.
 pub(super) fn retry_headers(wait: Micros) -> HeaderMap {
-    let ms = (wait.max(0) as u64).div_ceil(1_000);
-    let mut h = HeaderMap::new();
-    h.insert(HeaderName::from_static("retry-after-ms"), HeaderValue::from(ms));
-    h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1_000)));
-    h
+    retry_after_headers(micros_to_duration(wait))
 }
 
 fn micros_to_duration(us: Micros) -> Duration {
     Duration::from_micros(us.max(0) as u64)
 }
 
-/// Formats a duration as OpenAI's headers do — Go's `time.Duration` string
-/// at millisecond resolution: `6m0s`, `1h0m0s`, `1.5s`, `120ms`, `0s`.
-/// Rounds up to the millisecond, so "wait this long" is never too short,
-/// and OpenAI never sends the sub-millisecond units Go would use below 1 ms.
-pub fn format_go_duration(d: Duration) -> String {
-    let ms = d.as_micros().div_ceil(1_000);
-    if ms == 0 {
-        return "0s".into();
-    }
-    if ms < 1_000 {
-        return format!("{ms}ms");
-    }
-    let (h, m) = (ms / 3_600_000, ms / 60_000 % 60);
-    let (s, frac) = (ms / 1_000 % 60, ms % 1_000);
-    let secs = if frac == 0 {
-        format!("{s}s")
-    } else {
-        let digits = format!("{frac:03}");
-        format!("{s}.{}s", digits.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_look_like_openai_headers() {
-        let f = |ms: u64| format_go_duration(Duration::from_millis(ms));
-        assert_eq!(f(360_000), "6m0s");
-        assert_eq!(f(1_500), "1.5s");
-        assert_eq!(f(120), "120ms");
-        assert_eq!(f(0), "0s");
-        assert_eq!(f(6_600), "6.6s");
-        assert_eq!(f(1_000), "1s");
-        assert_eq!(f(61_050), "1m1.05s");
-        assert_eq!(f(3_600_000), "1h0m0s");
-        assert_eq!(f(3_723_500), "1h2m3.5s");
-        assert_eq!(format_go_duration(Duration::from_micros(1)), "1ms");
-        assert_eq!(format_go_duration(Duration::from_micros(1_000_001)), "1.001s");
-    }
 
     #[test]
     fn chat_requests_parse_with_openai_defaults() {

@@ -170,7 +170,8 @@ impl Faulty {
             jobs: faulty.clone(),
             ledger: faulty.clone(),
             usage: faulty.clone(),
-            cache: faulty,
+            cache: faulty.clone(),
+            calls: faulty,
         };
         (backend, counts)
     }
@@ -288,6 +289,22 @@ impl ResponseCache for Faulty {
     }
     async fn put(&self, key: &CacheKey, value: &CachedResponse, ttl: Duration, now: Micros) -> StorageResult<()> {
         self.injector.write("cache put", self.inner.cache.put(key, value, ttl, now)).await
+    }
+}
+
+#[async_trait]
+impl CallStore for Faulty {
+    async fn claim(&self, claim: &CallClaim, now: Micros) -> StorageResult<ClaimOutcome> {
+        self.injector.write("durable call claim", self.inner.calls.claim(claim, now)).await
+    }
+    async fn renew(&self, claim: &CallClaim) -> StorageResult<()> {
+        self.injector.write("durable call renew", self.inner.calls.renew(claim)).await
+    }
+    async fn complete(&self, claim: &CallClaim, answer: &StoredCall, expires_at: Micros) -> StorageResult<()> {
+        self.injector.write("durable call answer", self.inner.calls.complete(claim, answer, expires_at)).await
+    }
+    async fn release(&self, claim: &CallClaim) -> StorageResult<()> {
+        self.injector.write("durable call release", self.inner.calls.release(claim)).await
     }
 }
 

@@ -1,11 +1,12 @@
 //! The storage roles the engine depends on, one trait each: the job queue,
 //! the job store (records, step checkpoints, leases), the quota ledger, the
-//! metrics sink and the response cache.
+//! metrics sink, the response cache and the durable calls ([`calls`]).
 //!
 //! The engine sees only these traits. Backends live beside each other
 //! (`crate::local` for one machine, `crate::aws` for production) and all pass
 //! the same conformance suite in `tests/conformance/`.
 
+pub mod calls;
 pub mod faults;
 pub mod gcra;
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::{JobId, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
+pub use calls::{AnswerKind, CallClaim, CallStore, ClaimOutcome, RequestHash, StoredCall};
 pub use gcra::{BucketParams, BucketState, Cost};
 
 /// Errors a backend reports. The engine decides on the variant: a lost lease
@@ -535,20 +537,7 @@ impl std::fmt::Display for CacheKey {
 fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
     use serde_json::Value;
     match v {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(&Value::from(k.as_str()), out);
-                out.push(b':');
-                write_canonical(v, out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_canonical_object(map, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, v) in items.iter().enumerate() {
@@ -562,6 +551,22 @@ fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
         // Scalars have one compact form, escaping included.
         scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
     }
+}
+
+/// A JSON object as [`write_canonical`] writes it: keys in byte order.
+fn write_canonical_object(map: &serde_json::Map<String, serde_json::Value>, out: &mut Vec<u8>) {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_canonical(&serde_json::Value::from(k.as_str()), out);
+        out.push(b':');
+        write_canonical(v, out);
+    }
+    out.push(b'}');
 }
 
 /// One cached completion and what producing it cost. A hit is served
@@ -620,6 +625,7 @@ pub struct Backend {
     pub ledger: std::sync::Arc<dyn QuotaLedger>,
     pub usage: std::sync::Arc<dyn UsageStore>,
     pub cache: std::sync::Arc<dyn ResponseCache>,
+    pub calls: std::sync::Arc<dyn CallStore>,
 }
 
 /// Turns a step id list into a lookup-friendly form for callers.

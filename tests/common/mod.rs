@@ -2,6 +2,8 @@
 //! as real processes on port 0, talk to them over HTTP, kill them.
 #![allow(dead_code)]
 
+pub mod pool;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

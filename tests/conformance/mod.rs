@@ -10,6 +10,8 @@
 //! find a message go through [`receive_n`], because SQS may return fewer
 //! messages than are available in one call.
 
+pub mod calls;
+
 use std::sync::Arc;
 use std::time::Duration;
 

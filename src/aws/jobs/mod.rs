@@ -10,6 +10,7 @@
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
 //! | `quota#<tenant>` | `in_flight` | the tenant's jobs queued or running (`in_flight`) |
 //! | `cache#<key hex>` | `cache` | a response cache entry ([`super::cache`]) |
+//! | `call#<tenant>#<key>` | `call`, `part#…` | a durable call and its answer ([`super::calls`]) |
 //!
 //! Job ids, tenant and org names never contain `#`, so the kinds cannot
 //! collide. Every write is conditional and nothing is read before a write:

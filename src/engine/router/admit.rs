@@ -84,6 +84,8 @@ impl Router {
         let (Some(candidates), Some(gate)) = (self.by_model.get(model), self.gates.get(model)) else {
             return Err(CallError::Unroutable(format!("no configured org serves model {model}")));
         };
+        // Before any charge: a call no org can ever take costs nothing.
+        self.check_size(req, candidates.iter().copied())?;
         self.charge_tenant(req, candidates, deadline, cancel).await?;
         let within = deadline.map(|d| (self.clock.now(), d));
         let _turn = turn(gate, within, || self.earliest_capacity(req, candidates), cancel).await?;
@@ -147,9 +149,7 @@ impl Router {
                 continue;
             }
             if never == considered {
-                return Err(CallError::Unroutable(format!(
-                    "a call of this size exceeds the per-minute limits of every org serving {model}"
-                )));
+                self.check_size(req, candidates.iter().copied().filter(|&i| usable(i)))?;
             }
             ready.sort_by(|a, b| b.0.total_cmp(&a.0));
             for (_, i, cost, params) in ready {
@@ -188,6 +188,24 @@ impl Router {
             }
             wait_for(wait, retry_at, now, deadline, cancel).await?;
         }
+    }
+
+    /// `TooLarge` unless one of `orgs` could ever admit the call (with all
+    /// its buckets full).
+    fn check_size(&self, req: &CallRequest, orgs: impl Iterator<Item = usize>) -> Result<(), CallError> {
+        let model = &req.request.model;
+        let (mut tokens, mut largest) = (0, 0);
+        for i in orgs {
+            let org = &self.orgs[i];
+            let Some(params) = org.settings.models.get(model) else { continue };
+            let cost = req.request.cost(org.settings.chars_per_token);
+            if gcra::available_at(&BucketState::default(), params, cost, 0).is_some() {
+                return Ok(());
+            }
+            tokens = tokens.max(cost.tokens);
+            largest = largest.max(params.tokens.limit);
+        }
+        Err(CallError::TooLarge { tokens, largest, model: model.clone() })
     }
 
     /// When the earliest org serving the request's model has room for it,

@@ -38,8 +38,8 @@ use super::breaker::{Breaker, RateFactor, SlowDownPolicy};
 use super::quota::TenantQuotas;
 use crate::backoff::full_jitter;
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
-use crate::provider::{Answer, Opened, ProviderClient, ProviderFailure};
-use crate::storage::gcra::BucketState;
+use crate::provider::{Answer, Opened, ProviderClient, ProviderFailure, RateLimitHeaders};
+use crate::storage::gcra::{BucketState, Rate};
 use crate::storage::{CallEvent, CallOutcome, QuotaLedger};
 use crate::telemetry::{BreakerGauge, Telemetry};
 pub use admit::scaled;
@@ -167,6 +167,42 @@ impl Router {
         self.by_model.contains_key(model)
     }
 
+    /// The longest any org's call may take (its timeout): with a call's
+    /// wait, how long a call can last at most.
+    pub fn longest_timeout(&self) -> Duration {
+        self.orgs.iter().map(|o| o.settings.endpoint.timeout).max().unwrap_or_default()
+    }
+
+    /// The pool's limits for `model` as OpenAI's `x-ratelimit-*` headers
+    /// would state them: summed over the orgs serving it that are in
+    /// rotation and whose breaker is not open, from the bucket states this
+    /// process last saw (no ledger read). `reset` is when the last of them
+    /// is full again. `None` if no org serves the model.
+    pub fn pool_limits(&self, model: &ModelName) -> Option<RateLimitHeaders> {
+        let candidates = self.by_model.get(model)?;
+        let now = self.clock.now();
+        let (mut requests, mut tokens) = (PoolTotal::default(), PoolTotal::default());
+        for &i in candidates {
+            let org = &self.orgs[i];
+            let out = lock(&org.out).as_ref().is_some_and(|o| o.until > now);
+            if out || lock(&org.breaker).gauge() == BreakerGauge::Open {
+                continue;
+            }
+            let Some(params) = org.settings.models.get(model) else { continue };
+            let st = lock(&org.cache).get(model).copied().unwrap_or_default();
+            requests.add(&params.requests, st.requests_tat, now);
+            tokens.add(&params.tokens, st.tokens_tat, now);
+        }
+        Some(RateLimitHeaders {
+            limit_requests: Some(requests.limit),
+            limit_tokens: Some(tokens.limit),
+            remaining_requests: Some(requests.remaining),
+            remaining_tokens: Some(tokens.remaining),
+            reset_requests: Some(Duration::from_micros(requests.reset_us)),
+            reset_tokens: Some(Duration::from_micros(tokens.reset_us)),
+        })
+    }
+
     pub fn status(&self) -> Vec<OrgStatus> {
         let now = self.clock.now();
         self.orgs
@@ -214,7 +250,19 @@ impl Router {
             return Err(CallError::Unroutable("internal: a stream was asked for".into()));
         };
         let (opened, record) = *opened;
-        Ok(OpenCall { response: opened.response, org: done.org, attempts: done.attempts, waited: done.waited, record })
+        let read_timeout = self
+            .orgs
+            .iter()
+            .find(|o| o.settings.endpoint.name == done.org)
+            .map_or(Duration::ZERO, |o| o.settings.endpoint.timeout);
+        Ok(OpenCall {
+            response: opened.response,
+            org: done.org,
+            attempts: done.attempts,
+            waited: done.waited,
+            read_timeout,
+            record,
+        })
     }
 
     /// The attempt loop shared by [`Self::call`] and [`Self::open`].
@@ -419,6 +467,23 @@ impl Router {
         tracing::error!(org = %org.settings.endpoint.name, %reason, "org taken out of rotation");
         *lock(&org.out) = Some(OutOfRotation { reason, until });
         self.telemetry.set_out_of_rotation(&org.settings.endpoint.name, true);
+    }
+}
+
+/// One kind of bucket (requests or tokens) summed over several orgs:
+/// their limits, what is left, and the longest time until one is full.
+#[derive(Default)]
+struct PoolTotal {
+    limit: u64,
+    remaining: u64,
+    reset_us: u64,
+}
+
+impl PoolTotal {
+    fn add(&mut self, rate: &Rate, tat: Micros, now: Micros) {
+        self.limit = self.limit.saturating_add(rate.limit);
+        self.remaining = self.remaining.saturating_add(rate.remaining(tat, now));
+        self.reset_us = self.reset_us.max((tat - now).max(0) as u64);
     }
 }
 

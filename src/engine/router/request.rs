@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::domain::{Micros, OrgName, TenantId, Usage};
+use crate::domain::{Micros, ModelName, OrgName, TenantId, Usage};
 use crate::provider::ProviderRequest;
 use crate::storage::{CallEvent, CallOutcome, StorageError};
 use crate::telemetry::Telemetry;
@@ -94,6 +94,9 @@ pub struct OpenCall {
     pub org: OrgName,
     pub attempts: u32,
     pub waited: Duration,
+    /// The org's timeout: the longest the reader should wait for each
+    /// next piece of the body.
+    pub read_timeout: Duration,
     pub record: CallRecord,
 }
 
@@ -108,6 +111,12 @@ impl CallRecord {
     pub(super) fn new(telemetry: Arc<Telemetry>, event: CallEvent, started: tokio::time::Instant) -> Self {
         debug_assert_eq!(event.outcome, CallOutcome::Ok);
         Self { telemetry, event: Some(event), started }
+    }
+
+    /// A record of `event` started now, for tests of what reads streams.
+    #[cfg(test)]
+    pub fn for_tests(telemetry: Arc<Telemetry>, event: CallEvent) -> Self {
+        Self::new(telemetry, event, tokio::time::Instant::now())
     }
 
     /// Counts the call with the usage its stream reported.
@@ -154,10 +163,16 @@ pub enum CallError {
     /// Transient failures exceeded the retry budget.
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
-    /// No org can ever admit this call (cost above every org's limit, or
-    /// no org serves the model).
+    /// No org serves the call's model.
     #[error("{0}")]
     Unroutable(String),
+    /// The call reserves more tokens than any org serving its model (of
+    /// those it may use) admits in a minute, so no org can ever take it;
+    /// nothing was charged.
+    #[error(
+        "a call reserving {tokens} tokens exceeds the per-minute limit of every org serving {model} (the largest is {largest} tokens)"
+    )]
+    TooLarge { tokens: u64, largest: u64, model: ModelName },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("cancelled")]
