@@ -61,6 +61,10 @@ enum Command {
         /// Log text instead of JSON lines.
         #[arg(long)]
         text_logs: bool,
+        /// Also serve the API here (the OpenAI-compatible calls door and
+        /// the jobs routes), e.g. `0.0.0.0:8080` behind a load balancer.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// AWS resources.
     Aws {
@@ -153,12 +157,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             serve::cancel_on_signals(shutdown.clone());
             serve::run(cfg, if simulate { Simulate::Always } else { Simulate::Auto }, shutdown).await
         }
-        Command::Worker { config, text_logs } => {
+        Command::Worker { config, text_logs, listen } => {
             ratepool::telemetry::init_logging(!text_logs);
             let cfg = serve::load_config(config.as_deref())?;
             let shutdown = CancellationToken::new();
             serve::cancel_on_signals(shutdown.clone());
-            serve::worker(cfg, shutdown).await
+            serve::worker(cfg, listen, shutdown).await
         }
         Command::Aws { command: AwsCommand::Init { config } } => {
             ratepool::telemetry::init_logging(false);

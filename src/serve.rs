@@ -314,26 +314,47 @@ pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -
         start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), env.as_ref(), &shutdown)?;
     let state = api_state(&cfg, &backend, tenants, pool, clock, telemetry.clone(), Some(workers.router.clone()));
 
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, workers = cfg.workers.concurrency.get(), "ratepool serving");
-    println!("ratepool listening on http://{addr}");
-
+    let listener = listen(cfg.server.listen).await?;
+    tracing::info!(workers = cfg.workers.concurrency.get(), "ratepool serving");
     let running = tokio::spawn(workers.run(shutdown.clone()));
-    let stop = shutdown.clone();
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+    serve_api(listener, state, shutdown).await?;
     running.await?;
     tracing::info!("ratepool stopped");
     Ok(())
 }
 
-/// `ratepool worker`: workers only, no API (the Fargate task). Stops
-/// taking jobs on `shutdown`, finishes or hands back the running ones within
-/// the grace period, and keeps ECS from scaling the task in while it holds
-/// jobs.
-pub async fn worker(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Binds `addr` and says where it listens: `ratepool listening on
+/// http://ADDR` on stdout, which the tests and scripts wait for.
+async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "API listening");
+    println!("ratepool listening on http://{addr}");
+    Ok(listener)
+}
+
+/// Serves the API until `shutdown`; then stops taking connections and lets
+/// the requests in flight (a call's wait, a stream) finish.
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+/// `ratepool worker`: workers (the Fargate task), and with `listen` the API
+/// on that address too, so the OpenAI-compatible calls door is served by the
+/// processes that hold the router and the provider keys (on AWS, behind a
+/// load balancer). Stops taking jobs on `shutdown`, finishes or hands back
+/// the running ones within the grace period, and keeps ECS from scaling the
+/// task in while it holds jobs.
+pub async fn worker(
+    cfg: Config,
+    listen_on: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (backend, aws) = open_backend(&cfg, clock.clone()).await?;
     let env = key_env(&cfg, aws.as_ref()).await?;
@@ -342,12 +363,28 @@ pub async fn worker(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<
     })?;
     let orgs: Vec<OrgSettings> = cfg.orgs.iter().zip(keys).map(|(o, k)| o.settings(o.base_url.clone(), k)).collect();
     let telemetry = Arc::new(Telemetry::new());
-    let workers = start_workers(&cfg, &backend, aws.as_ref(), orgs, clock, telemetry.clone(), env.as_ref(), &shutdown)?;
+    let pool = pool_of(&orgs);
+    let workers =
+        start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), env.as_ref(), &shutdown)?;
+    // The API first: with a listener it must be able to read tenant keys,
+    // and a worker that cannot is refused at start, not at the first call.
+    let api = match listen_on {
+        Some(addr) => {
+            let tenants = config::tenant_keys(&cfg, env.as_ref())?;
+            let state =
+                api_state(&cfg, &backend, tenants, pool, clock, telemetry.clone(), Some(workers.router.clone()));
+            Some(tokio::spawn(serve_api(listen(addr).await?, state, shutdown.clone())))
+        }
+        None => None,
+    };
     let protection =
         crate::worker::TaskProtection::from_env().map(|p| tokio::spawn(p.run(telemetry.clone(), shutdown.clone())));
     tracing::info!(workers = cfg.workers.concurrency.get(), "ratepool worker running");
     println!("ratepool worker running");
     workers.run(shutdown).await;
+    if let Some(api) = api {
+        api.await??;
+    }
     if let Some(p) = protection {
         let _ = p.await;
     }

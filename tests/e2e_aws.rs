@@ -344,3 +344,60 @@ fn sigterm_hands_jobs_back_drops_task_protection_and_publishes_metrics() {
     });
     assert!(calls >= 2.0, "CloudWatch Calls for org-a: {calls}");
 }
+
+/// `ratepool worker --listen`, as the Fargate task runs it behind the load
+/// balancer: it answers health checks and OpenAI calls on the pool, a
+/// durable call is stored in DynamoDB and replayed with no provider call,
+/// and SIGTERM stops it cleanly.
+#[test]
+fn a_listening_worker_serves_the_calls_door_from_dynamodb() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 2_000, tpm: 1_500_000 }];
+    let sim = start_sim(dir.path(), &orgs, (5.0, 0.0, 1.0));
+    let (path, _cfg) = write_aws_config(dir.path(), &sim.url, &orgs, "[workers]\nvisibility_timeout_secs = 5\n");
+    let mut worker = start_listening_worker(dir.path(), &path, &orgs, "worker");
+
+    let health: Value = http().get(format!("{}/healthz", worker.url)).send().unwrap().json().unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]});
+    let call = || {
+        http()
+            .post(format!("{}/v1/chat/completions", worker.url))
+            .bearer_auth(TENANT_A_KEY)
+            .header("Idempotency-Key", "aws-listener-1")
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let first = call();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratepool-org"], "org-a");
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().unwrap();
+    let again = call();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().unwrap(), first, "the stored answer");
+    let accepted = sim_stats(&sim)["orgs"]["org-a"]["accepted_calls"].as_u64().unwrap();
+    assert_eq!(accepted, 1, "the replay reached no org");
+
+    let refused = http()
+        .post(format!("{}/v1/chat/completions", worker.url))
+        .bearer_auth("not-a-tenant-key-0000")
+        .json(&body)
+        .send();
+    assert_eq!(refused.unwrap().status(), 401);
+
+    // SIGTERM: the worker stops its listener and its workers and exits 0.
+    let pid = worker.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = worker.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the worker did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+}

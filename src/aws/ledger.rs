@@ -56,6 +56,10 @@ type Item = HashMap<String, AttributeValue>;
 /// at a fixed `now`.
 const MAX_ATTEMPTS: u32 = 4;
 
+/// How long an acquisition that lost [`MAX_ATTEMPTS`] races waits before
+/// deciding again.
+const CONTENTION_BACKOFF_MICROS: Micros = 20_000;
+
 /// DynamoDB requests made by one ledger since it was built, by kind; for
 /// tests and metrics (requests per provider call).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -251,12 +255,15 @@ impl QuotaLedger for DynamoLedger {
     ) -> StorageResult<Acquisition> {
         bump(&self.counts.acquisitions);
         let _turn = self.turn(key).await;
+        // The provider charges when the call arrives, after this write
+        // returns; waiting for our turn takes time, and a charge dated at
+        // the caller's older `now` would leave the provider's bucket ahead
+        // of ours when it was idle. `now` then stays fixed across attempts:
+        // re-read per attempt, a slow round trip can carry it past the TAT
+        // another process just wrote, so the next guess is "idle" again and
+        // loses again to the next writer (seen on a loaded emulator).
+        let now = now.max(self.clock.now());
         for _ in 0..MAX_ATTEMPTS {
-            // The provider charges when the call arrives, after this write
-            // returns; waiting for our turn and refused writes both take
-            // time, and a charge dated at the caller's older `now` would
-            // leave the provider's bucket ahead of ours when it was idle.
-            let now = now.max(self.clock.now());
             let seen = self.seen(key);
             match gcra::decide(seen, params, cost, now) {
                 Decision::Never => return Ok(Acquisition::Never),
@@ -297,10 +304,12 @@ impl QuotaLedger for DynamoLedger {
                 },
             }
         }
-        Err(StorageError::Backend(format!(
-            "ledger item {} changed under {MAX_ATTEMPTS} consecutive writes; retry",
-            pk(key)
-        )))
+        // Only a bucket deleted and recreated meanwhile gets here. It is
+        // contention, not a failure: the caller waits a moment and decides
+        // again on what the refused writes showed.
+        tracing::warn!(key = %pk(key), "ledger item changed under {MAX_ATTEMPTS} consecutive writes; backing off");
+        let retry_at = self.clock.now() + CONTENTION_BACKOFF_MICROS;
+        Ok(Acquisition::Denied { retry_at, state: self.seen(key) })
     }
 
     /// Only the buckets the last state seen does not already cover are

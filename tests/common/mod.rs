@@ -265,6 +265,37 @@ pub fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> 
     Proc { child, url: String::new(), log }
 }
 
+/// Starts `ratepool worker --listen 127.0.0.1:0` and waits until it both
+/// listens (`url` is set) and runs its workers.
+#[allow(dead_code)] // only the AWS tests start workers
+pub fn start_listening_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(BIN)
+        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs", "--listen", "127.0.0.1:0"])
+        .envs(server_env(orgs))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut url = None;
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(addr) = line.strip_prefix("ratepool listening on ") {
+            url = Some(addr.trim().to_string());
+        }
+        if line.contains("worker running") {
+            break;
+        }
+    }
+    let url = url.unwrap_or_else(|| {
+        panic!("worker did not start listening: {}", std::fs::read_to_string(&log).unwrap_or_default())
+    });
+    std::thread::spawn(move || lines.for_each(drop));
+    Proc { child, url, log }
+}
+
 /// Sends a real API Gateway REST proxy event (`fixtures/apigw_proxy_event.json`)
 /// as tenant A through the Lambda handler serving `app`.
 #[allow(dead_code)] // only the AWS tests call the Lambda
