@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         json_logs: bool,
     },
-    /// Run workers only (the Fargate task): no API.
+    /// Run workers only (the Fargate task); `--listen` also serves the API.
     Worker {
         /// The config file; else RATEPOOL_CONFIG_TOML holds its text.
         #[arg(long, env = "RATEPOOL_CONFIG")]

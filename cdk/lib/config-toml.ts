@@ -6,6 +6,7 @@
  */
 import { Token } from 'aws-cdk-lib';
 import type { Settings } from './settings';
+import { PROVIDER_TIMEOUT_SECS, WORKER_SHUTDOWN_GRACE_SECS } from './timing';
 
 /** Where the AWS backend's resources are; any field may be a token. */
 export interface AwsResourceNames {
@@ -20,13 +21,6 @@ export interface AwsResourceNames {
 
 /** The CloudWatch namespace the worker publishes to; IAM and alarms depend on it. */
 export const METRICS_NAMESPACE = 'Ratepool';
-
-/**
- * Seconds a stopping worker lets running steps finish. SIGTERM to exit is at
- * most the 20 s long poll in progress + this + the hand-back: under the 100 s
- * the design allows, well inside the task's 120 s stopTimeout.
- */
-export const WORKER_SHUTDOWN_GRACE_SECS = 70;
 
 export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
   const lines: string[] = [
@@ -48,8 +42,18 @@ export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
     `visibility_timeout_secs = ${s.visibilityTimeoutSecs}`,
     `shutdown_grace_secs = ${WORKER_SHUTDOWN_GRACE_SECS}`,
   ];
+  if (s.calls) lines.push('', '[calls]', `max_wait_secs = ${s.calls.maxWaitSecs}`);
   for (const org of s.orgs) {
-    lines.push('', '[[orgs]]', `name = ${q(org.name)}`, `base_url = ${q(org.baseUrl)}`, `api_key_env = ${q(org.apiKeyEnv)}`);
+    lines.push(
+      '',
+      '[[orgs]]',
+      `name = ${q(org.name)}`,
+      `base_url = ${q(org.baseUrl)}`,
+      `api_key_env = ${q(org.apiKeyEnv)}`,
+      // Written out, not left to the worker's default: the load balancer's
+      // timeouts are computed from it (timing.ts).
+      `timeout_secs = ${PROVIDER_TIMEOUT_SECS}`,
+    );
     for (const [model, limits] of Object.entries(org.models)) {
       lines.push(`[orgs.models.${q(model)}]`, `rpm = ${limits.rpm}`, `tpm = ${limits.tpm}`);
     }

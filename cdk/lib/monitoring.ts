@@ -10,6 +10,7 @@ import { Aws, Duration, RemovalPolicy, Stack } from 'aws-cdk-lib';
 import type * as apigw from 'aws-cdk-lib/aws-apigateway';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as cw_actions from 'aws-cdk-lib/aws-cloudwatch-actions';
+import * as elbv2 from 'aws-cdk-lib/aws-elasticloadbalancingv2';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as kms from 'aws-cdk-lib/aws-kms';
 import type * as lambda from 'aws-cdk-lib/aws-lambda';
@@ -17,6 +18,7 @@ import * as sns from 'aws-cdk-lib/aws-sns';
 import * as subs from 'aws-cdk-lib/aws-sns-subscriptions';
 import type * as sqs from 'aws-cdk-lib/aws-sqs';
 import { Construct } from 'constructs';
+import type { CallsEndpoint } from './calls-endpoint';
 import { METRICS_NAMESPACE } from './config-toml';
 import type { OrgSettings, Settings } from './settings';
 import type { WorkerScaling } from './worker-scaling';
@@ -31,10 +33,15 @@ export interface MonitoringProps {
   readonly clusterName: string;
   readonly serviceName: string;
   readonly scaling: WorkerScaling;
+  /** Absent without the calls endpoint. */
+  readonly calls?: CallsEndpoint;
 }
 
 /** Alarm when more than this percentage of an org's calls are answered 429. */
 export const RATE_LIMITED_ALARM_PERCENT = 1;
+
+/** Alarm when more than this percentage of the calls endpoint's answers are 5xx. */
+export const CALLS_5XX_ALARM_PERCENT = 5;
 
 const MINUTE = Duration.minutes(1);
 const FIVE_MINUTES = Duration.minutes(5);
@@ -126,6 +133,38 @@ export class Monitoring extends Construct {
         evaluationPeriods: 1,
       });
     });
+    const calls = props.calls && callsMetrics(props.calls);
+    if (calls) {
+      alarm('CallsUnhealthyTargets', {
+        alarmName: 'calls-unhealthy-tasks',
+        alarmDescription:
+          'A worker task has failed the calls health check (GET /healthz) for three minutes: ECS replaces such tasks, ' +
+          'so this lasting means new ones fail too (see the worker log).',
+        metric: calls.unhealthy,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+        threshold: 1,
+        evaluationPeriods: 3,
+      });
+      alarm('CallsNoHealthyTarget', {
+        alarmName: 'calls-no-healthy-task',
+        alarmDescription: 'No worker task passes the calls health check: the calls endpoint cannot answer.',
+        metric: calls.healthy,
+        comparisonOperator: cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+        threshold: 1,
+        evaluationPeriods: 2,
+      });
+      alarm('Calls5xx', {
+        alarmName: 'calls-5xx',
+        alarmDescription:
+          `More than ${CALLS_5XX_ALARM_PERCENT}% of the calls endpoint's answers were 5xx (the load balancer's own, ` +
+          'such as 502/503/504, or the workers\') in two of three 5-minute periods.',
+        metric: calls.errorPercent,
+        comparisonOperator: cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        threshold: CALLS_5XX_ALARM_PERCENT,
+        evaluationPeriods: 3,
+        datapointsToAlarm: 2,
+      });
+    }
 
     // ---- dashboard ----
     const graph = (title: string, left: cloudwatch.IMetric[], extra: Partial<cloudwatch.GraphWidgetProps> = {}) =>
@@ -236,7 +275,58 @@ export class Monitoring extends Construct {
         ],
       ],
     });
+    if (calls && s.calls && props.scaling.callsPerTask) {
+      this.dashboard.addWidgets(
+        graph('Calls per minute', [calls.requests], {
+          right: [props.scaling.callsPerTask],
+          rightAnnotations: [{ value: s.calls.perTaskPerMinute, label: 'calls a minute one task is sized for' }],
+        }),
+        graph(`Calls 5xx (alarm above ${CALLS_5XX_ALARM_PERCENT}%)`, [calls.elb5xx, calls.target5xx], {
+          right: [calls.errorPercent],
+          rightAnnotations: [{ value: CALLS_5XX_ALARM_PERCENT, label: 'alarm', color: cloudwatch.Color.RED }],
+        }),
+        graph('Calls: tasks in service', [calls.healthy, calls.unhealthy], { leftYAxis: { min: 0 } }),
+        graph('Calls: time to first byte (s)', [calls.firstByteP50, calls.firstByteP99]),
+      );
+    }
   }
+}
+
+/** The load balancer's and the target group's metrics of the calls endpoint, one-minute periods. */
+function callsMetrics(calls: CallsEndpoint) {
+  const tg = calls.targetGroup.metrics;
+  const requests = tg.requestCount({ period: MINUTE, statistic: 'Sum', label: 'calls' });
+  const elb5xx = calls.loadBalancer.metrics.httpCodeElb(elbv2.HttpCodeElb.ELB_5XX_COUNT, {
+    period: MINUTE,
+    statistic: 'Sum',
+    label: '5xx from the load balancer',
+  });
+  const target5xx = tg.httpCodeTarget(elbv2.HttpCodeTarget.TARGET_5XX_COUNT, {
+    period: MINUTE,
+    statistic: 'Sum',
+    label: '5xx from the workers',
+  });
+  const five = { period: FIVE_MINUTES };
+  return {
+    requests,
+    elb5xx,
+    target5xx,
+    // RequestCount leaves out what the load balancer refused before choosing
+    // a task (503 with no task in service), so its own 5xx join the total.
+    errorPercent: new cloudwatch.MathExpression({
+      expression:
+        'IF(FILL(requests, 0) + FILL(elb5xx, 0) > 0, ' +
+        '100 * (FILL(elb5xx, 0) + FILL(target5xx, 0)) / (FILL(requests, 0) + FILL(elb5xx, 0)), 0)',
+      usingMetrics: { requests: requests.with(five), elb5xx: elb5xx.with(five), target5xx: target5xx.with(five) },
+      period: FIVE_MINUTES,
+      label: '5xx %',
+    }),
+    healthy: tg.healthyHostCount({ period: MINUTE, statistic: 'Minimum', label: 'healthy' }),
+    unhealthy: tg.unhealthyHostCount({ period: MINUTE, statistic: 'Maximum', label: 'unhealthy' }),
+    // For a streamed call, the time until its first chunk.
+    firstByteP50: tg.targetResponseTime({ period: MINUTE, statistic: 'p50', label: 'p50' }),
+    firstByteP99: tg.targetResponseTime({ period: MINUTE, statistic: 'p99', label: 'p99' }),
+  };
 }
 
 /** Every org's series of a worker metric, labelled with the org. */

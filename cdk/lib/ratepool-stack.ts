@@ -1,8 +1,10 @@
 /**
  * The production shape of ratepool (DESIGN.md): API Gateway → Lambda `api` →
  * SQS → Fargate `worker` service, DynamoDB for jobs and the quota ledger,
- * CloudWatch for metrics, dashboard and alarms. Everything that varies between
- * deployments comes in through `Settings` (CDK context), never code edits.
+ * CloudWatch for metrics, dashboard and alarms; and the calls endpoint, an
+ * Application Load Balancer in front of the same workers. Everything that
+ * varies between deployments comes in through `Settings` (CDK context),
+ * never code edits.
  */
 import { Aws, CfnOutput, Duration, RemovalPolicy, Stack, StackProps, Validations } from 'aws-cdk-lib';
 import * as apigw from 'aws-cdk-lib/aws-apigateway';
@@ -16,9 +18,11 @@ import * as logs from 'aws-cdk-lib/aws-logs';
 import type * as secretsmanager from 'aws-cdk-lib/aws-secretsmanager';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import type { Construct } from 'constructs';
+import { CALLS_PORT, CallsEndpoint } from './calls-endpoint';
 import { AwsResourceNames, METRICS_NAMESPACE, renderConfigToml } from './config-toml';
 import { Monitoring } from './monitoring';
 import { repoRoot, Settings } from './settings';
+import { SQS_LONG_POLL_SECS, WORKER_STOP_TIMEOUT_SECS } from './timing';
 import { addWorkerScaling } from './worker-scaling';
 
 export interface RatepoolStackProps extends StackProps {
@@ -30,6 +34,7 @@ export interface RatepoolStackProps extends StackProps {
 /** Lambda's limit on all of a function's environment variables together. */
 const LAMBDA_ENV_LIMIT_BYTES = 4096;
 const LOG_RETENTION = logs.RetentionDays.ONE_MONTH;
+const WORKER_CONTAINER = 'worker';
 
 /**
  * Item-level DynamoDB actions (a TransactWriteItems needs those of its parts).
@@ -55,6 +60,8 @@ export class RatepoolStack extends Stack {
   readonly apiFunction: lambda.Function;
   readonly cluster: ecs.Cluster;
   readonly workerService: ecs.FargateService;
+  /** Absent with `ratepool:calls=false`. */
+  readonly calls?: CallsEndpoint;
   readonly monitoring: Monitoring;
 
   constructor(scope: Construct, id: string, props: RatepoolStackProps) {
@@ -90,7 +97,7 @@ export class RatepoolStack extends Stack {
         encryption: sqs.QueueEncryption.SQS_MANAGED,
         enforceSSL: true,
         visibilityTimeout: Duration.seconds(s.visibilityTimeoutSecs),
-        receiveMessageWaitTime: Duration.seconds(20),
+        receiveMessageWaitTime: Duration.seconds(SQS_LONG_POLL_SECS),
         retentionPeriod: Duration.days(14),
         // The worker dead-letters a poison job itself (and marks it failed with
         // the reason); this only catches a message that kills every worker
@@ -118,11 +125,20 @@ export class RatepoolStack extends Stack {
     const workers = this.addWorkers(s, configToml, props.keys, queues);
     this.cluster = workers.cluster;
     this.workerService = workers.service;
+    if (s.calls) {
+      this.calls = new CallsEndpoint(this, 'Calls', {
+        calls: s.calls,
+        vpc: this.cluster.vpc,
+        service: this.workerService,
+        containerName: WORKER_CONTAINER,
+      });
+    }
 
     const scaling = addWorkerScaling(this.workerService, {
       settings: s,
       clusterName: this.cluster.clusterName,
       workQueues: [this.interactiveQueue, this.batchQueue],
+      callRequests: this.calls?.targetGroup.metrics.requestCount(),
     });
 
     // ---- dashboard and alarms ----
@@ -136,12 +152,25 @@ export class RatepoolStack extends Stack {
       clusterName: this.cluster.clusterName,
       serviceName: this.workerService.serviceName,
       scaling,
+      calls: this.calls,
     });
 
     new CfnOutput(this, 'ApiUrl', {
       value: this.api.url,
       description: 'RATEPOOL_URL for the CLI (routes are under /v1)',
     });
+    if (this.calls) {
+      new CfnOutput(this, 'CallsUrl', {
+        value: this.calls.url,
+        description: 'The calls endpoint: an OpenAI SDK\'s base_url is this + /v1',
+      });
+      if (s.calls?.tls) {
+        new CfnOutput(this, 'CallsLoadBalancerDnsName', {
+          value: this.calls.loadBalancer.loadBalancerDnsName,
+          description: `Point ${s.calls.tls.domain} at this (CNAME, or a Route 53 alias)`,
+        });
+      }
+    }
     new CfnOutput(this, 'DashboardName', { value: this.monitoring.dashboard.dashboardName });
     new CfnOutput(this, 'AlarmTopicArn', { value: this.monitoring.alarmTopic.topicArn });
   }
@@ -291,18 +320,21 @@ export class RatepoolStack extends Stack {
       },
     });
     const workerLogs = new logs.LogGroup(this, 'WorkerLogs', { retention: LOG_RETENTION });
-    taskDefinition.addContainer('worker', {
+    taskDefinition.addContainer(WORKER_CONTAINER, {
       image: ecs.ContainerImage.fromAsset(repoRoot(), {
         file: 'infra/Dockerfile',
         target: 'runtime',
         platform: Platform.LINUX_ARM64,
       }),
       // The image's entrypoint is `ratepool worker`; JSON log lines on stderr.
+      // With --listen it also serves the calls endpoint (and /healthz).
+      command: s.calls ? ['--listen', `0.0.0.0:${CALLS_PORT}`] : undefined,
+      portMappings: s.calls ? [{ containerPort: CALLS_PORT, protocol: ecs.Protocol.TCP }] : undefined,
       logging: ecs.LogDrivers.awsLogs({ streamPrefix: 'worker', logGroup: workerLogs }),
       environment: { RATEPOOL_CONFIG_TOML: configToml },
       // SIGTERM → the worker finishes or hands back its jobs within 100 s;
-      // 120 s is Fargate's maximum.
-      stopTimeout: Duration.seconds(120),
+      // calls have drained before it (timing.ts). 120 s is Fargate's maximum.
+      stopTimeout: Duration.seconds(WORKER_STOP_TIMEOUT_SECS),
       // A real init as PID 1 delivers SIGTERM and reaps children.
       linuxParameters: new ecs.LinuxParameters(this, 'WorkerLinux', { initProcessEnabled: true }),
     });
@@ -365,7 +397,10 @@ export class RatepoolStack extends Stack {
 
     const workerSg = new ec2.SecurityGroup(this, 'WorkerSecurityGroup', {
       vpc,
-      description: 'ratepool workers: no inbound; HTTPS out to the provider and AWS APIs',
+      // The calls endpoint opens the calls port to its load balancer only.
+      description: s.calls
+        ? 'ratepool workers: calls from their load balancer; HTTPS out to the provider and AWS APIs'
+        : 'ratepool workers: no inbound; HTTPS out to the provider and AWS APIs',
       allowAllOutbound: false,
     });
     workerSg.addEgressRule(ec2.Peer.anyIpv4(), ec2.Port.tcp(443), 'provider APIs and AWS endpoints (HTTPS)');
@@ -382,6 +417,8 @@ export class RatepoolStack extends Stack {
       minHealthyPercent: 100,
       maxHealthyPercent: 200,
       platformVersion: ecs.FargatePlatformVersion.LATEST,
+      // A new task reads its keys and checks its tables before /healthz answers.
+      healthCheckGracePeriod: s.calls ? Duration.seconds(60) : undefined,
       enableECSManagedTags: true,
       propagateTags: ecs.PropagatedTagSource.SERVICE,
     });

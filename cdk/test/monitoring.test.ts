@@ -1,5 +1,5 @@
 import { Match, Template } from 'aws-cdk-lib/assertions';
-import { buildApp, Built, flatten, logicalId, only, templates } from './helpers';
+import { buildApp, Built, flatten, JOBS_ONLY, logicalId, only, templates } from './helpers';
 
 let built: Built;
 let t: Template;
@@ -87,7 +87,49 @@ describe('dashboard', () => {
     expect(titled('Worker tasks').metrics[0][0]).toBe('ECS/ContainerInsights');
     expect(expressions('Scaling signal')[0]).toMatch(/^IF\(FILL\(tasks, 0\) > 0, \(.*\) \/ FILL\(tasks, 0\), \(.*\)\)$/);
   });
+
+  describe('calls endpoint', () => {
+    const tg = () => `<GetAtt:${logicalId(t, 'AWS::ElasticLoadBalancingV2::TargetGroup', 'CallsTargets')}.TargetGroupFullName>`;
+    const lb = () => `<GetAtt:${logicalId(t, 'AWS::ElasticLoadBalancingV2::LoadBalancer', 'CallsLoadBalancer')}.LoadBalancerFullName>`;
+    /** `[namespace, name, dimension name, value, ...]` of each plain metric a graph shows (not an expression's inputs). */
+    const plain = (title: string) =>
+      titled(title).metrics.filter(
+        (m: any[]) => typeof m[0] === 'string' && !m.some((x) => x && typeof x === 'object' && x.visible === false),
+      );
+
+    test('calls a minute, in all and per task, against what one task is sized for', () => {
+      const [requests] = plain('Calls per minute');
+      expect(requests.slice(0, 2)).toEqual(['AWS/ApplicationELB', 'RequestCount']);
+      expect(requests).toEqual(expect.arrayContaining(['TargetGroup', tg()]));
+      expect(expressions('Calls per minute')).toEqual(['IF(FILL(tasks, 0) > 0, FILL(calls, 0) / FILL(tasks, 0), FILL(calls, 0))']);
+      expect(titled('Calls per minute').annotations.horizontal).toEqual([
+        expect.objectContaining({ value: 3000, yAxis: 'right' }),
+      ]);
+    });
+
+    test('5xx: the load balancer\'s and the workers\', and their share with the alarm line', () => {
+      const counts = plain('Calls 5xx (alarm above 5%)');
+      expect(counts.map((m: any[]) => m[1])).toEqual(['HTTPCode_ELB_5XX_Count', 'HTTPCode_Target_5XX_Count']);
+      expect(counts[0]).toEqual(expect.arrayContaining(['LoadBalancer', lb()]));
+      expect(counts[1]).toEqual(expect.arrayContaining(['TargetGroup', tg()]));
+      expect(expressions('Calls 5xx (alarm above 5%)')).toEqual([CALLS_5XX]);
+      expect(titled('Calls 5xx (alarm above 5%)').annotations.horizontal).toEqual([
+        expect.objectContaining({ value: 5, yAxis: 'right' }),
+      ]);
+    });
+
+    test('tasks in service and time to first byte, per target group', () => {
+      expect(plain('Calls: tasks in service').map((m: any[]) => m[1])).toEqual(['HealthyHostCount', 'UnHealthyHostCount']);
+      expect(plain('Calls: time to first byte (s)').map((m: any[]) => m[1])).toEqual(['TargetResponseTime', 'TargetResponseTime']);
+      for (const title of ['Calls: tasks in service', 'Calls: time to first byte (s)']) {
+        for (const m of plain(title)) expect(m).toEqual(expect.arrayContaining(['AWS/ApplicationELB', 'TargetGroup', tg()]));
+      }
+    });
+  });
 });
+
+const CALLS_5XX =
+  'IF(FILL(requests, 0) + FILL(elb5xx, 0) > 0, 100 * (FILL(elb5xx, 0) + FILL(target5xx, 0)) / (FILL(requests, 0) + FILL(elb5xx, 0)), 0)';
 
 describe('alarms', () => {
   const alarms = () => Object.values(t.findResources('AWS::CloudWatch::Alarm')).map((a) => a.Properties);
@@ -100,7 +142,7 @@ describe('alarms', () => {
 
   test('every alarm except the scaling ones notifies the SNS topic on alarm and on recovery', () => {
     const own = alarms().filter((a) => typeof a.AlarmName === 'string');
-    expect(own).toHaveLength(2 + 1 + 2 * 3); // DLQ, two ages, two per org
+    expect(own).toHaveLength(2 + 1 + 2 * 3 + 3); // DLQ, two ages, two per org, three for calls
     for (const a of own) {
       expect(a.AlarmActions).toEqual([topic()]);
       expect(a.OKActions).toEqual([topic()]);
@@ -158,6 +200,75 @@ describe('alarms', () => {
         Threshold: 0,
       }),
     );
+  });
+
+  describe('calls endpoint', () => {
+    /** The one metric of a single-metric alarm that has a label (rendered as `Metrics`). */
+    const metricOf = (a: any) => {
+      expect(a.Metrics).toHaveLength(1);
+      return a.Metrics[0].MetricStat;
+    };
+    const tgDimension = () => ({
+      Name: 'TargetGroup',
+      Value: { 'Fn::GetAtt': [logicalId(t, 'AWS::ElasticLoadBalancingV2::TargetGroup', 'CallsTargets'), 'TargetGroupFullName'] },
+    });
+
+    test('a task failing its health check for three minutes', () => {
+      const a = named('-calls-unhealthy-tasks');
+      expect(a).toEqual(
+        expect.objectContaining({ ComparisonOperator: 'GreaterThanOrEqualToThreshold', Threshold: 1, EvaluationPeriods: 3 }),
+      );
+      const m = metricOf(a);
+      expect(m).toEqual(expect.objectContaining({ Stat: 'Maximum', Period: 60 }));
+      expect(m.Metric.MetricName).toBe('UnHealthyHostCount');
+      expect(m.Metric.Dimensions).toEqual(expect.arrayContaining([tgDimension()]));
+    });
+
+    test('no task in service for two minutes', () => {
+      const a = named('-calls-no-healthy-task');
+      expect(a).toEqual(expect.objectContaining({ ComparisonOperator: 'LessThanThreshold', Threshold: 1, EvaluationPeriods: 2 }));
+      const m = metricOf(a);
+      expect(m).toEqual(expect.objectContaining({ Stat: 'Minimum', Period: 60 }));
+      expect(m.Metric.MetricName).toBe('HealthyHostCount');
+      expect(m.Metric.Dimensions).toEqual(expect.arrayContaining([tgDimension()]));
+    });
+
+    test('5xx over 5% of the answers in two of three 5-minute periods, counting the load balancer\'s own refusals', () => {
+      const a = named('-calls-5xx');
+      expect(a).toEqual(
+        expect.objectContaining({ ComparisonOperator: 'GreaterThanThreshold', Threshold: 5, EvaluationPeriods: 3, DatapointsToAlarm: 2 }),
+      );
+      expect(a.Metrics.find((m: any) => m.Expression).Expression).toBe(CALLS_5XX);
+      const byId = Object.fromEntries(a.Metrics.filter((m: any) => m.MetricStat).map((m: any) => [m.Id, m.MetricStat]));
+      expect(Object.keys(byId).sort()).toEqual(['elb5xx', 'requests', 'target5xx']);
+      expect(byId.requests.Metric.MetricName).toBe('RequestCount');
+      expect(byId.requests.Metric.Dimensions).toEqual(expect.arrayContaining([tgDimension()]));
+      expect(byId.target5xx.Metric.MetricName).toBe('HTTPCode_Target_5XX_Count');
+      expect(byId.target5xx.Metric.Dimensions).toEqual(expect.arrayContaining([tgDimension()]));
+      expect(byId.elb5xx.Metric).toEqual({
+        Namespace: 'AWS/ApplicationELB',
+        MetricName: 'HTTPCode_ELB_5XX_Count',
+        Dimensions: [
+          {
+            Name: 'LoadBalancer',
+            Value: { 'Fn::GetAtt': [logicalId(t, 'AWS::ElasticLoadBalancingV2::LoadBalancer', 'CallsLoadBalancer'), 'LoadBalancerFullName'] },
+          },
+        ],
+      });
+      for (const m of Object.values(byId) as any[]) expect(m).toEqual(expect.objectContaining({ Stat: 'Sum', Period: 300 }));
+    });
+
+    test('jobs only: no calls alarms or graphs', () => {
+      const other = buildApp(JOBS_ONLY);
+      try {
+        const o = Template.fromStack(other.main);
+        const names = Object.values(o.findResources('AWS::CloudWatch::Alarm')).map((x) => String(x.Properties.AlarmName));
+        expect(names.filter((n) => n.includes('calls'))).toEqual([]);
+        expect(flatten(only(o, 'AWS::CloudWatch::Dashboard').props.DashboardBody)).not.toContain('ApplicationELB');
+      } finally {
+        other.cleanup();
+      }
+    });
   });
 
   test('topic: KMS-encrypted with a rotating key CloudWatch may use, TLS only, email from context', () => {

@@ -1,7 +1,7 @@
 import { App, Stack, Validations } from 'aws-cdk-lib';
 import { AwsSolutionsChecks } from 'cdk-nag';
 import type { IConstruct } from 'constructs';
-import { buildApp, Built } from './helpers';
+import { buildApp, Built, JOBS_ONLY, PLAIN_HTTP } from './helpers';
 
 let built: Built;
 beforeAll(() => {
@@ -39,6 +39,18 @@ function findings(app: App): { rule: string; path: string }[] {
 
 test('cdk-nag AwsSolutions: no unacknowledged finding, errors and warnings alike', () => {
   expect(findings(built.app)).toEqual([]);
+});
+
+test.each([
+  ['the calls endpoint on plain HTTP (ratepool:allowHttp)', PLAIN_HTTP],
+  ['no calls endpoint (ratepool:calls=false)', JOBS_ONLY],
+])('cdk-nag AwsSolutions: no unacknowledged finding with %s either', (_, context) => {
+  const other = buildApp(context);
+  try {
+    expect(findings(other.app)).toEqual([]);
+  } finally {
+    other.cleanup();
+  }
 });
 
 test('every acknowledgement sits next to its resource and gives a real reason', () => {

@@ -1,14 +1,22 @@
 import { Template } from 'aws-cdk-lib/assertions';
 import { stepSizes } from '../lib/worker-scaling';
-import { buildApp, Built, logicalId, only, templates } from './helpers';
+import { buildApp, Built, JOBS_ONLY, logicalId, only, templates } from './helpers';
 
 let built: Built;
 let t: Template;
+/** A jobs-only stack: no calls endpoint, scaling from zero. */
+let jobsOnly: Built;
+let j: Template;
 beforeAll(() => {
   built = buildApp();
   t = templates(built).main;
+  jobsOnly = buildApp(JOBS_ONLY);
+  j = templates(jobsOnly).main;
 });
-afterAll(() => built.cleanup());
+afterAll(() => {
+  built.cleanup();
+  jobsOnly.cleanup();
+});
 
 describe('ECS', () => {
   test('cluster has Container Insights on', () => {
@@ -17,7 +25,7 @@ describe('ECS', () => {
     });
   });
 
-  test('task: Fargate arm64, sizes from context, stopTimeout 120 s, init process', () => {
+  test('task: Fargate arm64, sizes from context, stopTimeout 120 s, init process, the calls port', () => {
     const task = only(t, 'AWS::ECS::TaskDefinition').props;
     expect(task.RuntimePlatform).toEqual({ CpuArchitecture: 'ARM64', OperatingSystemFamily: 'LINUX' });
     expect(task.RequiresCompatibilities).toEqual(['FARGATE']);
@@ -28,7 +36,16 @@ describe('ECS', () => {
     expect(c.Essential).toBe(true);
     expect(c.LinuxParameters).toEqual(expect.objectContaining({ InitProcessEnabled: true }));
     expect(c.LogConfiguration.LogDriver).toBe('awslogs');
-    expect(c.Command).toBeUndefined(); // the image's ENTRYPOINT is `ratepool worker`
+    // Appended to the image's ENTRYPOINT `ratepool worker`.
+    expect(c.Command).toEqual(['--listen', '0.0.0.0:8080']);
+    expect(c.PortMappings).toEqual([{ ContainerPort: 8080, Protocol: 'tcp' }]);
+  });
+
+  test('jobs only: `ratepool worker` as the image has it, no port', () => {
+    const [c] = only(j, 'AWS::ECS::TaskDefinition').props.ContainerDefinitions;
+    expect(c.Command).toBeUndefined();
+    expect(c.PortMappings).toBeUndefined();
+    expect(only(j, 'AWS::ECS::Service').props.LoadBalancers ?? []).toEqual([]);
   });
 
   test('service: no DesiredCount, circuit breaker with rollback, private subnets, no public IP', () => {
@@ -45,14 +62,15 @@ describe('ECS', () => {
     expect(svc.NetworkConfiguration.AwsvpcConfiguration.AssignPublicIp).toBe('DISABLED');
   });
 
-  test('worker security group: nothing in, HTTPS out', () => {
-    const sg = Object.values(t.findResources('AWS::EC2::SecurityGroup')).find((r) =>
-      r.Properties.GroupDescription.startsWith('ratepool workers'),
-    )!;
-    expect(sg.Properties.SecurityGroupIngress).toBeUndefined();
-    expect(sg.Properties.SecurityGroupEgress).toEqual([
-      expect.objectContaining({ CidrIp: '0.0.0.0/0', IpProtocol: 'tcp', FromPort: 443, ToPort: 443 }),
-    ]);
+  test('worker security group: HTTPS out; in, only what the calls endpoint opens (calls.test.ts)', () => {
+    for (const template of [t, j]) {
+      const sg = only(template, 'AWS::EC2::SecurityGroup', (r) => r.Properties.GroupDescription.startsWith('ratepool workers'));
+      expect(sg.props.SecurityGroupIngress).toBeUndefined();
+      expect(sg.props.SecurityGroupEgress).toEqual([
+        expect.objectContaining({ CidrIp: '0.0.0.0/0', IpProtocol: 'tcp', FromPort: 443, ToPort: 443 }),
+      ]);
+    }
+    j.resourceCountIs('AWS::EC2::SecurityGroupIngress', 0);
   });
 
   test('VPC: NAT for fixed egress IPs, DynamoDB gateway endpoint, flow logs', () => {
@@ -62,20 +80,22 @@ describe('ECS', () => {
   });
 });
 
-describe('scaling on backlog per task, counting in-flight jobs', () => {
-  const deficit =
-    'CEIL((FILL(visible0, 0) + FILL(inflight0, 0) + FILL(visible1, 0) + FILL(inflight1, 0)) / 64) - FILL(tasks, 0)';
+describe('scaling on backlog per task, counting in-flight jobs and calls', () => {
+  const backlog = '(FILL(visible0, 0) + FILL(inflight0, 0) + FILL(visible1, 0) + FILL(inflight1, 0))';
 
-  test('scalable target: 0..maxWorkers from context', () => {
-    t.hasResourceProperties('AWS::ApplicationAutoScaling::ScalableTarget', {
-      MinCapacity: 0,
-      MaxCapacity: 10,
-      ScalableDimension: 'ecs:service:DesiredCount',
-      ServiceNamespace: 'ecs',
-    });
+  test('scalable target: minWorkers..maxWorkers from context, 1..10 with the calls endpoint, 0..10 without', () => {
+    const target = (template: Template) => only(template, 'AWS::ApplicationAutoScaling::ScalableTarget').props;
+    expect(target(t)).toEqual(
+      expect.objectContaining({ MinCapacity: 1, MaxCapacity: 10, ScalableDimension: 'ecs:service:DesiredCount', ServiceNamespace: 'ecs' }),
+    );
+    expect(target(j)).toEqual(expect.objectContaining({ MinCapacity: 0, MaxCapacity: 10 }));
   });
 
-  test('both alarms compute the task deficit from visible + in-flight messages of both queues and the desired count', () => {
+  test.each([
+    ['with the calls endpoint', () => t, `CEIL(${backlog} / 64 + FILL(calls, 0) / 3000) - FILL(tasks, 0)`],
+    ['jobs only', () => j, `CEIL(${backlog} / 64) - FILL(tasks, 0)`],
+  ])('%s: both alarms compute the task deficit from visible + in-flight messages of both queues, calls, and the desired count', (_, template, deficit) => {
+    const t = template();
     const alarms = Object.entries(t.findResources('AWS::CloudWatch::Alarm')).filter(([id]) => id.startsWith('WorkerService'));
     expect(alarms).toHaveLength(2);
     const queueName = (prefix: string) => ({ 'Fn::GetAtt': [logicalId(t, 'AWS::SQS::Queue', prefix), 'QueueName'] });
@@ -85,6 +105,9 @@ describe('scaling on backlog per task, counting in-flight jobs', () => {
       const expr = metrics.find((m) => m.Expression);
       expect(expr.Expression).toBe(deficit);
       expect(expr.ReturnData).toBe(true);
+      expect(Object.keys(byId).sort()).toEqual(
+        [expr.Id, 'tasks', 'visible0', 'inflight0', 'visible1', 'inflight1', ...(deficit.includes('calls') ? ['calls'] : [])].sort(),
+      );
       const sqs = (id: string, name: string, queue: string) => {
         expect(byId[id].MetricStat.Metric).toEqual({
           Namespace: 'AWS/SQS',
@@ -106,6 +129,19 @@ describe('scaling on backlog per task, counting in-flight jobs', () => {
           { Name: 'ServiceName', Value: { 'Fn::GetAtt': [logicalId(t, 'AWS::ECS::Service', 'WorkerService'), 'Name'] } },
         ],
       });
+      if (byId.calls) {
+        // The calls the load balancer sent the workers in the minute.
+        expect(byId.calls.MetricStat.Metric.Namespace).toBe('AWS/ApplicationELB');
+        expect(byId.calls.MetricStat.Metric.MetricName).toBe('RequestCount');
+        expect(byId.calls.MetricStat.Metric.Dimensions).toEqual(
+          expect.arrayContaining([
+            { Name: 'TargetGroup', Value: { 'Fn::GetAtt': [logicalId(t, 'AWS::ElasticLoadBalancingV2::TargetGroup', 'CallsTargets'), 'TargetGroupFullName'] } },
+          ]),
+        );
+        expect(byId.calls.MetricStat.Stat).toBe('Sum');
+        expect(byId.calls.MetricStat.Period).toBe(60);
+        expect(byId.calls.ReturnData).toBe(false);
+      }
     }
   });
 
@@ -146,10 +182,12 @@ describe('scaling on backlog per task, counting in-flight jobs', () => {
     }
   });
 
-  test('no CPU or memory based scaling', () => {
-    t.resourceCountIs('AWS::ApplicationAutoScaling::ScalingPolicy', 2);
-    for (const p of Object.values(t.findResources('AWS::ApplicationAutoScaling::ScalingPolicy'))) {
-      expect(p.Properties.PolicyType).toBe('StepScaling');
+  test('one pair of step policies for both doors: no CPU or memory scaling, no target tracking to scale in what the other door needs', () => {
+    for (const template of [t, j]) {
+      template.resourceCountIs('AWS::ApplicationAutoScaling::ScalingPolicy', 2);
+      for (const p of Object.values(template.findResources('AWS::ApplicationAutoScaling::ScalingPolicy'))) {
+        expect(p.Properties.PolicyType).toBe('StepScaling');
+      }
     }
   });
 
@@ -160,17 +198,21 @@ describe('scaling on backlog per task, counting in-flight jobs', () => {
     expect(stepSizes(1000).length).toBeLessThan(40);
   });
 
-  test('concurrency from context changes the divisor', () => {
-    const other = buildApp({ 'ratepool:workerConcurrency': 16, 'ratepool:minWorkers': 1 });
+  test('concurrency and calls per task from context change the divisors', () => {
+    const other = buildApp({
+      'ratepool:workerConcurrency': 16,
+      'ratepool:callsPerTaskPerMinute': 500,
+      'ratepool:minWorkers': 2,
+    });
     try {
       const o = Template.fromStack(other.main);
-      o.hasResourceProperties('AWS::ApplicationAutoScaling::ScalableTarget', { MinCapacity: 1 });
+      o.hasResourceProperties('AWS::ApplicationAutoScaling::ScalableTarget', { MinCapacity: 2 });
       const exprs = Object.values(o.findResources('AWS::CloudWatch::Alarm'))
         .flatMap((a) => (a.Properties.Metrics ?? []) as any[])
         .map((m) => m.Expression)
         .filter((e) => e?.startsWith('CEIL('));
       expect(exprs).toHaveLength(2);
-      for (const e of exprs) expect(e).toContain('/ 16)');
+      for (const e of exprs) expect(e).toBe(`CEIL(${backlog} / 16 + FILL(calls, 0) / 500) - FILL(tasks, 0)`);
     } finally {
       other.cleanup();
     }
