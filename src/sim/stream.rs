@@ -1,6 +1,7 @@
 //! Streamed answers (`"stream": true`), as OpenAI sends them: server-sent
 //! events of `chat.completion.chunk` objects — the role first, then the
-//! content in pieces, then each choice's finish reason, then (if asked with
+//! content in pieces (for a tool call: the call's id and name, then its
+//! arguments in pieces), then each choice's finish reason, then (if asked with
 //! `stream_options.include_usage`) a chunk with no choices and the usage,
 //! then `data: [DONE]`. Chunks are paced like the whole answer would be:
 //! the first after the base latency, each piece after its tokens' time.
@@ -38,8 +39,18 @@ pub(super) fn chunks(call: &ChatCall, answer: &Answer, created: i64, usage: Opti
     let mut out = Vec::new();
     for (i, choice) in answer.choices.iter().enumerate() {
         let delta = |d: Value, finish: Option<&str>| json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": finish}]);
-        out.push((0, chunk(delta(json!({"role": "assistant", "content": ""}), None), None)));
-        let text = choice.text();
+        let text = match &choice.tool_call {
+            None => {
+                out.push((0, chunk(delta(json!({"role": "assistant", "content": ""}), None), None)));
+                choice.text()
+            }
+            Some(call) => {
+                let opening = json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"index": 0, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]});
+                out.push((0, chunk(delta(opening, None), None)));
+                call.arguments.clone()
+            }
+        };
         let pieces = split(&text, PIECE_CHARS);
         let mut left = choice.tokens;
         let n = pieces.len() as u64;
@@ -47,7 +58,11 @@ pub(super) fn chunks(call: &ChatCall, answer: &Answer, created: i64, usage: Opti
             // The choice's tokens spread over its pieces.
             let tokens = if k as u64 + 1 == n { left } else { (choice.tokens / n.max(1)).min(left) };
             left -= tokens;
-            out.push((tokens, chunk(delta(json!({"content": piece}), None), None)));
+            let d = match choice.tool_call {
+                None => json!({"content": piece}),
+                Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            };
+            out.push((tokens, chunk(delta(d, None), None)));
         }
         out.push((left, chunk(delta(json!({}), Some(choice.finish_reason)), None)));
     }
