@@ -203,6 +203,10 @@ impl WorkersConfig {
     }
 }
 
+/// The largest `[limits] max_fan_out`: every instance is a call and a
+/// checkpoint, and a job's steps are counted in a `u32`.
+const MAX_FAN_OUT: u32 = 10_000;
+
 /// Size limits on submissions (see `crate::spec::SpecLimits`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,12 +217,25 @@ pub struct LimitsConfig {
     pub max_steps: usize,
     #[serde(default = "default_rendered")]
     pub max_prompt_bytes: usize,
+    /// Instances one `for_each` step may expand to; a job may set a
+    /// lower `max_fan_out` of its own.
+    #[serde(default = "default_fan_out")]
+    pub max_fan_out: u32,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_body_bytes: default_body(), max_steps: default_steps(), max_prompt_bytes: default_rendered() }
+        Self {
+            max_body_bytes: default_body(),
+            max_steps: default_steps(),
+            max_prompt_bytes: default_rendered(),
+            max_fan_out: default_fan_out(),
+        }
     }
+}
+
+fn default_fan_out() -> u32 {
+    256
 }
 
 fn default_body() -> usize {
@@ -237,6 +254,7 @@ impl LimitsConfig {
             max_body_bytes: self.max_body_bytes,
             max_steps: self.max_steps,
             max_rendered_bytes: self.max_prompt_bytes,
+            max_fan_out: self.max_fan_out,
             ..SpecLimits::default()
         }
     }
@@ -605,6 +623,9 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 || self.limits.max_steps == 0 {
             return Err("[limits]: max_body_bytes must be at least 1024 and max_steps at least 1".into());
+        }
+        if !(1..=MAX_FAN_OUT).contains(&self.limits.max_fan_out) {
+            return Err(format!("[limits]: max_fan_out must be between 1 and {MAX_FAN_OUT}"));
         }
         if !(self.simulator.time_scale.is_finite() && self.simulator.time_scale >= 0.0) {
             return Err("[simulator]: time_scale must be a number >= 0".into());

@@ -87,6 +87,75 @@ id_type!(
     ModelName, "model", 128
 );
 
+/// What one checkpoint is for: a step of the spec, or one instance of a
+/// fan-out (`for_each`) step, written `scene[3]`. Users cannot put `[` in a
+/// step id, so an instance key never names a step of the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum StepKey {
+    Step(StepId),
+    Instance { step: StepId, index: u32 },
+}
+
+impl StepKey {
+    /// Reads the stored form (`scene` or `scene[3]`).
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        let Some(open) = s.strip_suffix(']').and_then(|rest| rest.find('[').map(|i| (&rest[..i], &rest[i + 1..])))
+        else {
+            return StepId::parse(s).map(Self::Step);
+        };
+        let (step, index) = open;
+        let index = match index.parse::<u32>() {
+            Ok(i) if index == i.to_string() => i,
+            _ => return Err(InvalidId(format!("instance index in {s:?} is not a number"))),
+        };
+        Ok(Self::Instance { step: StepId::parse(step)?, index })
+    }
+
+    /// The spec's step this key belongs to.
+    pub fn step(&self) -> &StepId {
+        match self {
+            Self::Step(s) | Self::Instance { step: s, .. } => s,
+        }
+    }
+
+    /// The instance's index, for an instance of a fan-out step.
+    pub fn index(&self) -> Option<u32> {
+        match self {
+            Self::Step(_) => None,
+            Self::Instance { index, .. } => Some(*index),
+        }
+    }
+}
+
+impl From<StepId> for StepKey {
+    fn from(s: StepId) -> Self {
+        Self::Step(s)
+    }
+}
+
+impl fmt::Display for StepKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Step(s) => f.write_str(s.as_str()),
+            Self::Instance { step, index } => write!(f, "{step}[{index}]"),
+        }
+    }
+}
+
+impl TryFrom<String> for StepKey {
+    type Error = InvalidId;
+    fn try_from(s: String) -> Result<Self, InvalidId> {
+        Self::parse(&s)
+    }
+}
+
+impl From<StepKey> for String {
+    fn from(k: StepKey) -> String {
+        k.to_string()
+    }
+}
+
 impl JobId {
     /// A fresh, time-ordered id.
     pub fn generate() -> Self {
@@ -242,6 +311,20 @@ mod tests {
         assert!(IdempotencyKey::parse("caf\u{e9}").is_err());
         assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
         assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn step_keys_name_steps_and_instances_and_round_trip() {
+        let scene = StepId::parse("act1.scene").unwrap();
+        let k = StepKey::parse("act1.scene[12]").unwrap();
+        assert_eq!(k, StepKey::Instance { step: scene.clone(), index: 12 });
+        assert_eq!((k.step(), k.index(), k.to_string().as_str()), (&scene, Some(12), "act1.scene[12]"));
+        assert_eq!(StepKey::parse("outline").unwrap(), StepKey::Step(StepId::parse("outline").unwrap()));
+        for bad in ["a[", "a[]", "a[x]", "a[-1]", "a[01]", "[1]", "a[1][2]", "a b[1]", "a[1]x"] {
+            assert!(StepKey::parse(bad).is_err(), "{bad}");
+        }
+        let json = serde_json::to_string(&k).unwrap();
+        assert_eq!(serde_json::from_str::<StepKey>(&json).unwrap(), k);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - [`api`]: the HTTP API (axum), shared by `ratepool serve` and the Lambda.
 //! - [`sim`]: the provider simulator (`ratepool sim`); [`bench`]: the
 //!   benchmark (`ratepool bench`).
+//! - [`answer`]: a step's answer (every choice's message), as checkpoints
+//!   keep it.
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
 //! - [`webhook`]: signed, retried job webhooks; [`ssrf`]: the guard on the
@@ -16,6 +18,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod answer;
 pub mod api;
 pub mod aws;
 pub mod backoff;

@@ -241,7 +241,7 @@ fn snapshot(
         let cps = rt.block_on(bounded(ids, |id| async move {
             let job = JobId::parse(id.as_str()).unwrap();
             let cps = patiently(|| store.jobs.checkpoints(&job)).await;
-            (id.clone(), cps.into_iter().map(|c| c.step_id.to_string()).collect::<BTreeSet<String>>())
+            (id.clone(), cps.into_iter().map(|c| c.step.to_string()).collect::<BTreeSet<String>>())
         }));
         kill.checkpointed.extend(cps);
     }

@@ -128,7 +128,7 @@ fn lambda_submits_workers_run_and_a_killed_worker_loses_no_step() {
         let mut out = BTreeMap::new();
         for id in &ids {
             let cps = store.jobs.checkpoints(&JobId::parse(id.as_str()).unwrap()).await.unwrap();
-            out.insert(id.clone(), cps.into_iter().map(|c| c.step_id.to_string()).collect());
+            out.insert(id.clone(), cps.into_iter().map(|c| c.step.to_string()).collect());
         }
         out
     });
@@ -400,4 +400,87 @@ fn a_listening_worker_serves_the_calls_door_from_dynamodb() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// Steps that speak the whole chat API, on SQS + DynamoDB: a bad request
+/// field is a 400 naming it with nothing stored or enqueued; the screenplay
+/// example's scenes fan out from its `json_schema` outline, a worker is
+/// SIGKILLed mid-fan-out and no instance it finished is called again; an
+/// outline that is not an array, or is longer than the job's cap, fails
+/// its job naming the step and the path.
+#[test]
+fn fan_out_on_aws_resumes_after_a_killed_worker_and_fails_bad_outlines_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [
+        OrgSpec { name: "org-a", rpm: 100_000, tpm: 100_000_000 },
+        OrgSpec { name: "org-b", rpm: 100_000, tpm: 100_000_000 },
+    ];
+    // Scenes take about half a second each, so the kill lands among them.
+    let sim = start_sim(dir.path(), &orgs, (50.0, 0.5, 1.0));
+    let workers = "[workers]\nconcurrency = 4\nstep_parallelism = 4\nvisibility_timeout_secs = 4\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let lambda = Lambda::new(&cfg);
+    let store = backend(&lambda.rt, &cfg);
+    let alpha = ratepool::domain::TenantId::parse("alpha").unwrap();
+
+    let mut bad: Value = serde_json::from_str(&screenplay(0)).unwrap();
+    bad["defaults"]["top_p"] = json!(1.5);
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some(&bad.to_string()));
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("defaults.top_p")), "{body}");
+    assert_eq!(lambda.rt.block_on(store.jobs.jobs_in_flight(&alpha)).unwrap(), 0, "nothing stored");
+    let q = lambda.rt.block_on(store.queue.stats()).unwrap();
+    assert_eq!((q.visible, q.in_flight), (0, 0), "nothing enqueued: {q:?}");
+
+    let mut w1 = start_worker(dir.path(), &cfg_path, &orgs, "worker-1");
+    let submit = |body: &str| {
+        let (status, b) = lambda.call("POST", "/v1/jobs", Some(body));
+        assert_eq!(status, 202, "{b}");
+        b["id"].as_str().unwrap().to_string()
+    };
+    let id = submit(&screenplay(0));
+    let broken = broken_outlines();
+    let broken_ids: Vec<String> = broken.iter().map(|(body, _)| submit(body)).collect();
+
+    let doc = |id: &str| lambda.call("GET", &format!("/v1/jobs/{id}"), None).1;
+    let start = Instant::now();
+    let total_known = loop {
+        let d = doc(&id);
+        if d["steps_done"].as_u64().unwrap_or(0) >= 10 {
+            break d["steps_total"].as_u64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "no progress: {d}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    w1.kill();
+    let job = JobId::parse(id.as_str()).unwrap();
+    let at_kill: Vec<String> =
+        lambda.rt.block_on(store.jobs.checkpoints(&job)).unwrap().into_iter().map(|c| c.step.to_string()).collect();
+    let scenes = total_known as usize - 11;
+    let scenes_at_kill = at_kill.iter().filter(|k| k.starts_with("scene[")).count();
+    assert!(
+        scenes_at_kill >= 1 && scenes_at_kill < scenes,
+        "the kill must land mid-fan-out: {scenes_at_kill} of {scenes} scenes were done"
+    );
+
+    let _w2 = start_worker(dir.path(), &cfg_path, &orgs, "worker-2");
+    let mut all = vec![id.clone()];
+    all.extend(broken_ids.iter().cloned());
+    let docs = lambda.wait_all(&all, Duration::from_secs(300));
+    assert_eq!(docs[0]["status"], "succeeded", "{}", docs[0]);
+    assert_eq!(
+        (docs[0]["steps_total"].as_u64(), docs[0]["steps_done"].as_u64()),
+        (Some(total_known), Some(total_known))
+    );
+    let counts = sim_requests(&sim);
+    for key in &at_kill {
+        assert_eq!(counts.get(&format!("{id}/{key}")), Some(&1), "{key} was finished before the kill and called again");
+    }
+    for ((_, reason), (d, bid)) in broken.iter().zip(docs[1..].iter().zip(&broken_ids)) {
+        assert_eq!((d["status"].as_str(), d["error"].as_str()), (Some("failed"), Some(*reason)), "{d}");
+        assert!(counts.keys().all(|k| !k.starts_with(&format!("{bid}/scene"))), "no instance was called");
+    }
+    let (status, result) = lambda.call("GET", &format!("/v1/jobs/{id}/result"), None);
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(result["messages"]["outline"]["parsed"]["scenes"].as_array().map(Vec::len), Some(scenes));
+    assert_eq!(result["outputs"].as_object().map(|o| o.len()), Some(total_known as usize));
 }

@@ -145,6 +145,44 @@ fn malformed_and_hostile_requests_get_4xx_and_change_nothing() {
             "inputs",
         ),
         ("input over 256 KiB", spec_with(|v| v["inputs"]["topic"] = json!("x".repeat(300 << 10))), 400, "inputs.topic"),
+        // Request fields and references of steps that speak the whole API.
+        (
+            "schema not an object",
+            spec_with(|v| {
+                v["steps"][0]["response_format"] =
+                    json!({"type": "json_schema", "json_schema": {"name": "s", "schema": [1]}})
+            }),
+            400,
+            "steps[0].response_format.json_schema.schema",
+        ),
+        ("stream on a step", spec_with(|v| v["steps"][0]["stream"] = json!(true)), 400, "steps[0].stream"),
+        (
+            "tool_choice without that tool",
+            spec_with(|v| {
+                v["steps"][0]["tools"] = json!([{"type": "function", "function": {"name": "a"}}]);
+                v["steps"][0]["tool_choice"] = json!({"type": "function", "function": {"name": "b"}});
+            }),
+            400,
+            "steps[0].tool_choice",
+        ),
+        (
+            "item outside a fan-out",
+            spec_with(|v| v["steps"][0]["messages"][0]["content"] = json!("{{item.x}}")),
+            400,
+            "steps[0].messages[0].content",
+        ),
+        (
+            "fan-out over text",
+            spec_with(|v| v["steps"][1]["for_each"] = json!("steps.a.output")),
+            400,
+            "steps[1].for_each",
+        ),
+        (
+            "extra repeating a field",
+            spec_with(|v| v["steps"][0]["extra"] = json!({"seed": 1})),
+            400,
+            "steps[0].extra.seed",
+        ),
     ];
     assert!(cases.len() >= 20);
     for (name, body, want_status, want_field) in &cases {

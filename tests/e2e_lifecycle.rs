@@ -77,7 +77,7 @@ fn checkpointed(db: &Path, ids: &[String]) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
         for id in ids {
             let cps = db.jobs.checkpoints(&JobId::parse(id.as_str()).unwrap()).await.unwrap();
-            out.insert(id.clone(), cps.into_iter().map(|c| c.step_id.to_string()).collect());
+            out.insert(id.clone(), cps.into_iter().map(|c| c.step.to_string()).collect());
         }
         out
     })

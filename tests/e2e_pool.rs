@@ -11,7 +11,7 @@ use common::*;
 #[test]
 fn twenty_screenplays_over_three_orgs_stay_within_limits() {
     let dir = tempfile::tempdir().unwrap();
-    // Limits small enough that the workload (≈5.8M tokens) is more than the
+    // Limits small enough that the workload (≈6.3M tokens) is more than the
     // three orgs' first-minute burst, so the ledger has to pace the calls.
     let orgs = [
         OrgSpec { name: "org-a", rpm: 3_000, tpm: 1_500_000 },

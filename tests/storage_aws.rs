@@ -61,7 +61,7 @@ async fn cache_put_over_400_kb_is_too_large() {
     let h = harness().await;
     let key = CacheKey::of("m", &serde_json::json!({"messages": []}));
     let entry = |bytes: usize| CachedResponse {
-        content: "x".repeat(bytes),
+        answer: ratepool::answer::StepAnswer::text("x".repeat(bytes)),
         usage: Usage::default(),
         org: OrgName::parse("org-a").expect("org"),
         model: ModelName::parse("m").expect("model"),
@@ -73,5 +73,72 @@ async fn cache_put_over_400_kb_is_too_large() {
     assert_eq!(h.backend.cache.get(&key, T0).await.expect("get"), None);
     // Just under the limit still fits.
     h.backend.cache.put(&key, &entry(390 * 1024), ttl, T0).await.expect("fits");
-    assert_eq!(h.backend.cache.get(&key, T0).await.expect("get").map(|e| e.content.len()), Some(390 * 1024));
+    assert_eq!(h.backend.cache.get(&key, T0).await.expect("get").map(|e| e.answer.output().len()), Some(390 * 1024));
+}
+
+/// DynamoDB-only: a checkpoint written before the whole message was kept
+/// (no `answer` attribute) still reads, as its text alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_without_its_answer_attribute_reads_as_its_text() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use ratepool::answer::{AssistantMessage, StepAnswer};
+    use ratepool::domain::{JobId, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
+    use ratepool::storage::{Checkpoint, CreateOutcome, LeaseOutcome, NewJob};
+
+    let cfg = unique_config();
+    let clients = AwsClients::load(&cfg).await;
+    aws::init(&clients, &cfg, VISIBILITY).await.expect("create tables and queues");
+    let clock = Arc::new(ManualClock::new(T0));
+    let backend = aws::connect(&clients, &cfg, VISIBILITY, std::num::NonZeroU64::new(3).unwrap(), clock.clone())
+        .await
+        .expect("connect");
+    let job = NewJob {
+        id: JobId::generate(),
+        tenant: TenantId::parse("acme").unwrap(),
+        name: "old".into(),
+        priority: Priority::Batch,
+        spec_json: "{}".into(),
+        steps_total: 1,
+        idempotency: None,
+        created_at: T0,
+        in_flight_limit: None,
+    };
+    assert!(matches!(backend.jobs.create_job(&job).await.unwrap(), CreateOutcome::Created(_)));
+    let LeaseOutcome::Acquired(lease) =
+        backend.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
+    else {
+        panic!("lease")
+    };
+    let answer = StepAnswer::new(vec![AssistantMessage {
+        content: Some("an old answer".into()),
+        finish_reason: Some("stop".into()),
+        ..AssistantMessage::default()
+    }])
+    .unwrap();
+    let cp = Checkpoint {
+        step: StepKey::Step(StepId::parse("s1").unwrap()),
+        answer,
+        usage: Usage { calls: 1, prompt_tokens: 3, completion_tokens: 4 },
+        org: OrgName::parse("org-a").unwrap(),
+        model: ModelName::parse("m").unwrap(),
+        attempts: 1,
+        started_at: T0,
+        finished_at: T0 + 1,
+    };
+    backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
+    // What an older binary wrote: the same item without `answer`.
+    clients
+        .dynamodb
+        .update_item()
+        .table_name(&cfg.jobs_table)
+        .key("PK", AttributeValue::S(job.id.to_string()))
+        .key("SK", AttributeValue::S("step#s1".into()))
+        .update_expression("REMOVE answer")
+        .send()
+        .await
+        .expect("remove the answer attribute");
+    let read = backend.jobs.checkpoints(&job.id).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].answer, StepAnswer::text("an old answer".into()));
+    assert_eq!(read[0].output(), "an old answer");
 }

@@ -421,7 +421,36 @@ async fn job_status(
 struct ResultView {
     id: JobId,
     status: JobStatus,
+    /// Step (or instance, `scene[3]`) → choice 0's text.
     outputs: BTreeMap<String, String>,
+    /// Step → its whole answer: choice 0's message and finish reason, the
+    /// parsed JSON of a step that asked for JSON, every choice of an
+    /// `n > 1` step.
+    messages: BTreeMap<String, serde_json::Value>,
+}
+
+/// One step's entry in `messages`. `wants_json`: its `response_format`
+/// asked for JSON, so the content is parsed beside the text.
+fn message_view(answer: &crate::answer::StepAnswer, wants_json: bool) -> serde_json::Value {
+    let first = answer.first();
+    let mut m = serde_json::json!({
+        "role": "assistant",
+        "content": first.content,
+        "refusal": first.refusal,
+        "finish_reason": first.finish_reason,
+    });
+    if !first.tool_calls.is_empty() {
+        m["tool_calls"] = serde_json::json!(first.tool_calls);
+    }
+    if wants_json
+        && let Some(parsed) = first.content.as_deref().and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+    {
+        m["parsed"] = parsed;
+    }
+    if answer.choices().len() > 1 {
+        m["choices"] = serde_json::json!(answer.choices());
+    }
+    m
 }
 
 async fn job_result(
@@ -439,9 +468,23 @@ async fn job_result(
             job.steps_total
         )));
     }
-    let outputs =
-        state.jobs.checkpoints(&job.id).await?.into_iter().map(|c| (c.step_id.to_string(), c.output)).collect();
-    Ok(Json(ResultView { id: job.id, status: job.status, outputs }))
+    // Only to tell which steps asked for JSON; a spec that no longer reads
+    // (limits changed) shows the answers without `parsed`.
+    let spec = JobSpec::from_stored(&job.spec_json, &state.limits).ok();
+    let wants_json = |step: &crate::domain::StepId| {
+        spec.as_ref()
+            .and_then(|s| s.step_index(step).map(|i| &s.steps[i]))
+            .and_then(|s| s.params.response_format.as_ref())
+            .is_some_and(|f| f.kind() != crate::spec::params::ResponseKind::Text)
+    };
+    let mut outputs = BTreeMap::new();
+    let mut messages = BTreeMap::new();
+    for c in state.jobs.checkpoints(&job.id).await? {
+        let key = c.step.to_string();
+        messages.insert(key.clone(), message_view(&c.answer, wants_json(c.step.step())));
+        outputs.insert(key, c.output().to_owned());
+    }
+    Ok(Json(ResultView { id: job.id, status: job.status, outputs, messages }))
 }
 
 async fn cancel(

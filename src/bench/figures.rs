@@ -13,11 +13,14 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::harness::{self, JobDoc, MODEL, OrgLimits, Server, ServerSetup, Sim};
+use crate::answer::StepAnswer;
 use crate::backoff::full_jitter;
 use crate::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
 use crate::engine::router::{CallRequest, RetryPolicy, Router};
-use crate::provider::{OrgEndpoint, ProviderClient, ProviderFailure, ProviderRequest, first_choice_content};
+use crate::provider::{OrgEndpoint, ProviderClient, ProviderFailure, ProviderRequest};
 use crate::sim::{LatencyConfig, SimStats};
+use crate::spec::StepOutput;
+use crate::spec::template::Steps;
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::Rate;
 use crate::storage::{BucketKey, BucketParams, Cost, QuotaLedger};
@@ -323,15 +326,18 @@ pub async fn baseline(ctx: &Ctx, run: usize) -> anyhow::Result<BaselineRun> {
     for j in 0..jobs {
         let text = chain_spec(&format!("baseline-{run}-{j}"), s.steps, s.max_tokens);
         let spec = JobSpec::parse(text.as_bytes(), &limits, &|_| true).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut outputs: BTreeMap<crate::domain::StepId, String> = BTreeMap::new();
+        let mut outputs: BTreeMap<crate::domain::StepId, StepAnswer> = BTreeMap::new();
         for step in &spec.steps {
-            let lookup = |id: &crate::domain::StepId| outputs.get(id).map(String::as_str);
+            let scope = Steps {
+                inputs: &spec.inputs,
+                steps: |id: &crate::domain::StepId| outputs.get(id).map(StepOutput::One),
+            };
+            let mut budget = limits.max_rendered_bytes;
             let mut messages = Vec::new();
             for m in &step.messages {
-                let content = m.content.render(&spec.inputs, &lookup, limits.max_rendered_bytes)?;
-                messages.push(serde_json::json!({"role": m.role.as_str(), "content": content}));
+                messages.push(m.render(&scope, &mut budget)?);
             }
-            let request = ProviderRequest::chat(step.body(messages), u64::from(step.max_tokens))?;
+            let request = ProviderRequest::chat(step.body(messages), u64::from(step.params.allowance()))?;
             let mut attempt = 0;
             let answer = loop {
                 match client.call(&org, &request, &format!("baseline-{j}/{}", step.id)).await {
@@ -346,7 +352,7 @@ pub async fn baseline(ctx: &Ctx, run: usize) -> anyhow::Result<BaselineRun> {
                     Err(e) => bail!("baseline call failed: {e}"),
                 }
             };
-            outputs.insert(step.id.clone(), first_choice_content(&answer.body).map_err(|e| anyhow::anyhow!(e))?);
+            outputs.insert(step.id.clone(), StepAnswer::from_completion(&answer.body)?);
         }
     }
     let baseline_s = started.elapsed().as_secs_f64();

@@ -5,7 +5,6 @@
 //! kept apart from real failures: only a step the provider refused, or one
 //! that cannot be routed, fails a job.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,9 +12,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Engine;
+use super::plan::{Plan, StepScope, Unit};
 use super::router::{CallError, CallRequest, Routing, SendGate};
+use crate::answer::StepAnswer;
 use crate::domain::Usage;
-use crate::domain::{JobId, ModelName, StepId, TenantId};
+use crate::domain::{JobId, ModelName, TenantId};
 use crate::provider::ProviderRequest;
 use crate::spec::{JobSpec, Tier};
 use crate::storage::{
@@ -118,7 +119,7 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
         lost.clone(),
         cfg.lease_ttl,
     ));
-    let result = run_steps(engine, &record.tenant, id, &spec, &lease, &lost, stop).await;
+    let result = run_steps(engine, &record.tenant, id, &spec, record.steps_total, &lease, &lost, stop).await;
     heartbeat.abort();
     let lease = current(&lease);
     match result {
@@ -324,7 +325,7 @@ enum StepsEnd {
 }
 
 struct StepDone {
-    index: usize,
+    unit: Unit,
     checkpoint: Checkpoint,
     provider_time: Duration,
     started: tokio::time::Instant,
@@ -336,24 +337,21 @@ enum StepError {
     Storage(StorageError),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_steps(
     engine: &Engine,
     tenant: &TenantId,
     id: &JobId,
     spec: &Arc<JobSpec>,
+    steps_total: u32,
     lease: &Arc<Mutex<Lease>>,
     lost: &CancellationToken,
     stop: &Stop,
 ) -> Result<StepsEnd, StorageError> {
     let jobs = &engine.backend.jobs;
-    let mut outputs: HashMap<StepId, Arc<str>> = HashMap::new();
-    let mut done = HashSet::new();
-    for cp in jobs.checkpoints(id).await? {
-        if let Some(i) = spec.step_index(&cp.step_id) {
-            done.insert(i);
-            outputs.insert(cp.step_id, Arc::from(cp.output));
-        }
-    }
+    let cap = spec.fan_out_cap(engine.config.spec_limits.max_fan_out);
+    let mut plan = Plan::new(spec.clone(), cap, jobs.checkpoints(id).await?);
+    let mut written_total = steps_total;
     let parallel = spec
         .max_parallel
         .map_or(engine.config.step_parallelism, |p| (p as usize).min(engine.config.step_parallelism))
@@ -366,23 +364,23 @@ async fn run_steps(
     });
     let steps_cancel = CancellationToken::new();
     let _cancel_on_exit = steps_cancel.clone().drop_guard();
-    let mut running = HashSet::new();
+    let mut running = 0usize;
     let mut tasks: JoinSet<Result<StepDone, StepError>> = JoinSet::new();
     loop {
         if !stop.drain.is_cancelled() {
-            for i in spec.ready(&done, &running) {
-                if running.len() >= parallel {
-                    break;
-                }
-                running.insert(i);
-                let deps: HashMap<StepId, Arc<str>> = spec.steps[i]
-                    .deps
-                    .iter()
-                    .filter_map(|&d| {
-                        let sid = &spec.steps[d].id;
-                        outputs.get(sid).map(|o| (sid.clone(), o.clone()))
-                    })
-                    .collect();
+            if let Err(reason) = plan.expand_ready() {
+                return Ok(StepsEnd::Failed(reason));
+            }
+            // A fan-out's size became known: the progress shows it before
+            // its instances start. Absolute, so a resumed run rewrites the
+            // same number.
+            let total = plan.steps_total();
+            if total != written_total {
+                jobs.set_steps_total(&current(lease), total, engine.clock.now()).await?;
+                written_total = total;
+            }
+            for unit in plan.take_ready(parallel.saturating_sub(running)) {
+                running += 1;
                 let ctx = StepCtx {
                     router: engine.router.clone(),
                     clock: engine.clock.clone(),
@@ -390,7 +388,8 @@ async fn run_steps(
                     tenant: tenant.clone(),
                     job: id.clone(),
                     spec: spec.clone(),
-                    index: i,
+                    scope: plan.scope(&unit),
+                    unit,
                     cancel: steps_cancel.child_token(),
                     gate: gate.clone(),
                     cache: engine.backend.cache.clone(),
@@ -398,11 +397,11 @@ async fn run_steps(
                     fallback_after: spec.fallback_after_secs.map_or(engine.config.fallback_after, Duration::from_secs),
                     telemetry: engine.telemetry.clone(),
                 };
-                tasks.spawn(run_step(ctx, deps));
+                tasks.spawn(run_step(ctx));
             }
         }
-        if running.is_empty() {
-            return Ok(if done.len() == spec.steps.len() { StepsEnd::AllDone } else { StepsEnd::HandBack });
+        if running == 0 {
+            return Ok(if plan.all_done() { StepsEnd::AllDone } else { StepsEnd::HandBack });
         }
         let joined = tokio::select! {
             j = tasks.join_next() => j,
@@ -420,9 +419,8 @@ async fn run_steps(
                 jobs.put_checkpoint(&held, &s.checkpoint, engine.clock.now()).await?;
                 let total = s.started.elapsed();
                 engine.telemetry.step_done(total.saturating_sub(s.provider_time));
-                running.remove(&s.index);
-                done.insert(s.index);
-                outputs.insert(s.checkpoint.step_id, Arc::from(s.checkpoint.output));
+                running -= 1;
+                plan.finish(&s.unit, s.checkpoint.answer);
             }
             Err(StepError::Failed(reason)) => return Ok(StepsEnd::Failed(reason)),
             // A gate gives up on a call only when the lease is lost.
@@ -447,7 +445,10 @@ struct StepCtx {
     tenant: TenantId,
     job: JobId,
     spec: Arc<JobSpec>,
-    index: usize,
+    /// The step, or the fan-out instance, this call is for.
+    unit: Unit,
+    /// What its templates may read.
+    scope: StepScope,
     cancel: CancellationToken,
     gate: Arc<dyn SendGate>,
     cache: Arc<dyn ResponseCache>,
@@ -456,25 +457,34 @@ struct StepCtx {
     telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
-async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepDone, StepError> {
+async fn run_step(ctx: StepCtx) -> Result<StepDone, StepError> {
     let started = tokio::time::Instant::now();
     let started_at = ctx.clock.now();
-    let step = &ctx.spec.steps[ctx.index];
-    let lookup = |id: &StepId| deps.get(id).map(|s| &**s);
+    let step = &ctx.spec.steps[ctx.unit.step];
+    let key = &ctx.unit.key;
     let mut messages = Vec::with_capacity(step.messages.len());
+    // One budget for the whole step: what the provider is sent is bounded.
     let mut budget = ctx.max_prompt_bytes;
     for (m, msg) in step.messages.iter().enumerate() {
-        let content = msg
-            .content
-            .render(&ctx.spec.inputs, &lookup, budget)
-            .map_err(|e| StepError::Failed(format!("step {}: messages[{m}]: {e}", step.id)))?;
-        budget = budget.saturating_sub(content.len());
-        messages.push(serde_json::json!({"role": msg.role.as_str(), "content": content}));
+        let rendered = msg
+            .render(&ctx.scope, &mut budget)
+            .map_err(|e| StepError::Failed(format!("step {key}: messages[{m}]: {e}")))?;
+        messages.push(rendered);
     }
     let body = step.body(messages);
     let cache_key = step.cache.then(|| cache_key(&ctx.tenant, &step.model, &body));
-    let request = ProviderRequest::chat(body, u64::from(step.max_tokens))
-        .map_err(|e| StepError::Failed(format!("step {}: {e}", step.id)))?;
+    let request = ProviderRequest::chat(body, u64::from(step.params.allowance()))
+        .map_err(|e| StepError::Failed(format!("step {key}: {e}")))?;
+    let checkpoint = |answer: StepAnswer, usage: Usage, org, attempts| Checkpoint {
+        step: key.clone(),
+        answer,
+        usage,
+        org,
+        model: step.model.clone(),
+        attempts,
+        started_at,
+        finished_at: ctx.clock.now(),
+    };
     if let Some(key) = &cache_key {
         match ctx.cache.get(key, ctx.clock.now()).await {
             Ok(Some(hit)) => {
@@ -482,17 +492,8 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
                 // No call, so no quota and no usage: the checkpoint says
                 // which org first answered, with 0 attempts.
                 return Ok(StepDone {
-                    index: ctx.index,
-                    checkpoint: Checkpoint {
-                        step_id: step.id.clone(),
-                        output: hit.content,
-                        usage: Usage::default(),
-                        org: hit.org,
-                        model: step.model.clone(),
-                        attempts: 0,
-                        started_at,
-                        finished_at: ctx.clock.now(),
-                    },
+                    checkpoint: checkpoint(hit.answer, Usage::default(), hit.org, 0),
+                    unit: ctx.unit.clone(),
                     provider_time: Duration::ZERO,
                     started,
                 });
@@ -501,14 +502,14 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
             Err(e) => {
                 // Best effort: a cache that fails is a miss.
                 ctx.telemetry.cache_lookup("error");
-                tracing::warn!(job = %ctx.job, step = %step.id, error = %e, "response cache read failed; calling the provider");
+                tracing::warn!(job = %ctx.job, step = %ctx.unit.key, error = %e, "response cache read failed; calling the provider");
             }
         }
     }
     let req = CallRequest {
         tenant: ctx.tenant.clone(),
         request,
-        request_id: format!("{}/{}", ctx.job, step.id),
+        request_id: format!("{}/{key}", ctx.job),
         gate: Some(ctx.gate.clone()),
         routing: Routing { cheap: step.tier == Tier::Cheap, fallback_after: ctx.fallback_after },
         max_wait: None,
@@ -516,34 +517,25 @@ async fn run_step(ctx: StepCtx, deps: HashMap<StepId, Arc<str>>) -> Result<StepD
     let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
         CallError::Cancelled => StepError::Cancelled,
         CallError::Storage(e) => StepError::Storage(e),
-        other => StepError::Failed(format!("step {}: {other}", step.id)),
+        other => StepError::Failed(format!("step {key}: {other}")),
     })?;
-    let content = crate::provider::first_choice_content(&result.body)
-        .map_err(|e| StepError::Failed(format!("step {}: {e}", step.id)))?;
-    if let Some(key) = &cache_key {
+    let answer =
+        StepAnswer::from_completion(&result.body).map_err(|e| StepError::Failed(format!("step {key}: {e}")))?;
+    if let Some(cache_key) = &cache_key {
         let entry = CachedResponse {
-            content: content.clone(),
+            answer: answer.clone(),
             usage: result.usage,
             org: result.org.clone(),
             model: step.model.clone(),
             created_at: ctx.clock.now(),
         };
-        if let Err(e) = ctx.cache.put(key, &entry, ctx.cache_ttl, ctx.clock.now()).await {
-            tracing::warn!(job = %ctx.job, step = %step.id, error = %e, "could not store the answer in the response cache");
+        if let Err(e) = ctx.cache.put(cache_key, &entry, ctx.cache_ttl, ctx.clock.now()).await {
+            tracing::warn!(job = %ctx.job, step = %key, error = %e, "could not store the answer in the response cache");
         }
     }
     Ok(StepDone {
-        index: ctx.index,
-        checkpoint: Checkpoint {
-            step_id: step.id.clone(),
-            output: content,
-            usage: result.usage,
-            org: result.org,
-            model: step.model.clone(),
-            attempts: result.attempts,
-            started_at,
-            finished_at: ctx.clock.now(),
-        },
+        checkpoint: checkpoint(answer, result.usage, result.org, result.attempts),
+        unit: ctx.unit.clone(),
         provider_time: result.provider_time,
         started,
     })

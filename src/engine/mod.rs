@@ -5,6 +5,7 @@
 pub mod breaker;
 mod job;
 mod notify;
+mod plan;
 pub mod quota;
 pub mod router;
 

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
 use super::{OrBackend, SqliteBackend, int, micros, parse_priority, parsed, priority_str, uint};
-use crate::domain::{JobId, Micros, ModelName, OrgName, StepId, TenantId, Usage};
+use crate::answer::StepAnswer;
+use crate::domain::{JobId, Micros, ModelName, OrgName, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
     StorageError, StorageResult,
@@ -102,9 +103,13 @@ fn count_out(tx: &rusqlite::Transaction<'_>, tenant: &str) -> StorageResult<()> 
 }
 
 fn checkpoint_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Checkpoint> {
+    let text: String = r.get(1)?;
+    let rest: Option<String> = r.get(10)?;
+    let answer = StepAnswer::join(text, rest.as_deref())
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into()))?;
     Ok(Checkpoint {
-        step_id: parsed(r, 0, StepId::parse)?,
-        output: r.get(1)?,
+        step: parsed(r, 0, |s| StepKey::parse(&s))?,
+        answer,
         usage: Usage { calls: uint(r, 2)?, prompt_tokens: uint(r, 3)?, completion_tokens: uint(r, 4)? },
         org: parsed(r, 5, OrgName::parse)?,
         model: parsed(r, 6, ModelName::parse)?,
@@ -315,18 +320,19 @@ impl JobStore for SqliteBackend {
             if held == 0 {
                 return Err(StorageError::LeaseLost);
             }
+            let (text, rest) = cp.answer.split();
             let inserted = tx
                 .prepare_cached(
                     "INSERT INTO checkpoints (job_id, step_id, output, calls, prompt_tokens, completion_tokens,
-                                              org, model, attempts, started_at, finished_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                              org, model, attempts, started_at, finished_at, answer)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT (job_id, step_id) DO NOTHING",
                 )
                 .db()?
                 .execute(rusqlite::params![
                     l.job_id.as_str(),
-                    cp.step_id.as_str(),
-                    cp.output,
+                    cp.step.to_string(),
+                    text,
                     int(cp.usage.calls),
                     int(cp.usage.prompt_tokens),
                     int(cp.usage.completion_tokens),
@@ -335,11 +341,12 @@ impl JobStore for SqliteBackend {
                     cp.attempts,
                     cp.started_at,
                     cp.finished_at,
+                    rest,
                 ])
                 .db()?;
             if inserted == 0 {
                 // Dropping `tx` rolls back the progress update.
-                return Err(StorageError::CheckpointExists(cp.step_id.clone()));
+                return Err(StorageError::CheckpointExists(cp.step.clone()));
             }
             tx.commit().db()
         })
@@ -352,7 +359,7 @@ impl JobStore for SqliteBackend {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT step_id, output, calls, prompt_tokens, completion_tokens, org, model, attempts,
-                        started_at, finished_at
+                        started_at, finished_at, answer
                    FROM checkpoints WHERE job_id = ?1 ORDER BY rowid",
             )
             .db()?
@@ -362,6 +369,23 @@ impl JobStore for SqliteBackend {
             .db()
         })
         .await
+    }
+
+    async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()> {
+        let l = lease.clone();
+        let changed = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE jobs SET steps_total = ?5, updated_at = ?4
+                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                        AND lease_expires_at > ?4 AND status = 'running'",
+                )
+                .db()?
+                .execute(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, steps_total])
+                .db()
+            })
+            .await?;
+        if changed == 0 { Err(StorageError::LeaseLost) } else { Ok(()) }
     }
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now`: a worker

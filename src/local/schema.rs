@@ -6,11 +6,12 @@
 //! Versions: 1 the queue, jobs, checkpoints, ledger and usage; 2 adds
 //! `response_cache`; 3 adds `webhook_deliveries`; 4 adds `tenant_jobs`,
 //! filled from the jobs already in flight when a file is upgraded; 5 adds
-//! `durable_calls` (the Calls door's stored answers). Every
-//! change so far only adds tables and indexes (`IF NOT EXISTS`), so running
-//! the whole schema brings a file of any older version up to date. A change
-//! to an existing table will need its own step, run when the stored version
-//! is below the one that introduced it.
+//! `durable_calls` (the Calls door's stored answers); 6 adds
+//! `checkpoints.answer` (the answer's message beside its text).
+//! Tables and indexes are added with `IF NOT EXISTS`, so running the whole
+//! schema brings a file of any older version up to date; a change to an
+//! existing table is its own step, run when the stored version is below the
+//! one that introduced it.
 
 use rusqlite::Connection;
 
@@ -18,7 +19,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -52,11 +53,27 @@ pub(super) fn migrate(conn: &Connection) -> StorageResult<()> {
     }
     // The counters start from the jobs an older binary left in flight.
     let backfill = if version < 4 { BACKFILL_TENANT_JOBS } else { "" };
+    // Checked by column too: a file may have been made by this schema and
+    // had its version set back (the upgrade tests do that).
+    let checkpoint_answer =
+        if version < 6 && !has_column(conn, "checkpoints", "answer")? { CHECKPOINT_ANSWER } else { "" };
     // One batch in one transaction: a crash mid-way leaves no half schema.
     conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE;\n{SCHEMA}\n{DURABLE_CALLS}\n{backfill}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        "BEGIN IMMEDIATE;\n{SCHEMA}\n{DURABLE_CALLS}\n{backfill}\n{checkpoint_answer}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
     ))
     .db()
+}
+
+/// Whether `table` exists and has `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> StorageResult<bool> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)").db()?;
+    let names = stmt.query_map([table], |r| r.get::<_, String>(0)).db()?;
+    for name in names {
+        if name.db()? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 const SCHEMA: &str = r#"
@@ -209,4 +226,10 @@ CREATE INDEX IF NOT EXISTS durable_calls_expiry ON durable_calls (expires_at);
 const BACKFILL_TENANT_JOBS: &str = "
 INSERT OR REPLACE INTO tenant_jobs (tenant, in_flight)
     SELECT tenant, count(*) FROM jobs WHERE status IN ('queued', 'running') GROUP BY tenant;
+";
+
+/// Version 5: the answer's message beside its text (`StepAnswer::split`'s
+/// JSON); NULL in rows written before, which read as the text alone.
+const CHECKPOINT_ANSWER: &str = "
+ALTER TABLE checkpoints ADD COLUMN answer TEXT;
 ";

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::schema::SCHEMA_VERSION;
 use super::*;
-use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, TenantId, Usage};
+use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, StepKey, TenantId, Usage};
 use crate::storage::gcra::Rate;
 use crate::storage::{
     Acquisition, BucketKey, BucketParams, CacheKey, CachedResponse, Checkpoint, Cost, CreateOutcome, JobStatus,
@@ -42,8 +42,8 @@ fn message(priority: Priority) -> QueueMessage {
 
 fn checkpoint() -> Checkpoint {
     Checkpoint {
-        step_id: StepId::parse("s1").unwrap(),
-        output: "out".into(),
+        step: StepKey::Step(StepId::parse("s1").unwrap()),
+        answer: crate::answer::StepAnswer::text("out".into()),
         usage: Usage { calls: 1, prompt_tokens: 10, completion_tokens: 5 },
         org: OrgName::parse("org-a").unwrap(),
         model: ModelName::parse("gpt-4o-mini").unwrap(),
@@ -191,7 +191,7 @@ async fn operation_latency() {
             panic!("lease")
         };
         let mut cp = checkpoint();
-        cp.step_id = StepId::parse(format!("s{i}")).unwrap();
+        cp.step = StepKey::Instance { step: StepId::parse("s").unwrap(), index: i as u32 };
         let t = Instant::now();
         b.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
         samples[0].1.push(t.elapsed());
@@ -210,7 +210,7 @@ async fn operation_latency() {
 
 fn cache_entry() -> CachedResponse {
     CachedResponse {
-        content: "cached".into(),
+        answer: crate::answer::StepAnswer::text("cached".into()),
         usage: Usage { calls: 1, prompt_tokens: 10, completion_tokens: 5 },
         org: OrgName::parse("org-a").unwrap(),
         model: ModelName::parse("m").unwrap(),
@@ -297,4 +297,31 @@ async fn puts_purge_expired_cache_rows_a_batch_at_a_time() {
     assert_eq!(cache_rows(&db), 41 - 32, "one batch of expired rows went");
     put(101, Duration::from_secs(60), later).await;
     assert_eq!(cache_rows(&db), 2, "the rest went; live rows stay");
+}
+
+#[tokio::test]
+async fn a_version_4_file_upgrades_and_its_checkpoints_read_as_their_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v4.db");
+    let job = new_job();
+    {
+        let b = open(&path).backend();
+        b.jobs.create_job(&job).await.unwrap();
+        let LeaseOutcome::Acquired(lease) =
+            b.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
+        else {
+            panic!("lease")
+        };
+        b.jobs.put_checkpoint(&lease, &checkpoint(), T0 + 1).await.unwrap();
+    }
+    // What a version 4 binary left behind: the text alone, version 4.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("ALTER TABLE checkpoints DROP COLUMN answer; PRAGMA user_version = 4;").unwrap();
+    drop(raw);
+
+    let b = open(&path).backend();
+    let cps = b.jobs.checkpoints(&job.id).await.unwrap();
+    assert_eq!(cps.len(), 1);
+    assert_eq!(cps[0].answer, crate::answer::StepAnswer::text("out".into()));
+    assert_eq!(cps[0].answer.first().finish_reason, None, "nothing is made up for an old checkpoint");
 }

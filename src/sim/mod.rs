@@ -15,6 +15,7 @@
 //! → latency → answer.
 
 mod config;
+mod json;
 mod limits;
 mod stats;
 mod stream;

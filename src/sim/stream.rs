@@ -1,6 +1,7 @@
 //! Streamed answers (`"stream": true`), as OpenAI sends them: server-sent
 //! events of `chat.completion.chunk` objects — the role first, then the
-//! content in pieces, then each choice's finish reason, then (if asked with
+//! content in pieces (for a tool call: the call's id and name, then its
+//! arguments in pieces), then each choice's finish reason, then (if asked with
 //! `stream_options.include_usage`) a chunk with no choices and the usage,
 //! then `data: [DONE]`. Chunks are paced like the whole answer would be:
 //! the first after the base latency, each piece after its tokens' time.
@@ -41,8 +42,18 @@ pub(super) fn chunks(call: &ChatCall, answer: &Answer, created: i64, usage: Opti
     let mut out = Vec::new();
     for (i, choice) in answer.choices.iter().enumerate() {
         let delta = |d: Value, finish: Option<&str>| json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": finish}]);
-        out.push((0, chunk(delta(json!({"role": "assistant", "content": ""}), None), None)));
-        let text = choice.text();
+        let text = match &choice.tool_call {
+            None => {
+                out.push((0, chunk(delta(json!({"role": "assistant", "content": ""}), None), None)));
+                choice.text()
+            }
+            Some(call) => {
+                let opening = json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"index": 0, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]});
+                out.push((0, chunk(delta(opening, None), None)));
+                call.arguments.clone()
+            }
+        };
         let pieces = split(&text, PIECE_CHARS);
         let mut left = choice.tokens;
         let n = pieces.len() as u64;
@@ -50,7 +61,11 @@ pub(super) fn chunks(call: &ChatCall, answer: &Answer, created: i64, usage: Opti
             // The choice's tokens spread over its pieces.
             let tokens = if k as u64 + 1 == n { left } else { (choice.tokens / n.max(1)).min(left) };
             left -= tokens;
-            out.push((tokens, chunk(delta(json!({"content": piece}), None), None)));
+            let d = match choice.tool_call {
+                None => json!({"content": piece}),
+                Some(_) => json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            };
+            out.push((tokens, chunk(delta(d, None), None)));
         }
         out.push((left, chunk(delta(json!({}), Some(choice.finish_reason)), None)));
     }
@@ -142,6 +157,57 @@ fn split(text: &str, size: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::Reservation;
+
+    /// The events' JSON, without `data: [DONE]`.
+    fn events(call: &ChatCall) -> Vec<Value> {
+        let answer = call.answer();
+        chunks(call, &answer, 0, None)
+            .into_iter()
+            .filter_map(|(_, b)| {
+                let line = std::str::from_utf8(&b).ok()?.strip_prefix("data: ")?.trim().to_owned();
+                serde_json::from_str(&line).ok()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tool_call_streams_its_id_and_name_first_then_its_arguments_in_pieces() {
+        let body = json!({"model": "m", "max_tokens": 300, "messages": [{"role": "user", "content": "Weather?"}]});
+        let call = ChatCall {
+            model: "m".into(),
+            messages: vec![("user".into(), "Weather?".into())],
+            max_tokens: 300,
+            temperature: None,
+            n: 1,
+            stop: Vec::new(),
+            seed: None,
+            stream: Some(false),
+            reservation: Reservation::of_chat(body.as_object().unwrap(), 300),
+            response_format: None,
+            tools: Some(json!([{"type": "function", "function": {"name": "forecast", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}])),
+            tool_choice: Some(json!("required")),
+        };
+        let whole = call.answer().choices.remove(0);
+        let expected = whole.tool_call.clone().unwrap();
+        let ev = events(&call);
+        let first = &ev[0]["choices"][0]["delta"];
+        assert_eq!(first["role"], "assistant");
+        assert_eq!(first["content"], Value::Null);
+        assert_eq!(first["tool_calls"][0]["id"], json!(expected.id));
+        assert_eq!(first["tool_calls"][0]["function"]["name"], "forecast");
+        let args: String = ev[1..]
+            .iter()
+            .filter_map(|e| {
+                e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(args, expected.arguments, "the pieces make the whole arguments");
+        assert!(ev.len() > 3, "the arguments come in several pieces");
+        assert_eq!(ev.last().unwrap()["choices"][0]["finish_reason"], "tool_calls");
+        assert!(ev.iter().all(|e| e["choices"][0]["delta"].get("content").is_none_or(Value::is_null)));
+    }
 
     #[test]
     fn pieces_cover_the_text_on_char_boundaries() {

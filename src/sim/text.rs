@@ -1,9 +1,18 @@
 //! Deterministic answers: a completion's text and token count are a
 //! function of the request only (model, messages, max_tokens, temperature,
-//! seed, and the choice's index) — never of the org, the time or the fault
-//! RNG — so a job rerun after a crash produces exactly the outputs of an
-//! undisturbed run, and tests can compare the two. Embedding vectors are a
-//! function of the model and the input text.
+//! seed, response format, tools, and the choice's index) — never of the
+//! org, the time or the fault RNG — so a job rerun after a crash produces
+//! exactly the outputs of an undisturbed run, and tests can compare the
+//! two. Embedding vectors are a function of the model and the input text.
+//!
+//! The answer's shape follows the request as the provider's does: a tool
+//! call (arguments conforming to the function's `parameters`,
+//! `finish_reason: "tool_calls"`) when `tool_choice` is `required` or names
+//! a function; JSON conforming to the schema for `response_format:
+//! json_schema` ([`super::json`]); a JSON object for `json_object`; else
+//! pseudo-text. Token counts follow the text's length (about four
+//! characters a token), and an answer longer than `max_tokens` is cut
+//! there with `finish_reason: "length"`, invalid JSON included.
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -38,25 +47,55 @@ pub(super) struct ChatCall {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Choice {
     pub tokens: u64,
-    /// `"length"` when the choice used all of max_tokens, else `"stop"`.
+    /// `"length"` when the choice used all of max_tokens, `"tool_calls"`
+    /// for a tool call, else `"stop"`.
     pub finish_reason: &'static str,
     /// Decided up front when a stop sequence may cut it (its token count
-    /// depends on where); else generated once the call is admitted.
+    /// depends on where) or when it is JSON; else generated once the call
+    /// is admitted.
     text: Option<String>,
     /// The text generator's state after drawing `tokens`.
     rng: SplitMix64,
+    /// The call this choice makes instead of answering with text.
+    pub tool_call: Option<SimToolCall>,
+}
+
+/// A tool call the simulated model makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SimToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
 }
 
 impl Choice {
-    /// About four characters of pseudo-text per token.
+    /// About four characters of pseudo-text per token; empty for a tool call.
     pub(super) fn text(&self) -> String {
+        if self.tool_call.is_some() {
+            return String::new();
+        }
         self.text.clone().unwrap_or_else(|| pseudo_text(&mut self.rng.clone(), self.tokens as usize * 4))
     }
 
     /// The assistant message of this choice.
     pub(super) fn message(&self) -> Value {
-        json!({"role": "assistant", "content": self.text(), "refusal": null})
+        match &self.tool_call {
+            Some(c) => json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}]}),
+            None => json!({"role": "assistant", "content": self.text(), "refusal": null}),
+        }
     }
+}
+
+/// What a choice is made of.
+enum Shape<'a> {
+    Text,
+    /// `json_schema` (with its schema) or `json_object` (without).
+    Json(Option<&'a Value>),
+    Call {
+        name: &'a str,
+        parameters: Option<&'a Value>,
+    },
 }
 
 /// A call's answer, decided before the call is admitted (its token count is
@@ -101,7 +140,48 @@ impl ChatCall {
         if let Some(seed) = self.seed {
             field(&seed.to_le_bytes());
         }
+        // Only when present, so plain requests answer as they always did.
+        for v in [&self.response_format, &self.tools, &self.tool_choice].into_iter().flatten() {
+            field(v.to_string().as_bytes());
+        }
         h.finalize().into()
+    }
+
+    /// The shape the request asks for. A tool call that `tool_choice`
+    /// forces comes before any response format, as at the provider.
+    fn shape(&self, rng: &mut SplitMix64) -> Shape<'_> {
+        let functions: Vec<&Value> = self
+            .tools
+            .iter()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter(|t| t.get("type").and_then(Value::as_str) == Some("function"))
+            .filter_map(|t| t.get("function"))
+            .collect();
+        fn named(f: &Value) -> Option<&str> {
+            f.get("name").and_then(Value::as_str)
+        }
+        let forced = match &self.tool_choice {
+            Some(Value::String(s)) if s == "required" && !functions.is_empty() => {
+                Some(functions[(rng.next() % functions.len() as u64) as usize])
+            }
+            Some(Value::Object(o)) => {
+                let want = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+                functions.iter().find(|f| want.is_some() && named(f) == want).copied()
+            }
+            _ => None,
+        };
+        if let Some(f) = forced
+            && let Some(name) = named(f)
+        {
+            return Shape::Call { name, parameters: f.get("parameters") };
+        }
+        let format = self.response_format.as_ref();
+        match format.and_then(|f| f.get("type")).and_then(Value::as_str) {
+            Some("json_schema") => Shape::Json(format.and_then(|f| f.get("json_schema")).and_then(|j| j.get("schema"))),
+            Some("json_object") => Shape::Json(None),
+            _ => Shape::Text,
+        }
     }
 
     /// The answer: `n` choices of between max_tokens/2 and max_tokens
@@ -118,10 +198,35 @@ impl ChatCall {
         // Choice 0 is what a request without `n` gets; the others differ.
         let mut rng = SplitMix64(u64::from_le_bytes(seed) ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let max = self.max_tokens.max(1);
+        match self.shape(&mut rng) {
+            Shape::Text => {}
+            Shape::Json(schema) => {
+                let doc = match schema {
+                    Some(s) => super::json::generate(s, s, &mut rng),
+                    None => json!({"answer": pseudo_text(&mut rng, 1)}),
+                };
+                let (text, tokens, cut) = fit(doc.to_string(), max);
+                let finish_reason = if cut { "length" } else { "stop" };
+                return Choice { tokens, finish_reason, text: Some(text), rng, tool_call: None };
+            }
+            Shape::Call { name, parameters } => {
+                let args = parameters.map_or(json!({}), |p| super::json::generate(p, p, &mut rng));
+                let id = format!("call_{:016x}", rng.next());
+                let (arguments, tokens, cut) = fit(args.to_string(), max);
+                let call = SimToolCall { id, name: name.to_owned(), arguments };
+                let finish_reason = if cut { "length" } else { "tool_calls" };
+                return Choice { tokens, finish_reason, text: None, rng, tool_call: Some(call) };
+            }
+        }
         let min = max.div_ceil(2);
         let tokens = min + rng.next() % (max - min + 1);
-        let mut choice =
-            Choice { tokens, finish_reason: if tokens == max { "length" } else { "stop" }, text: None, rng };
+        let mut choice = Choice {
+            tokens,
+            finish_reason: if tokens == max { "length" } else { "stop" },
+            text: None,
+            rng,
+            tool_call: None,
+        };
         if !self.stop.is_empty() {
             let mut text = choice.text();
             if let Some(cut) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -132,6 +237,31 @@ impl ChatCall {
             choice.text = Some(text);
         }
         choice
+    }
+}
+
+/// `text` with its token count (four characters a token), cut to
+/// `max_tokens` if longer (`true`: it was cut), as a provider stops a
+/// structured answer at the limit.
+fn fit(mut text: String, max_tokens: u64) -> (String, u64, bool) {
+    let tokens = (text.len() as u64).div_ceil(4).max(1);
+    if tokens <= max_tokens {
+        return (text, tokens, false);
+    }
+    let mut cut = usize::try_from(max_tokens.saturating_mul(4)).unwrap_or(usize::MAX).min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    (text, max_tokens, true)
+}
+
+impl super::json::Draw for SplitMix64 {
+    fn next(&mut self) -> u64 {
+        SplitMix64::next(self)
+    }
+    fn sentence(&mut self) -> String {
+        pseudo_text(self, 1)
     }
 }
 
@@ -331,6 +461,57 @@ mod tests {
         let text = cut.text();
         assert!(!text.contains(". ") && one.choices[0].text().starts_with(&text), "{text}");
         assert_eq!((cut.finish_reason, cut.tokens), ("stop", (text.len() as u64).div_ceil(4)));
+    }
+
+    #[test]
+    fn a_json_schema_gets_conforming_json_counted_by_its_length_and_cut_at_max_tokens() {
+        let schema = json!({"type": "object", "additionalProperties": false, "required": ["title", "scenes"],
+            "properties": {"title": {"type": "string"}, "scenes": {"type": "array", "minItems": 5, "maxItems": 9,
+                "items": {"type": "object", "properties": {"heading": {"type": "string"}, "n": {"type": "integer"}}}}}});
+        let mut c = call("Outline it.", 3000, Some(0.7));
+        c.response_format = Some(json!({"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}));
+        let a = c.answer();
+        assert_eq!(a, c.answer(), "the same request, the same document");
+        let text = a.choices[0].text();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        super::super::json::tests::conforms(&doc, &schema, &schema).unwrap();
+        assert_eq!((a.choices[0].tokens, a.choices[0].finish_reason), ((text.len() as u64).div_ceil(4), "stop"));
+        assert_eq!(a.choices[0].message()["content"], json!(text));
+        c.n = 2;
+        let two = c.answer();
+        assert_ne!(two.choices[0].text(), two.choices[1].text(), "each choice its own document");
+        c.n = 1;
+        c.max_tokens = 10;
+        let cut = c.answer().choices.remove(0);
+        assert_eq!((cut.tokens, cut.finish_reason), (10, "length"));
+        assert!(cut.text().len() <= 40 && serde_json::from_str::<Value>(&cut.text()).is_err());
+        let mut o = call("Answer in JSON.", 200, None);
+        o.response_format = Some(json!({"type": "json_object"}));
+        assert!(serde_json::from_str::<Value>(&o.answer().choices[0].text()).unwrap().is_object());
+    }
+
+    #[test]
+    fn a_required_tool_choice_gets_a_call_with_conforming_arguments() {
+        let params = json!({"type": "object", "required": ["city"], "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}});
+        let mut c = call("Weather in Oban?", 200, None);
+        c.tools = Some(json!([{"type": "function", "function": {"name": "forecast", "parameters": params}},
+                              {"type": "function", "function": {"name": "other"}}]));
+        assert!(c.answer().choices[0].tool_call.is_none(), "no tool_choice: text");
+        c.tool_choice = Some(json!("auto"));
+        assert!(c.answer().choices[0].tool_call.is_none(), "auto: this model answers in text");
+        c.tool_choice = Some(json!({"type": "function", "function": {"name": "forecast"}}));
+        let choice = c.answer().choices.remove(0);
+        let m = choice.message();
+        assert_eq!((m["content"].clone(), choice.finish_reason), (Value::Null, "tool_calls"));
+        let f = &m["tool_calls"][0]["function"];
+        assert_eq!(f["name"], "forecast");
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        super::super::json::tests::conforms(&args, &params, &params).unwrap();
+        assert!(m["tool_calls"][0]["id"].as_str().unwrap().starts_with("call_"));
+        assert_eq!(choice.tokens, (f["arguments"].as_str().unwrap().len() as u64).div_ceil(4).max(1));
+        c.tool_choice = Some(json!("required"));
+        assert!(c.answer().choices[0].tool_call.is_some());
     }
 
     #[test]

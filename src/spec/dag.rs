@@ -1,10 +1,12 @@
-//! The step dependency graph: cycle detection at submission and the
-//! "what may run now" query the scheduler asks after every step.
+//! The step dependency graph: cycle detection at submission, and the
+//! "what may run now" query tests ask of a spec (the engine's plan asks
+//! it of steps and fan-out instances together).
 //!
 //! Steps are nodes named by their index in the spec; `deps(i)` lists the
 //! steps `i` waits for. Everything here is O(steps + edges), so it stays cheap
 //! at the 500-step limit even when called after each completion.
 
+#[cfg(test)]
 use std::collections::HashSet;
 
 /// A dependency cycle, if any, as indices `[a, b, …, a]` where each step
@@ -53,6 +55,7 @@ pub(crate) fn find_cycle<'a>(n: usize, deps: impl Fn(usize) -> &'a [usize]) -> O
 }
 
 /// Steps not yet done or running whose dependencies are all done, in order.
+#[cfg(test)]
 pub(crate) fn ready<'a>(
     n: usize,
     deps: impl Fn(usize) -> &'a [usize],

@@ -4,30 +4,41 @@
 //! [`JobSpec::parse`] turns a request body into a [`JobSpec`] or a
 //! [`SpecError`] that names the offending field (`steps[3].messages[0].content`),
 //! so the API can answer 400 with something a user can act on. A validated
-//! spec has every default resolved, every template parsed and every
-//! dependency as an index, and is known to be acyclic; the engine never
-//! re-checks any of it. [`JobSpec::to_stored`] / [`JobSpec::from_stored`] are
-//! the canonical form kept with the job, re-read by whichever worker runs it.
+//! spec has every default resolved, every template and request field parsed
+//! and every dependency as an index, and is known to be acyclic; the engine
+//! never re-checks any of it. [`JobSpec::to_stored`] / [`JobSpec::from_stored`]
+//! are the canonical form kept with the job, re-read by whichever worker
+//! runs it.
 //!
-//! - [`template`]: the `{{inputs.NAME}}` / `{{steps.ID.output}}` syntax.
+//! - [`params`]: a step's chat-completions fields, typed and range-checked.
+//! - [`messages`]: roles, tool calls and tool results.
+//! - [`template`] and [`reference`]: the `{{ … }}` syntax and what it names.
+//! - [`schema`]: references checked against a step's `json_schema`.
 //! - [`dag`]: cycle detection and the "which steps may run now" query.
+//! - `wire`: the submitted and stored shapes.
 
 mod dag;
+pub mod messages;
+pub mod params;
+pub mod reference;
+mod schema;
 pub mod template;
+mod wire;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+#[cfg(test)]
+use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::domain::{ModelName, Priority, StepId};
+pub use messages::{MessageTemplate, Role};
+pub use params::ChatParams;
+pub use reference::{Reference, Segment, View};
+pub use template::{RenderError, Scope, StepOutput, Template, TemplateError};
+use wire::{RawSpec, RawStep, StoredSpec, StoredStep};
 
-pub use template::{RenderError, Template, TemplateError};
-
-/// Used when neither the step nor `defaults` sets `max_tokens`.
-const DEFAULT_MAX_TOKENS: u32 = 512;
-/// Used when neither the step nor `defaults` sets `temperature`; the
-/// provider's own default, so omitting it changes nothing.
-const DEFAULT_TEMPERATURE: f32 = 1.0;
 const MAX_NAME_CHARS: usize = 200;
 const MAX_PARALLEL: u32 = 64;
 const MAX_CACHE_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -46,10 +57,13 @@ pub struct SpecLimits {
     pub max_inputs: usize,
     /// Per input value.
     pub max_input_bytes: usize,
-    /// Per rendered message; not checked here (outputs are unknown at
-    /// submission) but passed by the engine to [`Template::render`].
+    /// Per rendered step (all its messages); not checked here (outputs are
+    /// unknown at submission) but passed by the engine to [`Template::render`].
     pub max_rendered_bytes: usize,
     pub max_tokens_cap: u32,
+    /// Instances one `for_each` step may expand to (`[limits] max_fan_out`);
+    /// a job may ask for fewer.
+    pub max_fan_out: u32,
 }
 
 impl Default for SpecLimits {
@@ -63,6 +77,7 @@ impl Default for SpecLimits {
             max_input_bytes: 256 << 10,
             max_rendered_bytes: 2 << 20,
             max_tokens_cap: 131_072,
+            max_fan_out: 256,
         }
     }
 }
@@ -83,66 +98,40 @@ impl SpecError {
     }
 }
 
-/// Who says a message, as the chat API spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct MessageTemplate {
-    pub role: Role,
-    pub content: Template,
-}
-
-/// One LLM call, with every default resolved.
+/// One LLM call, with every default resolved; or, with `for_each`, one
+/// call per element of an array an earlier step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub id: StepId,
     pub messages: Vec<MessageTemplate>,
     pub model: ModelName,
-    pub max_tokens: u32,
-    pub temperature: f32,
+    /// The request fields, the step's over `defaults`.
+    pub params: ChatParams,
     /// Indices into [`JobSpec::steps`] of every step this one waits for
-    /// (template references and `depends_on`), ascending, without repeats.
+    /// (template references, `for_each` and `depends_on`), ascending,
+    /// without repeats. Waiting for a fan-out step means waiting for all
+    /// of its instances.
     pub deps: Vec<usize>,
     /// Served from the response cache when the same request was answered
     /// before (the step's `cache`, else the job's; off by default).
     pub cache: bool,
     /// `"tier": "cheap"`: run on the fallback orgs (self-hosted models).
     pub tier: Tier,
+    /// `"for_each": "steps.outline.json.scenes"`: a `steps.…` reference
+    /// (never `.output`, which is text) to the array whose elements the
+    /// instances get as `{{item}}`.
+    pub for_each: Option<Reference>,
 }
 
 impl Step {
     /// The chat-completions body the provider is sent for this step, with
-    /// its messages rendered (`{"role", "content"}` objects).
-    pub fn body(&self, messages: Vec<serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
-        let mut body = serde_json::Map::new();
+    /// its messages rendered ([`MessageTemplate::render`]).
+    pub fn body(&self, messages: Vec<Value>) -> serde_json::Map<String, Value> {
+        let mut body = self.params.body_fields();
         body.insert("model".into(), self.model.as_str().into());
         body.insert("messages".into(), messages.into());
-        body.insert("max_tokens".into(), self.max_tokens.into());
-        body.insert("temperature".into(), wire_f32(self.temperature));
         body
     }
-}
-
-/// An `f32` as the JSON number a person wrote (`0.8`, not
-/// `0.800000011920929`): through its shortest decimal form.
-fn wire_f32(v: f32) -> serde_json::Value {
-    v.to_string().parse::<f64>().map_or(serde_json::Value::Null, serde_json::Value::from)
 }
 
 /// Where a step may run: `standard` on the primary orgs (falling back only
@@ -169,6 +158,9 @@ pub struct JobSpec {
     pub inputs: BTreeMap<String, String>,
     /// Per-job cap on steps in flight, if the client set one.
     pub max_parallel: Option<u32>,
+    /// Per-job cap on one `for_each` step's instances, if the client set
+    /// one (at most the configured `max_fan_out`).
+    pub max_fan_out: Option<u32>,
     /// How long this job's answers stay in the response cache, if the
     /// client chose (else the configured default).
     pub cache_ttl_secs: Option<u64>,
@@ -180,106 +172,6 @@ pub struct JobSpec {
     pub webhook_url: Option<String>,
     pub steps: Vec<Step>,
 }
-
-// ------------------------------------------------------------ wire shapes
-
-/// The body as submitted. Also the stored shape: the stored form is simply a
-/// submission with nothing left to default.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSpec {
-    name: String,
-    #[serde(default)]
-    priority: Option<Priority>,
-    #[serde(default)]
-    inputs: BTreeMap<String, String>,
-    #[serde(default)]
-    defaults: RawDefaults,
-    #[serde(default)]
-    max_parallel: Option<u32>,
-    #[serde(default)]
-    cache: Option<bool>,
-    #[serde(default)]
-    cache_ttl_secs: Option<u64>,
-    #[serde(default)]
-    fallback_after_secs: Option<u64>,
-    #[serde(default)]
-    webhook_url: Option<String>,
-    steps: Vec<RawStep>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    model: Option<ModelName>,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStep {
-    id: StepId,
-    messages: Vec<RawMessage>,
-    model: Option<ModelName>,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    #[serde(default)]
-    depends_on: Vec<StepId>,
-    #[serde(default)]
-    cache: Option<bool>,
-    #[serde(default)]
-    tier: Tier,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMessage {
-    role: Role,
-    content: String,
-}
-
-#[derive(Serialize)]
-struct StoredSpec<'a> {
-    name: &'a str,
-    priority: Priority,
-    inputs: &'a BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_parallel: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache_ttl_secs: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fallback_after_secs: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    webhook_url: Option<&'a str>,
-    steps: Vec<StoredStep<'a>>,
-}
-
-#[derive(Serialize)]
-struct StoredStep<'a> {
-    id: &'a StepId,
-    messages: Vec<StoredMessage<'a>>,
-    model: &'a ModelName,
-    max_tokens: u32,
-    temperature: f32,
-    /// All dependencies, template ones included: re-reading unions them with
-    /// the template references again, which gives back the same set.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    depends_on: Vec<&'a StepId>,
-    /// Resolved per step, so the job-level default is not stored.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    cache: bool,
-    #[serde(skip_serializing_if = "Tier::is_standard")]
-    tier: Tier,
-}
-
-#[derive(Serialize)]
-struct StoredMessage<'a> {
-    role: Role,
-    content: &'a str,
-}
-
-// ------------------------------------------------------------ JobSpec
 
 impl JobSpec {
     /// Parses and validates a request body. `serves_model` says whether any
@@ -295,7 +187,7 @@ impl JobSpec {
                 format!("request body is {} bytes, more than the limit of {}", body.len(), limits.max_body_bytes),
             ));
         }
-        validate(deserialize(body)?, limits, Some(serves_model))
+        validate(wire::deserialize(body)?, limits, Some(serves_model))
     }
 
     /// Canonical JSON of the validated spec, stored with the job.
@@ -305,6 +197,7 @@ impl JobSpec {
             priority: self.priority,
             inputs: &self.inputs,
             max_parallel: self.max_parallel,
+            max_fan_out: self.max_fan_out,
             cache_ttl_secs: self.cache_ttl_secs,
             fallback_after_secs: self.fallback_after_secs,
             webhook_url: self.webhook_url.as_deref(),
@@ -313,17 +206,13 @@ impl JobSpec {
                 .iter()
                 .map(|s| StoredStep {
                     id: &s.id,
-                    messages: s
-                        .messages
-                        .iter()
-                        .map(|m| StoredMessage { role: m.role, content: m.content.source() })
-                        .collect(),
+                    messages: s.messages.iter().map(messages::StoredMessage::of).collect(),
                     model: &s.model,
-                    max_tokens: s.max_tokens,
-                    temperature: s.temperature,
+                    fields: s.params.stored_fields(),
                     depends_on: s.deps.iter().filter_map(|&d| self.steps.get(d)).map(|d| &d.id).collect(),
                     cache: s.cache,
                     tier: s.tier,
+                    for_each: s.for_each.as_ref().map(ToString::to_string),
                 })
                 .collect(),
         };
@@ -335,11 +224,12 @@ impl JobSpec {
 
     /// Re-reads [`JobSpec::to_stored`] output. Models are not checked: the
     /// set of served models may have changed since submission, and that is
-    /// for the worker to report on the step. The body size limit is not
-    /// applied either: resolved defaults make the stored form larger than
-    /// the body that was accepted.
+    /// for the worker to report on the step. Neither are the body size limit
+    /// (resolved defaults make the stored form larger than the body that
+    /// was accepted) nor the job's `max_fan_out` against the configured one
+    /// (the engine takes the smaller of the two).
     pub fn from_stored(s: &str, limits: &SpecLimits) -> Result<JobSpec, SpecError> {
-        validate(deserialize(s.as_bytes())?, limits, None)
+        validate(wire::deserialize(s.as_bytes())?, limits, None)
     }
 
     /// The webhook URL of a stored spec, read without re-validating the
@@ -357,82 +247,19 @@ impl JobSpec {
     }
 
     /// Steps whose deps are all in `done` and that are in neither `done` nor
-    /// `running`, in spec order.
+    /// `running`, in spec order. The engine schedules fan-out instances
+    /// too (`crate::engine`'s plan); tests use this to check that an
+    /// accepted spec can run to the end.
+    #[cfg(test)]
     pub fn ready(&self, done: &HashSet<usize>, running: &HashSet<usize>) -> Vec<usize> {
         dag::ready(self.steps.len(), |i| &self.steps[i].deps, done, running)
     }
-}
 
-fn deserialize(body: &[u8]) -> Result<RawSpec, SpecError> {
-    // Syntax first, on its own, so its errors name the body with serde's
-    // line/column; this also refuses trailing data after the object.
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| SpecError::new("body", e.to_string()))?;
-    require_objects(&value)?;
-    // Then the typed pass, from the bytes rather than the `Value`, because
-    // only the streaming parser reports duplicate keys.
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(json_error)
-}
-
-/// serde's derived structs also accept a JSON array of the field values in
-/// order; nobody means that, and it would make `["x", []]` a valid spec.
-fn require_objects(v: &serde_json::Value) -> Result<(), SpecError> {
-    use serde_json::Value;
-    let not_object = |field: String| SpecError::new(field, "must be a JSON object");
-    let Value::Object(root) = v else {
-        return Err(not_object("body".into()));
-    };
-    if root.get("defaults").is_some_and(Value::is_array) {
-        return Err(not_object("defaults".into()));
+    /// The cap on one `for_each` step's instances: the job's, within the
+    /// configured one.
+    pub fn fan_out_cap(&self, configured: u32) -> u32 {
+        self.max_fan_out.map_or(configured, |j| j.min(configured))
     }
-    let Some(Value::Array(steps)) = root.get("steps") else {
-        return Ok(());
-    };
-    for (i, step) in steps.iter().enumerate() {
-        if step.is_array() {
-            return Err(not_object(format!("steps[{i}]")));
-        }
-        if let Some(Value::Array(messages)) = step.get("messages")
-            && let Some(j) = messages.iter().position(Value::is_array)
-        {
-            return Err(not_object(format!("steps[{i}].messages[{j}]")));
-        }
-    }
-    Ok(())
-}
-
-/// Maps a serde error to the field it is about. Syntax errors concern the
-/// body and keep serde's line/column; data errors name the field path and
-/// drop the position, which the path makes redundant.
-fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> SpecError {
-    use serde_json::error::Category;
-    let path = e.path().to_string();
-    let inner = e.into_inner();
-    if !matches!(inner.classify(), Category::Data) {
-        return SpecError::new("body", inner.to_string());
-    }
-    let full = inner.to_string();
-    let position = format!(" at line {} column {}", inner.line(), inner.column());
-    let message = full.strip_suffix(&position).unwrap_or(&full);
-    // serde reports a missing or repeated field at the enclosing object;
-    // point at the field itself.
-    for (prefix, what) in
-        [("missing field `", "required field is missing"), ("duplicate field `", "appears more than once")]
-    {
-        if let Some(name) = message.strip_prefix(prefix).and_then(|rest| rest.strip_suffix('`')) {
-            let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
-            return SpecError::new(named_path(field), what);
-        }
-    }
-    SpecError::new(named_path(path), message)
-}
-
-/// A field path that names something: an empty key (`{"": 1}`) makes
-/// serde's path empty or end in `.`, which would leave the error naming
-/// nothing, so it names the object holding that key instead.
-fn named_path(path: String) -> String {
-    let trimmed = path.trim_end_matches('.');
-    if trimmed.is_empty() { "body".to_owned() } else { trimmed.to_owned() }
 }
 
 fn validate(
@@ -473,6 +300,16 @@ fn validate(
     {
         return Err(SpecError::new("max_parallel", format!("must be between 1 and {MAX_PARALLEL}, got {p}")));
     }
+    if let Some(f) = raw.max_fan_out {
+        // A stored job keeps its own cap even if the configured one fell.
+        let max = if serves_model.is_some() { limits.max_fan_out } else { u32::MAX };
+        if f == 0 || f > max {
+            return Err(SpecError::new(
+                "max_fan_out",
+                format!("must be between 1 and {} (the configured max_fan_out), got {f}", limits.max_fan_out),
+            ));
+        }
+    }
     if let Some(t) = raw.cache_ttl_secs
         && !(1..=MAX_CACHE_TTL_SECS).contains(&t)
     {
@@ -493,13 +330,7 @@ fn validate(
         check_webhook_url(url).map_err(|m| SpecError::new("webhook_url", m))?;
     }
 
-    let defaults = raw.defaults;
-    if let Some(t) = defaults.max_tokens {
-        check_max_tokens(t, limits).map_err(|m| SpecError::new("defaults.max_tokens", m))?;
-    }
-    if let Some(t) = defaults.temperature {
-        check_temperature(t).map_err(|m| SpecError::new("defaults.temperature", m))?;
-    }
+    let defaults = ChatParams::parse(&raw.defaults.fields.0, "defaults", limits.max_tokens_cap)?;
 
     if raw.steps.is_empty() {
         return Err(SpecError::new("steps", "must contain at least one step"));
@@ -522,42 +353,17 @@ fn validate(
                 format!("duplicate step id \"{}\" (first used by steps[{first}])", rs.id),
             ));
         }
-        let mut step = check_step(i, rs, &defaults, limits, serves_model)?;
+        let mut step = check_step(i, rs, &raw.defaults.model, &defaults, limits, serves_model)?;
         step.cache = rs.cache.or(raw.cache).unwrap_or(false);
-        step.tier = rs.tier;
         steps.push(step);
     }
 
     // Second pass: references, which may point forward in the list.
-    for (i, (rs, step)) in raw.steps.iter().zip(steps.iter_mut()).enumerate() {
-        let mut deps = Vec::new();
-        for (j, msg) in step.messages.iter().enumerate() {
-            let field = || format!("steps[{i}].messages[{j}].content");
-            if let Some(missing) = msg.content.input_refs().find(|n| !raw.inputs.contains_key(*n)) {
-                return Err(SpecError::new(field(), format!("unknown input \"{missing}\"")));
-            }
-            for id in msg.content.step_refs() {
-                match index.get(id) {
-                    Some(&d) if d == i => {
-                        return Err(SpecError::new(field(), format!("step \"{id}\" cannot use its own output")));
-                    }
-                    Some(&d) => deps.push(d),
-                    None => return Err(SpecError::new(field(), format!("unknown step \"{id}\""))),
-                }
-            }
-        }
-        for (k, id) in rs.depends_on.iter().enumerate() {
-            let field = || format!("steps[{i}].depends_on[{k}]");
-            match index.get(id) {
-                Some(&d) if d == i => {
-                    return Err(SpecError::new(field(), "a step cannot depend on itself"));
-                }
-                Some(&d) => deps.push(d),
-                None => return Err(SpecError::new(field(), format!("unknown step \"{id}\""))),
-            }
-        }
-        deps.sort_unstable();
-        deps.dedup();
+    let mut all_deps = Vec::with_capacity(steps.len());
+    for (i, rs) in raw.steps.iter().enumerate() {
+        all_deps.push(check_references(i, rs, &steps, &index, &raw.inputs)?);
+    }
+    for (step, deps) in steps.iter_mut().zip(all_deps) {
         step.deps = deps;
     }
 
@@ -574,6 +380,7 @@ fn validate(
         priority: raw.priority.unwrap_or_default(),
         inputs: raw.inputs,
         max_parallel: raw.max_parallel,
+        max_fan_out: raw.max_fan_out,
         cache_ttl_secs: raw.cache_ttl_secs,
         fallback_after_secs: raw.fallback_after_secs,
         webhook_url: raw.webhook_url,
@@ -596,37 +403,24 @@ fn check_webhook_url(url: &str) -> Result<(), String> {
 fn check_step(
     i: usize,
     rs: &RawStep,
-    defaults: &RawDefaults,
+    default_model: &Option<ModelName>,
+    defaults: &ChatParams,
     limits: &SpecLimits,
     serves_model: Option<&dyn Fn(&ModelName) -> bool>,
 ) -> Result<Step, SpecError> {
-    if rs.messages.is_empty() {
-        return Err(SpecError::new(format!("steps[{i}].messages"), "must contain at least one message"));
-    }
-    if rs.messages.len() > limits.max_messages_per_step {
+    let at = format!("steps[{i}]");
+    // A reference's id ends at the first view word after its first part,
+    // so an id with such a part could never be referenced.
+    if let Some(word) = rs.id.as_str().split('.').skip(1).find(|p| reference::is_view_word(p)) {
         return Err(SpecError::new(
-            format!("steps[{i}].messages"),
-            format!("has {} messages, more than the limit of {}", rs.messages.len(), limits.max_messages_per_step),
+            format!("{at}.id"),
+            format!("step id \"{}\" has a part `.{word}`, which references read as what they name", rs.id),
         ));
     }
-    let mut messages = Vec::with_capacity(rs.messages.len());
-    for (j, m) in rs.messages.iter().enumerate() {
-        let field = || format!("steps[{i}].messages[{j}].content");
-        if m.content.is_empty() {
-            return Err(SpecError::new(field(), "must not be empty"));
-        }
-        if m.content.len() > limits.max_template_bytes {
-            return Err(SpecError::new(
-                field(),
-                format!("is {} bytes, more than the limit of {}", m.content.len(), limits.max_template_bytes),
-            ));
-        }
-        let content = Template::parse(&m.content).map_err(|e| SpecError::new(field(), e.message))?;
-        messages.push(MessageTemplate { role: m.role, content });
-    }
+    let messages = messages::check(&rs.messages, &at, limits)?;
 
-    let model_field = format!("steps[{i}].model");
-    let model = match (&rs.model, &defaults.model) {
+    let model_field = format!("{at}.model");
+    let model = match (&rs.model, default_model) {
         (Some(m), _) => m.clone(),
         (None, Some(m)) => m.clone(),
         (None, None) => {
@@ -643,42 +437,182 @@ fn check_step(
         ));
     }
 
-    // Defaults were checked once already; only the step's own values here.
-    if let Some(t) = rs.max_tokens {
-        check_max_tokens(t, limits).map_err(|m| SpecError::new(format!("steps[{i}].max_tokens"), m))?;
-    }
-    if let Some(t) = rs.temperature {
-        check_temperature(t).map_err(|m| SpecError::new(format!("steps[{i}].temperature"), m))?;
-    }
+    let own = ChatParams::parse(&rs.fields.0, &at, limits.max_tokens_cap)?;
+    let params = ChatParams::merged(&own, defaults);
+    let set_here = |f: &str| rs.fields.0.contains_key(f);
+    params.check_merged(&|f| if set_here(f) { format!("{at}.{f}") } else { format!("defaults.{f}") })?;
 
-    Ok(Step {
-        id: rs.id.clone(),
-        messages,
-        model,
-        max_tokens: rs.max_tokens.or(defaults.max_tokens).unwrap_or(DEFAULT_MAX_TOKENS),
-        temperature: rs.temperature.or(defaults.temperature).unwrap_or(DEFAULT_TEMPERATURE),
-        deps: Vec::new(),
-        cache: false,
-        tier: Tier::Standard,
-    })
+    let for_each = match &rs.for_each {
+        None => None,
+        Some(src) => {
+            let field = format!("{at}.for_each");
+            match reference::parse_reference(src.trim()).map_err(|e| SpecError::new(&field, e))? {
+                r @ Reference::Step { view: View::Json | View::ToolCalls | View::Choices | View::Outputs, .. } => {
+                    Some(r)
+                }
+                r => {
+                    return Err(SpecError::new(
+                        field,
+                        format!(
+                            "`{r}` is not an array a step can fan out over: name one in an earlier step, \
+                             as in steps.outline.json.scenes or steps.scene.outputs"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+
+    Ok(Step { id: rs.id.clone(), messages, model, params, deps: Vec::new(), cache: false, tier: rs.tier, for_each })
 }
 
-fn check_max_tokens(t: u32, limits: &SpecLimits) -> Result<(), String> {
-    if t == 0 || t > limits.max_tokens_cap {
-        return Err(format!("must be between 1 and {}, got {t}", limits.max_tokens_cap));
+/// Checks every reference of step `i` against the other steps (and, where
+/// a step declares a `json_schema`, against its schema), and returns the
+/// step's dependencies.
+fn check_references(
+    i: usize,
+    rs: &RawStep,
+    steps: &[Step],
+    index: &HashMap<&StepId, usize>,
+    inputs: &BTreeMap<String, String>,
+) -> Result<Vec<usize>, SpecError> {
+    let step = &steps[i];
+    let mut deps = Vec::new();
+    let target = |id: &StepId, field: &str| -> Result<usize, SpecError> {
+        match index.get(id) {
+            Some(&d) if d == i => Err(SpecError::new(field, format!("step \"{id}\" cannot use its own output"))),
+            Some(&d) => Ok(d),
+            None => Err(SpecError::new(field, format!("unknown step \"{id}\""))),
+        }
+    };
+
+    // The schema of the fan-out element, for checking `item` paths.
+    let mut item_schema: Option<Value> = None;
+    if let Some(src) = &step.for_each {
+        let field = format!("steps[{i}].for_each");
+        if let Reference::Step { id, view, path } = src {
+            let d = target(id, &field)?;
+            deps.push(d);
+            check_view(src, &steps[d], *view).map_err(|m| SpecError::new(&field, m))?;
+            if let Some(schema) = view_schema(&steps[d], *view) {
+                let mut to_item = path.clone();
+                to_item.push(Segment::Index(0));
+                match schema::follow(&schema, path) {
+                    Err((k, why)) => return Err(SpecError::new(field, shown(src, k, &why))),
+                    Ok(schema::Node::Known(node)) => match schema::definite_type(node) {
+                        Some(t) if t != "array" => {
+                            return Err(SpecError::new(
+                                field,
+                                format!("{src}: the schema of step {id} makes this {t}, never an array"),
+                            ));
+                        }
+                        _ => {
+                            if let Ok(schema::Node::Known(items)) = schema::follow(&schema, &to_item) {
+                                item_schema = Some(items.clone());
+                            }
+                        }
+                    },
+                    Ok(schema::Node::Unknown) => {}
+                }
+            }
+        }
     }
-    Ok(())
+
+    for (j, m) in step.messages.iter().enumerate() {
+        let fields = m.content.iter().map(|t| (format!("steps[{i}].messages[{j}].content"), t)).chain(
+            m.tool_calls
+                .iter()
+                .enumerate()
+                .map(|(k, c)| (format!("steps[{i}].messages[{j}].tool_calls[{k}].function.arguments"), &c.arguments)),
+        );
+        for (field, t) in fields {
+            for r in t.references() {
+                match r {
+                    Reference::Input(name) if !inputs.contains_key(name) => {
+                        return Err(SpecError::new(field, format!("unknown input \"{name}\"")));
+                    }
+                    Reference::Input(_) => {}
+                    Reference::Item(_) | Reference::Index if step.for_each.is_none() => {
+                        return Err(SpecError::new(
+                            field,
+                            format!("`{r}` is only defined in a for_each step, and step {} has no for_each", step.id),
+                        ));
+                    }
+                    Reference::Index => {}
+                    Reference::Item(path) => {
+                        if let Some(s) = &item_schema
+                            && let Err((k, why)) = schema::follow(s, path)
+                        {
+                            return Err(SpecError::new(field, shown(r, k, &why)));
+                        }
+                    }
+                    Reference::Step { id, view, path } => {
+                        let d = target(id, &field)?;
+                        deps.push(d);
+                        check_view(r, &steps[d], *view).map_err(|m| SpecError::new(&field, m))?;
+                        if let Some(s) = view_schema(&steps[d], *view)
+                            && let Err((k, why)) = schema::follow(&s, path)
+                        {
+                            return Err(SpecError::new(field, shown(r, k, &why)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (k, id) in rs.depends_on.iter().enumerate() {
+        let field = format!("steps[{i}].depends_on[{k}]");
+        match index.get(id) {
+            Some(&d) if d == i => return Err(SpecError::new(field, "a step cannot depend on itself")),
+            Some(&d) => deps.push(d),
+            None => return Err(SpecError::new(field, format!("unknown step \"{id}\""))),
+        }
+    }
+    deps.sort_unstable();
+    deps.dedup();
+    Ok(deps)
 }
 
-fn check_temperature(t: f32) -> Result<(), String> {
-    // `contains` is false for NaN, so NaN is refused too.
-    if !(0.0..=2.0).contains(&t) {
-        return Err(format!("must be between 0.0 and 2.0, got {t}"));
+/// A fan-out step is read through `outputs`, any other through the rest.
+fn check_view(r: &Reference, target: &Step, view: View) -> Result<(), String> {
+    match (view, target.for_each.is_some()) {
+        (View::Outputs, false) => {
+            Err(format!("`{r}`: step {} is not a for_each step; read it with .output", target.id))
+        }
+        (View::Outputs, true) | (_, false) => Ok(()),
+        (_, true) => Err(format!(
+            "`{r}`: step {0} is a for_each step; read its instances with steps.{0}.outputs or join(steps.{0}.outputs, \"\\n\")",
+            target.id
+        )),
     }
-    Ok(())
+}
+
+/// The schema of what a view of `target` is, where it is known.
+fn view_schema(target: &Step, view: View) -> Option<Value> {
+    match view {
+        View::Output => None,
+        View::Json => target.params.response_format.as_ref()?.schema().map(|s| Value::Object(s.clone())),
+        View::ToolCalls => Some(schema::tool_calls()),
+        View::Choices => Some(schema::choices()),
+        View::Outputs => Some(schema::outputs()),
+    }
+}
+
+/// `steps.outline.json.scenes[0].x: why`, the reference cut after segment `k`.
+fn shown(r: &Reference, k: usize, why: &str) -> String {
+    let cut = match r {
+        Reference::Step { id, view, path } => {
+            Reference::Step { id: id.clone(), view: *view, path: path.iter().take(k + 1).cloned().collect() }
+        }
+        Reference::Item(path) => Reference::Item(path.iter().take(k + 1).cloned().collect()),
+        other => other.clone(),
+    };
+    format!("{cut}: {why}")
 }
 
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod surface_tests;
 #[cfg(test)]
 mod tests;

@@ -3,9 +3,14 @@
 //! mutated valid specs. Neither may panic; an accepted spec survives its
 //! stored round trip and can always be run to the end; a refused one names
 //! a field that exists; a render matches a model of the template and never
-//! exceeds its cap. The same parsers have cargo-fuzz targets in `fuzz/`.
+//! exceeds its cap; a JSON path renders what it points at; a step reserves
+//! what the provider documents for its body. The same parsers have
+//! cargo-fuzz targets in `fuzz/`.
 
 use std::collections::{BTreeMap, HashSet};
+
+use super::template::tests::TestScope;
+use crate::answer::StepAnswer;
 
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -174,19 +179,75 @@ fn shaped_spec() -> impl Strategy<Value = Value> {
         })
 }
 
+/// Request fields that are valid together, drawn so that every field
+/// occurs: sampling, stop sequences, seeds, `n`, structured outputs and
+/// tools, and `extra`.
+fn valid_params() -> impl Strategy<Value = Map<String, Value>> {
+    let schema = json!({"type": "object", "additionalProperties": false, "required": ["items"],
+        "properties": {"items": {"type": "array", "items": {"type": "string"}}}});
+    let formats = vec![
+        json!({"type": "text"}),
+        json!({"type": "json_object"}),
+        json!({"type": "json_schema", "json_schema": {"name": "list", "strict": true, "schema": schema}}),
+    ];
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "description": "Look it up",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+    (
+        prop::option::of(0.0f64..=1.0),
+        prop::option::of(-2.0f64..=2.0),
+        prop::option::of(any::<i64>()),
+        prop::option::of(1u64..=16),
+        prop::option::of(prop::collection::vec("[a-z\n]{1,4}", 1..=4)),
+        prop::option::of(prop::sample::select(formats)),
+        prop::option::of(prop::sample::select(vec![
+            json!("auto"),
+            json!("required"),
+            json!("none"),
+            json!({"type": "function", "function": {"name": "lookup"}}),
+        ])),
+        prop::option::of(prop::sample::select(vec!["low", "high", "xhigh"])),
+        prop::option::of(prop::collection::btree_map("[a-z]{1,8}", "\\PC{0,20}", 0..4)),
+        prop::option::of(prop::collection::btree_map("x_[a-z]{1,6}", any::<i32>(), 1..3)),
+        prop::option::of(1u32..=4096),
+    )
+        .prop_map(move |(top_p, penalty, seed, n, stop, format, choice, effort, metadata, extra, completion)| {
+            let mut m = Map::new();
+            top_p.map(|v| m.insert("top_p".into(), v.into()));
+            penalty.map(|v| m.insert("presence_penalty".into(), v.into()));
+            seed.map(|v| m.insert("seed".into(), v.into()));
+            n.map(|v| m.insert("n".into(), v.into()));
+            stop.map(|v| m.insert("stop".into(), v.into()));
+            format.map(|v| m.insert("response_format".into(), v));
+            if let Some(c) = choice {
+                m.insert("tools".into(), tools.clone());
+                m.insert("tool_choice".into(), c);
+            }
+            effort.map(|v| m.insert("reasoning_effort".into(), v.into()));
+            metadata.map(|v| m.insert("metadata".into(), json!(v)));
+            extra.map(|v| m.insert("extra".into(), json!(v)));
+            completion.map(|v| m.insert("max_completion_tokens".into(), v.into()));
+            m
+        })
+}
+
 /// Specs that must be accepted: unique ids, references only to earlier
-/// steps and to inputs that exist, every number in range. Used for the
-/// round trip (which the wilder strategies above rarely reach: almost all
-/// of their specs are refused) and as the base that mutations break.
+/// steps and to inputs that exist, every number in range, any request
+/// field, and fan-out steps over an earlier step's JSON (read by later
+/// steps through `outputs`). Used for the round trip (which the wilder
+/// strategies above rarely reach: almost all of their specs are refused)
+/// and as the base that mutations break.
 fn runnable_spec() -> impl Strategy<Value = Value> {
-    let piece = (0u8..3, any::<prop::sample::Index>(), "[a-zA-Z0-9 ,.:;!?'\"()}é\n-]{0,16}");
-    let message = (prop::sample::select(vec!["system", "user", "assistant"]), prop::collection::vec(piece, 1..5));
+    let piece = (0u8..5, any::<prop::sample::Index>(), "[a-zA-Z0-9 ,.:;!?'\"()}é\n-]{0,16}");
+    let message =
+        (prop::sample::select(vec!["system", "developer", "user", "assistant"]), prop::collection::vec(piece, 1..5));
     let step = (
         prop::collection::vec(message, 1..4),
         prop::option::of(prop::sample::select(vec!["gpt-4o-mini", "gpt-4o"])),
         prop::option::of(1u32..=131_072),
         prop::option::of(0.0f32..=2.0),
         prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+        valid_params(),
+        prop::option::of(any::<prop::sample::Index>()),
     );
     (
         "[a-zA-Z0-9 é-]{0,10}[a-z]",
@@ -197,43 +258,65 @@ fn runnable_spec() -> impl Strategy<Value = Value> {
     )
         .prop_map(|(name, inputs, steps, priority, max_parallel)| {
             let names: Vec<&String> = inputs.keys().collect();
-            let steps: Vec<Value> = steps
-                .into_iter()
-                .enumerate()
-                .map(|(i, (messages, model, max_tokens, temperature, deps))| {
-                    let messages: Vec<Value> = messages
-                        .into_iter()
-                        .map(|(role, pieces)| {
-                            let content: String = pieces
-                                .into_iter()
-                                .map(|(kind, at, text)| match kind {
-                                    1 => format!("{{{{inputs.{}}}}}", at.get(&names)),
-                                    2 if i > 0 => format!("{{{{ steps.s{}.output }}}}", at.index(i)),
-                                    _ => text,
-                                })
-                                .collect();
-                            // Empty content is refused; a space is not.
-                            let content = if content.is_empty() { " ".to_string() } else { content };
-                            json!({"role": role, "content": content})
-                        })
-                        .collect();
-                    let mut s = json!({"id": format!("s{i}"), "messages": messages});
-                    if let Some(m) = model {
-                        s["model"] = m.into();
+            // Which steps fan out: step i over an earlier one's JSON.
+            let mut fans = vec![false; steps.len()];
+            let mut specs = Vec::new();
+            for (i, (messages, model, max_tokens, temperature, deps, mut params, fan)) in steps.into_iter().enumerate()
+            {
+                let for_each = fan.filter(|_| i > 0).map(|at| at.index(i));
+                // A source's schema (if any) has the array at `items`; a
+                // fan-out source is read through its outputs.
+                let for_each = for_each
+                    .map(|j| if fans[j] { format!("steps.s{j}.outputs") } else { format!("steps.s{j}.json.items") });
+                fans[i] = for_each.is_some();
+                let reference = |j: usize| {
+                    if fans[j] {
+                        format!("{{{{join(steps.s{j}.outputs, \"; \")}}}}")
+                    } else {
+                        format!("{{{{ steps.s{j}.output }}}}")
                     }
-                    if let Some(t) = max_tokens {
-                        s["max_tokens"] = t.into();
-                    }
-                    if let Some(t) = temperature {
-                        s["temperature"] = t.into();
-                    }
-                    if i > 0 && !deps.is_empty() {
-                        s["depends_on"] = deps.iter().map(|d| format!("s{}", d.index(i))).collect::<Vec<_>>().into();
-                    }
-                    s
-                })
-                .collect();
-            let mut v = json!({"name": name, "inputs": inputs, "defaults": {"model": "gpt-4o-mini"}, "steps": steps});
+                };
+                let messages: Vec<Value> = messages
+                    .into_iter()
+                    .map(|(role, pieces)| {
+                        let content: String = pieces
+                            .into_iter()
+                            .map(|(kind, at, text)| match kind {
+                                1 => format!("{{{{inputs.{}}}}}", at.get(&names)),
+                                2 if i > 0 => reference(at.index(i)),
+                                3 if i > 0 && !fans[at.index(i)] => {
+                                    format!("{{{{steps.s{}.json.items[0]}}}}", at.index(i))
+                                }
+                                4 if fans[i] => "{{index}}: {{item}}".to_string(),
+                                _ => text,
+                            })
+                            .collect();
+                        // Empty content is refused; a space is not.
+                        let content = if content.is_empty() { " ".to_string() } else { content };
+                        json!({"role": role, "content": content})
+                    })
+                    .collect();
+                let mut s = json!({"id": format!("s{i}"), "messages": messages});
+                if let Some(m) = model {
+                    s["model"] = m.into();
+                }
+                // One allowance per object.
+                if let Some(t) = max_tokens.filter(|_| !params.contains_key("max_completion_tokens")) {
+                    s["max_tokens"] = t.into();
+                }
+                if let Some(t) = temperature {
+                    s["temperature"] = t.into();
+                }
+                if i > 0 && !deps.is_empty() {
+                    s["depends_on"] = deps.iter().map(|d| format!("s{}", d.index(i))).collect::<Vec<_>>().into();
+                }
+                if let Some(src) = for_each {
+                    s["for_each"] = src.into();
+                }
+                s.as_object_mut().expect("an object").append(&mut params);
+                specs.push(s);
+            }
+            let mut v = json!({"name": name, "inputs": inputs, "defaults": {"model": "gpt-4o-mini"}, "steps": specs});
             if let Some(p) = priority {
                 v["priority"] = p.into();
             }
@@ -276,7 +359,7 @@ fn break_one_rule(v: &mut Value, rule: usize, at: prop::sample::Index) -> Option
             Some(format!("{step}.model"))
         }
         6 => {
-            v["steps"][k]["seed"] = json!(1);
+            v["steps"][k]["seed"] = json!("1");
             Some(format!("{step}.seed"))
         }
         7 => {
@@ -293,7 +376,7 @@ fn break_one_rule(v: &mut Value, rule: usize, at: prop::sample::Index) -> Option
         }
         10 => {
             v["steps"][k]["messages"][0]["role"] = json!("tool");
-            Some(format!("{step}.messages[0].role"))
+            Some(format!("{step}.messages[0].tool_call_id"))
         }
         11 => {
             v["steps"][k]["depends_on"] = json!(["ghost"]);
@@ -302,6 +385,35 @@ fn break_one_rule(v: &mut Value, rule: usize, at: prop::sample::Index) -> Option
         12 => {
             v["steps"][k]["messages"] = json!([]);
             Some(format!("{step}.messages"))
+        }
+        13 => {
+            v["steps"][k]["top_p"] = json!(1.5);
+            Some(format!("{step}.top_p"))
+        }
+        14 => {
+            v["steps"][k]["response_format"] =
+                json!({"type": "json_schema", "json_schema": {"name": "s", "schema": "x"}});
+            Some(format!("{step}.response_format.json_schema.schema"))
+        }
+        15 => {
+            v["steps"][k]["for_each"] = json!("steps.s0.output");
+            Some(format!("{step}.for_each"))
+        }
+        16 if v["steps"][k].get("for_each").is_none() => {
+            v["steps"][k]["messages"][0]["content"] = json!("{{item.x}}");
+            Some(format!("{step}.messages[0].content"))
+        }
+        17 => {
+            v["steps"][k]["n"] = json!(0);
+            Some(format!("{step}.n"))
+        }
+        18 if v["steps"][k].get("tools").is_none() && v["defaults"].get("tools").is_none() => {
+            v["steps"][k]["tool_choice"] = json!("required");
+            Some(format!("{step}.tool_choice"))
+        }
+        19 => {
+            v["steps"][k]["extra"] = json!({"temperature": 1});
+            Some(format!("{step}.extra.temperature"))
         }
         _ => None,
     }
@@ -396,7 +508,7 @@ proptest! {
     #[test]
     fn one_broken_rule_is_refused_naming_its_field(
         mut v in runnable_spec(),
-        rule in 0usize..14,
+        rule in 0usize..21,
         at in any::<prop::sample::Index>(),
     ) {
         let want = break_one_rule(&mut v, rule, at);
@@ -462,9 +574,18 @@ proptest! {
     fn template_parse_never_panics(s in template_text()) {
         if let Ok(t) = Template::parse(&s) {
             prop_assert_eq!(t.source(), s.as_str());
-            // Whatever parsed can be rendered once every reference is given.
-            let inputs: BTreeMap<String, String> = t.input_refs().map(|n| (n.to_string(), "v".into())).collect();
-            prop_assert!(t.render(&inputs, &|_| Some("o"), usize::MAX).is_ok());
+            // Whatever parsed renders once every reference is given, or
+            // says which reference it could not resolve.
+            let scope = TestScope {
+                inputs: t.input_refs().map(|n| (n.to_string(), "v".into())).collect(),
+                answers: t.step_refs().map(|id| (id.clone(), StepAnswer::text("[\"o\"]".into()))).collect(),
+                item: Some((json!({"x": [1]}), 0)),
+                ..TestScope::default()
+            };
+            match t.render(&scope, usize::MAX) {
+                Ok(_) | Err(RenderError::Unresolved { .. }) => {}
+                Err(e) => prop_assert!(false, "{e}"),
+            }
         }
     }
 
@@ -493,9 +614,11 @@ proptest! {
 
         let inputs: BTreeMap<String, String> =
             t.input_refs().map(|n| (n.to_string(), value_for(n, scale))).collect();
-        let outputs: BTreeMap<StepId, String> =
-            t.step_refs().map(|id| (id.clone(), value_for(id.as_str(), scale * 2))).collect();
-        let lookup = |id: &StepId| outputs.get(id).map(String::as_str);
+        let scope = TestScope {
+            inputs: inputs.clone(),
+            answers: t.step_refs().map(|id| (id.clone(), StepAnswer::text(value_for(id.as_str(), scale * 2)))).collect(),
+            ..TestScope::default()
+        };
         let expected: String = pieces
             .iter()
             .map(|p| match p {
@@ -504,8 +627,8 @@ proptest! {
                 Piece::Output(id, _) => value_for(id, scale * 2),
             })
             .collect();
-        prop_assert_eq!(t.render(&inputs, &lookup, usize::MAX), Ok(expected.clone()));
-        match t.render(&inputs, &lookup, cap) {
+        prop_assert_eq!(t.render(&scope, usize::MAX), Ok(expected.clone()));
+        match t.render(&scope, cap) {
             Ok(s) => {
                 prop_assert!(s.len() <= cap);
                 prop_assert_eq!(s, expected);
@@ -523,27 +646,172 @@ proptest! {
 /// holding more than the cap. The closure sees how much has been rendered
 /// so far through the number of lookups: the cap must stop it after at most
 /// `cap / 1 MiB + 1` of them, not 10,000.
+/// A scope that counts its lookups of step outputs.
+struct Counting<'a> {
+    answer: &'a StepAnswer,
+    lookups: std::cell::Cell<usize>,
+}
+
+impl Scope for Counting<'_> {
+    fn input(&self, _: &str) -> Option<&str> {
+        None
+    }
+    fn step(&self, id: &StepId) -> Option<StepOutput<'_>> {
+        self.lookups.set(self.lookups.get() + 1);
+        (id.as_str() == "big").then_some(StepOutput::One(self.answer))
+    }
+    fn item(&self) -> Option<(&Value, usize)> {
+        None
+    }
+}
+
+/// The request-limit case the render cap exists for: a template naming a
+/// 1 MiB output 10,000 times (10 GB if built) must be refused without ever
+/// holding more than the cap. The scope sees how much has been rendered
+/// so far through the number of lookups: the cap must stop it after at most
+/// `cap / 1 MiB + 1` of them, not 10,000.
 #[test]
 fn ten_thousand_references_to_a_megabyte_output_are_refused_at_the_cap() {
-    let big = "x".repeat(1 << 20);
+    let big = StepAnswer::text("x".repeat(1 << 20));
     let template = Template::parse(&"{{steps.big.output}}".repeat(10_000)).unwrap();
     assert_eq!(template.step_refs().count(), 10_000);
-    let lookups = std::cell::Cell::new(0usize);
-    let out = |id: &StepId| {
-        lookups.set(lookups.get() + 1);
-        (id.as_str() == "big").then_some(big.as_str())
-    };
+    let out = Counting { answer: &big, lookups: std::cell::Cell::new(0) };
     let cap = SpecLimits::default().max_rendered_bytes;
-    let got = template.render(&BTreeMap::new(), &out, cap);
+    let got = template.render(&out, cap);
     assert_eq!(got, Err(RenderError::TooLarge { max_bytes: cap }));
-    assert!(lookups.get() <= cap / big.len() + 1, "rendered {} references before stopping", lookups.get());
+    assert!(out.lookups.get() <= cap / (1 << 20) + 1, "rendered {} references before stopping", out.lookups.get());
 
     // Under a cap that allows exactly three copies, the result is exactly
     // those three, and one byte less refuses it.
     let three = Template::parse(&"{{steps.big.output}}".repeat(3)).unwrap();
-    assert_eq!(three.render(&BTreeMap::new(), &out, 3 << 20).map(|s| s.len()), Ok(3 << 20));
-    assert_eq!(
-        three.render(&BTreeMap::new(), &out, (3 << 20) - 1),
-        Err(RenderError::TooLarge { max_bytes: (3 << 20) - 1 })
-    );
+    assert_eq!(three.render(&out, 3 << 20).map(|s| s.len()), Ok(3 << 20));
+    assert_eq!(three.render(&out, (3 << 20) - 1), Err(RenderError::TooLarge { max_bytes: (3 << 20) - 1 }));
+}
+
+// ---------------------------------------------------------------- JSON paths and reservations
+
+/// Any JSON document, small enough to walk.
+fn document() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        "\\PC{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(5, 64, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map("[a-zA-Z0-9_-]{1,6}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A path into `doc` chosen by `picks`: existing steps while there are
+/// any, then (with `overshoot`) one segment that does not exist.
+fn path_in(doc: &Value, picks: &[prop::sample::Index], overshoot: bool) -> (String, Option<Value>) {
+    let mut path = String::new();
+    let mut at = doc;
+    for pick in picks {
+        match at {
+            Value::Object(m) if !m.is_empty() => {
+                let (k, v) = m.iter().nth(pick.index(m.len())).expect("a key");
+                path.push_str(&format!(".{k}"));
+                at = v;
+            }
+            Value::Array(a) if !a.is_empty() => {
+                let i = pick.index(a.len());
+                path.push_str(&format!("[{i}]"));
+                at = &a[i];
+            }
+            _ => break,
+        }
+    }
+    if !overshoot {
+        return (path, Some(at.clone()));
+    }
+    match at {
+        Value::Array(a) => path.push_str(&format!("[{}]", a.len())),
+        _ => path.push_str(".no_such_field"),
+    }
+    (path, None)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(TEMPLATE_CASES))]
+
+    /// A path into a step's JSON output renders the value found there (a
+    /// string as its text, anything else as compact JSON), and a path one
+    /// step past what exists fails naming a prefix of the path, never
+    /// panicking or rendering something else.
+    #[test]
+    fn json_paths_render_what_they_point_at(
+        doc in document(),
+        picks in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        overshoot in any::<bool>(),
+    ) {
+        let (path, want) = path_in(&doc, &picks, overshoot);
+        let t = Template::parse(&format!("<{{{{steps.d.json{path}}}}}>")).map_err(|e| TestCaseError::fail(format!("{path}: {e}")))?;
+        let mut scope = TestScope::default();
+        scope.answers.insert(StepId::parse("d").unwrap(), StepAnswer::text(doc.to_string()));
+        match (t.render(&scope, usize::MAX), want) {
+            (Ok(got), Some(v)) => {
+                let text = match v { Value::String(s) => s, other => other.to_string() };
+                prop_assert_eq!(got, format!("<{text}>"));
+            }
+            (Err(RenderError::Unresolved { reference, reason }), None) => {
+                prop_assert!(format!("steps.d.json{path}").starts_with(&reference), "{} is not a prefix of {}", reference, path);
+                prop_assert!(!reason.is_empty());
+            }
+            (got, want) => prop_assert!(false, "{path}: got {got:?}, wanted {want:?}"),
+        }
+        // The same path as a fan-out element's `item`.
+        let t = Template::parse(&format!("{{{{item{path}}}}}")).map_err(|e| TestCaseError::fail(e.message))?;
+        scope.item = Some((doc.clone(), 0));
+        prop_assert_eq!(t.render(&scope, usize::MAX).is_ok(), !overshoot);
+    }
+
+    /// What a step reserves is what OpenAI documents for its body: the
+    /// prompt estimate counts the message text, the tool definitions and the
+    /// response schema (as compact JSON), and the completion share is
+    /// `max_completion_tokens` (else `max_tokens`, else the default) times
+    /// `n`. Checked on the body the step really sends.
+    #[test]
+    fn a_steps_reservation_is_the_documented_one(
+        params in valid_params(),
+        max_tokens in prop::option::of(1u32..=4096),
+        texts in prop::collection::vec("\\PC{1,60}", 1..4),
+    ) {
+        let mut step = json!({"id": "s", "messages": texts.iter().map(|t| json!({"role": "user", "content": t.replace('{', "(")})).collect::<Vec<_>>()});
+        let mut params = params;
+        step.as_object_mut().expect("an object").append(&mut params);
+        if let Some(t) = max_tokens.filter(|_| step.get("max_completion_tokens").is_none()) {
+            step["max_tokens"] = t.into();
+        }
+        let v = json!({"name": "r", "defaults": {"model": "m"}, "steps": [step.clone()]});
+        let spec = JobSpec::parse(v.to_string().as_bytes(), &SpecLimits::default(), &serves)
+            .map_err(|e| TestCaseError::fail(format!("{e}: {v}")))?;
+        let s = &spec.steps[0];
+        let scope = TestScope::default();
+        let mut budget = usize::MAX;
+        let messages: Vec<Value> = s.messages.iter().map(|m| m.render(&scope, &mut budget)).collect::<Result<_, _>>()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let request = crate::provider::ProviderRequest::chat(s.body(messages), u64::from(s.params.allowance()))
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+
+        let chars = |s: &str| s.chars().count() as u64;
+        let mut prompt: u64 = step["messages"].as_array().expect("messages").iter()
+            .map(|m| chars(m["content"].as_str().expect("text"))).sum();
+        if let Some(tools) = step.get("tools") {
+            prompt += chars(&tools.to_string());
+        }
+        if let Some(schema) = step.get("response_format").and_then(|f| f.get("json_schema")) {
+            prompt += chars(&schema.to_string());
+        }
+        let allowance = step.get("max_completion_tokens").or(step.get("max_tokens")).and_then(Value::as_u64).unwrap_or(512);
+        let n = step.get("n").and_then(Value::as_u64).unwrap_or(1);
+        prop_assert_eq!(request.reservation.prompt_chars, prompt);
+        prop_assert_eq!(request.reservation.completion_tokens, allowance * n);
+        prop_assert_eq!(request.cost(4.0).tokens, prompt.div_ceil(4) + allowance * n);
+    }
 }

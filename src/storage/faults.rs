@@ -236,6 +236,9 @@ impl JobStore for Faulty {
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>> {
         self.injector.read(self.inner.jobs.checkpoints(id)).await
     }
+    async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()> {
+        self.injector.write("set steps total", self.inner.jobs.set_steps_total(lease, steps_total, now)).await
+    }
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
         self.injector.write("finish job", self.inner.jobs.finish_job(lease, outcome, now)).await
     }

@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain::{JobId, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
+use crate::answer::StepAnswer;
+use crate::domain::{JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 pub use calls::{AnswerKind, CallClaim, CallStore, ClaimOutcome, RequestHash, StoredCall};
 pub use gcra::{BucketParams, BucketState, Cost};
 
@@ -41,7 +42,7 @@ pub enum StorageError {
     /// The step already has a checkpoint; nothing was written. A retried
     /// write whose first response was lost lands here too.
     #[error("step {0} already has a checkpoint")]
-    CheckpointExists(StepId),
+    CheckpointExists(StepKey),
     /// A record with this id is already stored. Ids are minted fresh, so
     /// this is a caller bug, never a client's.
     #[error("{0} already exists")]
@@ -258,11 +259,15 @@ pub enum LeaseOutcome {
     Missing,
 }
 
-/// One finished step, written before anything that depends on it runs.
+/// One finished step (or fan-out instance), written before anything that
+/// depends on it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    pub step_id: StepId,
-    pub output: String,
+    pub step: StepKey,
+    /// The whole assistant message of every choice. Backends store choice
+    /// 0's text and the rest apart ([`StepAnswer::split`]); a checkpoint
+    /// written before the rest was kept reads as that text alone.
+    pub answer: StepAnswer,
     pub usage: Usage,
     pub org: OrgName,
     pub model: ModelName,
@@ -270,6 +275,14 @@ pub struct Checkpoint {
     pub attempts: u32,
     pub started_at: Micros,
     pub finished_at: Micros,
+}
+
+impl Checkpoint {
+    /// Choice 0's text: what `{{steps.ID.output}}` and the result's
+    /// `outputs` show.
+    pub fn output(&self) -> &str {
+        self.answer.output()
+    }
 }
 
 /// How a leased run ended.
@@ -313,6 +326,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// `CheckpointExists` and changes nothing.
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()>;
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>>;
+    /// Sets the job's `steps_total` (a fan-out step's size became known),
+    /// only if `lease` is held and unexpired at `now` (else `LeaseLost`).
+    /// An absolute value, so a resumed run that expands the same fan-out
+    /// again writes the same number.
+    async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()>;
     /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()>;
     /// Cancels a queued or running job; a finished job is left as it is.
@@ -499,7 +517,7 @@ pub trait UsageStore: Send + Sync + 'static {
 /// What the hashed bytes start with. Bump it whenever the encoding below or
 /// the meaning of a cached entry changes, so old entries become misses
 /// instead of wrong hits.
-const CACHE_KEY_VERSION: &[u8] = b"ratepool.response-cache.v2\n";
+const CACHE_KEY_VERSION: &[u8] = b"ratepool.response-cache.v3\n";
 
 /// The exact-match key of one completion request: the hex SHA-256 digest of
 /// a versioned, canonical encoding of the model and the request body.
@@ -574,8 +592,8 @@ fn write_canonical_object(map: &serde_json::Map<String, serde_json::Value>, out:
 /// original call cost, for reporting what the cache saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedResponse {
-    /// The completion text.
-    pub content: String,
+    /// Every choice's message, as a checkpoint keeps it.
+    pub answer: StepAnswer,
     pub usage: Usage,
     /// The org whose call produced it.
     pub org: OrgName,
@@ -626,11 +644,6 @@ pub struct Backend {
     pub usage: std::sync::Arc<dyn UsageStore>,
     pub cache: std::sync::Arc<dyn ResponseCache>,
     pub calls: std::sync::Arc<dyn CallStore>,
-}
-
-/// Turns a step id list into a lookup-friendly form for callers.
-pub fn checkpoint_ids(cps: &[Checkpoint]) -> std::collections::HashSet<StepId> {
-    cps.iter().map(|c| c.step_id.clone()).collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ratepool");
 
@@ -343,4 +343,40 @@ pub fn aws_store(
         .await
         .expect("connect to the AWS backend")
     })
+}
+
+/// A job whose outline comes back in a shape its fan-out cannot use.
+pub fn broken_outline(response_format: Value, for_each: &str, max_fan_out: Option<u32>) -> String {
+    let mut v = json!({
+        "name": "broken", "defaults": {"model": "gpt-4o-mini", "max_tokens": 300},
+        "steps": [
+            {"id": "outline", "response_format": response_format,
+             "messages": [{"role": "user", "content": "Outline the film as JSON."}]},
+            {"id": "scene", "for_each": for_each, "messages": [{"role": "user", "content": "Write {{item}}."}]},
+            {"id": "notes", "messages": [{"role": "user", "content": "{{join(steps.scene.outputs, \"\\n\")}}"}]}
+        ]
+    });
+    if let Some(cap) = max_fan_out {
+        v["max_fan_out"] = json!(cap);
+    }
+    v.to_string()
+}
+
+/// A json_object outline (no schema to check at submission) answered with
+/// an object, and an outline whose schema asks for six scenes in a job
+/// capped at four.
+pub fn broken_outlines() -> [(String, &'static str); 2] {
+    let six = json!({"type": "json_schema", "json_schema": {"name": "outline", "schema": {
+        "type": "object", "required": ["scenes"], "properties": {
+            "scenes": {"type": "array", "minItems": 6, "maxItems": 6, "items": {"type": "string", "maxLength": 20}}}}}});
+    [
+        (
+            broken_outline(json!({"type": "json_object"}), "steps.outline.json", None),
+            "step scene: for_each steps.outline.json: is an object, not an array",
+        ),
+        (
+            broken_outline(six, "steps.outline.json.scenes", Some(4)),
+            "step scene: for_each steps.outline.json.scenes: has 6 elements, more than the cap of 4 (max_fan_out)",
+        ),
+    ]
 }

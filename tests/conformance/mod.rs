@@ -15,7 +15,11 @@ pub mod calls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
+mod checkpoints;
+pub use checkpoints::*;
+
+use ratepool::answer::StepAnswer;
+use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
 use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
     Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
@@ -129,8 +133,8 @@ async fn acquire(h: &Harness, id: &JobId, owner: &str, now: Micros) -> Lease {
 
 fn checkpoint(step: &str, output: &str, tokens: u64) -> Checkpoint {
     Checkpoint {
-        step_id: StepId::parse(step).expect("step"),
-        output: output.into(),
+        step: StepKey::Step(StepId::parse(step).expect("step")),
+        answer: StepAnswer::text(output.into()),
         usage: Usage { calls: 1, prompt_tokens: tokens, completion_tokens: tokens / 2 },
         org: org("org-a"),
         model: model("gpt-4o-mini"),
@@ -575,7 +579,7 @@ pub async fn checkpoint_duplicate_is_conflict(h: &Harness) {
     let first = checkpoint("s1", "first", 100);
     jobs.put_checkpoint(&a, &first, T0 + 1).await.expect("first");
     let dup = jobs.put_checkpoint(&a, &checkpoint("s1", "second", 7), T0 + 2).await;
-    assert!(matches!(&dup, Err(StorageError::CheckpointExists(s)) if s.as_str() == "s1"), "duplicate step: {dup:?}");
+    assert!(matches!(&dup, Err(StorageError::CheckpointExists(s)) if s.to_string() == "s1"), "duplicate step: {dup:?}");
     let rec = get(h, &id).await;
     assert_eq!(rec.steps_done, 1, "a duplicate does not count");
     assert_eq!(rec.usage, first.usage, "a duplicate adds no usage");
@@ -588,8 +592,8 @@ pub async fn checkpoints_round_trip(h: &Harness) {
     let a = acquire(h, &id, "worker-a", T0).await;
     let one = checkpoint("alpha", "first output, with \"quotes\" and ünïcode\nand lines", 120);
     let two = Checkpoint {
-        step_id: StepId::parse("beta.2").expect("step"),
-        output: String::new(),
+        step: StepKey::Step(StepId::parse("beta.2").expect("step")),
+        answer: StepAnswer::text(String::new()),
         usage: Usage { calls: 3, prompt_tokens: 4_000_000_000, completion_tokens: 17 },
         org: org("org-b"),
         model: model("gpt-4.1"),
@@ -600,7 +604,7 @@ pub async fn checkpoints_round_trip(h: &Harness) {
     jobs.put_checkpoint(&a, &one, T0 + 1).await.expect("one");
     jobs.put_checkpoint(&a, &two, T0 + 2).await.expect("two");
     let mut stored = jobs.checkpoints(&id).await.expect("checkpoints");
-    stored.sort_by(|x, y| x.step_id.cmp(&y.step_id));
+    stored.sort_by(|x, y| x.step.cmp(&y.step));
     assert_eq!(stored, vec![one.clone(), two.clone()]);
     let rec = get(h, &id).await;
     let mut total = one.usage;
@@ -1019,7 +1023,7 @@ fn completion_request(temperature: f64) -> serde_json::Value {
 
 fn cached(content: &str) -> CachedResponse {
     CachedResponse {
-        content: content.into(),
+        answer: StepAnswer::text(content.into()),
         usage: Usage { calls: 1, prompt_tokens: 123, completion_tokens: 45 },
         org: org("org-b"),
         model: model("gpt-4o-mini"),
@@ -1143,6 +1147,8 @@ macro_rules! conformance_suite {
         cache_key_ignores_key_order_not_parameters,
         cache_entry_expires,
         cache_overwrite_last_write_wins,
+        checkpoint_keeps_the_whole_answer_of_a_step_and_an_instance,
+        steps_total_is_set_only_under_the_lease,
         );
     };
     (@tests $harness:ident; $($name:ident),* $(,)?) => {

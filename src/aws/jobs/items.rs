@@ -210,9 +210,11 @@ pub(super) fn job_from_item(item: &Item) -> StorageResult<JobRecord> {
 
 pub(super) fn checkpoint_from_item(item: &Item) -> StorageResult<Checkpoint> {
     let f = Fields::new(item, "checkpoint item");
+    let answer = StepAnswer::join(f.s("output")?.to_owned(), f.opt_s("answer")?)
+        .map_err(|e| corrupt("checkpoint item", &e.to_string()))?;
     Ok(Checkpoint {
-        step_id: f.parsed("SK", |sk| StepId::parse(sk.strip_prefix(STEP_PREFIX).unwrap_or(sk)))?,
-        output: f.s("output")?.to_owned(),
+        step: f.parsed("SK", |sk| StepKey::parse(sk.strip_prefix(STEP_PREFIX).unwrap_or(sk)))?,
+        answer,
         usage: Usage {
             calls: f.n("calls")?,
             prompt_tokens: f.n("prompt_tokens")?,

@@ -4,7 +4,7 @@
 //! | PK | SK | what |
 //! | --- | --- | --- |
 //! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters |
-//! | `<job id>` | `step#<step id>` | one step checkpoint |
+//! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message) |
 //! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
@@ -58,7 +58,8 @@ use aws_sdk_dynamodb::types::{
 
 use super::AwsConfig;
 use super::sdk_err;
-use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepId, TenantId, Usage};
+use crate::answer::StepAnswer;
+use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
     OrgCounters, StorageError, StorageResult, UsageStore,
@@ -355,15 +356,17 @@ impl JobStore for DynamoJobs {
 
     /// One transaction: the job's progress update, conditional on the lease,
     /// and the step item, conditional on not existing. When both conditions
-    /// fail it is `LeaseLost` (SQLite checks the lease first too). An output
-    /// over [`MAX_PAYLOAD_BYTES`] is `TooLarge` and writes nothing.
+    /// fail it is `LeaseLost` (SQLite checks the lease first too). An answer
+    /// (text and message together) over [`MAX_PAYLOAD_BYTES`] is `TooLarge`
+    /// and writes nothing.
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()> {
         let cp = checkpoint;
-        if cp.output.len() > MAX_PAYLOAD_BYTES {
+        let (text, rest) = cp.answer.split();
+        let size = text.len() + rest.len();
+        if size > MAX_PAYLOAD_BYTES {
             return Err(StorageError::TooLarge(format!(
-                "step {}: its output is {} bytes; the DynamoDB backend stores at most {MAX_PAYLOAD_BYTES} bytes per step",
-                cp.step_id,
-                cp.output.len()
+                "step {}: its answer is {size} bytes; the DynamoDB backend stores at most {MAX_PAYLOAD_BYTES} bytes per step",
+                cp.step
             )));
         }
         let update = "SET #stalled_runs = :zero, #updated_at = :now, #ttl = :live \
@@ -394,8 +397,9 @@ impl JobStore for DynamoJobs {
         let step = Put::builder()
             .table_name(&self.table)
             .item("PK", s(lease.job_id.as_str()))
-            .item("SK", s(&format!("{STEP_PREFIX}{}", cp.step_id)))
-            .item("output", s(&cp.output))
+            .item("SK", s(&format!("{STEP_PREFIX}{}", cp.step)))
+            .item("output", s(text))
+            .item("answer", s(&rest))
             .item("calls", num(cp.usage.calls))
             .item("prompt_tokens", num(cp.usage.prompt_tokens))
             .item("completion_tokens", num(cp.usage.completion_tokens))
@@ -414,7 +418,7 @@ impl JobStore for DynamoJobs {
             Ok(()) => Ok(()),
             Err(TxError::Other(e)) => Err(e),
             Err(TxError::Cancelled(reasons)) if failed(&reasons, 0) => Err(StorageError::LeaseLost),
-            Err(TxError::Cancelled(_)) => Err(StorageError::CheckpointExists(cp.step_id.clone())),
+            Err(TxError::Cancelled(_)) => Err(StorageError::CheckpointExists(cp.step.clone())),
         }
     }
 
@@ -447,8 +451,31 @@ impl JobStore for DynamoJobs {
                 _ => break,
             }
         }
-        out.sort_by(|a, b| (a.finished_at, &a.step_id).cmp(&(b.finished_at, &b.step_id)));
+        out.sort_by(|a, b| (a.finished_at, &a.step).cmp(&(b.finished_at, &b.step)));
         Ok(out)
+    }
+
+    /// One conditional UpdateItem on the job item, guarded like a
+    /// checkpoint's progress update.
+    async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()> {
+        let update = "SET #steps_total = :total, #updated_at = :now";
+        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
+                         AND #status = :running";
+        self.update(lease.job_id.as_str(), JOB_SK)
+            .update_expression(update)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names(&[update, condition])))
+            .set_expression_attribute_values(Some(values([
+                (":total", num(steps_total)),
+                (":now", num(now)),
+                (":owner", s(&lease.owner)),
+                (":epoch", num(lease.epoch)),
+                (":running", s(JobStatus::Running.as_str())),
+            ])))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| lease_lost_or(e, "setting a job's steps_total"))
     }
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now` (as on
