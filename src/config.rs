@@ -741,6 +741,26 @@ pub fn org_keys(cfg: &Config, env: &dyn Env) -> Result<Option<Vec<SecretString>>
 mod tests {
     use super::*;
 
+    /// The files the CDK app renders as `RATEPOOL_CONFIG_TOML` (its jest
+    /// test keeps them equal to what it renders): a setting this binary
+    /// does not know, or a value it refuses, fails here instead of in a
+    /// deployed task.
+    #[test]
+    fn the_cdk_apps_rendered_configs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cdk/test/fixtures/config");
+        for (file, calls) in [("calls.toml", true), ("jobs-only.toml", false)] {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(cfg.orgs.len(), 3, "{file}");
+            assert!(cfg.orgs.iter().all(|o| o.timeout_secs.get() == 120), "{file}");
+            assert_eq!(cfg.aws.jobs_table, "Ratepool-JobsTable-1", "{file}");
+            assert_eq!(cfg.workers.shutdown_grace_secs, 70, "{file}");
+            if calls {
+                assert_eq!(*cfg.calls.max_wait_secs.get_ref(), 60, "{file}");
+            }
+        }
+    }
+
     const GOOD: &str = r#"
 [server]
 listen = "127.0.0.1:8080"

@@ -151,6 +151,19 @@ describe('RATEPOOL_CONFIG_TOML', () => {
     expect(parse(renderConfigToml(settingsWith(JOBS_ONLY, {}), NAMES))).not.toHaveProperty('calls');
   });
 
+  // The Rust side parses the same files (src/config.rs, test
+  // `the_cdk_apps_rendered_configs_parse`): a setting the worker does not
+  // know fails there, not in a deployed task. UPDATE_FIXTURES=1 rewrites them.
+  test.each([
+    ['calls.toml', {}, TLS_CONTEXT],
+    ['jobs-only.toml', {}, JOBS_ONLY],
+  ])('renders the fixture %s', (file, overrides, base) => {
+    const fixture = path.join(__dirname, 'fixtures', 'config', file);
+    const rendered = renderConfigToml(settingsWith(overrides, base), NAMES);
+    if (process.env.UPDATE_FIXTURES === '1') fs.writeFileSync(fixture, rendered);
+    expect(rendered).toBe(fs.readFileSync(fixture, 'utf8'));
+  });
+
   test('escapes what TOML needs escaped', () => {
     const s = settingsWith({
       'ratepool:orgs': [
