@@ -315,13 +315,10 @@ pub fn lambda_call(
     event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
     event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
     event["body"] = body.map_or(Value::Null, |b| json!(b));
-    let event = serde_json::from_value(event).expect("a valid API Gateway proxy event");
-    let resp = rt.block_on(ratepool::lambda::handle(app.clone(), event));
-    let body = match resp.body {
-        Some(aws_lambda_events::encodings::Body::Text(t)) => serde_json::from_str(&t).unwrap_or(Value::Null),
-        _ => Value::Null,
-    };
-    (resp.status_code as u16, body)
+    let resp = rt.block_on(ratepool::lambda::invoke(app.clone(), event)).expect("a valid API Gateway proxy event");
+    assert_eq!(resp["isBase64Encoded"], false, "the API answers JSON text: {resp}");
+    let body = resp["body"].as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null);
+    (resp["statusCode"].as_u64().expect("a status code") as u16, body)
 }
 
 /// The AWS backend a test reads and checks through (interactive weight 3).
