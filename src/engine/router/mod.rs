@@ -180,6 +180,14 @@ impl Router {
         self
     }
 
+    /// The same router with another way of learning bursts from 429s (a
+    /// test turns learning off to show what it saves; production keeps
+    /// [`BurstPolicy::default`]).
+    pub fn with_burst_policy(mut self, policy: BurstPolicy) -> Self {
+        self.burst_policy = policy;
+        self
+    }
+
     pub fn serves(&self, model: &ModelName) -> bool {
         self.by_model.contains_key(model)
     }
