@@ -19,6 +19,7 @@ use crate::aws::AwsConfig;
 use crate::domain::{Env, ModelName, OrgName, TenantId};
 use crate::engine::quota::{TenantQuota, TenantQuotas};
 use crate::engine::router::OrgSettings;
+use crate::engine::window::{WindowModel, WindowSettings};
 use crate::provider::OrgEndpoint;
 use crate::spec::SpecLimits;
 
@@ -294,6 +295,16 @@ pub struct OrgConfig {
     /// job's `fallback_after_secs`.
     #[serde(default)]
     pub fallback: bool,
+    /// The burst the ledger allows, in seconds of refill (1 to 60): a
+    /// whole minute by default, as OpenAI documents; 10 for Azure OpenAI,
+    /// which enforces RPM in 10-second slices. A continuous window learns
+    /// a smaller one from 429s by itself.
+    #[serde(default = "default_burst_secs")]
+    pub burst_secs: u64,
+    /// How the provider counts: `"continuous"` (a refilling bucket) or
+    /// `"fixed"` (windows of `burst_secs` of unknown alignment: paced).
+    #[serde(default)]
+    pub window: WindowModel,
 }
 
 impl OrgConfig {
@@ -311,6 +322,7 @@ impl OrgConfig {
             chars_per_token: self.chars_per_token,
             header_sync: self.header_sync,
             fallback: self.fallback,
+            window: WindowSettings { burst_secs: self.burst_secs, model: self.window },
             ..OrgSettings::new(endpoint, limits, self.safety_margin)
         }
     }
@@ -321,6 +333,9 @@ fn default_base_url() -> String {
 }
 fn default_chars_per_token() -> f64 {
     4.0
+}
+fn default_burst_secs() -> u64 {
+    60
 }
 fn default_true() -> bool {
     true
@@ -594,6 +609,9 @@ impl Config {
             if !(org.chars_per_token.is_finite() && org.chars_per_token >= 0.5) {
                 return Err(bad("chars_per_token must be a number of at least 0.5".into()));
             }
+            if !(1..=60).contains(&org.burst_secs) {
+                return Err(bad(format!("burst_secs must be between 1 and 60, got {}", org.burst_secs)));
+            }
             if !(0.0..0.9).contains(&org.safety_margin) {
                 return Err(bad("safety_margin must be in [0, 0.9)".into()));
             }
@@ -788,7 +806,25 @@ api_key_env = "SCREENPLAYS_API_KEY"
         assert_eq!(c.workers.step_parallelism.get(), 4);
         assert_eq!(c.orgs[0].chars_per_token, 4.0);
         assert!(c.orgs[0].header_sync);
+        assert_eq!((c.orgs[0].burst_secs, c.orgs[0].window), (60, WindowModel::Continuous));
         assert_eq!(c.models().len(), 1);
+    }
+
+    #[test]
+    fn the_window_settings_parse_and_bad_ones_name_the_org() {
+        let azure = GOOD
+            .replace("api_key_env = \"ORG_A_KEY\"", "api_key_env = \"ORG_A_KEY\"\nburst_secs = 10\nwindow = \"fixed\"");
+        let c = Config::parse(&azure).unwrap();
+        assert_eq!((c.orgs[0].burst_secs, c.orgs[0].window), (10, WindowModel::Fixed));
+        let e =
+            Config::parse(&GOOD.replace("api_key_env = \"ORG_A_KEY\"", "api_key_env = \"ORG_A_KEY\"\nburst_secs = 0"))
+                .unwrap_err();
+        assert!(e.contains("org-a") && e.contains("burst_secs"), "{e}");
+        let e = Config::parse(
+            &GOOD.replace("api_key_env = \"ORG_A_KEY\"", "api_key_env = \"ORG_A_KEY\"\nwindow = \"sliding\""),
+        )
+        .unwrap_err();
+        assert!(e.contains("window") || e.contains("sliding"), "{e}");
     }
 
     #[test]

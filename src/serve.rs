@@ -118,7 +118,9 @@ async fn org_settings(
             models: o
                 .models
                 .iter()
-                .map(|(m, l)| (m.to_string(), SimLimits { rpm: l.rpm.get(), tpm: l.tpm.get() }))
+                .map(|(m, l)| {
+                    (m.to_string(), SimLimits { rpm: l.rpm.get(), tpm: l.tpm.get(), enforce_burst_secs: None })
+                })
                 .collect(),
             down: false,
             insufficient_quota: false,

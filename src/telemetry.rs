@@ -161,6 +161,7 @@ pub struct Telemetry {
     breaker_opened: Family<OrgLabels, Counter>,
     out_of_rotation: Family<OrgLabels, Gauge>,
     rate_factor: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
+    burst: Family<OrgModelLabels, Gauge<f64, AtomicU64>>,
     ledger_ops: Family<OpLabels, Counter>,
     tenant_quota_waits: Family<TenantQuotaLabels, Counter>,
     tenant_quota_refusals: Family<TenantQuotaLabels, Counter>,
@@ -217,6 +218,12 @@ impl Telemetry {
             "org_rate_factor",
             "Share of the configured rate admitted to the org: below 1 after a 503 Slow Down, climbing back",
             rate_factor.clone(),
+        );
+        let burst = Family::<OrgModelLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "org_burst_seconds",
+            "Burst the ledger admits to the org, in seconds of refill: the configured window, smaller once 429s showed the provider's is",
+            burst.clone(),
         );
         let ledger_ops = Family::<OpLabels, Counter>::default();
         registry.register("ledger_operations", "Quota ledger storage operations by kind", ledger_ops.clone());
@@ -289,6 +296,7 @@ impl Telemetry {
             breaker_opened,
             out_of_rotation,
             rate_factor,
+            burst,
             ledger_ops,
             tenant_quota_waits,
             tenant_quota_refusals,
@@ -362,6 +370,10 @@ impl Telemetry {
 
     pub fn set_rate_factor(&self, org: &OrgName, model: &crate::domain::ModelName, factor: f64) {
         self.rate_factor.get_or_create(&OrgModelLabels { org: org.to_string(), model: model.to_string() }).set(factor);
+    }
+
+    pub fn set_burst(&self, org: &OrgName, model: &crate::domain::ModelName, secs: f64) {
+        self.burst.get_or_create(&OrgModelLabels { org: org.to_string(), model: model.to_string() }).set(secs);
     }
 
     /// Counts a ledger storage operation: "acquire", "denied", "raise".

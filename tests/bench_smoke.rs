@@ -31,7 +31,7 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
-    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8."] {
+    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9."] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -96,4 +96,16 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         assert!(v.iter().all(|x| f(x) > 0.0), "{p}");
     }
     assert!((f(&p["speedup"]) - f(&p["fifo_p50_s"]) / f(&p["interactive_p50_s"])).abs() < 1e-9, "{p}");
+
+    // 9: each real bucket ran every step once, its bound uses that bucket,
+    // and the server reports a burst no larger than the configured minute.
+    let w = r["window"][0]["runs"].as_array().unwrap();
+    let buckets: Vec<f64> = w.iter().map(|x| f(&x["real_burst_s"])).collect();
+    assert_eq!(buckets, [10.0, 60.0]);
+    for x in w {
+        assert_eq!(f(&x["sim"]["accepted_calls"]), f(&x["jobs"]) * f(&x["steps_per_job"]), "{x}");
+        assert!(f(&x["bound_s"]) >= f(&x["chain_bound_s"]), "{x}");
+        let learned = f(&x["learned_burst_s"]);
+        assert!(learned > 0.0 && learned <= 60.0, "{x}");
+    }
 }

@@ -73,10 +73,15 @@ fn twenty_screenplays_over_three_orgs_stay_within_limits() {
     let calls: u64 = usage["orgs"].as_array().unwrap().iter().map(|o| o["calls"].as_u64().unwrap()).sum();
     assert_eq!(calls, steps, "one successful call per step: {usage}");
     assert!(usage["orgs"][0]["headroom"]["gpt-4o-mini"]["ratio"].is_number());
+    // Full-minute orgs and no 429 with room: the burst stays the configured minute.
+    for org in usage["orgs"].as_array().unwrap() {
+        assert_eq!(org["headroom"]["gpt-4o-mini"]["burst_secs"], 60.0, "{usage}");
+    }
     // The other tenant has used nothing.
     let (_, other) = get(&format!("{}/v1/usage", server.url), TENANT_B_KEY);
     assert!(other["orgs"].as_array().unwrap().iter().all(|o| o["calls"] == 0), "{other}");
 
     let metrics = http().get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap();
     assert!(metrics.contains("ratepool_jobs_finished_total{status=\"succeeded\"} 20"), "{metrics}");
+    assert!(metrics.contains("ratepool_org_burst_seconds{org="), "{metrics}");
 }

@@ -15,6 +15,7 @@ use ratepool::domain::{Clock, ModelName, OrgName, SystemClock, TenantId};
 use ratepool::engine::breaker::BreakerPolicy;
 use ratepool::engine::quota::{TenantQuota, TenantQuotas};
 use ratepool::engine::router::{CallError, CallRequest, CallResult, OrgSettings, RetryPolicy, Router, Routing};
+use ratepool::engine::window::BurstPolicy;
 use ratepool::local::{SqliteBackend, SqliteOptions};
 use ratepool::provider::{ProviderClient, ProviderRequest};
 use ratepool::sim::{OrgStats, SimConfig, Simulator};
@@ -40,10 +41,21 @@ struct OrgDef {
     extra_models: &'static [&'static str],
     /// A fallback org (`fallback = true`).
     fallback: bool,
+    /// The simulator's real bucket, in seconds of refill (its headers
+    /// still advertise the minute).
+    enforce_burst_secs: Option<u64>,
 }
 
 fn org(name: &'static str, rpm: u64, tpm: u64) -> OrgDef {
-    OrgDef { name, sim: (rpm, tpm), ours: (rpm, tpm), header_sync: true, extra_models: &[], fallback: false }
+    OrgDef {
+        name,
+        sim: (rpm, tpm),
+        ours: (rpm, tpm),
+        header_sync: true,
+        extra_models: &[],
+        fallback: false,
+        enforce_burst_secs: None,
+    }
 }
 
 fn key(name: &str) -> String {
@@ -90,10 +102,15 @@ async fn start(defs: &[OrgDef], policy: RetryPolicy) -> Harness {
 }
 
 async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQuotas) -> Harness {
+    start_with(defs, policy, quotas, BurstPolicy::default()).await
+}
+
+async fn start_with(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQuotas, burst: BurstPolicy) -> Harness {
     let mut sim_toml = String::from("seed = 7\n[latency]\ntime_scale = 0\n");
     for d in defs {
+        let enforce = d.enforce_burst_secs.map(|b| format!(", enforce_burst_secs = {b}")).unwrap_or_default();
         sim_toml.push_str(&format!(
-            "[[orgs]]\nname = \"{}\"\napi_key = \"{}\"\nmodels.\"{MODEL}\" = {{ rpm = {}, tpm = {} }}\n",
+            "[[orgs]]\nname = \"{}\"\napi_key = \"{}\"\nmodels.\"{MODEL}\" = {{ rpm = {}, tpm = {}{enforce} }}\n",
             d.name,
             key(d.name),
             d.sim.0,
@@ -148,7 +165,8 @@ async fn start_with_quotas(defs: &[OrgDef], policy: RetryPolicy, quotas: TenantQ
             telemetry.clone(),
             policy,
         )
-        .with_tenant_quotas(quotas),
+        .with_tenant_quotas(quotas)
+        .with_burst_policy(burst),
     );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     Harness { sim, base, http, router, ledger, telemetry, orgs, clock, stop: Some(stop), _dir: dir }
@@ -868,4 +886,64 @@ async fn an_opened_call_streams_the_answer_and_counts_its_usage_when_finished() 
     open.record.finish(usage);
     assert!(calls() >= before, "the call is counted once finished");
     assert!(h.telemetry.render().contains("outcome=\"ok\""), "{}", h.telemetry.render());
+}
+
+// Learned window ----------------------------------------------------------
+
+/// Sixty 300-token calls from eight concurrent callers over two orgs
+/// advertised at 1,000 rpm / 30,000 tpm; returns the 429s the simulator sent.
+async fn saturate(h: &Harness) -> u64 {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let router = h.router.clone();
+        tasks.spawn(async move {
+            for i in 0..(60 / 8 + usize::from(w < 60 % 8)) {
+                let req = request(format!("w{w}/{i}"), chat(MODEL, 400, 200));
+                router.call(&req, &CancellationToken::new()).await.expect("every call succeeds in the end");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    h.rate_limited()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_enforcing_ten_second_buckets_is_learned_from_few_429s() {
+    let short = |name| OrgDef { enforce_burst_secs: Some(10), ..org(name, 1_000, 30_000) };
+    // Learning off (the floor is the configured minute): the ledger keeps
+    // admitting a minute's burst, and many of those calls are refused.
+    let never = BurstPolicy { floor: Duration::from_secs(60), ..BurstPolicy::default() };
+    let h = start_with(&[short("a"), short("b")], fast_policy(), TenantQuotas::default(), never).await;
+    let unlearned = saturate(&h).await;
+    assert!(unlearned > 20, "without learning only {unlearned} calls answered 429: the test shows nothing");
+    drop(h);
+
+    let h = start(&[short("a"), short("b")], fast_policy()).await;
+    let started = Instant::now();
+    let answered_429 = saturate(&h).await;
+    // Each org's first 429 (and those of calls already on their way) teach it.
+    assert!(answered_429 <= 12, "{answered_429} calls answered 429 (without learning: {unlearned})");
+    eprintln!("answered 429: {answered_429} with learning, {unlearned} without; {:?}", started.elapsed());
+    // 18,000 tokens, 10,000 of them in the real bursts, 1,000 a second after.
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let model = ModelName::parse(MODEL).unwrap();
+    for s in h.router.status() {
+        let burst = s.burst_secs[&model];
+        assert!((5.0..=10.5).contains(&burst), "{}: learned burst {burst} s", s.org);
+        let gauge = format!("ratepool_org_burst_seconds{{org=\"{}\",model=\"{MODEL}\"}} ", s.org);
+        let shown = h.telemetry.render().lines().find_map(|l| l.strip_prefix(&gauge).map(|v| v.trim().parse::<f64>()));
+        assert_eq!(shown.map(Result::unwrap), Some(burst), "the gauge shows the learned burst");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_allowing_the_whole_minute_keeps_it_and_answers_no_429() {
+    let h = start(&[org("a", 1_000, 30_000), org("b", 1_000, 30_000)], fast_policy()).await;
+    assert_eq!(saturate(&h).await, 0);
+    let model = ModelName::parse(MODEL).unwrap();
+    for s in h.router.status() {
+        assert_eq!(s.burst_secs[&model], 60.0, "{}: no 429, no shrinking", s.org);
+    }
 }

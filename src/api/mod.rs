@@ -516,6 +516,11 @@ struct Headroom {
     requests_per_minute: u64,
     tokens_per_minute: u64,
     ratio: f64,
+    /// The burst, in seconds of refill, the router in this process admits
+    /// with: the configured window, or less once 429s showed the
+    /// provider's is shorter. Absent where no router runs (the AWS API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst_secs: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -566,6 +571,7 @@ async fn usage(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result
                     requests_per_minute: params.requests.limit,
                     tokens_per_minute: params.tokens.limit,
                     ratio: gcra::headroom(&st, params, now),
+                    burst_secs: statuses.get(&org.name).and_then(|s| s.burst_secs.get(model).copied()),
                 },
             );
         }

@@ -83,12 +83,16 @@ pub struct Sizes {
     pub interactive_jobs: usize,
     pub flood_concurrency: usize,
     pub flood_steps: usize,
+    /// Figure 9: orgs per run, and the real buckets (seconds of refill) of
+    /// their simulator behind per-minute headers; 60 is the whole minute.
+    pub window_orgs: usize,
+    pub window_buckets: Vec<u64>,
 }
 
 impl Sizes {
     pub fn full() -> Self {
         Self {
-            per_org: OrgLimits { rpm: 1_000, tpm: 30_000 },
+            per_org: OrgLimits::per_minute(1_000, 30_000),
             latency: LatencyConfig { base_ms: 50.0, per_token_ms: 1.0, time_scale: 1.0 },
             jobs_per_org: 20,
             steps: 40,
@@ -97,7 +101,7 @@ impl Sizes {
             overhead_steps: 100,
             overhead_chains: 20,
             memory_jobs: 1_000,
-            header_org: OrgLimits { rpm: 10_000, tpm: 20_000 },
+            header_org: OrgLimits::per_minute(10_000, 20_000),
             header_jobs: 10,
             ledger_secs: 5.0,
             alone_calls: 200,
@@ -106,12 +110,14 @@ impl Sizes {
             interactive_jobs: 10,
             flood_concurrency: 8,
             flood_steps: 3,
+            window_orgs: 3,
+            window_buckets: vec![10, 20, 60],
         }
     }
 
     pub fn quick() -> Self {
         Self {
-            per_org: OrgLimits { rpm: 1_000, tpm: 30_000 },
+            per_org: OrgLimits::per_minute(1_000, 30_000),
             latency: LatencyConfig { base_ms: 5.0, per_token_ms: 0.0, time_scale: 1.0 },
             jobs_per_org: 3,
             steps: 5,
@@ -120,7 +126,7 @@ impl Sizes {
             overhead_steps: 10,
             overhead_chains: 3,
             memory_jobs: 40,
-            header_org: OrgLimits { rpm: 10_000, tpm: 4_000 },
+            header_org: OrgLimits::per_minute(10_000, 4_000),
             header_jobs: 2,
             ledger_secs: 0.3,
             alone_calls: 16,
@@ -129,12 +135,14 @@ impl Sizes {
             interactive_jobs: 3,
             flood_concurrency: 2,
             flood_steps: 2,
+            window_orgs: 1,
+            window_buckets: vec![10, 60],
         }
     }
 }
 
 fn unlimited() -> OrgLimits {
-    OrgLimits { rpm: 10_000_000, tpm: 1_000_000_000 }
+    OrgLimits::per_minute(10_000_000, 1_000_000_000)
 }
 
 fn instant() -> LatencyConfig {
@@ -213,12 +221,25 @@ pub struct PoolRun {
     pub share_429: f64,
     pub calls_per_s: f64,
     pub ledger_ops_per_call: f64,
+    /// The provider's real bucket in seconds of refill (60: the minute),
+    /// the burst the bounds allow.
+    pub real_burst_s: f64,
+    /// Each org's advertised limits.
+    pub per_org_rpm: u64,
+    pub per_org_tpm: u64,
+    /// The burst the server admitted with at the end, averaged over orgs.
+    pub learned_burst_s: f64,
 }
 
 pub async fn pool_run(ctx: &Ctx, name: &str, orgs: usize, jobs: usize) -> anyhow::Result<PoolRun> {
+    pool_run_on(ctx, name, ctx.sizes.per_org, orgs, jobs).await
+}
+
+/// [`pool_run`] on `orgs` orgs of limits `per_org`.
+async fn pool_run_on(ctx: &Ctx, name: &str, per_org: OrgLimits, orgs: usize, jobs: usize) -> anyhow::Result<PoolRun> {
     let s = &ctx.sizes;
     let dir = harness::run_dir(&ctx.work, name)?;
-    let limits = vec![s.per_org; orgs];
+    let limits = vec![per_org; orgs];
     let sim = Sim::start(&ctx.bin, &dir, &limits, s.latency).await?;
     let setup = ServerSetup { orgs: limits.clone(), concurrency: jobs, header_sync: true };
     let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
@@ -234,10 +255,15 @@ pub async fn pool_run(ctx: &Ctx, name: &str, orgs: usize, jobs: usize) -> anyhow
         m.sum("ratepool_provider_latency_seconds_sum", &[]) / m.sum("ratepool_provider_latency_seconds_count", &[]);
     let ledger_ops = m.sum("ratepool_ledger_operations_total", &[]);
 
+    let learned_burst_s = m.sum("ratepool_org_burst_seconds", &[]) / orgs.max(1) as f64;
+
     let n = orgs as f64;
-    let (tpm, rpm) = (s.per_org.tpm as f64 * n, s.per_org.rpm as f64 * n);
-    let token_bound_s = ((stats.charged_tokens as f64 - tpm) / (tpm / 60.0)).max(0.0);
-    let request_bound_s = ((stats.accepted_calls as f64 - rpm) / (rpm / 60.0)).max(0.0);
+    let (tpm, rpm) = (per_org.tpm as f64 * n, per_org.rpm as f64 * n);
+    // The real bucket's burst, then its refill.
+    let real_burst_s = per_org.enforce_burst_secs.unwrap_or(60) as f64;
+    let burst = real_burst_s / 60.0;
+    let token_bound_s = ((stats.charged_tokens as f64 - tpm * burst) / (tpm / 60.0)).max(0.0);
+    let request_bound_s = ((stats.accepted_calls as f64 - rpm * burst) / (rpm / 60.0)).max(0.0);
     let chain_bound_s = s.steps as f64 * mean_latency;
     let bound_s = token_bound_s.max(request_bound_s).max(chain_bound_s);
     server_stop(server).await;
@@ -257,6 +283,10 @@ pub async fn pool_run(ctx: &Ctx, name: &str, orgs: usize, jobs: usize) -> anyhow
         share_429: stats.answered_429 as f64 / calls.max(1.0),
         calls_per_s: stats.accepted_calls as f64 / makespan_s,
         ledger_ops_per_call: ledger_ops / calls.max(1.0),
+        real_burst_s,
+        per_org_rpm: per_org.rpm,
+        per_org_tpm: per_org.tpm,
+        learned_burst_s,
     })
 }
 
@@ -871,4 +901,35 @@ pub async fn priority(ctx: &Ctx, run: usize) -> anyhow::Result<PriorityRun> {
         speedup: fifo_p50_s / interactive_p50_s,
         batch_done_meanwhile,
     })
+}
+
+// ------------------------------------------- 9: a shorter window than advertised
+
+/// Figure 9 of one run: the scaling workload on orgs whose simulator
+/// enforces each of `window_buckets` while advertising the minute.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowRun {
+    pub runs: Vec<PoolRun>,
+}
+
+pub async fn window(ctx: &Ctx, run: usize) -> anyhow::Result<WindowRun> {
+    let s = &ctx.sizes;
+    let mut runs = Vec::new();
+    for &bucket in &s.window_buckets {
+        let per_org = OrgLimits { enforce_burst_secs: (bucket < 60).then_some(bucket), ..s.per_org };
+        let n = s.window_orgs;
+        let r = pool_run_on(ctx, &format!("window-{run}-{bucket}s"), per_org, n, n * s.jobs_per_org).await?;
+        eprintln!(
+            "  {bucket} s bucket: {} calls, {} answered 429 ({:.3}%), {:.1} s (bound {:.1} s, utilization {:.1}%), learned burst {:.1} s",
+            r.sim.accepted_calls,
+            r.sim.answered_429,
+            100.0 * r.share_429,
+            r.makespan_s,
+            r.bound_s,
+            100.0 * r.utilization,
+            r.learned_burst_s
+        );
+        runs.push(r);
+    }
+    Ok(WindowRun { runs })
 }

@@ -24,6 +24,15 @@ const TENANT_KEY_ENV: &str = "RATEPOOL_BENCH_TENANT_KEY";
 pub struct OrgLimits {
     pub rpm: u64,
     pub tpm: u64,
+    /// The simulator's real bucket in seconds of refill, if shorter than
+    /// the minute its headers advertise (ratepool is not told).
+    pub enforce_burst_secs: Option<u64>,
+}
+
+impl OrgLimits {
+    pub fn per_minute(rpm: u64, tpm: u64) -> Self {
+        Self { rpm, tpm, enforce_burst_secs: None }
+    }
 }
 
 pub fn org_name(i: usize) -> String {
@@ -115,6 +124,9 @@ impl Sim {
                 o.rpm,
                 o.tpm
             ));
+            if let Some(secs) = o.enforce_burst_secs {
+                toml.push_str(&format!("enforce_burst_secs = {secs}\n"));
+            }
         }
         let path = dir.join("sim.toml");
         std::fs::write(&path, toml)?;

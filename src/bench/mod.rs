@@ -7,7 +7,8 @@
 //! against one org called one job after another; engine overhead per step;
 //! resident memory with 1,000 jobs in flight; ledger requests per call and
 //! acquisitions per second; header sync against a client spending the quota
-//! behind ratepool's back; interactive latency under a batch flood. See
+//! behind ratepool's back; interactive latency under a batch flood; a
+//! provider enforcing shorter windows than it advertises. See
 //! `BENCHMARKS.md`.
 
 pub mod figures;
@@ -30,10 +31,11 @@ pub enum Figure {
     Ledger,
     Headers,
     Priority,
+    Window,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 7] = [
+    pub const ALL: [Figure; 8] = [
         Figure::Scaling,
         Figure::Baseline,
         Figure::Overhead,
@@ -41,6 +43,7 @@ impl Figure {
         Figure::Ledger,
         Figure::Headers,
         Figure::Priority,
+        Figure::Window,
     ];
 }
 
@@ -61,6 +64,7 @@ pub struct Results {
     pub ledger: Vec<figures::LedgerRun>,
     pub headers: Vec<Vec<figures::HeaderRun>>,
     pub priority: Vec<figures::PriorityRun>,
+    pub window: Vec<figures::WindowRun>,
 }
 
 /// Runs the chosen figures `runs` times each.
@@ -78,6 +82,7 @@ pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
                 Figure::Ledger => r.ledger.push(figures::ledger(ctx, run).await?),
                 Figure::Headers => r.headers.push(figures::header_sync(ctx, run).await?),
                 Figure::Priority => r.priority.push(figures::priority(ctx, run).await?),
+                Figure::Window => r.window.push(figures::window(ctx, run).await?),
             }
         }
     }
@@ -292,6 +297,49 @@ pub fn report(r: &Results) -> String {
             med(runs, |x| x.speedup),
             all(runs, |x| x.speedup, 1)
         );
+    }
+    if !r.window.is_empty() {
+        let w = &r.window;
+        let p = &w[0].runs[0];
+        let _ = writeln!(
+            s,
+            "### 9. A provider enforcing a shorter window than it advertises ({} orgs at {} rpm / {} tpm each)\n",
+            p.orgs, p.per_org_rpm, p.per_org_tpm
+        );
+        let _ = writeln!(
+            s,
+            "| real bucket s | jobs × steps | calls | 429s | 429 share | makespan s | bound s (tokens / requests / chain) | makespan ÷ bound | utilization | learned burst s |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        for i in 0..w[0].runs.len() {
+            let runs: Vec<&figures::PoolRun> = w.iter().filter_map(|x| x.runs.get(i)).collect();
+            let p = runs[0];
+            let _ = writeln!(
+                s,
+                "| {:.0} | {} × {} | {} | {:.0} [{}] | **{:.3}%** [{}] | {:.2} [{}] | {:.2} ({:.2} / {:.2} / {:.2}) | **{:.3}** [{}] | {:.1}% [{}] | {:.1} [{}] |",
+                p.real_burst_s,
+                p.jobs,
+                p.steps_per_job,
+                p.sim.accepted_calls,
+                med(&runs, |x| x.sim.answered_429 as f64),
+                all(&runs, |x| x.sim.answered_429 as f64, 0),
+                100.0 * med(&runs, |x| x.share_429),
+                all(&runs, |x| 100.0 * x.share_429, 3),
+                med(&runs, |x| x.makespan_s),
+                all(&runs, |x| x.makespan_s, 2),
+                med(&runs, |x| x.bound_s),
+                med(&runs, |x| x.token_bound_s),
+                med(&runs, |x| x.request_bound_s),
+                med(&runs, |x| x.chain_bound_s),
+                med(&runs, |x| x.makespan_s / x.bound_s),
+                all(&runs, |x| x.makespan_s / x.bound_s, 3),
+                100.0 * med(&runs, |x| x.utilization),
+                all(&runs, |x| 100.0 * x.utilization, 1),
+                med(&runs, |x| x.learned_burst_s),
+                all(&runs, |x| x.learned_burst_s, 1),
+            );
+        }
+        let _ = writeln!(s);
     }
     s
 }

@@ -8,6 +8,7 @@ mod notify;
 mod plan;
 pub mod quota;
 pub mod router;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;

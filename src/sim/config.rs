@@ -21,6 +21,8 @@
 //! name = "org-a"
 //! api_key = "sk-sim-a"
 //! models."gpt-4o-mini" = { rpm = 500, tpm = 200000 }
+//! # enforce_burst_secs = 10 in a model's table: a 10 s bucket behind
+//! # headers that still show the per-minute one
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -172,6 +174,11 @@ impl fmt::Debug for SimOrg {
 pub struct SimLimits {
     pub rpm: u64,
     pub tpm: u64,
+    /// Enforce the limits over a bucket of this many seconds of refill
+    /// instead of a whole minute (Azure OpenAI counts RPM in 10-second
+    /// slices), while the headers still advertise the per-minute bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforce_burst_secs: Option<u64>,
 }
 
 impl SimConfig {
@@ -212,8 +219,11 @@ impl SimConfig {
                 // Two orgs with one key would make the key→org lookup ambiguous.
                 bail!("orgs.{}: api_key is already used by another org", org.name);
             }
-            for model in org.models.keys() {
+            for (model, limits) in &org.models {
                 ModelName::parse(model.as_str()).with_context(|| format!("orgs.{}.models", org.name))?;
+                if limits.enforce_burst_secs.is_some_and(|b| !(1..=60).contains(&b)) {
+                    bail!("orgs.{}.models.{model}: enforce_burst_secs must be between 1 and 60", org.name);
+                }
             }
         }
         Ok(())
@@ -239,7 +249,7 @@ mod tests {
         assert_eq!(c.listen_addr(), DEFAULT_LISTEN);
         assert_eq!(c.latency, LatencyConfig::default());
         assert_eq!(c.chars_per_token, 4.0);
-        assert_eq!(c.orgs[0].models["gpt-4o-mini"], SimLimits { rpm: 500, tpm: 200_000 });
+        assert_eq!(c.orgs[0].models["gpt-4o-mini"], SimLimits { rpm: 500, tpm: 200_000, enforce_burst_secs: None });
         assert!(!format!("{c:?}").contains("sk-a"), "api keys must not be printed");
     }
 

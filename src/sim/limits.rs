@@ -65,24 +65,30 @@ pub(super) struct Snapshot {
 #[derive(Debug)]
 pub(super) struct ModelLimiter {
     limits: SimLimits,
+    /// The per-minute buckets the headers advertise.
     params: BucketParams,
+    /// The buckets calls are checked against: the advertised ones, or the
+    /// same rates with `enforce_burst_secs` of tolerance. Both are charged
+    /// alike, so one state serves both.
+    enforced: BucketParams,
     bucket: BucketState,
     window: PeakWindow,
 }
 
 impl ModelLimiter {
     pub(super) fn new(limits: SimLimits) -> Self {
-        Self {
-            limits,
-            params: BucketParams { requests: Rate::per_minute(limits.rpm), tokens: Rate::per_minute(limits.tpm) },
-            bucket: BucketState::default(),
-            window: PeakWindow::default(),
-        }
+        let params = BucketParams { requests: Rate::per_minute(limits.rpm), tokens: Rate::per_minute(limits.tpm) };
+        let burst = |rate: Rate| match limits.enforce_burst_secs {
+            Some(secs) => Rate { tolerance_us: secs as Micros * 1_000_000, ..rate },
+            None => rate,
+        };
+        let enforced = BucketParams { requests: burst(params.requests), tokens: burst(params.tokens) };
+        Self { limits, params, enforced, bucket: BucketState::default(), window: PeakWindow::default() }
     }
 
     /// Takes `cost` from both buckets at once, or nothing at all.
     pub(super) fn try_take(&mut self, cost: Cost, now: Micros) -> Result<(), Refusal> {
-        match gcra::decide(self.bucket, &self.params, cost, now) {
+        match gcra::decide(self.bucket, &self.enforced, cost, now) {
             Decision::Allow(next) => {
                 self.bucket = next;
                 self.window.record(now, cost);
@@ -96,7 +102,8 @@ impl ModelLimiter {
     /// one that frees up last (the only wait after which the call fits).
     fn refusal(&self, cost: Cost, now: Micros) -> Refusal {
         // When each bucket alone would admit its part (`None`: never).
-        let fits_at = |requests, tokens| gcra::available_at(&self.bucket, &self.params, Cost { requests, tokens }, now);
+        let fits_at =
+            |requests, tokens| gcra::available_at(&self.bucket, &self.enforced, Cost { requests, tokens }, now);
         let (kind, retry_at) = match (fits_at(cost.requests, 0), fits_at(0, cost.tokens)) {
             (None, _) => (LimitKind::Requests, None),
             (_, None) => (LimitKind::Tokens, None),
@@ -194,7 +201,7 @@ mod tests {
 
     #[test]
     fn refusal_names_the_binding_bucket_and_charges_nothing() {
-        let mut l = ModelLimiter::new(SimLimits { rpm: 2, tpm: 1_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 2, tpm: 1_000, enforce_burst_secs: None });
         let t0 = 100 * S;
         l.try_take(call(100), t0).unwrap();
         l.try_take(call(100), t0).unwrap();
@@ -205,7 +212,7 @@ mod tests {
         assert_eq!(r.retry_after, Some(30 * S));
         assert_eq!(l.snapshot(t0), before);
 
-        let mut l = ModelLimiter::new(SimLimits { rpm: 100, tpm: 1_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 100, tpm: 1_000, enforce_burst_secs: None });
         l.try_take(call(990), t0).unwrap();
         let r = l.try_take(call(120), t0).unwrap_err();
         assert_eq!(r.kind, LimitKind::Tokens);
@@ -215,15 +222,32 @@ mod tests {
     }
 
     #[test]
+    fn a_short_enforced_bucket_refuses_behind_per_minute_headers() {
+        let mut l = ModelLimiter::new(SimLimits { rpm: 1_000, tpm: 30_000, enforce_burst_secs: Some(10) });
+        let t0 = 100 * S;
+        // 10 s of refill: 5,000 tokens at once, not 30,000.
+        for _ in 0..10 {
+            l.try_take(call(500), t0).unwrap();
+        }
+        let r = l.try_take(call(500), t0).unwrap_err();
+        assert_eq!(r.kind, LimitKind::Tokens);
+        assert_eq!(r.retry_after, Some(S), "500 tokens come back in a second");
+        assert_eq!((r.limit, r.used), (30_000, 5_000), "the message quotes the minute");
+        let s = l.snapshot(t0);
+        assert_eq!((s.limit_tokens, s.remaining_tokens, s.reset_tokens), (30_000, 25_000, 10 * S));
+        l.try_take(call(500), t0 + S).unwrap();
+    }
+
+    #[test]
     fn a_call_larger_than_the_minute_never_fits() {
-        let mut l = ModelLimiter::new(SimLimits { rpm: 100, tpm: 1_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 100, tpm: 1_000, enforce_burst_secs: None });
         let r = l.try_take(call(1_001), 0).unwrap_err();
         assert_eq!((r.kind, r.retry_after), (LimitKind::Tokens, None));
     }
 
     #[test]
     fn snapshot_reports_remaining_and_time_to_full() {
-        let mut l = ModelLimiter::new(SimLimits { rpm: 60, tpm: 6_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 60, tpm: 6_000, enforce_burst_secs: None });
         let t0 = 10 * S;
         l.try_take(call(600), t0).unwrap();
         let s = l.snapshot(t0);
@@ -235,7 +259,7 @@ mod tests {
 
     #[test]
     fn peak_is_the_busiest_sliding_minute() {
-        let mut l = ModelLimiter::new(SimLimits { rpm: 1_000, tpm: 1_000_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 1_000, tpm: 1_000_000, enforce_burst_secs: None });
         let t0 = 1_000 * S;
         for i in 0..10 {
             l.try_take(call(100), t0 + i * S).unwrap();
@@ -254,7 +278,7 @@ mod tests {
 
     #[test]
     fn saturating_traffic_stays_within_the_window_bound() {
-        let mut l = ModelLimiter::new(SimLimits { rpm: 600, tpm: 10_000 });
+        let mut l = ModelLimiter::new(SimLimits { rpm: 600, tpm: 10_000, enforce_burst_secs: None });
         let mut now = 0;
         for i in 0..100_000u64 {
             now += 7_919 + (i % 13) as Micros * 1_000;

@@ -134,6 +134,7 @@ impl Router {
                 let Some(params) = org.settings.models.get(model) else { continue };
                 let cost = req.request.cost(org.settings.chars_per_token);
                 let params = scaled(params, self.rate_factor(i, model, now), cost);
+                let params = self.windowed(i, model, &params, cost);
                 let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
                 match gcra::available_at(&cached, &params, cost, now) {
                     None => never += 1,
@@ -218,9 +219,10 @@ impl Router {
             .iter()
             .filter_map(|&i| {
                 let org = &self.orgs[i];
-                let params = org.settings.models.get(model)?;
+                let cost = req.request.cost(org.settings.chars_per_token);
+                let params = self.windowed(i, model, org.settings.models.get(model)?, cost);
                 let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
-                gcra::available_at(&cached, params, req.request.cost(org.settings.chars_per_token), now)
+                gcra::available_at(&cached, &params, cost, now)
             })
             .min()
             .unwrap_or(now)

@@ -22,13 +22,19 @@
 //! [`RateFactor`]): the router charges its calls against limits scaled by
 //! the factor, so the same ledger (whatever its backend) paces it slower,
 //! and routing prefers the orgs with more headroom meanwhile.
+//!
+//! A 429 the ledger did not predict (it granted the call, and neither the
+//! provider's headers nor a slow-down explained the refusal) shows that the
+//! provider enforces a shorter window than the burst: the (org, model)'s
+//! burst is cut, and grows back while calls succeed (see [`burst`]).
 
 mod admit;
+mod burst;
 mod request;
 mod settings;
 mod sync;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,10 +42,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, RateFactor, SlowDownPolicy};
 use super::quota::TenantQuotas;
+use super::window::{BurstPolicy, BurstWindow};
 use crate::backoff::full_jitter;
 use crate::domain::{Clock, Micros, ModelName, OrgName, TenantId, Usage};
 use crate::provider::{Answer, Opened, ProviderClient, ProviderFailure, RateLimitHeaders};
-use crate::storage::gcra::{BucketState, Rate};
+use crate::storage::gcra::{BucketState, Cost, Rate};
 use crate::storage::{CallEvent, CallOutcome, QuotaLedger};
 use crate::telemetry::{BreakerGauge, Telemetry};
 pub use admit::scaled;
@@ -65,6 +72,9 @@ struct OrgState {
     /// Per model: the share of the configured rate admitted (503 Slow Down).
     /// Local to this process: each worker backs off on what it is told.
     rate: Mutex<HashMap<ModelName, RateFactor>>,
+    /// Per model: the burst learned from 429s (absent: the configured one).
+    /// Local to this process, like `rate`.
+    burst: Mutex<HashMap<ModelName, BurstWindow>>,
 }
 
 /// Per-org status for `/v1/usage`.
@@ -74,6 +84,9 @@ pub struct OrgStatus {
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out_of_rotation: Option<OutOfRotation>,
+    /// Per model: the burst, in seconds of refill, this process admits with
+    /// (configured, or smaller once learned from 429s).
+    pub burst_secs: BTreeMap<ModelName, f64>,
 }
 
 pub struct Router {
@@ -90,6 +103,7 @@ pub struct Router {
     telemetry: Arc<Telemetry>,
     policy: RetryPolicy,
     slow_down: SlowDownPolicy,
+    burst_policy: BurstPolicy,
 }
 
 fn to_micros(d: Duration) -> i64 {
@@ -119,6 +133,7 @@ impl Router {
                 telemetry.set_out_of_rotation(&settings.endpoint.name, false);
                 for model in settings.models.keys() {
                     telemetry.set_rate_factor(&settings.endpoint.name, model, 1.0);
+                    telemetry.set_burst(&settings.endpoint.name, model, settings.window.burst_secs as f64);
                 }
                 OrgState {
                     settings,
@@ -126,6 +141,7 @@ impl Router {
                     out: Mutex::new(None),
                     cache: Mutex::new(HashMap::new()),
                     rate: Mutex::new(HashMap::new()),
+                    burst: Mutex::new(HashMap::new()),
                 }
             })
             .collect();
@@ -141,6 +157,7 @@ impl Router {
             telemetry,
             policy,
             slow_down: SlowDownPolicy::default(),
+            burst_policy: BurstPolicy::default(),
         }
     }
 
@@ -160,6 +177,14 @@ impl Router {
     /// fast recovery; production keeps [`SlowDownPolicy::default`]).
     pub fn with_slow_down(mut self, policy: SlowDownPolicy) -> Self {
         self.slow_down = policy;
+        self
+    }
+
+    /// The same router with another way of learning bursts from 429s (a
+    /// test turns learning off to show what it saves; production keeps
+    /// [`BurstPolicy::default`]).
+    pub fn with_burst_policy(mut self, policy: BurstPolicy) -> Self {
+        self.burst_policy = policy;
         self
     }
 
@@ -189,6 +214,7 @@ impl Router {
                 continue;
             }
             let Some(params) = org.settings.models.get(model) else { continue };
+            let params = self.windowed(i, model, params, Cost { requests: 0, tokens: 0 });
             let st = lock(&org.cache).get(model).copied().unwrap_or_default();
             requests.add(&params.requests, st.requests_tat, now);
             tokens.add(&params.tokens, st.tokens_tat, now);
@@ -207,7 +233,8 @@ impl Router {
         let now = self.clock.now();
         self.orgs
             .iter()
-            .map(|o| {
+            .enumerate()
+            .map(|(i, o)| {
                 let out = lock(&o.out).clone().filter(|x| x.until > now);
                 let state = if out.is_some() {
                     "out_of_rotation"
@@ -218,7 +245,12 @@ impl Router {
                         BreakerGauge::Open => "breaker_open",
                     }
                 };
-                OrgStatus { org: o.settings.endpoint.name.clone(), state, out_of_rotation: out }
+                OrgStatus {
+                    org: o.settings.endpoint.name.clone(),
+                    state,
+                    out_of_rotation: out,
+                    burst_secs: self.bursts(i),
+                }
             })
             .collect()
     }
@@ -331,10 +363,12 @@ impl Router {
                     let got = match answered {
                         Answered::Whole(answer) => {
                             self.telemetry.record_call(&event(CallOutcome::Ok, answer.usage));
+                            self.learn_from_success(idx, model, sent_at, &answer.limits);
                             self.sync_headers(idx, model, &answer.limits, sent_at, None).await;
                             Got::Whole(answer)
                         }
                         Answered::Stream(opened) => {
+                            self.learn_from_success(idx, model, sent_at, &opened.limits);
                             self.sync_headers(idx, model, &opened.limits, sent_at, None).await;
                             let record = CallRecord::new(
                                 self.telemetry.clone(),
@@ -353,8 +387,11 @@ impl Router {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
                     tracing::info!(org = %name, model = %model, %message, "rate limited by provider; re-routing");
-                    let blocked_for = Some(retry_after.unwrap_or(Duration::from_secs(1)));
-                    self.sync_headers(idx, model, &limits, sent_at, blocked_for).await;
+                    let blocked_for = retry_after.unwrap_or(Duration::from_secs(1));
+                    // Before the sync, so the block is set with the cut burst.
+                    let cost = req.request.cost(org.settings.chars_per_token);
+                    self.learn_from_429(idx, model, cost, sent_at, &limits, blocked_for);
+                    self.sync_headers(idx, model, &limits, sent_at, Some(blocked_for)).await;
                 }
                 ProviderFailure::SlowDown { retry_after, limits, message } => {
                     // Healthy (it answered), but asking for fewer requests:

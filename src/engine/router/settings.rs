@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::super::breaker::BreakerPolicy;
 use crate::domain::ModelName;
+use crate::engine::window::WindowSettings;
 use crate::provider::OrgEndpoint;
 use crate::storage::gcra::{BucketParams, Rate};
 
@@ -28,13 +29,15 @@ pub struct OrgSettings {
     pub header_sync: bool,
     /// Taken only by cheap steps, or after `Routing::fallback_after`.
     pub fallback: bool,
+    /// How the provider counts its limits over time: the ledger's burst.
+    pub window: WindowSettings,
 }
 
 impl OrgSettings {
     /// An org whose ledger buckets are its provider limits (`(rpm, tpm)` per
     /// model) less `safety_margin`, with the provider's usual prompt
-    /// estimate (4 characters a token), header sync on, and primary (not a
-    /// fallback).
+    /// estimate (4 characters a token), header sync on, primary (not a
+    /// fallback), and a whole minute's burst.
     pub fn new(endpoint: OrgEndpoint, provider_limits: BTreeMap<ModelName, (u64, u64)>, safety_margin: f64) -> Self {
         let keep = 1.0 - safety_margin;
         let scaled = |v: u64| ((v as f64 * keep).floor() as u64).max(1);
@@ -48,7 +51,15 @@ impl OrgSettings {
                 (model.clone(), params)
             })
             .collect();
-        Self { endpoint, models, provider_limits, chars_per_token: 4.0, header_sync: true, fallback: false }
+        Self {
+            endpoint,
+            models,
+            provider_limits,
+            chars_per_token: 4.0,
+            header_sync: true,
+            fallback: false,
+            window: WindowSettings::default(),
+        }
     }
 }
 

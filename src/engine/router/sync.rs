@@ -7,7 +7,7 @@ use super::{Router, lock, to_micros};
 use crate::domain::{Micros, ModelName};
 use crate::provider::RateLimitHeaders;
 use crate::storage::BucketKey;
-use crate::storage::gcra::{self, BucketParams, BucketState, Rate};
+use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
 
 impl Router {
     pub(super) fn remember(
@@ -49,11 +49,13 @@ impl Router {
         if org.settings.header_sync {
             floor = provider_floor(params, h, prov_rpm, prov_tpm, sent_at);
         }
+        // What admission uses: a learned burst shortens the tolerance.
+        let admitted = self.windowed(idx, model, params, Cost { requests: 1, tokens: 0 });
         if let Some(d) = blocked_for {
             // Available again (for one request) at now + retry-after.
             let again = self.clock.now() + to_micros(d);
             floor.requests_tat =
-                floor.requests_tat.max(again + params.requests.tolerance() - params.requests.increment(1));
+                floor.requests_tat.max(again + admitted.requests.tolerance() - admitted.requests.increment(1));
         }
         let cached = lock(&org.cache).get(model).copied().unwrap_or_default();
         // Write only when the provider is ahead by more than one request's
@@ -70,7 +72,7 @@ impl Router {
             Ok(state) => {
                 self.telemetry.ledger_op("raise");
                 tracing::debug!(org = %org.settings.endpoint.name, model = %model, "ledger moved toward the provider's headers");
-                self.remember(idx, model, state, params, self.clock.now());
+                self.remember(idx, model, state, &admitted, self.clock.now());
             }
             Err(e) => {
                 tracing::warn!(org = %org.settings.endpoint.name, error = %e, "could not sync the ledger to provider headers")
