@@ -152,6 +152,11 @@ pub struct WorkersConfig {
     /// unless the job sets `cache_ttl_secs`.
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl_secs: NonZeroU64,
+    /// How long after submission a job may take before it fails with the
+    /// reason (waiting for capacity that never comes back, a worker, or
+    /// retries), unless the job sets `deadline_secs`. 0: no deadline.
+    #[serde(default = "default_deadline")]
+    pub default_deadline_secs: u64,
 }
 
 impl Default for WorkersConfig {
@@ -166,6 +171,7 @@ impl Default for WorkersConfig {
             cache_ttl_secs: default_cache_ttl(),
             interactive_weight: default_interactive_weight(),
             fallback_after_secs: default_fallback_after(),
+            default_deadline_secs: default_deadline(),
         }
     }
 }
@@ -193,6 +199,9 @@ fn default_grace() -> u64 {
 }
 fn default_fallback_after() -> u64 {
     30
+}
+fn default_deadline() -> u64 {
+    24 * 3600
 }
 fn default_cache_ttl() -> NonZeroU64 {
     nz(24 * 3600)
@@ -645,6 +654,12 @@ impl Config {
         if !(1..=MAX_FAN_OUT).contains(&self.limits.max_fan_out) {
             return Err(format!("[limits]: max_fan_out must be between 1 and {MAX_FAN_OUT}"));
         }
+        if self.workers.default_deadline_secs > crate::spec::MAX_DEADLINE_SECS {
+            return Err(format!(
+                "[workers]: default_deadline_secs must be at most {} (7 days), or 0 for no deadline",
+                crate::spec::MAX_DEADLINE_SECS
+            ));
+        }
         if !(self.simulator.time_scale.is_finite() && self.simulator.time_scale >= 0.0) {
             return Err("[simulator]: time_scale must be a number >= 0".into());
         }
@@ -850,6 +865,17 @@ api_key_env = "SCREENPLAYS_API_KEY"
     }
 
     const QUOTA: &str = "[tenants.quota]\ntokens_per_day = 2000000\ncalls_per_minute = 600\njobs_in_flight = 20\n";
+
+    #[test]
+    fn the_default_deadline_is_a_day_zero_is_none_and_more_than_a_week_is_refused() {
+        assert_eq!(Config::parse(GOOD).unwrap().workers.default_deadline_secs, 86_400);
+        let with = |v: &str| {
+            Config::parse(&GOOD.replace("concurrency = 64", &format!("concurrency = 64\ndefault_deadline_secs = {v}")))
+        };
+        assert_eq!(with("0").unwrap().workers.default_deadline_secs, 0);
+        let err = with("604801").unwrap_err();
+        assert!(err.contains("default_deadline_secs must be at most 604800"), "{err}");
+    }
 
     #[test]
     fn a_tenant_quota_parses_and_its_absence_is_unlimited() {

@@ -57,6 +57,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         owner: EngineConfig::default_owner(),
         cache_ttl: Duration::from_secs(cfg.workers.cache_ttl_secs.get()),
         fallback_after: Duration::from_secs(cfg.workers.fallback_after_secs),
+        deadline: Some(cfg.workers.default_deadline_secs).filter(|&s| s > 0).map(Duration::from_secs),
         // No tenant secrets: `start_workers` puts in the notifier that has them.
         notifier: Arc::new(WebhookNotifier::new(cfg.webhooks.policy(), Default::default(), Arc::new(SystemClock))),
     }

@@ -425,6 +425,7 @@ async fn an_org_that_says_slow_down_gets_a_lower_rate_that_recovers() {
                     ),
                     request_id: format!("c{c}/n{n}"),
                     gate: None,
+                    yield_to_tenant_quota: false,
                     routing: Default::default(),
                     max_wait: None,
                 };

@@ -90,6 +90,7 @@ async fn eight_workers_on_one_bucket_never_overrun_the_provider() {
                         ),
                         request_id: format!("w{w}/c{c}/{i}"),
                         gate: None,
+                        yield_to_tenant_quota: false,
                         routing: Default::default(),
                         max_wait: None,
                     };

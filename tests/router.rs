@@ -73,6 +73,7 @@ fn fast_policy() -> RetryPolicy {
             max_cooldown: Duration::from_millis(1_200),
         },
         out_of_rotation_for: Duration::from_secs(60),
+        ..RetryPolicy::default()
     }
 }
 
@@ -183,6 +184,7 @@ fn request(id: impl Into<String>, chat: ProviderRequest) -> CallRequest {
         request: chat,
         request_id: id.into(),
         gate: None,
+        yield_to_tenant_quota: false,
         routing: Default::default(),
         max_wait: None,
     }
@@ -946,4 +948,83 @@ async fn a_provider_allowing_the_whole_minute_keeps_it_and_answers_no_429() {
     for s in h.router.status() {
         assert_eq!(s.burst_secs[&model], 60.0, "{}: no 429, no shrinking", s.org);
     }
+}
+
+// Limits that never clear, a slow gate, a long wait (issue #10) -------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_for_the_orgs_real_tpm_fails_at_once_without_retry() {
+    // Configured far above the org's real tier, header sync off: only the
+    // provider's 429 "Request too large" says the call can never fit.
+    let a = OrgDef { sim: (600, 1_000), ours: (600, 100_000), header_sync: false, ..org("a", 600, 1_000) };
+    let h = start(&[a], fast_policy()).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), h.call("big", chat(MODEL, 40, 2_500))).await;
+    match r {
+        Ok(Err(e @ CallError::Request { status: 429, .. })) => {
+            assert!(e.to_string().contains("Request too large"), "{e}")
+        }
+        Ok(other) => panic!("expected the provider's request error, got {other:?}"),
+        Err(_) => panic!("a request too large was retried for 10 s"),
+    }
+    assert_eq!(h.sim.stats().total_calls, 1, "not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_that_never_clear_give_the_call_up_after_the_cap() {
+    let h = start(&[org("a", 600, 60_000), org("b", 600, 60_000)], fast_policy()).await;
+    for o in ["a", "b"] {
+        h.control(&format!("/_sim/orgs/{o}"), json!({"day_limit_retry_ms": 20})).await;
+    }
+    let r = tokio::time::timeout(Duration::from_secs(10), h.call("daily", chat(MODEL, 40, 10))).await;
+    let cap = 10; // `RetryPolicy::default().max_rate_limited`
+    match r {
+        Ok(Err(CallError::Exhausted { last, .. })) => {
+            assert!(last.contains("rate limits for one call") && last.contains("requests per day"), "{last}")
+        }
+        Ok(other) => panic!("expected the call given up, got {other:?}"),
+        Err(_) => panic!("a 429 that never clears was retried for 10 s"),
+    }
+    assert_eq!(h.rate_limited(), cap, "given up after the cap, over both orgs");
+    assert!(h.org_stats("a").rate_limited_requests > 0 && h.org_stats("b").rate_limited_requests > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_at_its_gate_is_charged_only_once_the_gate_opens() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    let (key, _) = h.bucket("a");
+    let (open, rx) = tokio::sync::watch::channel(None);
+    let mut req = request("held/1", chat(MODEL, 40, 100));
+    req.gate = Some(Arc::new(TestGate(rx)));
+    let router = h.router.clone();
+    let call = tokio::spawn(async move { router.call(&req, &CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Charged before the gate, the charge would already be older than the
+    // 1 s transit allowance the ledger keeps for it.
+    assert_eq!(h.telemetry.ledger_ops("acquire"), 0, "charged while held at the gate");
+    assert_eq!(h.ledger.state(&key).await.unwrap(), BucketState::default());
+    let opened = h.clock.now();
+    open.send(Some(true)).unwrap();
+    call.await.unwrap().unwrap();
+    assert_eq!(h.telemetry.ledger_ops("acquire"), 1);
+    assert!(h.ledger.state(&key).await.unwrap().requests_tat > opened, "charged after the gate opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_long_for_capacity_does_not_hold_back_one_that_fits() {
+    let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
+    let (key, params) = h.bucket("a");
+    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 58_000 }, h.clock.now()).await.unwrap();
+    // A 10,000-token call needs ~8 s of refill.
+    let router = h.router.clone();
+    let big =
+        tokio::spawn(
+            async move { router.call(&request("big", chat(MODEL, 40, 9_990)), &CancellationToken::new()).await },
+        );
+    eventually(Duration::from_secs(5), "the big call is denied and sleeps", || h.telemetry.ledger_ops("denied") >= 1)
+        .await;
+    let started = Instant::now();
+    h.call("small", chat(MODEL, 40, 100)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "a call that fits waited {:?}", started.elapsed());
+    assert!(!big.is_finished());
+    big.abort();
 }

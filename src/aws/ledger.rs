@@ -40,7 +40,7 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 
 use super::AwsConfig;
-use super::sdk_err;
+use super::{dynamo_err, sdk_err};
 use crate::domain::{Clock, Micros};
 use crate::storage::gcra::{self, Decision, Rate};
 use crate::storage::{
@@ -300,7 +300,7 @@ impl QuotaLedger for DynamoLedger {
                             None => self.forget(key),
                         }
                     }
-                    _ => return Err(sdk_err("acquiring ledger capacity", e)),
+                    _ => return Err(dynamo_err("acquiring ledger capacity", e)),
                 },
             }
         }
@@ -362,7 +362,7 @@ impl QuotaLedger for DynamoLedger {
                             self.remember(key, state_of(old)?);
                         }
                     }
-                    _ => return Err(sdk_err("raising the ledger", e)),
+                    _ => return Err(dynamo_err("raising the ledger", e)),
                 },
             }
         }

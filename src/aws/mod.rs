@@ -114,6 +114,21 @@ pub(crate) fn sdk_err<E: std::error::Error + Send + Sync + 'static>(what: &str, 
     StorageError::Backend(msg)
 }
 
+/// [`sdk_err`], with DynamoDB's throttling kept apart as
+/// [`StorageError::Throttled`] (the SDK's own retries of it are spent by
+/// the time it gets here; the caller backs off longer).
+pub(crate) fn dynamo_err<E>(what: &str, e: E) -> StorageError
+where
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + Send + Sync + 'static,
+{
+    match e.code() {
+        Some(code @ ("ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded")) => {
+            StorageError::Throttled(format!("{what}: {code}"))
+        }
+        _ => sdk_err(what, e),
+    }
+}
+
 /// Opens the AWS backend: resolves queue URLs and checks the tables exist.
 pub async fn connect(
     clients: &AwsClients,

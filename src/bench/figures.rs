@@ -698,6 +698,7 @@ async fn requests_per_call(
                         request: ProviderRequest::user_prompt(&ModelName::parse(MODEL)?, &format!("r{r} c{c} i{i}"), 5),
                         request_id: format!("r{r}/c{c}/{i}"),
                         gate: None,
+                        yield_to_tenant_quota: false,
                         routing: Default::default(),
                         max_wait: None,
                     };

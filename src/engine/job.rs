@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use super::plan::{Plan, StepScope, Unit};
+use super::retry::{WriteRetry, retry_write};
 use super::router::{CallError, CallRequest, Routing, SendGate};
 use crate::answer::StepAnswer;
 use crate::domain::Usage;
@@ -76,6 +77,12 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     let jobs = &engine.backend.jobs;
     let cfg = &engine.config;
     let id = &delivery.message.job_id;
+    // A tenant whose rate quota is spent would only wait in a worker slot
+    // that other tenants' jobs could use: its job comes back when it fits.
+    if let Some(retry_at) = engine.router.tenant_quota_retry_at(&delivery.message.tenant).await? {
+        tracing::debug!(job = %id, tenant = %delivery.message.tenant, "tenant quota spent; job put back until it has room");
+        return Ok(Ack::Defer(until(engine, retry_at)));
+    }
     let lease = match jobs.acquire_lease(id, &cfg.owner, cfg.lease_ttl, engine.clock.now()).await? {
         LeaseOutcome::Acquired(l) => l,
         LeaseOutcome::Held { expires_at, .. } => {
@@ -107,6 +114,14 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
             return finish(engine, &lease, &record.tenant, outcome, record.created_at).await;
         }
     };
+    let deadline =
+        spec.deadline_secs.map(Duration::from_secs).or(cfg.deadline).map(|d| Deadline::after(record.created_at, d));
+    if let Some(d) = deadline
+        && engine.clock.now() >= d.at
+    {
+        let outcome = JobOutcome::Failed(d.passed("a worker to run it"));
+        return finish(engine, &lease, &record.tenant, outcome, record.created_at).await;
+    }
     tracing::info!(job = %id, steps = spec.steps.len(), receive = delivery.receive_count, "job started");
 
     let lease = Arc::new(Mutex::new(lease));
@@ -119,7 +134,7 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
         lost.clone(),
         cfg.lease_ttl,
     ));
-    let result = run_steps(engine, &record.tenant, id, &spec, record.steps_total, &lease, &lost, stop).await;
+    let result = run_steps(engine, &record.tenant, id, &spec, record.steps_total, deadline, &lease, &lost, stop).await;
     heartbeat.abort();
     let lease = current(&lease);
     match result {
@@ -136,13 +151,25 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
             tracing::info!(job = %id, "job handed back to the queue");
             Ok(Ack::HandBack)
         }
+        Ok(StepsEnd::TenantQuotaSpent(retry_at)) => {
+            jobs.release_lease(&lease).await?;
+            tracing::info!(job = %id, tenant = %record.tenant, "tenant quota spent; job put back until it has room");
+            Ok(Ack::Defer(until(engine, retry_at)))
+        }
         Ok(StepsEnd::LeaseLost) | Err(StorageError::LeaseLost) => {
             // Cancelled, or another worker took over: ours is done either way.
             let status = jobs.get_job(id).await?.map(|j| j.status);
             tracing::info!(job = %id, ?status, "job lease lost; stopping this run");
             Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::Leave })
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // Giving up on storage: the next run need not wait for the
+            // lease to lapse (best effort; the store may still be down).
+            if let Err(r) = jobs.release_lease(&lease).await {
+                tracing::warn!(job = %id, error = %r, "could not release the lease of a run given up");
+            }
+            Err(e)
+        }
     }
 }
 
@@ -226,6 +253,14 @@ async fn keep_hidden(queue: Arc<dyn crate::storage::JobQueue>, receipt: String, 
             return;
         }
     }
+}
+
+/// How long to keep a job away until `retry_at`, plus up to a second of
+/// jitter so a tenant's jobs do not all come back at once (at most 15 min,
+/// SQS's longest delay; the job checks again then).
+fn until(engine: &Engine, retry_at: crate::domain::Micros) -> Duration {
+    let left = retry_at.saturating_sub(engine.clock.now()).clamp(0, 900_000_000) as u64;
+    Duration::from_micros(left) + Duration::from_millis(rand::random_range(50..1_000))
 }
 
 fn current(lease: &Mutex<Lease>) -> Lease {
@@ -321,6 +356,9 @@ enum StepsEnd {
     AllDone,
     Failed(String),
     HandBack,
+    /// The tenant's rate quota has no room until then: the job goes back
+    /// to the queue (its running steps finished and checkpointed first).
+    TenantQuotaSpent(crate::domain::Micros),
     LeaseLost,
 }
 
@@ -334,6 +372,7 @@ struct StepDone {
 enum StepError {
     Failed(String),
     Cancelled,
+    TenantQuotaSpent(crate::domain::Micros),
     Storage(StorageError),
 }
 
@@ -344,6 +383,7 @@ async fn run_steps(
     id: &JobId,
     spec: &Arc<JobSpec>,
     steps_total: u32,
+    deadline: Option<Deadline>,
     lease: &Arc<Mutex<Lease>>,
     lost: &CancellationToken,
     stop: &Stop,
@@ -365,9 +405,10 @@ async fn run_steps(
     let steps_cancel = CancellationToken::new();
     let _cancel_on_exit = steps_cancel.clone().drop_guard();
     let mut running = 0usize;
+    let mut quota_spent: Option<crate::domain::Micros> = None;
     let mut tasks: JoinSet<Result<StepDone, StepError>> = JoinSet::new();
     loop {
-        if !stop.drain.is_cancelled() {
+        if !stop.drain.is_cancelled() && quota_spent.is_none() {
             if let Err(reason) = plan.expand_ready() {
                 return Ok(StepsEnd::Failed(reason));
             }
@@ -395,12 +436,16 @@ async fn run_steps(
                     cache: engine.backend.cache.clone(),
                     cache_ttl: spec.cache_ttl_secs.map_or(engine.config.cache_ttl, Duration::from_secs),
                     fallback_after: spec.fallback_after_secs.map_or(engine.config.fallback_after, Duration::from_secs),
+                    deadline,
                     telemetry: engine.telemetry.clone(),
                 };
                 tasks.spawn(run_step(ctx));
             }
         }
         if running == 0 {
+            if let Some(retry_at) = quota_spent {
+                return Ok(StepsEnd::TenantQuotaSpent(retry_at));
+            }
             return Ok(if plan.all_done() { StepsEnd::AllDone } else { StepsEnd::HandBack });
         }
         let joined = tokio::select! {
@@ -415,20 +460,45 @@ async fn run_steps(
         };
         match step {
             Ok(s) => {
-                let held = current(lease);
-                jobs.put_checkpoint(&held, &s.checkpoint, engine.clock.now()).await?;
+                write_checkpoint(engine, lease, lost, &s.checkpoint).await?;
                 let total = s.started.elapsed();
                 engine.telemetry.step_done(total.saturating_sub(s.provider_time));
                 running -= 1;
                 plan.finish(&s.unit, s.checkpoint.answer);
             }
             Err(StepError::Failed(reason)) => return Ok(StepsEnd::Failed(reason)),
+            // Start nothing more; hand the job back once the running steps end.
+            Err(StepError::TenantQuotaSpent(retry_at)) => {
+                running -= 1;
+                quota_spent = Some(quota_spent.map_or(retry_at, |r| r.max(retry_at)));
+            }
             // A gate gives up on a call only when the lease is lost.
             Err(StepError::Cancelled) if lost.is_cancelled() => return Ok(StepsEnd::LeaseLost),
             Err(StepError::Cancelled) => return Ok(StepsEnd::HandBack),
             Err(StepError::Storage(e)) => return Err(e),
         }
     }
+}
+
+/// Writes a finished step's checkpoint, retrying a failing or throttled
+/// store while the lease holds: the call is paid for, and a run that ends
+/// here would make it again. A retry that finds the checkpoint written
+/// (the first answer was lost after the write landed) has succeeded.
+async fn write_checkpoint(
+    engine: &Engine,
+    lease: &Mutex<Lease>,
+    lost: &CancellationToken,
+    checkpoint: &Checkpoint,
+) -> Result<(), StorageError> {
+    let jobs = &engine.backend.jobs;
+    let holds = || !lost.is_cancelled() && current(lease).expires_at > engine.clock.now();
+    retry_write("write checkpoint", WriteRetry::RUN, holds, |attempt| async move {
+        match jobs.put_checkpoint(&current(lease), checkpoint, engine.clock.now()).await {
+            Err(StorageError::CheckpointExists(_)) if attempt > 0 => Ok(()),
+            other => other,
+        }
+    })
+    .await
 }
 
 /// Exact match on everything the provider sees, and the tenant: one
@@ -454,7 +524,28 @@ struct StepCtx {
     cache: Arc<dyn ResponseCache>,
     cache_ttl: Duration,
     fallback_after: Duration,
+    deadline: Option<Deadline>,
     telemetry: Arc<crate::telemetry::Telemetry>,
+}
+
+/// When a job must be done by: `deadline_secs` (the job's, or the
+/// configured default) after it was submitted.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    secs: u64,
+    at: crate::domain::Micros,
+}
+
+impl Deadline {
+    fn after(created_at: crate::domain::Micros, d: Duration) -> Self {
+        let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self { secs: d.as_secs(), at: created_at.saturating_add(us) }
+    }
+
+    /// The job's failure reason: the deadline passed while it waited for `what`.
+    fn passed(&self, what: &str) -> String {
+        format!("deadline of {} s passed while waiting for {what}", self.secs)
+    }
 }
 
 async fn run_step(ctx: StepCtx) -> Result<StepDone, StepError> {
@@ -506,18 +597,39 @@ async fn run_step(ctx: StepCtx) -> Result<StepDone, StepError> {
             }
         }
     }
+    // The job's deadline bounds the call's wait for capacity and its retries.
+    let max_wait = match ctx.deadline {
+        None => None,
+        Some(d) => {
+            let left = d.at - ctx.clock.now();
+            if left <= 0 {
+                return Err(StepError::Failed(format!("step {key}: {}", d.passed("its turn to run"))));
+            }
+            Some(Duration::from_micros(left as u64))
+        }
+    };
     let req = CallRequest {
         tenant: ctx.tenant.clone(),
         request,
         request_id: format!("{}/{key}", ctx.job),
         gate: Some(ctx.gate.clone()),
+        yield_to_tenant_quota: true,
         routing: Routing { cheap: step.tier == Tier::Cheap, fallback_after: ctx.fallback_after },
-        max_wait: None,
+        max_wait,
     };
-    let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match e {
-        CallError::Cancelled => StepError::Cancelled,
-        CallError::Storage(e) => StepError::Storage(e),
-        other => StepError::Failed(format!("step {key}: {other}")),
+    let model = &step.model;
+    let result = ctx.router.call(&req, &ctx.cancel).await.map_err(|e| match (e, ctx.deadline) {
+        (CallError::Cancelled, _) => StepError::Cancelled,
+        (CallError::TenantQuotaSpent { retry_at }, _) => StepError::TenantQuotaSpent(retry_at),
+        (CallError::Storage(e), _) => StepError::Storage(e),
+        (CallError::NoCapacity { .. }, Some(d)) => StepError::Failed(format!(
+            "step {key}: {}",
+            d.passed(&format!("capacity for {model} (the pool's, or the tenant's quota)"))
+        )),
+        (CallError::Unavailable { reason, .. }, Some(d)) => {
+            StepError::Failed(format!("step {key}: {}: {reason}", d.passed(&format!("an org serving {model}"))))
+        }
+        (other, _) => StepError::Failed(format!("step {key}: {other}")),
     })?;
     let answer =
         StepAnswer::from_completion(&result.body).map_err(|e| StepError::Failed(format!("step {key}: {e}")))?;

@@ -7,6 +7,7 @@ mod job;
 mod notify;
 mod plan;
 pub mod quota;
+mod retry;
 pub mod router;
 pub mod window;
 
@@ -50,6 +51,9 @@ pub struct EngineConfig {
     /// How long a step waits for a primary org before fallback orgs may take
     /// it, unless the job says otherwise.
     pub fallback_after: Duration,
+    /// How long after submission a job may take, unless the job says
+    /// otherwise; `None`: no deadline.
+    pub deadline: Option<Duration>,
     /// Tells a finished job's client (its webhook).
     pub notifier: Arc<dyn JobNotifier>,
 }

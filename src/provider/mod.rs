@@ -263,6 +263,11 @@ pub fn classify_error(
         429 if kind == "insufficient_quota" || code == "insufficient_quota" => {
             ProviderFailure::InsufficientQuota { message }
         }
+        // One request above the org's whole per-minute limit: no wait
+        // makes it fit, so it is the request's fault, not the org's load.
+        429 if is_request_too_large(&message) => {
+            ProviderFailure::Request { status, message, body: Bytes::copy_from_slice(body) }
+        }
         429 => ProviderFailure::RateLimited { retry_after, limits, message },
         401 | 403 => ProviderFailure::Unauthorized { status, message },
         408 => ProviderFailure::Timeout,
@@ -270,6 +275,13 @@ pub fn classify_error(
         400..=499 => ProviderFailure::Request { status, message, body: Bytes::copy_from_slice(body) },
         _ => ProviderFailure::Server { status, retry_after, limits, message },
     }
+}
+
+/// OpenAI's 429 for a request larger than the org's limit allows at all:
+/// "Request too large for gpt-4o in organization org-… on tokens per min
+/// (TPM): Limit 30000, Requested 45000. …".
+fn is_request_too_large(message: &str) -> bool {
+    message.trim_start().to_ascii_lowercase().starts_with("request too large")
 }
 
 /// OpenAI's 503 "Slow Down" (a sudden rise in request rate): marked by a
@@ -296,6 +308,11 @@ mod tests {
         assert!(matches!(classify(429, rl), ProviderFailure::RateLimited { .. }));
         let iq = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
         assert!(matches!(classify(429, iq), ProviderFailure::InsufficientQuota { .. }));
+        let too_large = r#"{"error":{"message":"Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 45000. The input or output tokens must be reduced in order to run successfully.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;
+        assert!(
+            matches!(classify(429, too_large), ProviderFailure::Request { status: 429, .. }),
+            "a request no wait can fit is the request's error"
+        );
         let bad = r#"{"error":{"message":"'messages' is required","type":"invalid_request_error"}}"#;
         assert_eq!(
             classify(400, bad),

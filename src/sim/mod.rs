@@ -93,6 +93,10 @@ struct OrgState {
     insufficient_quota: bool,
     /// While set, requests above this rate get 503 "Slow Down".
     slow_down: Option<SlowDown>,
+    /// While set, every request gets a 429 on a per-day limit with this
+    /// retry hint (ms): a limit that does not clear however often it is
+    /// retried.
+    day_limit_retry_ms: Option<u64>,
     models: BTreeMap<String, ModelLimiter>,
     /// The counters; `models` in here stays empty (filled from the limiters
     /// when stats are read).
@@ -174,6 +178,7 @@ impl Simulator {
                     down: o.down,
                     insufficient_quota: o.insufficient_quota,
                     slow_down: None,
+                    day_limit_retry_ms: None,
                     models: o.models.iter().map(|(m, l)| (m.clone(), ModelLimiter::new(*l))).collect(),
                     counts: OrgStats::default(),
                 }
@@ -343,6 +348,13 @@ impl Inner {
             o.counts.insufficient_quota += 1;
             let headers = wire::ratelimit_headers(&limiter.snapshot(now));
             return Err((headers, ApiError::insufficient_quota()).into_response());
+        }
+        if let Some(ms) = o.day_limit_retry_ms {
+            o.counts.rate_limited_requests += 1;
+            let mut headers = wire::ratelimit_headers(&limiter.snapshot(now));
+            let wait = i64::try_from(ms.saturating_mul(1_000)).unwrap_or(i64::MAX);
+            headers.extend(wire::retry_headers(wait));
+            return Err((headers, ApiError::day_limit_reached(call.model, &o.name, ms)).into_response());
         }
         if let Some(slow) = o.slow_down.as_mut()
             && !slow.admits(now)
@@ -546,6 +558,10 @@ struct OrgPatch {
     /// Down" to requests above that many per minute.
     #[serde(default, deserialize_with = "present")]
     slow_down_rpm: Option<Option<u64>>,
+    /// Absent: unchanged; `null`: off; a number: answer every request with
+    /// a 429 on requests per day whose retry hint is that many ms.
+    #[serde(default, deserialize_with = "present")]
+    day_limit_retry_ms: Option<Option<u64>>,
 }
 
 /// Tells a field sent as `null` (`Some(None)`) from one left out (`None`).
@@ -589,6 +605,9 @@ async fn update_org(State(sim): State<Simulator>, Path(name): Path<String>, body
     }
     if let Some(rpm) = patch.slow_down_rpm {
         o.slow_down = rpm.map(SlowDown::new);
+    }
+    if let Some(ms) = patch.day_limit_retry_ms {
+        o.day_limit_retry_ms = ms;
     }
     let slow_down_rpm = o.slow_down.as_ref().map(|s| s.rpm);
     tracing::info!(org = %o.name, down = o.down, insufficient_quota = o.insufficient_quota, ?slow_down_rpm, "sim: org updated");

@@ -331,6 +331,21 @@ impl ApiError {
         Self { status, message: message.into(), kind: "server_error", param: None, code: None }
     }
 
+    /// A per-day limit reached: a 429 like a per-minute one, but it will
+    /// not clear within the minute.
+    pub(super) fn day_limit_reached(model: &str, org: &str, retry_ms: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "Rate limit reached for {model} in organization {org} on requests per day (RPD): \
+                 Limit 10000, Used 10000, Requested 1. Please try again in {retry_ms}ms."
+            ),
+            kind: "requests",
+            param: None,
+            code: Some("rate_limit_exceeded"),
+        }
+    }
+
     pub(super) fn rate_limited(r: &Refusal, model: &str, org: &str) -> Self {
         let message = match r.retry_after {
             Some(wait) => format!(

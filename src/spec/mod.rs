@@ -43,6 +43,8 @@ const MAX_NAME_CHARS: usize = 200;
 const MAX_PARALLEL: u32 = 64;
 const MAX_CACHE_TTL_SECS: u64 = 30 * 24 * 3600;
 const MAX_FALLBACK_AFTER_SECS: u64 = 3600;
+/// The longest `deadline_secs`: a week.
+pub const MAX_DEADLINE_SECS: u64 = 7 * 24 * 3600;
 const MAX_WEBHOOK_URL_BYTES: usize = 2048;
 
 /// Size limits on a submitted spec. They bound what one request can make the
@@ -167,6 +169,10 @@ pub struct JobSpec {
     /// How long a step waits for a primary org before a fallback org may
     /// take it, if the client chose (else the configured default).
     pub fallback_after_secs: Option<u64>,
+    /// How long after submission the job may take before it fails (waiting
+    /// for capacity, a worker or retries), if the client chose (else the
+    /// configured default).
+    pub deadline_secs: Option<u64>,
     /// Where the job's summary is POSTed when it succeeds or fails; the
     /// shape is checked here, the network policy by the API.
     pub webhook_url: Option<String>,
@@ -200,6 +206,7 @@ impl JobSpec {
             max_fan_out: self.max_fan_out,
             cache_ttl_secs: self.cache_ttl_secs,
             fallback_after_secs: self.fallback_after_secs,
+            deadline_secs: self.deadline_secs,
             webhook_url: self.webhook_url.as_deref(),
             steps: self
                 .steps
@@ -326,6 +333,14 @@ fn validate(
             format!("must be at most {MAX_FALLBACK_AFTER_SECS} (1 hour), got {t}"),
         ));
     }
+    if let Some(t) = raw.deadline_secs
+        && !(1..=MAX_DEADLINE_SECS).contains(&t)
+    {
+        return Err(SpecError::new(
+            "deadline_secs",
+            format!("must be between 1 and {MAX_DEADLINE_SECS} (7 days), got {t}"),
+        ));
+    }
     if let Some(url) = &raw.webhook_url {
         check_webhook_url(url).map_err(|m| SpecError::new("webhook_url", m))?;
     }
@@ -383,6 +398,7 @@ fn validate(
         max_fan_out: raw.max_fan_out,
         cache_ttl_secs: raw.cache_ttl_secs,
         fallback_after_secs: raw.fallback_after_secs,
+        deadline_secs: raw.deadline_secs,
         webhook_url: raw.webhook_url,
         steps,
     })

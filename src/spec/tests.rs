@@ -509,3 +509,18 @@ fn tier_and_fallback_wait_are_parsed_checked_and_stored() {
     rejects(|v| v["steps"][0]["tier"] = json!("premium"), "steps[0].tier", "unknown variant");
     rejects(|v| v["fallback_after_secs"] = json!(3601), "fallback_after_secs", "at most 3600");
 }
+
+#[test]
+fn a_deadline_is_a_positive_number_of_seconds_up_to_a_week_and_is_stored() {
+    let mut v = base();
+    v["deadline_secs"] = json!(600);
+    let spec = parse(&v).unwrap();
+    assert_eq!(spec.deadline_secs, Some(600));
+    assert_eq!(JobSpec::from_stored(&spec.to_stored(), &SpecLimits::default()).unwrap(), spec);
+    assert_eq!(parse(&base()).unwrap().deadline_secs, None, "the configured default applies");
+    rejects(|v| v["deadline_secs"] = json!(0), "deadline_secs", "between 1 and 604800");
+    rejects(|v| v["deadline_secs"] = json!(7 * 24 * 3600 + 1), "deadline_secs", "between 1 and 604800");
+    rejects(|v| v["deadline_secs"] = json!(-5), "deadline_secs", "invalid value");
+    rejects(|v| v["deadline_secs"] = json!(1.5), "deadline_secs", "");
+    rejects(|v| v["deadline_secs"] = json!("60"), "deadline_secs", "");
+}

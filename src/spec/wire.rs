@@ -35,6 +35,8 @@ pub(super) struct RawSpec {
     #[serde(default)]
     pub fallback_after_secs: Option<u64>,
     #[serde(default)]
+    pub deadline_secs: Option<u64>,
+    #[serde(default)]
     pub webhook_url: Option<String>,
     pub steps: Vec<RawStep>,
 }
@@ -109,6 +111,8 @@ pub(super) struct StoredSpec<'a> {
     pub cache_ttl_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_after_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_secs: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<&'a str>,
     pub steps: Vec<StoredStep<'a>>,

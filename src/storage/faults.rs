@@ -42,6 +42,29 @@ pub struct FaultPlan {
     pub slow_ms: u64,
     #[serde(default)]
     pub seed: u64,
+    /// Which writes may fail (all, unless set); the others only get latency.
+    #[serde(default)]
+    pub only: Option<FaultScope>,
+}
+
+/// A family of writes that faults can be limited to, so a test can show
+/// what one of them failing does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultScope {
+    /// Step checkpoints (`put_checkpoint`).
+    Checkpoints,
+    /// Quota ledger writes (`acquire`, `raise`).
+    Ledger,
+}
+
+impl FaultScope {
+    fn covers(self, what: &str) -> bool {
+        match self {
+            Self::Checkpoints => what == "write checkpoint",
+            Self::Ledger => what.starts_with("ledger "),
+        }
+    }
 }
 
 impl FaultPlan {
@@ -106,8 +129,11 @@ impl Injector {
         }
     }
 
-    fn write_fault(&self) -> Option<WriteFault> {
+    fn write_fault(&self, what: &str) -> Option<WriteFault> {
         let p = &self.plan;
+        if p.only.is_some_and(|scope| !scope.covers(what)) {
+            return None;
+        }
         let u = self.draw();
         if u < p.write_error {
             Some(WriteFault::Error)
@@ -127,7 +153,7 @@ impl Injector {
 
     async fn write<T>(&self, what: &str, op: impl Future<Output = StorageResult<T>>) -> StorageResult<T> {
         self.maybe_slow().await;
-        let fault = self.write_fault();
+        let fault = self.write_fault(what);
         match fault {
             Some(WriteFault::Error) => {
                 self.counts.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +161,7 @@ impl Injector {
             }
             Some(WriteFault::Throttle) => {
                 self.counts.throttled.fetch_add(1, Ordering::Relaxed);
-                return Err(StorageError::Backend(format!("injected fault: {what} throttled")));
+                return Err(StorageError::Throttled(format!("injected fault: {what} throttled")));
             }
             Some(WriteFault::Lose) | None => {}
         }

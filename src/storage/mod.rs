@@ -53,9 +53,24 @@ pub enum StorageError {
     /// A record is larger than the backend stores.
     #[error("too large: {0}")]
     TooLarge(String),
-    /// The backend itself failed (I/O, network, throttling). Retryable.
+    /// The backend itself failed (I/O, network). Retryable.
     #[error("storage backend error: {0}")]
     Backend(String),
+    /// The backend refused the request for now (DynamoDB throughput
+    /// exceeded or throttled); nothing was written. Retryable, after a
+    /// backoff.
+    #[error("storage throttled: {0}")]
+    Throttled(String),
+}
+
+impl StorageError {
+    /// Whether trying the same request again may succeed: the backend
+    /// failed or throttled. A write whose answer was lost may have landed;
+    /// its retry meets what the first one wrote (`CheckpointExists`, a
+    /// ledger charged twice: never less than what was sent).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Backend(_) | Self::Throttled(_))
+    }
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;

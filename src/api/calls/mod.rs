@@ -153,6 +153,7 @@ async fn call(state: &ApiState, endpoint: Endpoint, headers: &HeaderMap, body: B
         request: parsed.request,
         request_id,
         gate: None,
+        yield_to_tenant_quota: false,
         routing: Routing { cheap: false, fallback_after: door.settings.fallback_after.min(wait) },
         // What is left of it after waiting for a duplicate in flight.
         max_wait: Some(wait.saturating_sub(started.elapsed())),
@@ -286,7 +287,10 @@ impl Ctx<'_> {
     fn refusal(&self, request: &ProviderRequest, e: CallError) -> OpenAiError {
         let until = |at: Micros| Duration::from_micros((at - self.state.clock.now()).max(0) as u64);
         match e {
-            CallError::NoCapacity { retry_at } => OpenAiError::no_capacity(self.wait, until(retry_at)),
+            // The second is never asked for here (calls wait for the tenant's quota).
+            CallError::NoCapacity { retry_at } | CallError::TenantQuotaSpent { retry_at } => {
+                OpenAiError::no_capacity(self.wait, until(retry_at))
+            }
             CallError::Unavailable { retry_at, reason } => OpenAiError::unavailable(until(retry_at), &reason),
             CallError::Exhausted { attempts, last } => OpenAiError::upstream(format!(
                 "The provider failed {attempts} attempts of this call before its wait ran out; the last: {last}."

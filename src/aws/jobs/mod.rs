@@ -57,7 +57,7 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::AwsConfig;
-use super::sdk_err;
+use super::{dynamo_err, sdk_err};
 use crate::answer::StepAnswer;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
@@ -175,7 +175,7 @@ impl DynamoJobs {
             };
             let reasons = match e.as_service_error() {
                 Some(TransactWriteItemsError::TransactionCanceledException(c)) => c.cancellation_reasons().to_vec(),
-                _ => return Err(TxError::Other(sdk_err(what, e))),
+                _ => return Err(TxError::Other(dynamo_err(what, e))),
             };
             let only_contention = reasons.iter().any(|r| r.code() == Some("TransactionConflict"))
                 && !reasons.iter().any(|r| r.code() == Some("ConditionalCheckFailed"));
@@ -186,7 +186,12 @@ impl DynamoJobs {
             if reasons.iter().any(|r| r.code() == Some("ConditionalCheckFailed")) {
                 return Err(TxError::Cancelled(reasons));
             }
-            return Err(TxError::Other(sdk_err(what, e)));
+            // Throttled items: the SDK does not retry a cancelled
+            // transaction; the caller does, after a backoff.
+            if reasons.iter().any(|r| r.code() == Some("ThrottlingError")) {
+                return Err(TxError::Other(StorageError::Throttled(format!("{what}: transaction throttled"))));
+            }
+            return Err(TxError::Other(dynamo_err(what, e)));
         }
     }
     async fn get_job_at(&self, id: &JobId, now_s: i64) -> StorageResult<Option<JobRecord>> {

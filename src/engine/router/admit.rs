@@ -6,10 +6,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{CallError, CallRequest, Router, lock};
-use crate::domain::Micros;
+use crate::domain::{Micros, TenantId};
 use crate::engine::quota::{QuotaKind, TenantQuota};
+use crate::engine::retry::{WriteRetry, retry_write};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
-use crate::storage::{Acquisition, BucketKey};
+use crate::storage::{Acquisition, BucketKey, StorageError};
 
 /// Sleeps `wait` microseconds for capacity that returns at `retry_at`,
 /// unless that is past the call's deadline: then the call is told at once
@@ -87,8 +88,7 @@ impl Router {
         // Before any charge: a call no org can ever take costs nothing.
         self.check_size(req, candidates.iter().copied())?;
         self.charge_tenant(req, candidates, deadline, cancel).await?;
-        let within = deadline.map(|d| (self.clock.now(), d));
-        let _turn = turn(gate, within, || self.earliest_capacity(req, candidates), cancel).await?;
+        let mut held = None;
         let is_fallback = |i: usize| self.orgs[i].settings.fallback;
         let has_fallback = candidates.iter().any(|&i| is_fallback(i));
         let has_primary = candidates.iter().any(|&i| !is_fallback(i));
@@ -98,6 +98,13 @@ impl Router {
             started.saturating_add(i64::try_from(req.routing.fallback_after.as_micros()).unwrap_or(i64::MAX));
         let mut forced_open = false;
         loop {
+            // The turn is held to decide and charge, never while sleeping:
+            // one call waiting long (a large one, or a spent pool) must not
+            // hold back every other call of the model.
+            if held.is_none() {
+                let within = deadline.map(|d| (self.clock.now(), d));
+                held = Some(turn(gate, within, || self.earliest_capacity(req, candidates), cancel).await?);
+            }
             let now = self.clock.now();
             // Cheap calls use the fallback orgs only; the rest the
             // primaries, and the fallbacks too once they waited long enough
@@ -156,9 +163,20 @@ impl Router {
             for (_, i, cost, params) in ready {
                 let org = &self.orgs[i];
                 let key = BucketKey::new(&org.settings.endpoint.name, model);
-                // Dated as late as possible: the provider charges on arrival.
-                let now = self.clock.now();
-                match self.ledger.acquire(&key, &params, cost, now).await? {
+                // Dated as late as possible (each try): the provider charges
+                // on arrival.
+                let mut now = self.clock.now();
+                let acquired = retry_write(
+                    "ledger acquire",
+                    WriteRetry::CALL,
+                    || !cancel.is_cancelled(),
+                    |_| {
+                        now = self.clock.now();
+                        self.ledger.acquire(&key, &params, cost, now)
+                    },
+                )
+                .await?;
+                match acquired {
                     Acquisition::Granted(state) => {
                         self.telemetry.ledger_op("acquire");
                         self.remember(i, model, state, &params, now);
@@ -187,6 +205,7 @@ impl Router {
                     ),
                 });
             }
+            drop(held.take());
             wait_for(wait, retry_at, now, deadline, cancel).await?;
         }
     }
@@ -255,8 +274,18 @@ impl Router {
         let _turn = turn(gate, within, || self.clock.now() + 1_000_000, cancel).await?;
         let mut counted = false;
         loop {
-            let now = self.clock.now();
-            let retry_at = match self.ledger.acquire(&key, &params, cost, now).await? {
+            let mut now = self.clock.now();
+            let acquired = retry_write(
+                "ledger acquire",
+                WriteRetry::CALL,
+                || !cancel.is_cancelled(),
+                |_| {
+                    now = self.clock.now();
+                    self.ledger.acquire(&key, &params, cost, now)
+                },
+            )
+            .await?;
+            let retry_at = match acquired {
                 Acquisition::Granted(_) => {
                     self.telemetry.ledger_op("acquire");
                     return Ok(());
@@ -278,10 +307,27 @@ impl Router {
                     )));
                 }
             };
+            if req.yield_to_tenant_quota {
+                return Err(CallError::TenantQuotaSpent { retry_at });
+            }
             let now = self.clock.now();
             let wait = (retry_at - now).clamp(1_000, 60_000_000);
             wait_for(wait, retry_at, now, deadline, cancel).await?;
         }
+    }
+}
+
+impl Router {
+    /// When `tenant`'s rate quota has room for a call again, if it has
+    /// none now (`None`: it has room, or no rate quota). A read of the
+    /// ledger, nothing charged: a worker asks before it takes a job.
+    pub async fn tenant_quota_retry_at(&self, tenant: &TenantId) -> Result<Option<Micros>, StorageError> {
+        let quota = self.quotas.get(tenant);
+        if quota.bucket_params().is_none() {
+            return Ok(None);
+        }
+        let state = self.ledger.state(&BucketKey::tenant(tenant)).await?;
+        Ok(quota.spent(&state, self.clock.now()).map(|s| s.retry_at))
     }
 }
 

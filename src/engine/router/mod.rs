@@ -4,10 +4,17 @@
 //! it and are in rotation, the one with the most headroom (from the bucket
 //! state cached from every ledger write), charges its quota in the ledger,
 //! and sends the call. When no org has room it sleeps until the earliest one
-//! will — never spinning, never failing the job for it. Admissions of one
-//! model are serialized through a fair (FIFO) gate so that waiting callers
-//! do not stampede the ledger when capacity returns: one ledger write per
-//! admitted call.
+//! will — never spinning; a job step fails for it only at the job's
+//! deadline, or after `RetryPolicy::max_rate_limited` provider 429s (a
+//! limit that does not clear). Admissions of one model take turns through a
+//! FIFO gate held to decide and charge, not while sleeping: waiting callers
+//! do not stampede the ledger when capacity returns (the first to wake
+//! charges, the rest see its charge in the cache), and one long wait does
+//! not hold back calls that fit now.
+//!
+//! A caller's send gate (a job's lease) is asked before the charge, and the
+//! call is sent right after it: a charge is dated for the provider's
+//! arrival within the ledger's transit allowance.
 //!
 //! A tenant with a rate quota (calls per minute, tokens per day; see
 //! [`super::quota`]) has its own bucket pair in the same ledger, charged
@@ -38,6 +45,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Breaker, RateFactor, SlowDownPolicy};
@@ -303,11 +311,25 @@ impl Router {
         let deadline = req.max_wait.map(|w| self.clock.now().saturating_add(to_micros(w)));
         let mut attempts = 0u32;
         let mut transient = 0u32;
+        let mut rate_limited = 0u32;
         let mut provider_time = Duration::ZERO;
         let mut waited = Duration::ZERO;
         let mut last_failure: Option<String> = None;
         loop {
             let waiting = tokio::time::Instant::now();
+            // The gate is asked before the charge: a charge is dated for
+            // the provider's arrival, and one held for long at the gate
+            // would be sent past the transit allowance (a 429 at the
+            // provider, exactly when storage is slow).
+            if let Some(gate) = &req.gate {
+                let go = tokio::select! {
+                    go = gate.ready() => go,
+                    _ = cancel.cancelled() => false,
+                };
+                if !go {
+                    return Err(CallError::Cancelled);
+                }
+            }
             let (idx, probe) = match self.admit(req, deadline, cancel).await {
                 Ok(admitted) => admitted,
                 // The orgs this call tried are failing: say what failed.
@@ -324,14 +346,14 @@ impl Router {
             // (held by the gate, cancelled here, or the caller drops this
             // future).
             let probe = ProbeGuard(probe.then_some(&org.breaker));
-            if let Some(gate) = &req.gate {
-                let go = tokio::select! {
-                    go = gate.ready() => go,
-                    _ = cancel.cancelled() => false,
-                };
-                if !go {
-                    return Err(CallError::Cancelled);
-                }
+            // The gate shut while admission waited: the charge is given up
+            // (spent capacity, never more than the limit) rather than sent
+            // late; the call waits at the gate and is charged again.
+            if let Some(gate) = &req.gate
+                && gate.ready().now_or_never() != Some(true)
+            {
+                tracing::debug!(org = %org.settings.endpoint.name, "send gate shut after the charge; charging again once it opens");
+                continue;
             }
             attempts += 1;
             let sent_at = self.clock.now();
@@ -387,6 +409,16 @@ impl Router {
                     self.breaker_success(org);
                     self.telemetry.record_call(&event(CallOutcome::RateLimited, Usage::default()));
                     tracing::info!(org = %name, model = %model, %message, "rate limited by provider; re-routing");
+                    rate_limited += 1;
+                    if rate_limited >= self.policy.max_rate_limited {
+                        tracing::warn!(org = %name, model = %model, rate_limited, "a call met only rate limits; giving it up");
+                        return Err(CallError::Exhausted {
+                            attempts,
+                            last: format!(
+                                "{rate_limited} rate limits for one call (a limit that does not clear), the last from {name}: {message}"
+                            ),
+                        });
+                    }
                     let blocked_for = retry_after.unwrap_or(Duration::from_secs(1));
                     // Before the sync, so the block is set with the cut burst.
                     let cost = req.request.cost(org.settings.chars_per_token);

@@ -19,6 +19,11 @@ pub struct CallRequest {
     pub request_id: String,
     /// Asked before each attempt is sent, after its quota is charged.
     pub gate: Option<Arc<dyn SendGate>>,
+    /// When the tenant's own rate quota has no room, answer
+    /// [`CallError::TenantQuotaSpent`] at once instead of waiting: a job
+    /// step, whose job is then handed back to the queue until then, so a
+    /// throttled tenant holds no worker slot. The calls endpoint waits.
+    pub yield_to_tenant_quota: bool,
     pub routing: Routing,
     /// How long the call may wait for capacity (and back off between
     /// failed attempts). Past it no attempt starts: admission answers
@@ -54,6 +59,7 @@ impl std::fmt::Debug for CallRequest {
             .field("request", &self.request)
             .field("request_id", &self.request_id)
             .field("gate", &self.gate.is_some())
+            .field("yield_to_tenant_quota", &self.yield_to_tenant_quota)
             .field("routing", &self.routing)
             .field("max_wait", &self.max_wait)
             .finish()
@@ -160,7 +166,8 @@ pub enum CallError {
     /// model has its breaker open or is out of rotation until `retry_at`.
     #[error("{reason}")]
     Unavailable { retry_at: Micros, reason: String },
-    /// Transient failures exceeded the retry budget.
+    /// Transient failures, or provider rate limits, exceeded the retry
+    /// budget (`RetryPolicy`).
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
     /// No org serves the call's model.
@@ -173,6 +180,10 @@ pub enum CallError {
         "a call reserving {tokens} tokens exceeds the per-minute limit of every org serving {model} (the largest is {largest} tokens)"
     )]
     TooLarge { tokens: u64, largest: u64, model: ModelName },
+    /// The tenant's own rate quota has no room until `retry_at`, and the
+    /// call asked not to wait for it (`yield_to_tenant_quota`).
+    #[error("the tenant's rate quota is spent until {retry_at}")]
+    TenantQuotaSpent { retry_at: Micros },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("cancelled")]

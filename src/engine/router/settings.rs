@@ -69,6 +69,11 @@ pub struct RetryPolicy {
     /// Transient failures (5xx, timeout, dropped connection) one call may
     /// have before it is given up.
     pub max_transient_failures: u32,
+    /// Provider 429s (rate limits) one call may meet, over every org, before
+    /// it is given up: a limit that does not clear (a per-day limit, limits
+    /// configured above the org's real tier with header sync off) would
+    /// otherwise be retried forever.
+    pub max_rate_limited: u32,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub breaker: BreakerPolicy,
@@ -81,6 +86,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_transient_failures: 12,
+            max_rate_limited: 10,
             backoff_base: Duration::from_millis(200),
             backoff_cap: Duration::from_secs(20),
             breaker: BreakerPolicy::default(),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::{Router, lock, to_micros};
 use crate::domain::{Micros, ModelName};
+use crate::engine::retry::{WriteRetry, retry_write};
 use crate::provider::RateLimitHeaders;
 use crate::storage::BucketKey;
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
@@ -68,7 +69,7 @@ impl Router {
             return;
         }
         let key = BucketKey::new(&org.settings.endpoint.name, model);
-        match self.ledger.raise(&key, floor).await {
+        match retry_write("ledger raise", WriteRetry::CALL, || true, |_| self.ledger.raise(&key, floor)).await {
             Ok(state) => {
                 self.telemetry.ledger_op("raise");
                 tracing::debug!(org = %org.settings.endpoint.name, model = %model, "ledger moved toward the provider's headers");
