@@ -250,7 +250,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             if cfg.storage.backend == ratepool::config::StorageKind::Sqlite {
                 eprintln!(
                     "SQLite has no SQS redrive: its dead letters are the jobs the workers failed as poison \
-                     (max_receives runs in a row without a finished step), already failed with the reason"
+                     (max_receives runs in a row that crashed without finishing a step), already failed with the reason"
                 );
             }
             match command {
