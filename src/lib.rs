@@ -13,6 +13,7 @@
 //!   keep it.
 //! - [`config`], [`client`], [`telemetry`]: configuration, the CLI's HTTP
 //!   client, logging and Prometheus metrics.
+//! - [`dlq`]: `ratepool dlq`, the operator's commands on the dead-letter queue.
 //! - [`webhook`]: signed, retried job webhooks; [`ssrf`]: the guard on the
 //!   URLs they go to; [`backoff`]: the jittered backoff every retry uses.
 
@@ -25,6 +26,7 @@ pub mod backoff;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod dlq;
 pub mod domain;
 pub mod engine;
 pub mod lambda;

@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: AwsCommand,
     },
+    /// The dead-letter queue: list it, re-drive its messages, or fail their jobs.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run the OpenAI-compatible provider simulator.
     Sim {
         #[arg(long)]
@@ -143,6 +148,51 @@ enum AwsCommand {
     },
 }
 
+#[derive(clap::Args)]
+struct DlqTarget {
+    /// Only this job's dead letters.
+    #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+    job: Option<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DlqTarget {
+    fn job(&self) -> anyhow::Result<Option<ratepool::domain::JobId>> {
+        self.job
+            .as_deref()
+            .map(|j| ratepool::domain::JobId::parse(j).map_err(|e| anyhow::anyhow!("--job: {e}")))
+            .transpose()
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Job id, tenant, job status, receives and age of each dead letter.
+    List {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Move dead letters back to their work queue.
+    Redrive {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        target: DlqTarget,
+    },
+    /// Fail the dead letters' jobs with "dead-lettered: REASON" and delete the dead letters.
+    Fail {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Why, for the job's error.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 fn print(v: &serde_json::Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -176,6 +226,44 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 println!("created {name}");
             }
             Ok(())
+        }
+        Command::Dlq { command } => {
+            ratepool::telemetry::init_logging(false);
+            let config = match &command {
+                DlqCommand::List { config } | DlqCommand::Redrive { config, .. } | DlqCommand::Fail { config, .. } => {
+                    config.clone()
+                }
+            };
+            // Bad arguments are refused before anything is opened.
+            let job = match &command {
+                DlqCommand::List { .. } => None,
+                DlqCommand::Redrive { target, .. } | DlqCommand::Fail { target, .. } => target.job()?,
+            };
+            if let DlqCommand::Fail { reason, .. } = &command
+                && reason.trim().is_empty()
+            {
+                anyhow::bail!("--reason: must not be empty");
+            }
+            let cfg = serve::load_config(config.as_deref())?;
+            let clock = ratepool::domain::SystemClock;
+            let (backend, _) = serve::open_backend(&cfg, std::sync::Arc::new(clock)).await?;
+            if cfg.storage.backend == ratepool::config::StorageKind::Sqlite {
+                eprintln!(
+                    "SQLite has no SQS redrive: its dead letters are the jobs the workers failed as poison \
+                     (max_receives runs in a row that crashed without finishing a step), already failed with the reason"
+                );
+            }
+            match command {
+                DlqCommand::List { .. } => print(&serde_json::to_value(ratepool::dlq::list(&backend, &clock).await?)?),
+                DlqCommand::Redrive { .. } => {
+                    let moved = ratepool::dlq::redrive(&backend, job.as_ref()).await?;
+                    print(&serde_json::json!({ "redriven": moved }))
+                }
+                DlqCommand::Fail { reason, .. } => {
+                    let failed = ratepool::dlq::fail(&backend, &clock, job.as_ref(), reason.trim()).await?;
+                    print(&serde_json::json!({ "failed": failed }))
+                }
+            }
         }
         Command::Sim { config, listen } => {
             ratepool::telemetry::init_logging(false);

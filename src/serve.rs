@@ -33,6 +33,11 @@ pub enum Simulate {
     Always,
 }
 
+/// How long after its creation a job whose queue message is not known to
+/// be sent is sent again by the workers (see `engine::sweep`). Longer than
+/// a submission's store-then-send takes, even on a slow store.
+const RESEND_AFTER: Duration = Duration::from_secs(60);
+
 /// How often in-memory usage counters are written to storage.
 const USAGE_FLUSH_EVERY: Duration = Duration::from_secs(5);
 
@@ -60,6 +65,7 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         deadline: Some(cfg.workers.default_deadline_secs).filter(|&s| s > 0).map(Duration::from_secs),
         // No tenant secrets: `start_workers` puts in the notifier that has them.
         notifier: Arc::new(WebhookNotifier::new(cfg.webhooks.policy(), Default::default(), Arc::new(SystemClock))),
+        resend_after: RESEND_AFTER,
     }
 }
 

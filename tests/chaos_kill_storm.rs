@@ -374,7 +374,7 @@ fn storm(
         assert!(Instant::now() < deadline, "queue not empty after every job finished: {q:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(rt.block_on(store.queue.dead_letters(10)).unwrap(), vec![], "dead letters");
+    assert_eq!(rt.block_on(store.queue.dead_letters(10)).unwrap(), Vec::new(), "dead letters");
     let records = read_records(rt, store, ids.iter().map(String::as_str));
     for (id, r) in &records {
         assert_eq!(r.status, JobStatus::Succeeded, "job {id}");

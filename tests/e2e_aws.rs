@@ -233,7 +233,7 @@ fn a_poison_job_is_dead_lettered_and_failed_with_the_reason() {
         }
     });
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].job_id, id);
+    assert_eq!(dead[0].message.job_id, id);
     let (status, body) = lambda.call("GET", &format!("/v1/jobs/{id}"), None);
     assert_eq!((status, body["status"].as_str()), (200, Some("failed")), "{body}");
 }

@@ -299,7 +299,7 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
             if let Some((key, hash)) = &idempotency
                 && let Some(record) = state.jobs.replay(&tenant, key, hash).await?
             {
-                return replayed(&state, record).await;
+                return Ok(replayed(record));
             }
             let retry_after_secs = ((spent.retry_at - now).max(1) as u64).div_ceil(1_000_000).min(86_400);
             return Err(refuse(
@@ -329,16 +329,22 @@ async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bo
     };
     match state.jobs.create_job(&job).await? {
         CreateOutcome::Created(record) => {
-            if let Err(e) = state.queue.send(&queue_message(&record)).await {
-                // Nothing half-written: the job must not sit "queued" with
-                // no message that would ever run it.
-                let _ = state.jobs.fail_unleased(&record.id, "could not be enqueued", state.clock.now()).await;
-                return Err(e.into());
+            // The job is stored marked unsent: if the send or the mark fails
+            // (or this process dies here), the workers' sweeper sends it.
+            match state.queue.send(&queue_message(&record)).await {
+                Ok(()) => {
+                    if let Err(e) = state.jobs.mark_sent(&record.id).await {
+                        tracing::warn!(job = %record.id, error = %e, "could not mark the job sent; the sweeper will send it again");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = %record.id, error = %e, "could not enqueue the job; the sweeper will send it");
+                }
             }
             tracing::info!(job = %record.id, tenant = %tenant, steps = record.steps_total, "job accepted");
             Ok((StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response())
         }
-        CreateOutcome::Existing(record) => replayed(&state, record).await,
+        CreateOutcome::Existing(record) => Ok(replayed(record)),
         CreateOutcome::InFlightLimit { in_flight } => {
             let limit = quota.jobs_in_flight.unwrap_or(in_flight);
             Err(refuse(
@@ -361,16 +367,13 @@ fn queue_message(r: &JobRecord) -> QueueMessage {
 }
 
 /// The answer to a retry of a request whose first answer was lost: the job
-/// it created. Re-sent while still queued: the first send may be what
-/// failed, and a second message for the same job is harmless (the lease
-/// dedups runs).
-async fn replayed(state: &ApiState, record: JobRecord) -> Result<Response, ApiError> {
-    if record.status == JobStatus::Queued {
-        state.queue.send(&queue_message(&record)).await?;
-    }
+/// it created. Nothing is sent: a first send that failed is the sweeper's
+/// to repeat (the job is marked unsent until it went), so replays never
+/// pile up messages.
+fn replayed(record: JobRecord) -> Response {
     let mut resp = (StatusCode::ACCEPTED, Json(Accepted { id: record.id, status: record.status })).into_response();
     resp.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
-    Ok(resp)
+    resp
 }
 
 /// The `Retry-After` of a submission refused for jobs in flight: when a job

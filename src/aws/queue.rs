@@ -21,8 +21,8 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, Queu
 
 use super::AwsConfig;
 use super::sdk_err;
-use crate::domain::Priority;
-use crate::storage::{Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::domain::{JobId, Priority};
+use crate::storage::{DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
 
 /// SQS returns at most 10 messages per receive.
 const MAX_BATCH: usize = 10;
@@ -38,6 +38,9 @@ const MAX_DELAY_SECS: u64 = 900;
 /// that crashes its workers from one that was merely handed back on every
 /// deploy; a low count here would bury the latter.
 const REDRIVE_MAX_RECEIVES: u32 = 50;
+/// How long `ratepool dlq` hides the dead letters it is not acting on while
+/// it looks through the queue.
+const DLQ_HOLD_SECS: i32 = 60;
 /// Dead letters wait for a human; keep them as long as SQS allows (14 days).
 const DLQ_RETENTION_SECS: u64 = 14 * 24 * 3600;
 /// How much earlier than its computed end a receipt is treated as lapsed:
@@ -276,6 +279,69 @@ impl SqsQueue {
         if let Err(e) = moved.await {
             tracing::warn!(error = %e, "could not dead-letter an unreadable queue message");
         }
+    }
+
+    /// Receives the DLQ until it brings nothing: each dead letter of `job`
+    /// (every one if `None`) is sent back to its work queue if `redrive`,
+    /// then deleted. The others are kept hidden meanwhile, so each receive
+    /// brings new ones, and made visible again at the end.
+    async fn take_dead_letters(&self, job: Option<&JobId>, redrive: bool) -> StorageResult<Vec<QueueMessage>> {
+        let mut taken = Vec::new();
+        let mut others = Vec::new();
+        let result = async {
+            loop {
+                let out = self
+                    .client
+                    .receive_message()
+                    .queue_url(&self.dlq_url)
+                    .max_number_of_messages(i32::try_from(MAX_BATCH).unwrap_or(1))
+                    .visibility_timeout(DLQ_HOLD_SECS)
+                    .wait_time_seconds(1)
+                    .customize()
+                    .config_override(
+                        aws_sdk_sqs::config::Builder::default().timeout_config(self.timeouts.for_long_poll(secs(1))),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err("receiving from the SQS dead-letter queue", e))?;
+                if out.messages().is_empty() {
+                    return Ok::<(), StorageError>(());
+                }
+                for m in out.messages() {
+                    let Some(handle) = m.receipt_handle() else { continue };
+                    match serde_json::from_str::<QueueMessage>(m.body().unwrap_or_default()) {
+                        Ok(message) if job.is_none_or(|j| *j == message.job_id) => {
+                            if redrive {
+                                self.send(&message).await?;
+                            }
+                            self.client
+                                .delete_message()
+                                .queue_url(&self.dlq_url)
+                                .receipt_handle(handle)
+                                .send()
+                                .await
+                                .map_err(|e| sdk_err("deleting a dead letter", e))?;
+                            taken.push(message);
+                        }
+                        // Another job's, or a quarantined body: left as it is.
+                        _ => others.push(handle.to_owned()),
+                    }
+                }
+            }
+        }
+        .await;
+        for handle in others {
+            let shown = self
+                .client
+                .change_message_visibility()
+                .queue_url(&self.dlq_url)
+                .receipt_handle(handle)
+                .visibility_timeout(0);
+            if let Err(e) = shown.send().await {
+                tracing::warn!(error = %sdk_err("showing a dead letter again", e), "a dead letter stays hidden for its hold");
+            }
+        }
+        result.map(|()| taken)
     }
 
     /// DeleteMessage of a receipt already checked by [`Self::current`].
@@ -535,13 +601,13 @@ impl JobQueue for SqsQueue {
     /// 10 of the messages, some of them perhaps again, so this receives
     /// until it has `max` distinct ones or a receive brings nothing new.
     /// Beyond 10 dead letters the listing is best effort.
-    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>> {
+    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<DeadLetter>> {
         if max == 0 {
             return Ok(Vec::new());
         }
         let (available, _) = depth(&self.client, &self.dlq_url).await?;
         let want = usize::try_from(available).unwrap_or(usize::MAX).min(max);
-        let mut seen: HashMap<String, (u64, QueueMessage)> = HashMap::new();
+        let mut seen: HashMap<String, (u64, DeadLetter)> = HashMap::new();
         while seen.len() < want {
             let out = self
                 .client
@@ -553,6 +619,8 @@ impl JobQueue for SqsQueue {
                 // messages does not look empty; with messages it answers at once.
                 .wait_time_seconds(1)
                 .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_attribute_names("receive_count")
                 .customize()
                 .config_override(
                     aws_sdk_sqs::config::Builder::default().timeout_config(self.timeouts.for_long_poll(secs(1))),
@@ -568,12 +636,23 @@ impl JobQueue for SqsQueue {
                 }
                 match serde_json::from_str::<QueueMessage>(m.body().unwrap_or_default()) {
                     Ok(message) => {
-                        let sent = m
-                            .attributes()
-                            .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
-                            .and_then(|t| t.parse().ok())
-                            .unwrap_or(u64::MAX);
-                        seen.insert(id.to_owned(), (sent, message));
+                        let system =
+                            |name| m.attributes().and_then(|a| a.get(&name)).and_then(|t| t.parse::<u64>().ok());
+                        let sent = system(MessageSystemAttributeName::SentTimestamp).unwrap_or(u64::MAX);
+                        // Ours says how many receives the engine saw; one SQS
+                        // moved itself kept its count (this peek is one more).
+                        let receive_count = m
+                            .message_attributes()
+                            .and_then(|a| a.get("receive_count"))
+                            .and_then(|v| v.string_value())
+                            .and_then(|n| n.parse().ok())
+                            .or_else(|| {
+                                let n = system(MessageSystemAttributeName::ApproximateReceiveCount)?;
+                                u32::try_from(n.saturating_sub(1)).ok()
+                            })
+                            .unwrap_or(0);
+                        let since = i64::try_from(sent.saturating_mul(1000)).unwrap_or(i64::MAX);
+                        seen.insert(id.to_owned(), (sent, DeadLetter { message, receive_count, since }));
                     }
                     // A quarantined body: there, but not a job to list.
                     Err(_) => tracing::debug!(message_id = id, "skipping an unreadable dead letter"),
@@ -583,9 +662,20 @@ impl JobQueue for SqsQueue {
                 break;
             }
         }
-        let mut listed: Vec<(String, (u64, QueueMessage))> = seen.into_iter().collect();
+        let mut listed: Vec<(String, (u64, DeadLetter))> = seen.into_iter().collect();
         listed.sort_by(|(a_id, (a_sent, _)), (b_id, (b_sent, _))| (a_sent, a_id).cmp(&(b_sent, b_id)));
         Ok(listed.into_iter().take(max).map(|(_, (_, m))| m).collect())
+    }
+
+    /// Sends each to its work queue, then deletes it from the DLQ: a
+    /// failure in between leaves it in both (its job runs or is settled
+    /// once, by the lease), never in neither.
+    async fn redrive_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        self.take_dead_letters(job, true).await
+    }
+
+    async fn remove_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        self.take_dead_letters(job, false).await
     }
 
     async fn stats(&self) -> StorageResult<QueueStats> {

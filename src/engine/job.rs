@@ -37,7 +37,8 @@ pub(crate) struct Stop {
 /// What to do with the queue message once the run ends.
 enum Ack {
     Delete,
-    /// Hand back to the queue now (shutdown).
+    /// Hand back to the queue now, as a fresh copy (shutdown; a lapsed
+    /// lease on a job still running).
     HandBack,
     /// Another worker holds a live lease: put the message back for this
     /// long as a fresh one (see [`crate::storage::JobQueue::defer`]).
@@ -50,6 +51,13 @@ pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop
     let job = delivery.message.job_id.clone();
     let ack = match run(engine, &delivery, &stop).await {
         Ok(ack) => ack,
+        // Storage failing (an outage, throttling) is our failure, not the
+        // job's: a fresh copy after a backoff, so these receives never
+        // count towards the queue's redrive to the dead-letter queue.
+        Err(e) if e.is_transient() => {
+            tracing::warn!(job = %job, error = %e, "job run interrupted by a storage error; it will be retried");
+            Ack::Defer(engine.config.lease_ttl)
+        }
         Err(e) => {
             tracing::warn!(job = %job, error = %e, "job run interrupted by a storage error; it will be retried");
             Ack::Leave
@@ -58,7 +66,9 @@ pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop
     let q = &engine.backend.queue;
     let res = match ack {
         Ack::Delete => q.delete(&delivery.receipt).await,
-        Ack::HandBack => q.extend(&delivery.receipt, Duration::ZERO).await,
+        // A fresh copy rather than a visibility change: a hand-back is not
+        // a receive that failed, so it must not count towards the redrive.
+        Ack::HandBack => q.defer(&delivery, Duration::ZERO).await,
         Ack::Defer(d) => q.defer(&delivery, d).await,
         Ack::Leave => Ok(()),
     };
@@ -139,12 +149,16 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     let lease = current(&lease);
     match result {
         Ok(StepsEnd::AllDone) => {
-            finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await?;
-            Ok(settle_webhook(engine, delivery, id).await)
+            match finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await? {
+                Ack::Delete => Ok(settle_webhook(engine, delivery, id).await),
+                other => Ok(other),
+            }
         }
         Ok(StepsEnd::Failed(reason)) => {
-            finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await?;
-            Ok(settle_webhook(engine, delivery, id).await)
+            match finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await? {
+                Ack::Delete => Ok(settle_webhook(engine, delivery, id).await),
+                other => Ok(other),
+            }
         }
         Ok(StepsEnd::HandBack) => {
             jobs.release_lease(&lease).await?;
@@ -162,14 +176,17 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
             tracing::info!(job = %id, ?status, "job lease lost; stopping this run");
             Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::Leave })
         }
-        Err(e) => {
-            // Giving up on storage: the next run need not wait for the
-            // lease to lapse (best effort; the store may still be down).
+        Err(e) if e.is_transient() => {
+            // Storage interrupted the run (an outage, throttling): it did
+            // not crash, so it gives its run back (see `release_lease`),
+            // and the next run need not wait for the lease to lapse. Best
+            // effort: the store may still be down.
             if let Err(r) = jobs.release_lease(&lease).await {
                 tracing::warn!(job = %id, error = %r, "could not release the lease of a run given up");
             }
             Err(e)
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -183,7 +200,14 @@ async fn finish(
     let now = engine.clock.now();
     match engine.backend.jobs.finish_job(lease, &outcome, now).await {
         Ok(()) => {}
-        Err(StorageError::LeaseLost) => return Ok(Ack::Delete),
+        // Cancelled, taken over, or our lease lapsed while its renewals
+        // stalled: the job may still be running, and then its message is
+        // the only thing that will ever finish it.
+        Err(StorageError::LeaseLost) => {
+            let status = engine.backend.jobs.get_job(&lease.job_id).await?.map(|j| j.status);
+            tracing::info!(job = %lease.job_id, ?status, "job lease lost before its final write");
+            return Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::HandBack });
+        }
         Err(e) => return Err(e),
     }
     let status = match &outcome {

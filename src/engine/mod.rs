@@ -10,6 +10,7 @@ pub mod quota;
 mod retry;
 pub mod router;
 pub mod window;
+mod sweep;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +36,9 @@ pub struct EngineConfig {
     /// The queue's visibility timeout and the job lease's time to live; the
     /// heartbeat renews both every third of it.
     pub lease_ttl: Duration,
-    /// A job whose runs ended this many times in a row without finishing a
-    /// step is dead-lettered and failed: it keeps taking its workers down.
+    /// A job whose runs crashed this many times in a row without finishing
+    /// a step is dead-lettered and failed: it keeps taking its workers down.
+    /// Runs handed back (shutdown, a storage error) do not count.
     pub max_receives: u32,
     /// How long one receive waits for a message.
     pub poll_wait: Duration,
@@ -56,6 +58,9 @@ pub struct EngineConfig {
     pub deadline: Option<Duration>,
     /// Tells a finished job's client (its webhook).
     pub notifier: Arc<dyn JobNotifier>,
+    /// How long after its creation a job whose queue message is still not
+    /// known to be sent is sent by the sweeper (`sweep`).
+    pub resend_after: Duration,
 }
 
 impl EngineConfig {
@@ -91,6 +96,12 @@ impl Engine {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut running = JoinSet::new();
         let stop = job::Stop::default();
+        let sweeper = tokio::spawn(sweep::run(
+            self.backend.clone(),
+            self.clock.clone(),
+            self.config.resend_after,
+            shutdown.clone(),
+        ));
         loop {
             while running.try_join_next().is_some() {}
             let first = tokio::select! {
@@ -157,6 +168,7 @@ impl Engine {
                 _ = &mut grace, if !stop.abort.is_cancelled() => stop.abort.cancel(),
             }
         }
+        let _ = sweeper.await;
         tracing::info!("workers stopped");
     }
 

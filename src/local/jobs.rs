@@ -14,7 +14,7 @@ use crate::answer::StepAnswer;
 use crate::domain::{JobId, Micros, ModelName, OrgName, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    StorageError, StorageResult,
+    QueueMessage, StorageError, StorageResult,
 };
 
 /// The columns `job_from_row` reads, in its order (18 of them).
@@ -273,12 +273,14 @@ impl JobStore for SqliteBackend {
 
     /// Releasing a lease that is no longer held changes nothing and is not
     /// an error: the caller was giving it up anyway. The job stays `running`
-    /// (it has started) until the next worker acquires it.
+    /// (it has started) until the next worker acquires it. The run is taken
+    /// back off `stalled_runs` in the same statement: it ended without a crash.
     async fn release_lease(&self, lease: &Lease) -> StorageResult<()> {
         let l = lease.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL
+                "UPDATE jobs SET lease_owner = NULL, lease_expires_at = NULL,
+                                 stalled_runs = max(stalled_runs - 1, 0)
                   WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
             )
             .db()?
@@ -474,6 +476,35 @@ impl JobStore for SqliteBackend {
                 count_out(&tx, &tenant)?;
             }
             tx.commit().db()
+        })
+        .await
+    }
+
+    /// Nothing to record: the queue is in the same file, so a job's message
+    /// is there or not (see `unsent_jobs`).
+    async fn mark_sent(&self, _id: &JobId) -> StorageResult<()> {
+        Ok(())
+    }
+
+    async fn unsent_jobs(&self, before: Micros, max: usize) -> StorageResult<Vec<QueueMessage>> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, tenant, priority FROM jobs j
+                  WHERE status = 'queued' AND created_at <= ?1
+                    AND NOT EXISTS (SELECT 1 FROM queue q WHERE q.job_id = j.id)
+                  ORDER BY created_at LIMIT ?2",
+            )
+            .db()?
+            .query_map(rusqlite::params![before, int(max)], |r| {
+                Ok(QueueMessage {
+                    job_id: parsed(r, 0, JobId::parse)?,
+                    tenant: parsed(r, 1, TenantId::parse)?,
+                    priority: parse_priority(r, 2)?,
+                })
+            })
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()
         })
         .await
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
 use crate::domain::Priority;
 use crate::domain::{JobId, Micros, TenantId};
-use crate::storage::{Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::storage::{DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
 use async_trait::async_trait;
 
 /// How often an idle receiver looks again even without a wake-up: messages
@@ -35,6 +35,15 @@ fn priority_of(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Priority
             format!("unknown queue lane {other}").into(),
         )),
     }
+}
+
+/// A message from columns `job_id, tenant, lane` (0, 1, 2).
+fn message_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueMessage> {
+    Ok(QueueMessage {
+        job_id: parsed(r, 0, JobId::parse)?,
+        tenant: parsed(r, 1, TenantId::parse)?,
+        priority: priority_of(r, 2)?,
+    })
 }
 
 impl SqliteBackend {
@@ -206,20 +215,69 @@ impl JobQueue for SqliteBackend {
         .await
     }
 
-    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>> {
+    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<DeadLetter>> {
         self.read(move |conn| {
-            conn.prepare_cached("SELECT job_id, tenant, lane FROM dead_letters ORDER BY id LIMIT ?1")
-                .db()?
-                .query_map([int(max)], |r| {
-                    Ok(QueueMessage {
-                        job_id: parsed(r, 0, JobId::parse)?,
-                        tenant: parsed(r, 1, TenantId::parse)?,
-                        priority: priority_of(r, 2)?,
-                    })
-                })
-                .db()?
-                .collect::<rusqlite::Result<Vec<_>>>()
-                .db()
+            conn.prepare_cached(
+                "SELECT job_id, tenant, lane, receive_count, dead_at FROM dead_letters ORDER BY id LIMIT ?1",
+            )
+            .db()?
+            .query_map([int(max)], |r| {
+                Ok(DeadLetter { message: message_of(r)?, receive_count: r.get(3)?, since: r.get(4)? })
+            })
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()
+        })
+        .await
+    }
+
+    /// One transaction: the rows move, so there is never a moment with the
+    /// message in both tables or in neither.
+    async fn redrive_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        let now = self.now();
+        let job = job.map(|j| j.as_str().to_owned());
+        let moved = self
+            .write(move |conn| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).db()?;
+                let moved = tx
+                    .prepare_cached(
+                        "DELETE FROM dead_letters WHERE ?1 IS NULL OR job_id = ?1
+                         RETURNING job_id, tenant, lane, created_at",
+                    )
+                    .db()?
+                    .query_map([&job], |r| Ok((message_of(r)?, r.get::<_, Micros>(3)?)))
+                    .db()?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .db()?;
+                for (m, created_at) in &moved {
+                    tx.prepare_cached(
+                        "INSERT INTO queue (job_id, tenant, lane, visible_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .db()?
+                    .execute(rusqlite::params![m.job_id.as_str(), m.tenant.as_str(), lane(m.priority), now, created_at])
+                    .db()?;
+                }
+                tx.commit().db()?;
+                Ok(moved.into_iter().map(|(m, _)| m).collect::<Vec<_>>())
+            })
+            .await?;
+        if !moved.is_empty() {
+            self.shared.queue_ready.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    async fn remove_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        let job = job.map(|j| j.as_str().to_owned());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM dead_letters WHERE ?1 IS NULL OR job_id = ?1 RETURNING job_id, tenant, lane",
+            )
+            .db()?
+            .query_map([&job], message_of)
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()
         })
         .await
     }

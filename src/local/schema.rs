@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS queue (
 -- number of workers, while the waiting backlog may be long.
 CREATE INDEX IF NOT EXISTS queue_order ON queue (lane, id, visible_at);
 CREATE UNIQUE INDEX IF NOT EXISTS queue_receipt ON queue (receipt);
+-- The sweeper looks for queued jobs with no message (`unsent_jobs`).
+CREATE INDEX IF NOT EXISTS queue_job ON queue (job_id);
 
 CREATE TABLE IF NOT EXISTS dead_letters (
     id            INTEGER PRIMARY KEY,
@@ -134,6 +136,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- NULL keys are distinct in SQLite, so jobs without a key never collide.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key);
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (created_at) WHERE status = 'queued';
 
 -- The last webhook delivery report of a job (JSON), once one was made.
 CREATE TABLE IF NOT EXISTS webhook_deliveries (

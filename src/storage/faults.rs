@@ -225,8 +225,14 @@ impl JobQueue for Faulty {
     async fn dead_letter(&self, delivery: &Delivery) -> StorageResult<()> {
         self.injector.write("queue dead letter", self.inner.queue.dead_letter(delivery)).await
     }
-    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>> {
+    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<DeadLetter>> {
         self.injector.read(self.inner.queue.dead_letters(max)).await
+    }
+    async fn redrive_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        self.injector.write("queue redrive", self.inner.queue.redrive_dead_letters(job)).await
+    }
+    async fn remove_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>> {
+        self.injector.write("queue remove dead letters", self.inner.queue.remove_dead_letters(job)).await
     }
     async fn stats(&self) -> StorageResult<QueueStats> {
         self.injector.read(self.inner.queue.stats()).await
@@ -273,6 +279,12 @@ impl JobStore for Faulty {
     }
     async fn fail_unleased(&self, id: &JobId, reason: &str, now: Micros) -> StorageResult<()> {
         self.injector.write("fail job", self.inner.jobs.fail_unleased(id, reason, now)).await
+    }
+    async fn mark_sent(&self, id: &JobId) -> StorageResult<()> {
+        self.injector.write("mark job sent", self.inner.jobs.mark_sent(id)).await
+    }
+    async fn unsent_jobs(&self, before: Micros, max: usize) -> StorageResult<Vec<QueueMessage>> {
+        self.injector.read(self.inner.jobs.unsent_jobs(before, max)).await
     }
     async fn put_webhook_report(&self, id: &JobId, report: &DeliveryReport, now: Micros) -> StorageResult<()> {
         self.injector.write("record webhook report", self.inner.jobs.put_webhook_report(id, report, now)).await

@@ -96,6 +96,17 @@ pub struct Delivery {
     pub receive_count: u32,
 }
 
+/// A message in the dead-letter queue, as an operator lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message: QueueMessage,
+    /// Receives before it was dead-lettered (on SQS, as far as it tells).
+    pub receive_count: u32,
+    /// When it was sent to the queue it is in now (SQS: its `SentTimestamp`,
+    /// which for a message SQS's redrive moved is its first send).
+    pub since: Micros,
+}
+
 /// Approximate queue depths, for metrics and scaling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
@@ -125,7 +136,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Moves a received message to the dead-letter queue.
     async fn dead_letter(&self, delivery: &Delivery) -> StorageResult<()>;
     /// Messages in the dead-letter queue, oldest first (not removed).
-    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<QueueMessage>>;
+    async fn dead_letters(&self, max: usize) -> StorageResult<Vec<DeadLetter>>;
+    /// Moves the dead letters of `job` (every one if `None`) back to their
+    /// work queue as new messages (receive count 0). Returns those moved.
+    async fn redrive_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>>;
+    /// Deletes the dead letters of `job` (every one if `None`). Returns
+    /// those deleted.
+    async fn remove_dead_letters(&self, job: Option<&JobId>) -> StorageResult<Vec<QueueMessage>>;
     async fn stats(&self) -> StorageResult<QueueStats>;
 }
 
@@ -229,7 +246,8 @@ pub struct JobRecord {
     /// Current lease holder and expiry, if any.
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<Micros>,
-    /// Lease acquisitions since the last checkpoint. A job whose runs keep
+    /// Lease acquisitions since the last checkpoint, less the runs that
+    /// released their lease (handed back). A job whose runs keep
     /// ending without progress (it takes its worker down) is poison; one
     /// that made progress between crashes is merely unlucky. Counting this
     /// rather than queue receives keeps the two apart.
@@ -333,7 +351,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Extends a held lease; `LeaseLost` if another epoch took it or the job
     /// is no longer running (cancelled). Returns the new lease.
     async fn renew_lease(&self, lease: &Lease, ttl: Duration, now: Micros) -> StorageResult<Lease>;
-    /// Gives the lease up without finishing the job (shutdown hand-back).
+    /// Gives the lease up without finishing the job (shutdown hand-back, a
+    /// run interrupted by storage), taking the run back off `stalled_runs`
+    /// (never below 0) in the same write: only runs that end by crashing
+    /// count towards poison. A lease no longer held is left alone.
     async fn release_lease(&self, lease: &Lease) -> StorageResult<()>;
     /// Writes one step's checkpoint and adds it to the job's progress and
     /// usage, only if `lease` is held and unexpired at `now` (else
@@ -354,6 +375,15 @@ pub trait JobStore: Send + Sync + 'static {
     /// Fails a job without holding its lease (dead-lettered after too many
     /// receives). A finished job is left as it is.
     async fn fail_unleased(&self, id: &JobId, reason: &str, now: Micros) -> StorageResult<()>;
+    /// Records that the job's queue message was sent: `create_job` marks a
+    /// job as not sent yet in the same write that stores it, so a crash or
+    /// failure between storing and sending is found by [`Self::unsent_jobs`].
+    async fn mark_sent(&self, id: &JobId) -> StorageResult<()>;
+    /// Up to `max` jobs created at or before `before` whose message may never
+    /// have been sent (not marked sent; on SQLite, whose queue is in the same
+    /// file: still `queued` with no message), oldest first. The workers'
+    /// sweeper sends them again; a second message is harmless (the lease).
+    async fn unsent_jobs(&self, before: Micros, max: usize) -> StorageResult<Vec<QueueMessage>>;
     /// Records how the job's webhook delivery went (replacing an earlier
     /// report: a redelivery after a crash reports again). The job must exist.
     async fn put_webhook_report(&self, id: &JobId, report: &DeliveryReport, now: Micros) -> StorageResult<()>;

@@ -277,13 +277,43 @@ pub async fn queue_dead_letter_moves_message(h: &Harness) {
     let da = got.iter().find(|d| d.message == a).expect("a received");
     let db = got.iter().find(|d| d.message == b).expect("b received");
     q.dead_letter(da).await.expect("dead_letter");
-    assert_eq!(q.dead_letters(10).await.expect("dead_letters"), vec![a.clone()]);
+    let listed = q.dead_letters(10).await.expect("dead_letters");
+    assert_eq!(listed.iter().map(|d| d.message.clone()).collect::<Vec<_>>(), vec![a.clone()]);
+    assert_eq!(listed[0].receive_count, da.receive_count);
     assert_eq!(q.stats().await.expect("stats"), QueueStats { visible: 0, in_flight: 1, dead: 1 });
     q.delete(&db.receipt).await.expect("delete b");
     h.expire_visibility().await;
     assert!(nothing_visible(h).await, "a dead-lettered message is not delivered again");
     assert_eq!(q.stats().await.expect("stats"), QueueStats { visible: 0, in_flight: 0, dead: 1 });
-    assert_eq!(q.dead_letters(10).await.expect("dead_letters"), vec![a], "listing does not remove");
+    let listed = q.dead_letters(10).await.expect("dead_letters");
+    assert_eq!(listed.into_iter().map(|d| d.message).collect::<Vec<_>>(), vec![a], "listing does not remove");
+}
+
+/// `ratepool dlq redrive` and `fail`: a dead letter goes back to its work
+/// queue as a new message, or is deleted; the others stay where they are.
+pub async fn queue_dead_letters_are_redriven_or_removed(h: &Harness) {
+    let q = &h.backend.queue;
+    let (a, b, c) = (msg(Priority::Interactive), msg(Priority::Batch), msg(Priority::Interactive));
+    for m in [&a, &b, &c] {
+        q.send(m).await.expect("send");
+    }
+    let got = receive_n(h, 3).await;
+    assert_eq!(got.len(), 3);
+    for d in &got {
+        q.dead_letter(d).await.expect("dead_letter");
+    }
+    assert_eq!(q.stats().await.expect("stats"), QueueStats { visible: 0, in_flight: 0, dead: 3 });
+    assert_eq!(q.redrive_dead_letters(Some(&b.job_id)).await.expect("redrive"), vec![b.clone()]);
+    let again = receive_n(h, 1).await;
+    assert_eq!(again.iter().map(|d| (&d.message, d.receive_count)).collect::<Vec<_>>(), vec![(&b, 1)]);
+    q.delete(&again[0].receipt).await.expect("delete");
+    assert_eq!(q.remove_dead_letters(Some(&a.job_id)).await.expect("remove"), vec![a.clone()]);
+    assert_eq!(q.remove_dead_letters(Some(&a.job_id)).await.expect("remove again"), vec![], "nothing twice");
+    let left = q.dead_letters(10).await.expect("dead_letters");
+    assert_eq!(left.into_iter().map(|d| d.message).collect::<Vec<_>>(), vec![c.clone()], "the others stay");
+    assert_eq!(q.redrive_dead_letters(None).await.expect("redrive all"), vec![c.clone()]);
+    assert_eq!(receive_n(h, 1).await.into_iter().map(|d| d.message).collect::<Vec<_>>(), vec![c]);
+    assert_eq!(q.stats().await.expect("stats").dead, 0);
 }
 
 pub async fn queue_interactive_before_batch(h: &Harness) {
@@ -541,6 +571,63 @@ pub async fn stalled_runs_count_acquisitions_since_progress(h: &Harness) {
     assert_eq!(get(h, &id).await.stalled_runs, 0);
     acquire(h, &id, "worker-d", T0 + 4 * TTL_US).await;
     assert_eq!(get(h, &id).await.stalled_runs, 1);
+}
+
+/// A run handed back (shutdown, a storage error) did not crash: releasing
+/// its lease takes it back off `stalled_runs`, so many deploys during one
+/// long step never make the job look poison; a crash (lapsed lease) still
+/// counts, and a count already 0 stays 0.
+pub async fn released_runs_are_not_stalled_runs(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let id = create(h).await;
+    for i in 0..6 {
+        let l = acquire(h, &id, &format!("worker-{i}"), T0 + i).await;
+        assert_eq!(get(h, &id).await.stalled_runs, 1);
+        jobs.release_lease(&l).await.expect("release");
+        assert_eq!(get(h, &id).await.stalled_runs, 0, "hand-back {i}");
+    }
+    // Two crashes, then a hand-back: the crashes still count.
+    acquire(h, &id, "crash-a", T0 + 10).await;
+    acquire(h, &id, "crash-b", T0 + 10 + TTL_US).await;
+    let c = acquire(h, &id, "handed-back", T0 + 10 + 2 * TTL_US).await;
+    assert_eq!(get(h, &id).await.stalled_runs, 3);
+    jobs.release_lease(&c).await.expect("release");
+    assert_eq!(get(h, &id).await.stalled_runs, 2);
+    // A run that made progress and then handed back: 0, never below.
+    let d = acquire(h, &id, "progress", T0 + 11 + 2 * TTL_US).await;
+    jobs.put_checkpoint(&d, &checkpoint("s1", "x", 1), T0 + 12 + 2 * TTL_US).await.expect("checkpoint");
+    jobs.release_lease(&d).await.expect("release");
+    let rec = get(h, &id).await;
+    assert_eq!((rec.stalled_runs, rec.lease_owner), (0, None));
+    // A stale lease's release changes nothing, the count included.
+    let e = acquire(h, &id, "current", T0 + 13 + 2 * TTL_US).await;
+    jobs.release_lease(&c).await.expect("stale release is not an error");
+    let rec = get(h, &id).await;
+    assert_eq!((rec.stalled_runs, rec.lease_owner.as_deref()), (1, Some(e.owner.as_str())));
+}
+
+/// A job is stored marked unsent; it is listed (past its grace) until its
+/// message is sent and it is marked sent, so a crash or a failed send
+/// between storing and sending never leaves a queued job nothing will run.
+pub async fn unsent_jobs_are_listed_until_sent(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let a = create(h).await;
+    let mut later = new_job("acme", None);
+    later.created_at = T0 + 10 * SEC;
+    let b = created(h, &later).await;
+    let listed = |v: Vec<QueueMessage>| v.into_iter().map(|m| m.job_id).collect::<Vec<_>>();
+    assert_eq!(listed(jobs.unsent_jobs(T0 + SEC, 10).await.expect("unsent")), vec![a.clone()], "only past the grace");
+    assert_eq!(listed(jobs.unsent_jobs(T0 + 10 * SEC, 10).await.expect("unsent")), vec![a.clone(), b.clone()]);
+    assert_eq!(listed(jobs.unsent_jobs(T0 + 10 * SEC, 1).await.expect("unsent")), vec![a.clone()], "oldest first");
+    let rec = get(h, &a).await;
+    h.backend
+        .queue
+        .send(&QueueMessage { job_id: a.clone(), tenant: rec.tenant, priority: rec.priority })
+        .await
+        .expect("send");
+    jobs.mark_sent(&a).await.expect("mark sent");
+    jobs.mark_sent(&a).await.expect("marking twice is harmless");
+    assert_eq!(listed(jobs.unsent_jobs(T0 + 10 * SEC, 10).await.expect("unsent")), vec![b]);
 }
 
 pub async fn checkpoint_with_stale_epoch_is_lease_lost(h: &Harness) {
@@ -1109,6 +1196,7 @@ macro_rules! conformance_suite {
         queue_stale_receipt_cannot_delete,
         queue_defer_hides_and_starts_receive_count_again,
         queue_dead_letter_moves_message,
+        queue_dead_letters_are_redriven_or_removed,
         queue_interactive_before_batch,
         queue_batch_lane_gets_one_take_in_four,
         queue_receive_waits_when_empty,
@@ -1118,6 +1206,8 @@ macro_rules! conformance_suite {
         jobs_idempotent_create,
         jobs_replay_finds_a_keyed_job_and_creates_nothing,
         stalled_runs_count_acquisitions_since_progress,
+        released_runs_are_not_stalled_runs,
+        unsent_jobs_are_listed_until_sent,
         lease_acquire_held_and_takeover,
         lease_renew_extends,
         lease_release_lets_another_worker_in,

@@ -7,7 +7,7 @@ impl DynamoJobs {
     /// The job and its count in the tenant's in-flight counter in one
     /// transaction.
     pub(super) async fn create_plain(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
-        let items = vec![self.put_job(job)?, self.count_in(job)?];
+        let items = vec![self.put_job(job)?, self.count_in(job)?, self.put_unsent(job)?];
         match self.transact(items, "creating a job").await {
             Ok(()) => Ok(CreateOutcome::Created(job.queued_record())),
             Err(TxError::Other(e)) => Err(e),
@@ -23,6 +23,21 @@ impl DynamoJobs {
             .condition_expression("attribute_not_exists(PK)")
             .build()
             .map_err(|e| sdk_err("building the job write", e))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// The job's entry in the unsent list, until `mark_sent` deletes it.
+    pub(super) fn put_unsent(&self, job: &NewJob) -> StorageResult<TransactWriteItem> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .item("PK", s(UNSENT_PK))
+            .item("SK", s(job.id.as_str()))
+            .item("tenant", s(job.tenant.as_str()))
+            .item("priority", s(priority_str(job.priority)))
+            .item("created_at", num(job.created_at))
+            .item(TTL_ATTR, self.live_ttl(job.created_at))
+            .build()
+            .map_err(|e| sdk_err("building the job's unsent entry", e))?;
         Ok(TransactWriteItem::builder().put(put).build())
     }
 
@@ -122,7 +137,12 @@ impl DynamoJobs {
             .map_err(|e| sdk_err("building the idempotency write", e))?;
         // The key before the count: a replay is answered even when the
         // tenant is at its in-flight limit.
-        let items = vec![self.put_job(job)?, TransactWriteItem::builder().put(put_idem).build(), self.count_in(job)?];
+        let items = vec![
+            self.put_job(job)?,
+            TransactWriteItem::builder().put(put_idem).build(),
+            self.count_in(job)?,
+            self.put_unsent(job)?,
+        ];
         // A second round only if the key item vanished (TTL) between the
         // cancelled transaction and reading it.
         for _ in 0..2 {

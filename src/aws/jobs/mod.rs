@@ -6,6 +6,7 @@
 //! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters |
 //! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message) |
 //! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
+//! | `unsent` | `<job id>` | a job whose queue message is not known to be sent: written with the job, deleted once sent |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
 //! | `usage#<tenant>` | `org#<org>` | a tenant's usage counters for one org |
 //! | `quota#<tenant>` | `in_flight` | the tenant's jobs queued or running (`in_flight`) |
@@ -62,7 +63,7 @@ use crate::answer::StepAnswer;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    OrgCounters, StorageError, StorageResult, UsageStore,
+    OrgCounters, QueueMessage, StorageError, StorageResult, UsageStore,
 };
 
 use items::*;
@@ -78,6 +79,10 @@ const IDEM_SK: &str = "idem";
 const WEBHOOK_SK: &str = "webhook";
 const USAGE_ORG_PREFIX: &str = "org#";
 const IN_FLIGHT_SK: &str = "in_flight";
+/// One partition for every unsent job: an entry lives from the job's
+/// creation to its send (milliseconds), so the partition stays small; two
+/// writes per submission bound it at about 500 submissions a second.
+const UNSENT_PK: &str = "unsent";
 /// The TTL attribute, in epoch seconds as DynamoDB TTL wants.
 pub(super) const TTL_ATTR: &str = "expires_at";
 
@@ -338,18 +343,42 @@ impl JobStore for DynamoJobs {
 
     /// Releasing a lease that is no longer held changes nothing and is not an
     /// error: the caller was giving it up anyway. The job stays `running`
-    /// until the next worker acquires it (as on SQLite).
+    /// until the next worker acquires it (as on SQLite). The run is taken
+    /// back off `stalled_runs` in the same write (it ended without a crash);
+    /// DynamoDB has no `max`, so a count already 0 (the run checkpointed) is
+    /// released by a second write that leaves it alone.
     async fn release_lease(&self, lease: &Lease) -> StorageResult<()> {
-        let update = "REMOVE #lease_owner, #lease_expires_at";
-        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch";
-        let res = self
-            .update(lease.job_id.as_str(), JOB_SK)
-            .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
-            .set_expression_attribute_values(Some(values([(":owner", s(&lease.owner)), (":epoch", num(lease.epoch))])))
-            .send()
-            .await;
+        let release = |update: &str, condition: &str, give_back: bool| {
+            let mut vals = values([(":owner", s(&lease.owner)), (":epoch", num(lease.epoch))]);
+            if give_back {
+                vals.extend(values([(":zero", num(0)), (":one", num(1))]));
+            }
+            self.update(lease.job_id.as_str(), JOB_SK)
+                .update_expression(update)
+                .condition_expression(condition)
+                .set_expression_attribute_names(Some(names(&[update, condition])))
+                .set_expression_attribute_values(Some(vals))
+                .send()
+        };
+        let res = release(
+            "SET #stalled_runs = #stalled_runs - :one REMOVE #lease_owner, #lease_expires_at",
+            "#lease_owner = :owner AND #lease_epoch = :epoch AND #stalled_runs > :zero",
+            true,
+        )
+        .await;
+        let res = match res {
+            // Not held any more, or nothing to give back: the plain
+            // release tells which.
+            Err(e) if matches!(e.as_service_error(), Some(UpdateItemError::ConditionalCheckFailedException(_))) => {
+                release(
+                    "REMOVE #lease_owner, #lease_expires_at",
+                    "#lease_owner = :owner AND #lease_epoch = :epoch",
+                    false,
+                )
+                .await
+            }
+            other => other,
+        };
         match res {
             Ok(_) => Ok(()),
             Err(e) => match lease_lost_or(e, "releasing a job lease") {
@@ -599,6 +628,60 @@ impl JobStore for DynamoJobs {
             Ok(()) | Err(TxError::Cancelled(_)) => Ok(()),
             Err(TxError::Other(e)) => Err(e),
         }
+    }
+
+    async fn mark_sent(&self, id: &JobId) -> StorageResult<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key("PK", s(UNSENT_PK))
+            .key("SK", s(id.as_str()))
+            .send()
+            .await
+            .map_err(|e| sdk_err("marking a job's message sent", e))?;
+        Ok(())
+    }
+
+    /// One query of the unsent partition (a few entries, unless sends are
+    /// failing), oldest first.
+    async fn unsent_jobs(&self, before: Micros, max: usize) -> StorageResult<Vec<QueueMessage>> {
+        let mut found = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("PK = :pk")
+                .filter_expression("#created_at <= :before")
+                .expression_attribute_names("#created_at", "created_at")
+                .expression_attribute_values(":pk", s(UNSENT_PK))
+                .expression_attribute_values(":before", num(before))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("reading unsent jobs", e))?;
+            for item in page.items() {
+                let f = Fields::new(item, "unsent entry");
+                let message = QueueMessage {
+                    job_id: f.parsed("SK", JobId::parse)?,
+                    tenant: f.parsed("tenant", TenantId::parse)?,
+                    priority: f.parsed("priority", |v| match v {
+                        "interactive" => Ok(Priority::Interactive),
+                        "batch" => Ok(Priority::Batch),
+                        other => Err(format!("unknown priority {other:?}")),
+                    })?,
+                };
+                found.push((f.n::<Micros>("created_at")?, message));
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        found.sort_by_key(|(created_at, _)| *created_at);
+        Ok(found.into_iter().take(max).map(|(_, m)| m).collect())
     }
 
     /// Conditional on the job item existing, so a report never makes an
