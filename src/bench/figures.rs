@@ -83,6 +83,13 @@ pub struct Sizes {
     pub interactive_jobs: usize,
     pub flood_concurrency: usize,
     pub flood_steps: usize,
+    /// Figure 9: (concurrency, requests measured each way, streamed) per
+    /// cell; the least warm-up requests each way before a cell; clients and
+    /// seconds of the sustained loop.
+    pub proxy_cells: Vec<(usize, usize, bool)>,
+    pub proxy_warmup: usize,
+    pub proxy_clients: usize,
+    pub proxy_secs: f64,
 }
 
 impl Sizes {
@@ -106,6 +113,17 @@ impl Sizes {
             interactive_jobs: 10,
             flood_concurrency: 8,
             flood_steps: 3,
+            proxy_cells: vec![
+                (1, 1_000, false),
+                (64, 4_000, false),
+                (512, 8_192, false),
+                (1, 1_000, true),
+                (64, 4_000, true),
+                (512, 8_192, true),
+            ],
+            proxy_warmup: 200,
+            proxy_clients: 64,
+            proxy_secs: 10.0,
         }
     }
 
@@ -129,15 +147,19 @@ impl Sizes {
             interactive_jobs: 3,
             flood_concurrency: 2,
             flood_steps: 2,
+            proxy_cells: vec![(1, 10, false), (4, 40, false), (4, 40, true)],
+            proxy_warmup: 4,
+            proxy_clients: 4,
+            proxy_secs: 0.3,
         }
     }
 }
 
-fn unlimited() -> OrgLimits {
+pub(super) fn unlimited() -> OrgLimits {
     OrgLimits { rpm: 10_000_000, tpm: 1_000_000_000 }
 }
 
-fn instant() -> LatencyConfig {
+pub(super) fn instant() -> LatencyConfig {
     LatencyConfig { base_ms: 0.0, per_token_ms: 0.0, time_scale: 0.0 }
 }
 
