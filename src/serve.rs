@@ -349,6 +349,16 @@ async fn serve_api(
     state: Arc<ApiState>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt as _;
+    // Without TCP_NODELAY, Nagle's algorithm holds each small write (a
+    // streamed call's next event) until the client ACKs the last one, and
+    // clients delay their ACKs by up to 40 ms: a relayed stream would stall
+    // on every event after the first.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! The benchmark's smoke test: `ratepool bench --quick` runs every figure
 //! once on tiny workloads, as `make bench` would on big ones. It measures
 //! nothing worth quoting; it checks the benchmark still works and that what
-//! it counts adds up (every call made once, every step's overhead recorded),
-//! so `make bench` does not break unnoticed. Needs the moto emulator that
+//! it counts adds up (every call made once, every step's overhead recorded,
+//! one provider call per request through the calls door), so `make bench`
+//! does not break unnoticed. Needs the moto emulator that
 //! `make test` starts, for the DynamoDB ledger figure.
 
 use std::process::Command;
@@ -31,7 +32,7 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
-    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9."] {
+    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9.", "### 10."] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -108,4 +109,20 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         let learned = f(&x["learned_burst_s"]);
         assert!(learned > 0.0 && learned <= 60.0, "{x}");
     }
+    // 10: every request answered 200 (the figure fails on any other), every
+    // one through ratepool made exactly one call at the simulator, and the
+    // door counted each as answered.
+    let x = &r["proxy"][0];
+    assert_eq!(f(&x["sim_calls"]), f(&x["direct_requests"]) + f(&x["through_requests"]), "{x}");
+    assert_eq!(f(&x["provider_calls"]), f(&x["through_requests"]), "{x}");
+    assert_eq!(f(&x["door_ok"]), f(&x["through_requests"]), "{x}");
+    let cells = x["cells"].as_array().unwrap();
+    assert_eq!(cells.iter().filter(|c| c["streamed"] == true).count(), 1, "{x}");
+    for c in cells {
+        assert!(f(&c["requests"]) > 0.0, "{c}");
+        for side in ["direct", "through"] {
+            assert!(f(&c[format!("{side}_p50_ms")]) <= f(&c[format!("{side}_p99_ms")]), "{c}");
+        }
+    }
+    assert!(f(&x["through_rps"]) > 0.0 && f(&x["direct_rps"]) > 0.0, "{x}");
 }

@@ -87,6 +87,13 @@ pub struct Sizes {
     /// their simulator behind per-minute headers; 60 is the whole minute.
     pub window_orgs: usize,
     pub window_buckets: Vec<u64>,
+    /// Figure 10: (concurrency, requests measured each way, streamed) per
+    /// cell; the least warm-up requests each way before a cell; clients and
+    /// seconds of the sustained loop.
+    pub proxy_cells: Vec<(usize, usize, bool)>,
+    pub proxy_warmup: usize,
+    pub proxy_clients: usize,
+    pub proxy_secs: f64,
 }
 
 impl Sizes {
@@ -112,6 +119,17 @@ impl Sizes {
             flood_steps: 3,
             window_orgs: 3,
             window_buckets: vec![10, 20, 60],
+            proxy_cells: vec![
+                (1, 1_000, false),
+                (64, 4_000, false),
+                (512, 8_192, false),
+                (1, 1_000, true),
+                (64, 4_000, true),
+                (512, 8_192, true),
+            ],
+            proxy_warmup: 200,
+            proxy_clients: 64,
+            proxy_secs: 10.0,
         }
     }
 
@@ -137,15 +155,19 @@ impl Sizes {
             flood_steps: 2,
             window_orgs: 1,
             window_buckets: vec![10, 60],
+            proxy_cells: vec![(1, 10, false), (4, 40, false), (4, 40, true)],
+            proxy_warmup: 4,
+            proxy_clients: 4,
+            proxy_secs: 0.3,
         }
     }
 }
 
-fn unlimited() -> OrgLimits {
+pub(super) fn unlimited() -> OrgLimits {
     OrgLimits::per_minute(10_000_000, 1_000_000_000)
 }
 
-fn instant() -> LatencyConfig {
+pub(super) fn instant() -> LatencyConfig {
     LatencyConfig { base_ms: 0.0, per_token_ms: 0.0, time_scale: 0.0 }
 }
 

@@ -213,6 +213,11 @@ impl Server {
         Ok(Self { proc, key, http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()? })
     }
 
+    /// The tenant key its API takes.
+    pub fn tenant_key(&self) -> &str {
+        &self.key
+    }
+
     pub async fn submit(&self, spec: &str) -> anyhow::Result<String> {
         let resp = self
             .http

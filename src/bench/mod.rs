@@ -8,11 +8,13 @@
 //! resident memory with 1,000 jobs in flight; ledger requests per call and
 //! acquisitions per second; header sync against a client spending the quota
 //! behind ratepool's back; interactive latency under a batch flood; a
-//! provider enforcing shorter windows than it advertises. See
-//! `BENCHMARKS.md`.
+//! provider enforcing shorter windows than it advertises; the latency the
+//! OpenAI-compatible calls door adds to a call, and the requests per second
+//! it sustains. See `BENCHMARKS.md`.
 
 pub mod figures;
 pub mod harness;
+pub mod proxy;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -32,6 +34,7 @@ pub enum Figure {
     Headers,
     Priority,
     Window,
+    Proxy,
 }
 
 impl Figure {
@@ -44,6 +47,7 @@ impl Figure {
         Figure::Headers,
         Figure::Priority,
         Figure::Window,
+        Figure::Proxy,
     ];
 }
 
@@ -65,6 +69,7 @@ pub struct Results {
     pub headers: Vec<Vec<figures::HeaderRun>>,
     pub priority: Vec<figures::PriorityRun>,
     pub window: Vec<figures::WindowRun>,
+    pub proxy: Vec<proxy::ProxyRun>,
 }
 
 /// Runs the chosen figures `runs` times each.
@@ -83,6 +88,7 @@ pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
                 Figure::Headers => r.headers.push(figures::header_sync(ctx, run).await?),
                 Figure::Priority => r.priority.push(figures::priority(ctx, run).await?),
                 Figure::Window => r.window.push(figures::window(ctx, run).await?),
+                Figure::Proxy => r.proxy.push(proxy::proxy(ctx, run).await?),
             }
         }
     }
@@ -102,6 +108,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// Reads one number off an overhead run.
 type OverheadField = fn(&figures::OverheadRun) -> f64;
+/// Reads one number off a proxy run.
+type ProxyField = fn(&proxy::ProxyRun) -> f64;
 
 fn med<T>(runs: &[T], f: impl Fn(&T) -> f64) -> f64 {
     median(runs.iter().map(f).collect())
@@ -341,7 +349,65 @@ pub fn report(r: &Results) -> String {
         }
         let _ = writeln!(s);
     }
+    if !r.proxy.is_empty() {
+        proxy_report(&mut s, &r.proxy);
+    }
     s
+}
+
+/// Figure 10's tables: one row per concurrency and body, then the sustained loop.
+fn proxy_report(s: &mut String, runs: &[proxy::ProxyRun]) {
+    let _ = writeln!(
+        s,
+        "### 10. Proxy overhead: the calls door against the simulator called directly
+"
+    );
+    let _ = writeln!(
+        s,
+        "| concurrent | answer | requests each way | direct p50 ms | through p50 ms | added p50 ms | direct p99 ms | through p99 ms | added p99 ms | p99 ratio |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    for (i, c) in runs[0].cells.iter().enumerate() {
+        let cells: Vec<&proxy::ProxyCell> = runs.iter().filter_map(|r| r.cells.get(i)).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} [{}] | {:.3} | {:.3} | **{:.3}** [{}] | {:.2}× [{}] |",
+            c.concurrency,
+            if c.streamed { "streamed" } else { "whole" },
+            c.requests,
+            med(&cells, |x| x.direct_p50_ms),
+            med(&cells, |x| x.through_p50_ms),
+            med(&cells, |x| x.added_p50_ms),
+            all(&cells, |x| x.added_p50_ms, 3),
+            med(&cells, |x| x.direct_p99_ms),
+            med(&cells, |x| x.through_p99_ms),
+            med(&cells, |x| x.added_p99_ms),
+            all(&cells, |x| x.added_p99_ms, 3),
+            med(&cells, |x| x.ratio_p99),
+            all(&cells, |x| x.ratio_p99, 2),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nAdded = a percentile through ratepool minus the same percentile direct, each over its own samples.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| sustained, {} clients for {:.0} s | median | runs |",
+        runs[0].sustained_clients, runs[0].sustained_secs
+    );
+    let _ = writeln!(s, "|---|---|---|");
+    let rows: [(&str, ProxyField, usize); 5] = [
+        ("through ratepool: requests/s", |x| x.through_rps, 0),
+        ("direct to the simulator: requests/s", |x| x.direct_rps, 0),
+        ("server CPU ms per request", |x| x.server_cpu_ms_per_request, 3),
+        ("simulator CPU ms per request (direct)", |x| x.sim_cpu_ms_per_request, 3),
+        ("provider calls per request through ratepool", proxy::ProxyRun::calls_per_request, 2),
+    ];
+    for (label, f, d) in rows {
+        let _ = writeln!(s, "| {label} | **{:.*}** | {} |", d, med(runs, f), all(runs, f, d));
+    }
+    let _ = writeln!(s);
 }
 
 /// Where `make bench` keeps its work and results.
