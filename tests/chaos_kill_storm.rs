@@ -649,10 +649,23 @@ impl Aws {
 }
 
 impl Cluster for Aws {
+    /// As a client should: a 503 (the emulator too slow to answer within
+    /// the SDK's timeouts on a loaded machine) is retried with the same
+    /// `Idempotency-Key`, so a submission that was stored is not stored
+    /// twice.
     fn submit(&mut self, spec: &str) -> String {
-        let (status, body) = self.call("POST", "/v1/jobs", Some(spec));
-        assert_eq!(status, 202, "{body}");
-        body["id"].as_str().unwrap().to_string()
+        let key = uuid::Uuid::new_v4().to_string();
+        for _ in 0..5 {
+            let (status, body) =
+                lambda_call_with(&self.rt, &self.api, "POST", "/v1/jobs", Some(spec), &[("Idempotency-Key", &key)]);
+            if status == 503 {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            assert_eq!(status, 202, "{body}");
+            return body["id"].as_str().unwrap().to_string();
+        }
+        panic!("five submissions in a row answered 503");
     }
     fn kill_one(&mut self, rng: &mut Rng) -> (u32, PathBuf) {
         let slot = rng.below(self.workers.len() as u64) as usize;

@@ -306,6 +306,19 @@ pub fn lambda_call(
     path: &str,
     body: Option<&str>,
 ) -> (u16, Value) {
+    lambda_call_with(rt, app, method, path, body, &[])
+}
+
+/// [`lambda_call`] with more request headers.
+#[allow(dead_code)] // only the AWS tests call the Lambda
+pub fn lambda_call_with(
+    rt: &tokio::runtime::Runtime,
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     use serde_json::json;
     let mut event: Value = serde_json::from_str(include_str!("../fixtures/apigw_proxy_event.json")).unwrap();
     event["httpMethod"] = json!(method);
@@ -315,6 +328,10 @@ pub fn lambda_call(
     event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
     event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
     event["body"] = body.map_or(Value::Null, |b| json!(b));
+    for (name, value) in headers {
+        event["headers"][*name] = json!(value);
+        event["multiValueHeaders"][*name] = json!([value]);
+    }
     let resp = rt.block_on(ratepool::lambda::invoke(app.clone(), event)).expect("a valid API Gateway proxy event");
     assert_eq!(resp["isBase64Encoded"], false, "the API answers JSON text: {resp}");
     let body = resp["body"].as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null);
