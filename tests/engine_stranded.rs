@@ -96,6 +96,7 @@ fn engine_config(lease_ttl: Duration, max_receives: u32) -> EngineConfig {
         fallback_after: Duration::from_secs(60),
         notifier: Arc::new(NoWebhooks),
         resend_after: Duration::from_secs(60),
+        deadline: None,
     }
 }
 

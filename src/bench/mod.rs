@@ -38,7 +38,7 @@ pub enum Figure {
 }
 
 impl Figure {
-    pub const ALL: [Figure; 8] = [
+    pub const ALL: [Figure; 9] = [
         Figure::Scaling,
         Figure::Baseline,
         Figure::Overhead,

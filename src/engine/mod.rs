@@ -9,8 +9,8 @@ mod plan;
 pub mod quota;
 mod retry;
 pub mod router;
-pub mod window;
 mod sweep;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
