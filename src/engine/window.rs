@@ -66,8 +66,9 @@ impl WindowSettings {
     /// less the transit allowance, already slowed down if need be) with
     /// the burst cut to `burst_us` less `transit_us`. A fixed window also
     /// lowers the rate by `W / (W + burst + transit)`. The tolerance never
-    /// goes below what `cost` needs, so a small burst delays a large call
-    /// (until the bucket is empty), it never refuses it for good.
+    /// goes below what `cost` needs (up to the configured minute), so a
+    /// small burst delays a large call (until the bucket is empty); only a
+    /// call larger than the minute itself is refused for good.
     pub fn params(&self, params: &BucketParams, burst_us: Micros, transit_us: Micros, cost: Cost) -> BucketParams {
         let one = |rate: Rate, n: u64| {
             let (limit, tolerance) = match self.model {
@@ -79,7 +80,11 @@ impl WindowSettings {
                 }
             };
             let rate = Rate { limit, ..rate };
-            Rate { tolerance_us: tolerance.max(rate.increment(n)).max(1), ..rate }
+            // Raised for a large call, but never past the configured minute:
+            // a call the org could never take stays refused for good (the
+            // router then tries the orgs it fits, or answers too large).
+            let needed = rate.increment(n).min(rate.tolerance_us);
+            Rate { tolerance_us: tolerance.max(needed).max(1), ..rate }
         };
         BucketParams { requests: one(params.requests, cost.requests), tokens: one(params.tokens, cost.tokens) }
     }

@@ -163,19 +163,7 @@ impl Router {
             for (_, i, cost, params) in ready {
                 let org = &self.orgs[i];
                 let key = BucketKey::new(&org.settings.endpoint.name, model);
-                // Dated as late as possible (each try): the provider charges
-                // on arrival.
-                let mut now = self.clock.now();
-                let acquired = retry_write(
-                    "ledger acquire",
-                    WriteRetry::CALL,
-                    || !cancel.is_cancelled(),
-                    |_| {
-                        now = self.clock.now();
-                        self.ledger.acquire(&key, &params, cost, now)
-                    },
-                )
-                .await?;
+                let (acquired, now) = self.acquire(&key, &params, cost, cancel).await?;
                 match acquired {
                     Acquisition::Granted(state) => {
                         self.telemetry.ledger_op("acquire");
@@ -212,6 +200,30 @@ impl Router {
 
     /// `TooLarge` unless one of `orgs` could ever admit the call (with all
     /// its buckets full).
+    /// One charge of the ledger, its transient failures retried while the
+    /// call is wanted; returns the answer and the time it was dated at: as
+    /// late as possible (each try), since the provider charges on arrival.
+    async fn acquire(
+        &self,
+        key: &BucketKey,
+        params: &BucketParams,
+        cost: Cost,
+        cancel: &CancellationToken,
+    ) -> Result<(Acquisition, Micros), StorageError> {
+        let mut now = self.clock.now();
+        let acquired = retry_write(
+            "ledger acquire",
+            WriteRetry::CALL,
+            || !cancel.is_cancelled(),
+            |_| {
+                now = self.clock.now();
+                self.ledger.acquire(key, params, cost, now)
+            },
+        )
+        .await?;
+        Ok((acquired, now))
+    }
+
     fn check_size(&self, req: &CallRequest, orgs: impl Iterator<Item = usize>) -> Result<(), CallError> {
         let model = &req.request.model;
         let (mut tokens, mut largest) = (0, 0);
@@ -274,17 +286,7 @@ impl Router {
         let _turn = turn(gate, within, || self.clock.now() + 1_000_000, cancel).await?;
         let mut counted = false;
         loop {
-            let mut now = self.clock.now();
-            let acquired = retry_write(
-                "ledger acquire",
-                WriteRetry::CALL,
-                || !cancel.is_cancelled(),
-                |_| {
-                    now = self.clock.now();
-                    self.ledger.acquire(&key, &params, cost, now)
-                },
-            )
-            .await?;
+            let (acquired, now) = self.acquire(&key, &params, cost, cancel).await?;
             let retry_at = match acquired {
                 Acquisition::Granted(_) => {
                     self.telemetry.ledger_op("acquire");
