@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 
-use super::jobs::{TTL_ATTR, micros, num, s};
+use super::jobs::{TTL_ATTR, micros, num, s, secs_ceil};
 use super::sdk_err;
 use crate::domain::Micros;
 use crate::storage::{CacheKey, CachedResponse, ResponseCache, StorageError, StorageResult};
@@ -45,11 +45,6 @@ impl DynamoCache {
 
 fn pk(key: &CacheKey) -> String {
     format!("{CACHE_PREFIX}{key}")
-}
-
-/// Whole seconds at or after `t`, so the reaper never deletes a live entry.
-fn secs_ceil(t: Micros) -> i64 {
-    t.div_euclid(1_000_000) + i64::from(t.rem_euclid(1_000_000) != 0)
 }
 
 /// An upper bound of the item's size as DynamoDB counts it.
@@ -131,17 +126,5 @@ impl ResponseCache for DynamoCache {
             }
             Err(e) => Err(sdk_err("writing a response cache entry", e)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ttl_seconds_never_precede_the_exact_expiry() {
-        assert_eq!(secs_ceil(5_000_000), 5);
-        assert_eq!(secs_ceil(5_000_001), 6);
-        assert_eq!(secs_ceil(4_999_999), 5);
     }
 }

@@ -32,7 +32,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailur
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::jobs::{TTL_ATTR, num, s};
+use super::jobs::{TTL_ATTR, num, s, secs_ceil};
 use super::sdk_err;
 use crate::domain::{Micros, OrgName, TenantId};
 use crate::storage::{
@@ -166,11 +166,6 @@ fn n<T: std::str::FromStr>(item: &Item, name: &str) -> StorageResult<T> {
         .and_then(|v| v.as_n().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| corrupt(&format!("no valid {name}")))
-}
-
-/// Whole seconds at or after `t`, so the reaper never deletes a live item.
-fn secs_ceil(t: Micros) -> i64 {
-    t.div_euclid(1_000_000) + i64::from(t.rem_euclid(1_000_000) != 0)
 }
 
 /// A refused conditional write on the record is `LeaseLost`.
@@ -337,16 +332,5 @@ impl CallStore for DynamoCalls {
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
             Err(e) => Err(sdk_err("releasing a durable call's claim", e)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ttl_seconds_never_precede_the_exact_expiry() {
-        assert_eq!(secs_ceil(5_000_000), 5);
-        assert_eq!(secs_ceil(5_000_001), 6);
     }
 }

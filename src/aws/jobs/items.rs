@@ -38,6 +38,12 @@ pub(super) fn secs(t: Micros) -> i64 {
     t.div_euclid(1_000_000)
 }
 
+/// Whole seconds at or after `t`: a TTL written with it never lets the
+/// reaper delete an item that is still live.
+pub(in crate::aws) fn secs_ceil(t: Micros) -> i64 {
+    t.div_euclid(1_000_000) + i64::from(t.rem_euclid(1_000_000) != 0)
+}
+
 pub(in crate::aws) fn micros(d: Duration) -> Micros {
     Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
 }
@@ -249,6 +255,14 @@ pub(super) fn usage_from_item(item: &Item) -> StorageResult<(OrgName, OrgCounter
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ttl_seconds_never_precede_the_exact_expiry() {
+        use super::secs_ceil;
+        assert_eq!(secs_ceil(5_000_000), 5);
+        assert_eq!(secs_ceil(5_000_001), 6);
+        assert_eq!(secs_ceil(4_999_999), 5);
+    }
+
     use super::*;
 
     #[test]

@@ -67,7 +67,7 @@ use crate::storage::{
 };
 
 use items::*;
-pub(super) use items::{micros, num, s};
+pub(super) use items::{micros, num, s, secs_ceil};
 pub use tables::ensure_tables;
 use tables::{describe_status, missing_table};
 
