@@ -244,34 +244,25 @@ pub use ratepool::bench::chain_spec;
 /// says it runs.
 #[allow(dead_code)] // only the AWS tests start workers
 pub fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(BIN)
-        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
-        .envs(server_env(orgs))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let ready = lines.next().and_then(Result::ok).unwrap_or_default();
-    assert!(
-        ready.contains("worker running"),
-        "worker did not start: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, url: String::new(), log }
+    spawn_worker(dir, config, orgs, name, &[])
 }
 
 /// Starts `ratepool worker --listen 127.0.0.1:0` and waits until it both
 /// listens (`url` is set) and runs its workers.
 #[allow(dead_code)] // only the AWS tests start workers
 pub fn start_listening_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
+    spawn_worker(dir, config, orgs, name, &["--listen", "127.0.0.1:0"])
+}
+
+/// `ratepool worker` with `extra` arguments. Its stdout must say where it
+/// listens (only when `--listen` was given) and then that it runs, and
+/// nothing else before that.
+#[allow(dead_code)] // only the AWS tests start workers
+fn spawn_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str, extra: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(BIN)
-        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs", "--listen", "127.0.0.1:0"])
+        .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
+        .args(extra)
         .envs(server_env(orgs))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -280,20 +271,23 @@ pub fn start_listening_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name:
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    let failed = |what: &str| panic!("worker {what}: {}", std::fs::read_to_string(&log).unwrap_or_default());
     let mut url = None;
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(addr) = line.strip_prefix("ratepool listening on ") {
-            url = Some(addr.trim().to_string());
-        }
+    loop {
+        let line = lines.next().and_then(Result::ok).unwrap_or_default();
         if line.contains("worker running") {
             break;
         }
+        match line.strip_prefix("ratepool listening on ") {
+            Some(addr) if url.is_none() && extra.contains(&"--listen") => url = Some(addr.trim().to_string()),
+            _ => failed("did not start"),
+        }
     }
-    let url = url.unwrap_or_else(|| {
-        panic!("worker did not start listening: {}", std::fs::read_to_string(&log).unwrap_or_default())
-    });
+    if extra.contains(&"--listen") && url.is_none() {
+        failed("did not start listening");
+    }
     std::thread::spawn(move || lines.for_each(drop));
-    Proc { child, url, log }
+    Proc { child, url: url.unwrap_or_default(), log }
 }
 
 /// Sends a real API Gateway REST proxy event (`fixtures/apigw_proxy_event.json`)
