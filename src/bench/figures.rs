@@ -87,13 +87,30 @@ pub struct Sizes {
     /// their simulator behind per-minute headers; 60 is the whole minute.
     pub window_orgs: usize,
     pub window_buckets: Vec<u64>,
-    /// Figure 10: (concurrency, requests measured each way, streamed) per
-    /// cell; the least warm-up requests each way before a cell; clients and
-    /// seconds of the sustained loop.
-    pub proxy_cells: Vec<(usize, usize, bool)>,
+    /// Figure 10: the cells (concurrency, requests measured each way,
+    /// streamed, the provider's latency); the least warm-up requests each
+    /// way before a cell; clients and seconds of the sustained loop.
+    pub proxy_cells: Vec<ProxyCellSize>,
     pub proxy_warmup: usize,
     pub proxy_clients: usize,
     pub proxy_secs: f64,
+}
+
+/// One cell of figure 10.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyCellSize {
+    pub concurrency: usize,
+    /// Requests measured each way.
+    pub requests: usize,
+    pub streamed: bool,
+    /// How long the simulator takes to answer (0: at once).
+    pub provider_ms: u64,
+}
+
+impl ProxyCellSize {
+    const fn at_once(concurrency: usize, requests: usize, streamed: bool) -> Self {
+        Self { concurrency, requests, streamed, provider_ms: 0 }
+    }
 }
 
 impl Sizes {
@@ -120,12 +137,16 @@ impl Sizes {
             window_orgs: 3,
             window_buckets: vec![10, 20, 60],
             proxy_cells: vec![
-                (1, 1_000, false),
-                (64, 4_000, false),
-                (512, 8_192, false),
-                (1, 1_000, true),
-                (64, 4_000, true),
-                (512, 8_192, true),
+                ProxyCellSize::at_once(1, 1_000, false),
+                ProxyCellSize::at_once(64, 4_000, false),
+                ProxyCellSize::at_once(512, 8_192, false),
+                ProxyCellSize::at_once(1, 1_000, true),
+                ProxyCellSize::at_once(64, 4_000, true),
+                ProxyCellSize::at_once(512, 8_192, true),
+                // 64 calls in flight at a provider that takes 100 ms: the
+                // load of 64 concurrent LLM calls, below the cores' ceiling.
+                ProxyCellSize { concurrency: 64, requests: 4_000, streamed: false, provider_ms: 100 },
+                ProxyCellSize { concurrency: 64, requests: 4_000, streamed: true, provider_ms: 100 },
             ],
             proxy_warmup: 200,
             proxy_clients: 64,
@@ -155,7 +176,12 @@ impl Sizes {
             flood_steps: 2,
             window_orgs: 1,
             window_buckets: vec![10, 60],
-            proxy_cells: vec![(1, 10, false), (4, 40, false), (4, 40, true)],
+            proxy_cells: vec![
+                ProxyCellSize::at_once(1, 10, false),
+                ProxyCellSize::at_once(4, 40, false),
+                ProxyCellSize::at_once(4, 40, true),
+                ProxyCellSize { concurrency: 4, requests: 40, streamed: false, provider_ms: 20 },
+            ],
             proxy_warmup: 4,
             proxy_clients: 4,
             proxy_secs: 0.3,
@@ -169,6 +195,11 @@ pub(super) fn unlimited() -> OrgLimits {
 
 pub(super) fn instant() -> LatencyConfig {
     LatencyConfig { base_ms: 0.0, per_token_ms: 0.0, time_scale: 0.0 }
+}
+
+/// A simulator that takes `ms` for every answer, whatever its length.
+pub(super) fn fixed(ms: u64) -> LatencyConfig {
+    LatencyConfig { base_ms: ms as f64, per_token_ms: 0.0, time_scale: 1.0 }
 }
 
 /// Submits `specs` from a few concurrent clients; returns the job ids.

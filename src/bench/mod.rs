@@ -364,16 +364,17 @@ fn proxy_report(s: &mut String, runs: &[proxy::ProxyRun]) {
     );
     let _ = writeln!(
         s,
-        "| concurrent | answer | requests each way | direct p50 ms | through p50 ms | added p50 ms | direct p99 ms | through p99 ms | added p99 ms | p99 ratio |"
+        "| concurrent | answer | provider ms | requests each way | direct p50 ms | through p50 ms | added p50 ms | direct p99 ms | through p99 ms | added p99 ms | p99 ratio |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, c) in runs[0].cells.iter().enumerate() {
         let cells: Vec<&proxy::ProxyCell> = runs.iter().filter_map(|r| r.cells.get(i)).collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.3} | {:.3} | {:.3} [{}] | {:.3} | {:.3} | **{:.3}** [{}] | {:.2}× [{}] |",
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} [{}] | {:.3} | {:.3} | **{:.3}** [{}] | {:.2}× [{}] |",
             c.concurrency,
             if c.streamed { "streamed" } else { "whole" },
+            c.provider_ms,
             c.requests,
             med(&cells, |x| x.direct_p50_ms),
             med(&cells, |x| x.through_p50_ms),

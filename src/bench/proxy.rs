@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::figures::{Ctx, instant, unlimited};
+use super::figures::{Ctx, ProxyCellSize, fixed, instant, unlimited};
 use super::harness::{self, MODEL, Server, ServerSetup, Sim};
 
 /// One side of a cell: where its requests go, with its own connection pool.
@@ -72,13 +72,25 @@ fn request_body(streamed: bool) -> Bytes {
 
 /// `clients` clients, each sending its next request when the last is
 /// answered, until `total` requests are answered; every latency in ms.
-async fn closed_loop(target: &Arc<Target>, streamed: bool, clients: usize, total: usize) -> anyhow::Result<Vec<f64>> {
+/// Client `i` starts `i/clients` of `spread` late, so that against a
+/// provider taking `spread` to answer the requests arrive spread over it, as
+/// from independent callers, rather than all in the same millisecond.
+async fn closed_loop(
+    target: &Arc<Target>,
+    streamed: bool,
+    clients: usize,
+    total: usize,
+    spread: Duration,
+) -> anyhow::Result<Vec<f64>> {
     let left = Arc::new(AtomicUsize::new(total));
     let body = request_body(streamed);
     let mut set = tokio::task::JoinSet::new();
-    for _ in 0..clients.min(total) {
+    let clients = clients.min(total);
+    for i in 0..clients {
         let (target, left, body) = (target.clone(), left.clone(), body.clone());
+        let late = spread.mul_f64(i as f64 / clients as f64);
         set.spawn(async move {
+            tokio::time::sleep(late).await;
             let mut ms = Vec::new();
             while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
                 ms.push(target.send(&body, streamed).await?.as_secs_f64() * 1e3);
@@ -135,6 +147,8 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 pub struct ProxyCell {
     pub concurrency: usize,
     pub streamed: bool,
+    /// The simulator's time to answer, in ms (0: at once).
+    pub provider_ms: u64,
     /// Requests measured each way (warm-up not included).
     pub requests: usize,
     pub direct_p50_ms: f64,
@@ -177,32 +191,45 @@ impl ProxyRun {
     }
 }
 
-pub async fn proxy(ctx: &Ctx, run: usize) -> anyhow::Result<ProxyRun> {
-    let s = &ctx.sizes;
-    let dir = harness::run_dir(&ctx.work, &format!("proxy-{run}"))?;
-    let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], instant()).await?;
-    let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true };
-    let server = Server::start(&ctx.bin, &dir, &sim, &setup).await?;
-    let direct = Target::new("the simulator", &sim.proc.url, sim.keys.first().context("one org")?)?;
-    let through = Target::new("ratepool", &server.proc.url, server.tenant_key())?;
-    let (mut direct_requests, mut through_requests) = (0u64, 0u64);
+/// A simulator and a `ratepool serve` in front of it, and a client for each.
+struct Pair {
+    sim: Sim,
+    server: Server,
+    direct: Arc<Target>,
+    through: Arc<Target>,
+    /// Requests sent each way, warm-ups included.
+    direct_requests: u64,
+    through_requests: u64,
+}
 
-    let mut cells = Vec::new();
-    for &(concurrency, requests, streamed) in &s.proxy_cells {
-        // Warm-up, not measured: connections opened, caches and pools filled.
-        let warm = (2 * concurrency).max(s.proxy_warmup);
-        closed_loop(&direct, streamed, concurrency, warm).await?;
-        closed_loop(&through, streamed, concurrency, warm).await?;
-        // Two rounds each way, alternating, so a drift in the machine's
-        // load falls on both sides.
+impl Pair {
+    async fn start(ctx: &Ctx, name: &str, provider_ms: u64) -> anyhow::Result<Self> {
+        let dir = harness::run_dir(&ctx.work, name)?;
+        let latency = if provider_ms == 0 { instant() } else { fixed(provider_ms) };
+        let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], latency).await?;
+        let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true };
+        let server = Server::start(&ctx.bin, &dir, &sim, &setup).await?;
+        let direct = Target::new("the simulator", &sim.proc.url, sim.keys.first().context("one org")?)?;
+        let through = Target::new("ratepool", &server.proc.url, server.tenant_key())?;
+        Ok(Self { sim, server, direct, through, direct_requests: 0, through_requests: 0 })
+    }
+
+    /// One cell: a warm-up each way, then two alternating rounds each way,
+    /// so a drift in the machine's load falls on both sides.
+    async fn cell(&mut self, size: ProxyCellSize, warmup: usize) -> anyhow::Result<ProxyCell> {
+        let ProxyCellSize { concurrency, requests, streamed, provider_ms } = size;
+        let warm = (2 * concurrency).max(warmup);
+        let spread = Duration::from_millis(provider_ms);
+        closed_loop(&self.direct, streamed, concurrency, warm, spread).await?;
+        closed_loop(&self.through, streamed, concurrency, warm, spread).await?;
         let (mut d, mut t) = (Vec::new(), Vec::new());
         let half = requests / 2;
         for n in [half, requests - half] {
-            d.extend(closed_loop(&direct, streamed, concurrency, n).await?);
-            t.extend(closed_loop(&through, streamed, concurrency, n).await?);
+            d.extend(closed_loop(&self.direct, streamed, concurrency, n, spread).await?);
+            t.extend(closed_loop(&self.through, streamed, concurrency, n, spread).await?);
         }
-        direct_requests += (warm + requests) as u64;
-        through_requests += (warm + requests) as u64;
+        self.direct_requests += (warm + requests) as u64;
+        self.through_requests += (warm + requests) as u64;
         d.sort_by(f64::total_cmp);
         t.sort_by(f64::total_cmp);
         let (d50, d99, t50, t99) =
@@ -210,6 +237,7 @@ pub async fn proxy(ctx: &Ctx, run: usize) -> anyhow::Result<ProxyRun> {
         let cell = ProxyCell {
             concurrency,
             streamed,
+            provider_ms,
             requests,
             direct_p50_ms: d50,
             direct_p99_ms: d99,
@@ -221,50 +249,104 @@ pub async fn proxy(ctx: &Ctx, run: usize) -> anyhow::Result<ProxyRun> {
             ratio_p99: t99 / d99,
         };
         eprintln!(
-            "  {concurrency} concurrent{}: p50 {d50:.3} → {t50:.3} ms (+{:.3}), p99 {d99:.3} → {t99:.3} ms (+{:.3})",
+            "  {concurrency} concurrent{}, provider {provider_ms} ms: p50 {d50:.3} → {t50:.3} ms (+{:.3}), p99 {d99:.3} → {t99:.3} ms (+{:.3})",
             if streamed { ", streamed" } else { "" },
             cell.added_p50_ms,
             cell.added_p99_ms
         );
-        cells.push(cell);
+        Ok(cell)
     }
 
-    let clients = s.proxy_clients;
-    let sim_cpu = sim.proc.cpu_time()?;
-    let (dn, ds) = timed_loop(&direct, clients, s.proxy_secs).await?;
-    let sim_cpu = sim.proc.cpu_time()?.saturating_sub(sim_cpu);
-    let server_cpu = server.proc.cpu_time()?;
-    let (tn, ts) = timed_loop(&through, clients, s.proxy_secs).await?;
-    let server_cpu = server.proc.cpu_time()?.saturating_sub(server_cpu);
-    direct_requests += dn as u64;
-    through_requests += tn as u64;
+    /// `clients` clients in a closed loop for `secs` each way: requests per
+    /// second, and the CPU each process spent per request.
+    async fn sustained(&mut self, clients: usize, secs: f64) -> anyhow::Result<Sustained> {
+        let sim_cpu = self.sim.proc.cpu_time()?;
+        let (dn, ds) = timed_loop(&self.direct, clients, secs).await?;
+        let sim_cpu = self.sim.proc.cpu_time()?.saturating_sub(sim_cpu);
+        let server_cpu = self.server.proc.cpu_time()?;
+        let (tn, ts) = timed_loop(&self.through, clients, secs).await?;
+        let server_cpu = self.server.proc.cpu_time()?.saturating_sub(server_cpu);
+        self.direct_requests += dn as u64;
+        self.through_requests += tn as u64;
+        Ok(Sustained {
+            through_rps: tn as f64 / ts,
+            direct_rps: dn as f64 / ds,
+            server_cpu_ms_per_request: server_cpu.as_secs_f64() * 1e3 / tn.max(1) as f64,
+            sim_cpu_ms_per_request: sim_cpu.as_secs_f64() * 1e3 / dn.max(1) as f64,
+        })
+    }
 
-    let stats = sim.stats().await?;
-    let m = server.metrics().await?;
-    let r = ProxyRun {
-        cells,
-        sustained_clients: clients,
+    /// Stops both processes, adding what each side saw to `r`'s counts.
+    async fn finish(self, r: &mut ProxyRun) -> anyhow::Result<()> {
+        let stats = self.sim.stats().await?;
+        let m = self.server.metrics().await?;
+        r.direct_requests += self.direct_requests;
+        r.through_requests += self.through_requests;
+        r.sim_calls += stats.total_calls;
+        r.door_ok += m.sum("ratepool_calls_total", &[("endpoint", "chat_completions"), ("outcome", "ok")]);
+        r.provider_calls += m.sum("ratepool_provider_calls_total", &[]);
+        self.server.proc.stop().await;
+        self.sim.proc.stop().await;
+        Ok(())
+    }
+}
+
+struct Sustained {
+    through_rps: f64,
+    direct_rps: f64,
+    server_cpu_ms_per_request: f64,
+    sim_cpu_ms_per_request: f64,
+}
+
+pub async fn proxy(ctx: &Ctx, run: usize) -> anyhow::Result<ProxyRun> {
+    let s = &ctx.sizes;
+    let mut r = ProxyRun {
+        cells: Vec::new(),
+        sustained_clients: s.proxy_clients,
         sustained_secs: s.proxy_secs,
-        through_rps: tn as f64 / ts,
-        direct_rps: dn as f64 / ds,
-        server_cpu_ms_per_request: server_cpu.as_secs_f64() * 1e3 / tn.max(1) as f64,
-        sim_cpu_ms_per_request: sim_cpu.as_secs_f64() * 1e3 / dn.max(1) as f64,
-        direct_requests,
-        through_requests,
-        sim_calls: stats.total_calls,
-        door_ok: m.sum("ratepool_calls_total", &[("endpoint", "chat_completions"), ("outcome", "ok")]),
-        provider_calls: m.sum("ratepool_provider_calls_total", &[]),
+        through_rps: 0.0,
+        direct_rps: 0.0,
+        server_cpu_ms_per_request: 0.0,
+        sim_cpu_ms_per_request: 0.0,
+        direct_requests: 0,
+        through_requests: 0,
+        sim_calls: 0,
+        door_ok: 0.0,
+        provider_calls: 0.0,
     };
+    // One simulator and server per provider latency, in the cells' order;
+    // the sustained loop runs against the one that answers at once.
+    let mut latencies: Vec<u64> = Vec::new();
+    for c in &s.proxy_cells {
+        if !latencies.contains(&c.provider_ms) {
+            latencies.push(c.provider_ms);
+        }
+    }
+    if !latencies.contains(&0) {
+        latencies.push(0);
+    }
+    for ms in latencies {
+        let mut pair = Pair::start(ctx, &format!("proxy-{run}-{ms}ms"), ms).await?;
+        for &size in s.proxy_cells.iter().filter(|c| c.provider_ms == ms) {
+            r.cells.push(pair.cell(size, s.proxy_warmup).await?);
+        }
+        if ms == 0 {
+            let x = pair.sustained(s.proxy_clients, s.proxy_secs).await?;
+            (r.through_rps, r.direct_rps) = (x.through_rps, x.direct_rps);
+            (r.server_cpu_ms_per_request, r.sim_cpu_ms_per_request) =
+                (x.server_cpu_ms_per_request, x.sim_cpu_ms_per_request);
+            eprintln!(
+                "  sustained, {} clients: {:.0} requests/s through ratepool ({:.3} ms server CPU each), {:.0} direct",
+                s.proxy_clients, x.through_rps, x.server_cpu_ms_per_request, x.direct_rps
+            );
+        }
+        pair.finish(&mut r).await?;
+    }
     eprintln!(
-        "  sustained, {clients} clients: {:.0} requests/s through ratepool ({:.3} ms server CPU each), {:.0} direct; {} provider calls for {} requests through",
-        r.through_rps,
-        r.server_cpu_ms_per_request,
-        r.direct_rps,
+        "  {} provider calls for {} requests through ratepool",
         r.sim_calls.saturating_sub(r.direct_requests),
         r.through_requests
     );
-    server.proc.stop().await;
-    sim.proc.stop().await;
     Ok(r)
 }
 

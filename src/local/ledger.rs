@@ -5,7 +5,7 @@
 //! IMMEDIATE transaction, writing nothing when it denies.
 
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, TransactionBehavior};
+use rusqlite::OptionalExtension;
 
 use super::{OrBackend, SqliteBackend};
 use crate::domain::Micros;
@@ -35,10 +35,9 @@ impl QuotaLedger for SqliteBackend {
     ) -> StorageResult<Acquisition> {
         let (org, model) = owned_parts(key);
         let params = *params;
-        self.write(move |conn| {
-            // IMMEDIATE takes the write lock before the read, so another
-            // process cannot change the row between decide and write.
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+        // IMMEDIATE takes the write lock before the read, so another
+        // process cannot change the row between decide and write.
+        self.short_write(move |tx| {
             let state = tx
                 .prepare_cached(READ_STATE)
                 .db()?
@@ -69,19 +68,22 @@ impl QuotaLedger for SqliteBackend {
 
     async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState> {
         let (org, model) = owned_parts(key);
-        self.write(move |conn| {
+        self.short_write(move |tx| {
             // `max` per column is `gcra::raise` written as one UPSERT, so the
-            // raise needs no transaction and can never lower a TAT.
-            conn.prepare_cached(
-                "INSERT INTO ledger (org, model, requests_tat, tokens_tat) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (org, model) DO UPDATE
-                    SET requests_tat = max(requests_tat, excluded.requests_tat),
-                        tokens_tat = max(tokens_tat, excluded.tokens_tat)
-                 RETURNING requests_tat, tokens_tat",
-            )
-            .db()?
-            .query_row(rusqlite::params![org, model, floor.requests_tat, floor.tokens_tat], state_from_row)
-            .db()
+            // raise can never lower a TAT.
+            let raised = tx
+                .prepare_cached(
+                    "INSERT INTO ledger (org, model, requests_tat, tokens_tat) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (org, model) DO UPDATE
+                        SET requests_tat = max(requests_tat, excluded.requests_tat),
+                            tokens_tat = max(tokens_tat, excluded.tokens_tat)
+                     RETURNING requests_tat, tokens_tat",
+                )
+                .db()?
+                .query_row(rusqlite::params![org, model, floor.requests_tat, floor.tokens_tat], state_from_row)
+                .db()?;
+            tx.commit().db()?;
+            Ok(raised)
         })
         .await
     }

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::Notify;
 
 use crate::domain::{Clock, InvalidId, Micros, Priority, SystemClock};
@@ -142,6 +142,37 @@ impl SqliteBackend {
             f(&mut conn)
         })
         .await
+    }
+
+    /// Runs a short write transaction `f` (a ledger decision: tens of µs)
+    /// on the calling thread when it can start at once, that is when the
+    /// writer connection is free in this process and SQLite's write lock is
+    /// free in every process; otherwise on the blocking pool like any write.
+    /// Handing a write to the blocking pool and back costs two thread
+    /// wake-ups, more than the write itself: it was half of the server's CPU
+    /// per call through the calls door (BENCHMARKS.md, figure 10).
+    async fn short_write<T, F>(&self, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Transaction<'_>) -> StorageResult<T> + Send + 'static,
+    {
+        if let Ok(mut conn) = self.shared.writer.try_lock() {
+            conn.busy_timeout(Duration::ZERO).db()?;
+            let failed = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+                Ok(tx) => {
+                    tx.busy_timeout(BUSY_TIMEOUT).db()?;
+                    return f(tx);
+                }
+                // Another process is writing: wait for it off this thread.
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => None,
+                Err(e) => Some(StorageError::Backend(e.to_string())),
+            };
+            conn.busy_timeout(BUSY_TIMEOUT).db()?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        self.write(move |conn| f(conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?)).await
     }
 
     /// Runs `f` on the read-only connection on the blocking pool.
