@@ -208,6 +208,16 @@ async fn finish(
             tracing::info!(job = %lease.job_id, ?status, "job lease lost before its final write");
             return Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::HandBack });
         }
+        // The run believed every step checkpointed, the store disagrees (a
+        // write that answered success and did not land): not finished. The
+        // next run loads the checkpoints and runs the missing steps; the
+        // short delay keeps a disagreement that persists from spinning.
+        Err(StorageError::StepsMissing { done, total }) => {
+            tracing::warn!(job = %lease.job_id, tenant = %tenant, done, total,
+                "job ran every step but has fewer checkpointed; not finished, handed back to run the missing ones");
+            engine.backend.jobs.release_lease(lease).await?;
+            return Ok(Ack::Defer(Duration::from_secs(1)));
+        }
         Err(e) => return Err(e),
     }
     let status = match &outcome {

@@ -43,6 +43,11 @@ pub enum StorageError {
     /// write whose first response was lost lands here too.
     #[error("step {0} already has a checkpoint")]
     CheckpointExists(StepKey),
+    /// `finish_job(Succeeded)` on a job with fewer steps checkpointed than
+    /// its `steps_total`: nothing was written and the lease is still held.
+    /// The run is not finished; the next one runs the missing steps.
+    #[error("job has {done} of {total} steps checkpointed")]
+    StepsMissing { done: u32, total: u32 },
     /// A record with this id is already stored. Ids are minted fresh, so
     /// this is a caller bug, never a client's.
     #[error("{0} already exists")]
@@ -368,6 +373,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// again writes the same number.
     async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()>;
     /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
+    /// `succeeded` is also conditional on `steps_done = steps_total` (every
+    /// step and instance checkpointed), else `StepsMissing` and nothing is
+    /// written; a lost lease is `LeaseLost` first.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()>;
     /// Cancels a queued or running job; a finished job is left as it is.
     /// Returns the status after the call, `None` if there is no such job.

@@ -144,6 +144,14 @@ fn checkpoint(step: &str, output: &str, tokens: u64) -> Checkpoint {
     }
 }
 
+/// Checkpoints every step of a [`new_job`] (its `steps_total` is 3), so
+/// that it may finish `succeeded`.
+async fn checkpoint_all(h: &Harness, lease: &Lease, now: Micros) {
+    for step in ["s1", "s2", "s3"] {
+        h.backend.jobs.put_checkpoint(lease, &checkpoint(step, "x", 1), now).await.expect("checkpoint");
+    }
+}
+
 fn assert_lease_lost<T: std::fmt::Debug>(r: Result<T, StorageError>, what: &str) {
     assert!(matches!(r, Err(StorageError::LeaseLost)), "{what}: expected LeaseLost, got {r:?}");
 }
@@ -704,6 +712,7 @@ pub async fn finish_job_succeeded_and_failed(h: &Harness) {
     let jobs = &h.backend.jobs;
     let ok = create(h).await;
     let a = acquire(h, &ok, "worker-a", T0).await;
+    checkpoint_all(h, &a, T0 + 4).await;
     jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 5).await.expect("finish");
     let rec = get(h, &ok).await;
     assert_eq!(rec.status, JobStatus::Succeeded);
@@ -743,6 +752,42 @@ pub async fn finish_job_with_lost_lease(h: &Harness) {
     assert_eq!(get(h, &other).await.status, JobStatus::Running);
 }
 
+/// The final write is guarded: a job whose progress shows a step never
+/// checkpointed (a write that answered success and did not land) is not
+/// marked succeeded; it stays running under the same lease, so its run can
+/// hand it back and the next one runs the missing step.
+pub async fn finish_succeeded_needs_every_step_checkpointed(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let id = create(h).await;
+    let a = acquire(h, &id, "worker-a", T0).await;
+    jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 1).await.expect("s1");
+    jobs.put_checkpoint(&a, &checkpoint("s3", "z", 1), T0 + 2).await.expect("s3");
+    let r = jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 3).await;
+    assert!(
+        matches!(r, Err(StorageError::StepsMissing { done: 2, total: 3 })),
+        "expected StepsMissing 2 of 3, got {r:?}"
+    );
+    let rec = get(h, &id).await;
+    assert_eq!((rec.status, rec.steps_done, rec.finished_at), (JobStatus::Running, 2, None), "nothing written");
+    assert_eq!(rec.lease_owner.as_deref(), Some("worker-a"), "the lease is still held");
+    assert_eq!(in_flight(h, "acme").await, 1, "not counted out");
+
+    // A lost lease is reported as such, whatever the progress.
+    let b = acquire(h, &id, "worker-b", a.expires_at).await;
+    assert_lease_lost(jobs.finish_job(&a, &JobOutcome::Succeeded, a.expires_at + 1).await, "taken over");
+    // The next run writes the missing step and may finish.
+    jobs.put_checkpoint(&b, &checkpoint("s2", "y", 1), a.expires_at + 2).await.expect("s2");
+    jobs.finish_job(&b, &JobOutcome::Succeeded, a.expires_at + 3).await.expect("finish");
+    assert_eq!(get(h, &id).await.status, JobStatus::Succeeded);
+    assert_eq!(in_flight(h, "acme").await, 0);
+
+    // A failure needs no progress.
+    let other = create(h).await;
+    let c = acquire(h, &other, "worker-c", T0).await;
+    jobs.finish_job(&c, &JobOutcome::Failed("step s1: refused".into()), T0 + 1).await.expect("fail");
+    assert_eq!(get(h, &other).await.status, JobStatus::Failed);
+}
+
 pub async fn cancel_queued_job(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
@@ -777,6 +822,7 @@ pub async fn cancel_finished_job_is_left_alone(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
+    checkpoint_all(h, &a, T0).await;
     jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
     assert_eq!(jobs.cancel_job(&id, T0 + 2).await.expect("cancel"), Some(JobStatus::Succeeded));
     let rec = get(h, &id).await;
@@ -803,6 +849,7 @@ pub async fn fail_unleased_job(h: &Harness) {
 
     let done = create(h).await;
     let b = acquire(h, &done, "worker-b", T0).await;
+    checkpoint_all(h, &b, T0).await;
     jobs.finish_job(&b, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
     jobs.fail_unleased(&done, "too late", T0 + 4).await.expect("fail finished");
     let rec = get(h, &done).await;
@@ -981,6 +1028,7 @@ pub async fn in_flight_counts_each_job_out_exactly_once(h: &Harness) {
 
     let lease = acquire(h, &done, "w1", T0).await;
     assert_eq!(in_flight(h, "acme").await, 5, "running is still in flight");
+    checkpoint_all(h, &lease, T0).await;
     jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + SEC).await.expect("finish");
     assert_eq!(in_flight(h, "acme").await, 4);
     assert_lease_lost(jobs.finish_job(&lease, &JobOutcome::Failed("again".into()), T0 + SEC).await, "second finish");
@@ -1218,6 +1266,7 @@ macro_rules! conformance_suite {
         checkpoints_round_trip,
         finish_job_succeeded_and_failed,
         finish_job_with_lost_lease,
+        finish_succeeded_needs_every_step_checkpointed,
         cancel_queued_job,
         cancel_running_job_revokes_lease,
         cancel_finished_job_is_left_alone,
