@@ -555,12 +555,33 @@ impl OrgCounters {
     }
 }
 
+/// One flush of usage deltas. Its id makes it idempotent: a batch whose
+/// answer was lost, or that failed part-way, is retried as it is (same id,
+/// same deltas) and adds nothing that was already added.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageBatch {
+    pub id: String,
+    pub deltas: Vec<(TenantId, OrgName, OrgCounters)>,
+}
+
+impl UsageBatch {
+    /// A batch with a fresh id.
+    pub fn new(deltas: Vec<(TenantId, OrgName, OrgCounters)>) -> Self {
+        Self { id: uuid::Uuid::new_v4().simple().to_string(), deltas }
+    }
+}
+
+/// How long a backend remembers an applied batch id: far longer than a
+/// process keeps retrying a failed flush.
+pub const USAGE_BATCH_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
 /// Durable per-tenant, per-org usage counters. Events are aggregated in
 /// memory and written in batches by `flush`, never one write per call.
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
-    /// Adds a batch of per-(tenant, org) counter deltas.
-    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()>;
+    /// Adds a batch of per-(tenant, org) counter deltas, once: deltas of a
+    /// batch id applied before (within [`USAGE_BATCH_MEMORY`]) add nothing.
+    async fn add(&self, batch: &UsageBatch) -> StorageResult<()>;
     /// The tenant's totals per org.
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>>;
 }

@@ -24,7 +24,7 @@ use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
     Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
     Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, QueueMessage, QueueStats,
-    StorageError,
+    StorageError, UsageBatch,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -1126,16 +1126,15 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
         connection_errors: 4,
         request_errors: 5,
     };
-    usage
-        .add(&[
-            (tenant("acme"), org("org-b"), c(1, 0)),
-            (tenant("acme"), org("org-a"), c(2, 1)),
-            (tenant("globex"), org("org-a"), c(7, 0)),
-        ])
-        .await
-        .expect("add");
-    usage.add(&[(tenant("acme"), org("org-a"), c(3, 2))]).await.expect("add");
-    usage.add(&[]).await.expect("empty batch");
+    let first = UsageBatch::new(vec![
+        (tenant("acme"), org("org-b"), c(1, 0)),
+        (tenant("acme"), org("org-a"), c(2, 1)),
+        (tenant("globex"), org("org-a"), c(7, 0)),
+    ]);
+    usage.add(&first).await.expect("add");
+    usage.add(&UsageBatch::new(vec![(tenant("acme"), org("org-a"), c(3, 2))])).await.expect("add");
+    usage.add(&UsageBatch::new(vec![])).await.expect("empty batch");
+    usage.add(&first).await.expect("the same batch again adds nothing");
 
     let mut acme = usage.usage(&tenant("acme")).await.expect("usage");
     acme.sort_by(|x, y| x.0.cmp(&y.0));
@@ -1144,6 +1143,54 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
     assert_eq!(acme, vec![(org("org-a"), a_total), (org("org-b"), c(1, 0))]);
     assert_eq!(usage.usage(&tenant("globex")).await.expect("usage"), vec![(org("org-a"), c(7, 0))]);
     assert!(usage.usage(&tenant("initech")).await.expect("usage").is_empty());
+}
+
+/// A usage flush whose answer is lost after it committed, or that failed
+/// (on DynamoDB a batch of over 100 pairs is several transactions, some of
+/// which may have landed), is retried as the same batch and counted once:
+/// the totals are exactly what was recorded.
+pub async fn usage_flushes_count_once_when_answers_are_lost(h: &Harness) {
+    use ratepool::storage::faults::{FaultPlan, Faulty};
+    use ratepool::storage::{CallEvent, CallOutcome};
+
+    let plan = FaultPlan { lost_response: 0.4, write_error: 0.2, seed: 11, ..FaultPlan::default() };
+    let (faulty, counts) = Faulty::wrap(h.backend.clone(), plan);
+    let telemetry = ratepool::telemetry::Telemetry::new();
+    let tenants = ["acme", "globex", "initech"];
+    let orgs: Vec<OrgName> = (0..50).map(|i| org(&format!("org-{i}"))).collect();
+    let mut expected: std::collections::BTreeMap<&str, std::collections::BTreeMap<OrgName, OrgCounters>> =
+        Default::default();
+    for round in 0..4u64 {
+        for t in tenants {
+            for (i, o) in orgs.iter().enumerate() {
+                let ev = CallEvent {
+                    tenant: tenant(t),
+                    org: o.clone(),
+                    model: model("gpt-4o-mini"),
+                    outcome: if i % 7 == 0 { CallOutcome::RateLimited } else { CallOutcome::Ok },
+                    usage: Usage { calls: 1, prompt_tokens: 10 + i as u64, completion_tokens: round + 1 },
+                    latency: Duration::from_millis(5),
+                };
+                telemetry.record_call(&ev);
+                expected.entry(t).or_default().entry(o.clone()).or_default().record(&ev);
+            }
+        }
+        let mut failures = 0;
+        while telemetry.flush(faulty.usage.as_ref()).await.is_err() {
+            failures += 1;
+            assert!(failures < 60, "round {round}: the flush never went through");
+        }
+    }
+    let lost = ratepool::storage::faults::FaultCounts::get(&counts.lost_responses);
+    assert!(lost > 0, "some answers were lost after their write committed");
+    for t in tenants {
+        let got = h.backend.usage.usage(&tenant(t)).await.expect("usage");
+        let want: Vec<(OrgName, OrgCounters)> = expected[t].clone().into_iter().collect();
+        assert_eq!(got.len(), want.len(), "{t}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "{t}: totals counted once ({lost} answers lost)");
+        }
+    }
 }
 
 // ------------------------------------------------------------------ cache
@@ -1281,6 +1328,7 @@ macro_rules! conformance_suite {
         in_flight_limit_never_refuses_a_replay,
         in_flight_concurrent_creates_never_exceed_the_limit,
         usage_add_and_tenant_isolation,
+        usage_flushes_count_once_when_answers_are_lost,
         cache_miss_on_empty,
         cache_put_then_get_round_trips,
         cache_key_ignores_key_order_not_parameters,

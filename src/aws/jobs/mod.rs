@@ -63,7 +63,7 @@ use crate::answer::StepAnswer;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    OrgCounters, QueueMessage, StorageError, StorageResult, UsageStore,
+    OrgCounters, QueueMessage, StorageError, StorageResult, UsageBatch, UsageStore,
 };
 
 use items::*;
@@ -78,6 +78,8 @@ const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
 const WEBHOOK_SK: &str = "webhook";
 const USAGE_ORG_PREFIX: &str = "org#";
+/// Partition of a usage batch's markers, one item per chunk applied.
+const USAGE_BATCH_PREFIX: &str = "usagebatch#";
 const IN_FLIGHT_SK: &str = "in_flight";
 /// One partition for every unsent job: an entry lives from the job's
 /// creation to its send (milliseconds), so the partition stays small; two
