@@ -251,3 +251,66 @@ async fn a_tenant_whose_quota_is_spent_does_not_slow_another_tenants_jobs() {
         "the throttled tenant held the worker slots: {noisy:?} against {calm:?} alone"
     );
 }
+
+/// A webhook receiver that hangs for the tenant `slowhook` (as long as a
+/// delivery's retries could take) and answers at once for the others.
+#[derive(Debug)]
+struct HangingReceiver;
+
+#[async_trait::async_trait]
+impl ratepool::engine::JobNotifier for HangingReceiver {
+    async fn notify(&self, job: &ratepool::storage::JobRecord, _url: &str) -> ratepool::storage::DeliveryReport {
+        if job.tenant.as_str() == "slowhook" {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        ratepool::storage::DeliveryReport {
+            status: ratepool::storage::DeliveryStatus::Delivered,
+            attempts: 1,
+            last_error: None,
+            last_status: Some(200),
+        }
+    }
+}
+
+const HOOK_TENANTS: &str = "[[tenants]]\nname = \"slowhook\"\napi_key_env = \"UNUSED_SLOW\"\n\
+     [[tenants]]\nname = \"quiet\"\napi_key_env = \"UNUSED_QUIET\"\n";
+
+/// How long 8 four-step jobs of the quiet tenant take on 4 worker slots,
+/// with or without 8 one-step jobs, finished just before, whose webhook
+/// receiver hangs.
+async fn makespan_beside_hanging_webhooks(with_hooks: bool) -> Duration {
+    let rig = rig(200, FaultPlan::default(), HOOK_TENANTS, |c| {
+        c.concurrency = 4;
+        c.notifier = Arc::new(HangingReceiver);
+    })
+    .await;
+    if with_hooks {
+        let mut hooked = Vec::new();
+        for n in 0..8 {
+            let hook = json!({"webhook_url": "https://hooks.example.com/slow"});
+            hooked.push(rig.submit_with("slowhook", &format!("hook-{n}"), 1, hook).await);
+        }
+        rig.wait_all(&hooked, Duration::from_secs(20)).await;
+    }
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(rig.submit("quiet", &format!("quiet-{n}"), 4).await);
+    }
+    let done = rig.wait_all(&ids, Duration::from_secs(30)).await;
+    assert!(done.iter().all(|(s, _)| *s == JobStatus::Succeeded), "{done:?}");
+    let took = started.elapsed();
+    rig.stop().await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_that_hangs_does_not_slow_another_tenants_jobs() {
+    let calm = makespan_beside_hanging_webhooks(false).await;
+    let hung = makespan_beside_hanging_webhooks(true).await;
+    println!("quiet tenant's makespan: {calm:?} alone, {hung:?} beside 8 hanging webhook deliveries");
+    assert!(
+        hung.as_secs_f64() <= 1.5 * calm.as_secs_f64(),
+        "the hanging deliveries held the worker slots: {hung:?} against {calm:?} alone"
+    );
+}
