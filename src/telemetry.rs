@@ -475,11 +475,11 @@ impl Telemetry {
     /// a batch id once, so nothing is lost and nothing counted twice.
     pub async fn flush(&self, store: &dyn UsageStore) -> StorageResult<()> {
         let retry = self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(batch) = retry {
-            if let Err(e) = store.add(&batch).await {
-                *self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
-                return Err(e);
-            }
+        if let Some(batch) = retry
+            && let Err(e) = store.add(&batch).await
+        {
+            *self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+            return Err(e);
         }
         let deltas: Vec<_> = {
             let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());

@@ -118,8 +118,8 @@ async fn acknowledge(engine: &Engine, delivery: &Delivery, ack: Ack) {
         Ack::Delete => q.delete(&delivery.receipt).await,
         // A fresh copy rather than a visibility change: a hand-back is not
         // a receive that failed, so it must not count towards the redrive.
-        Ack::HandBack => q.defer(&delivery, Duration::ZERO).await,
-        Ack::Defer(d) => q.defer(&delivery, d).await,
+        Ack::HandBack => q.defer(delivery, Duration::ZERO).await,
+        Ack::Defer(d) => q.defer(delivery, d).await,
         Ack::Leave => Ok(()),
     };
     match res {
