@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::domain::{OrgName, TenantId};
-use crate::storage::{CallEvent, OrgCounters, QueueStats, StorageResult, UsageStore};
+use crate::storage::{CallEvent, OrgCounters, QueueStats, StorageResult, UsageBatch, UsageStore};
 
 /// Logs go to stderr: as JSON lines when `json` (Fargate, CloudWatch Logs),
 /// human-readable otherwise. `RUST_LOG` overrides the default level.
@@ -179,6 +179,8 @@ pub struct Telemetry {
     queue_in_flight: Gauge,
     queue_dead: Gauge,
     pending_usage: Mutex<HashMap<(TenantId, OrgName), OrgCounters>>,
+    /// The last flush that failed, retried as it is by the next one.
+    failed_usage: Mutex<Option<UsageBatch>>,
     window: Mutex<Window>,
 }
 
@@ -314,6 +316,7 @@ impl Telemetry {
             queue_in_flight,
             queue_dead,
             pending_usage: Mutex::new(HashMap::new()),
+            failed_usage: Mutex::new(None),
             window: Mutex::new(Window::default()),
         }
     }
@@ -466,21 +469,28 @@ impl Telemetry {
         out
     }
 
-    /// Writes the pending usage deltas in one batch; on failure they are
-    /// put back so nothing is lost.
+    /// Writes the pending usage deltas in one batch. A batch that failed
+    /// (its answer may have been lost after it landed) is kept whole and
+    /// retried as it is, with its id, before anything newer: the store adds
+    /// a batch id once, so nothing is lost and nothing counted twice.
     pub async fn flush(&self, store: &dyn UsageStore) -> StorageResult<()> {
-        let batch: Vec<_> = {
+        let retry = self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(batch) = retry
+            && let Err(e) = store.add(&batch).await
+        {
+            *self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+            return Err(e);
+        }
+        let deltas: Vec<_> = {
             let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
             pending.drain().map(|((t, o), c)| (t, o, c)).collect()
         };
-        if batch.is_empty() {
+        if deltas.is_empty() {
             return Ok(());
         }
+        let batch = UsageBatch::new(deltas);
         if let Err(e) = store.add(&batch).await {
-            let mut pending = self.pending_usage.lock().unwrap_or_else(|e| e.into_inner());
-            for (t, o, c) in batch {
-                pending.entry((t, o)).or_default().merge(&c);
-            }
+            *self.failed_usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
             return Err(e);
         }
         Ok(())

@@ -251,3 +251,138 @@ async fn a_tenant_whose_quota_is_spent_does_not_slow_another_tenants_jobs() {
         "the throttled tenant held the worker slots: {noisy:?} against {calm:?} alone"
     );
 }
+
+/// A webhook receiver that hangs for the tenant `slowhook` (as long as a
+/// delivery's retries could take) and answers at once for the others.
+#[derive(Debug)]
+struct HangingReceiver;
+
+#[async_trait::async_trait]
+impl ratepool::engine::JobNotifier for HangingReceiver {
+    async fn notify(&self, job: &ratepool::storage::JobRecord, _url: &str) -> ratepool::storage::DeliveryReport {
+        if job.tenant.as_str() == "slowhook" {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        ratepool::storage::DeliveryReport {
+            status: ratepool::storage::DeliveryStatus::Delivered,
+            attempts: 1,
+            last_error: None,
+            last_status: Some(200),
+        }
+    }
+}
+
+const HOOK_TENANTS: &str = "[[tenants]]\nname = \"slowhook\"\napi_key_env = \"UNUSED_SLOW\"\n\
+     [[tenants]]\nname = \"quiet\"\napi_key_env = \"UNUSED_QUIET\"\n";
+
+/// How long 8 four-step jobs of the quiet tenant take on 4 worker slots,
+/// with or without 8 one-step jobs, finished just before, whose webhook
+/// receiver hangs.
+async fn makespan_beside_hanging_webhooks(with_hooks: bool) -> Duration {
+    let rig = rig(200, FaultPlan::default(), HOOK_TENANTS, |c| {
+        c.concurrency = 4;
+        c.notifier = Arc::new(HangingReceiver);
+    })
+    .await;
+    if with_hooks {
+        let mut hooked = Vec::new();
+        for n in 0..8 {
+            let hook = json!({"webhook_url": "https://hooks.example.com/slow"});
+            hooked.push(rig.submit_with("slowhook", &format!("hook-{n}"), 1, hook).await);
+        }
+        rig.wait_all(&hooked, Duration::from_secs(20)).await;
+    }
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(rig.submit("quiet", &format!("quiet-{n}"), 4).await);
+    }
+    let done = rig.wait_all(&ids, Duration::from_secs(30)).await;
+    assert!(done.iter().all(|(s, _)| *s == JobStatus::Succeeded), "{done:?}");
+    let took = started.elapsed();
+    rig.stop().await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_that_hangs_does_not_slow_another_tenants_jobs() {
+    let calm = makespan_beside_hanging_webhooks(false).await;
+    let hung = makespan_beside_hanging_webhooks(true).await;
+    println!("quiet tenant's makespan: {calm:?} alone, {hung:?} beside 8 hanging webhook deliveries");
+    assert!(
+        hung.as_secs_f64() <= 1.5 * calm.as_secs_f64(),
+        "the hanging deliveries held the worker slots: {hung:?} against {calm:?} alone"
+    );
+}
+
+/// Issue 15's storm, smoke size, in process: 40 three-step chains on 8
+/// slots while the store fails 5 % of its writes (errors, throttling,
+/// answers lost after the write landed) and 2 % of its calls stall 1.5 s,
+/// longer than the lease's renewal interval (1 s of a 3 s lease). Every
+/// job succeeds, every step reaches the provider once, the jobs' usage
+/// counts exactly the calls made, and nothing is left queued, running or
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_storage_faults_strands_nothing_and_calls_nothing_twice() {
+    let plan = FaultPlan {
+        write_error: 0.02,
+        throttle: 0.015,
+        lost_response: 0.015,
+        slow: 0.02,
+        slow_ms: 1_500,
+        seed: 15,
+        only: None,
+    };
+    let rig = rig(20, plan, ONE_TENANT, |c| c.concurrency = 8).await;
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        ids.push(rig.submit("t", &format!("storm-{n}"), 3).await);
+    }
+    let done = rig.wait_all(&ids, Duration::from_secs(50)).await;
+    let took = started.elapsed();
+    assert!(done.iter().all(|(s, _)| *s == JobStatus::Succeeded), "{done:?}");
+    let attempts = rig.attempts().await;
+    let calls: u64 = attempts.values().sum();
+    let twice: Vec<_> = attempts.iter().filter(|(_, n)| **n > 1).collect();
+    let mut usage_calls = 0;
+    for id in &ids {
+        let job = rig.store.jobs.get_job(id).await.unwrap().unwrap();
+        assert_eq!((job.steps_done, job.steps_total, job.lease_owner.as_deref()), (3, 3, None), "{job:?}");
+        usage_calls += job.usage.calls;
+    }
+    // Messages of finished jobs are settled once their last ack lands.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let queue = loop {
+        let q = rig.store.queue.stats().await.unwrap();
+        if q == Default::default() || Instant::now() > deadline {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let c = &rig.counts;
+    println!(
+        "storm: 40 jobs x 3 steps in {took:?}; {calls} provider calls for {} steps; injected {} errors, {} throttled, \
+         {} lost answers, {} stalls of 1.5 s over {} writes applied",
+        attempts.len(),
+        count(&c.write_errors),
+        count(&c.throttled),
+        count(&c.lost_responses),
+        count(&c.slowed),
+        count(&c.writes_applied)
+    );
+    assert_eq!(attempts.len(), 120, "every step reached the provider");
+    assert!(twice.is_empty(), "steps called again: {twice:?}");
+    assert_eq!(usage_calls, calls, "the jobs' usage counts each call once");
+    assert_eq!(queue, Default::default(), "nothing left queued or in flight, no dead letter");
+    assert!(rig.store.queue.dead_letters(10).await.unwrap().is_empty());
+    for (kind, n) in [
+        ("errors", count(&c.write_errors)),
+        ("throttling", count(&c.throttled)),
+        ("lost answers", count(&c.lost_responses)),
+        ("stalls", count(&c.slowed)),
+    ] {
+        assert!(n > 0, "no {kind} injected");
+    }
+    rig.stop().await;
+}

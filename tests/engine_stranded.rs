@@ -185,12 +185,14 @@ async fn aws(visibility: Duration) -> Backend {
 
 /// `inner` with chosen failures: the next `failing_acquires` lease
 /// acquisitions fail as a storage outage would; the next `late_finishes`
-/// final writes land after the lease has lapsed (renewals stalled). Every
-/// delivery received is recorded.
+/// final writes land after the lease has lapsed (renewals stalled); the
+/// next `vanishing_checkpoints` checkpoint writes answer success and write
+/// nothing. Every delivery received is recorded.
 struct Scripted {
     inner: Backend,
     failing_acquires: AtomicU32,
     late_finishes: AtomicU32,
+    vanishing_checkpoints: AtomicU32,
     deliveries: Mutex<Vec<Delivery>>,
 }
 
@@ -200,6 +202,7 @@ impl Scripted {
             inner,
             failing_acquires: AtomicU32::new(0),
             late_finishes: AtomicU32::new(0),
+            vanishing_checkpoints: AtomicU32::new(0),
             deliveries: Mutex::new(Vec::new()),
         })
     }
@@ -280,6 +283,10 @@ impl JobStore for Scripted {
         self.inner.jobs.release_lease(lease).await
     }
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()> {
+        if take(&self.vanishing_checkpoints) {
+            // Answers success and writes nothing.
+            return Ok(());
+        }
         self.inner.jobs.put_checkpoint(lease, checkpoint, now).await
     }
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>> {
@@ -336,6 +343,31 @@ async fn a_final_write_after_the_lease_lapsed_keeps_the_message() {
     assert_eq!(scripted.late_finishes.load(Ordering::SeqCst), 0, "the late final write happened");
     assert_eq!((job.steps_done, job.usage.calls), (2, 2), "no step called twice");
     assert!(scripted.receive_counts().len() >= 2, "a second delivery finished it");
+    assert_eq!(inner.queue.stats().await.unwrap(), QueueStats::default(), "no message left behind");
+}
+
+/// Issue 15's guard on the final write: a checkpoint write that answered
+/// success and did not land (suspected once under extreme load on moto)
+/// leaves the job's progress a step short. The run must not mark it
+/// succeeded; it hands it back, and the next run calls the missing step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_that_never_landed_is_run_again_before_the_job_succeeds() {
+    let (inner, _dir) = sqlite(Duration::from_secs(3));
+    let rig = rig(0, inner.ledger.clone()).await;
+    let scripted = Scripted::wrap(inner.clone());
+    scripted.vanishing_checkpoints.store(1, Ordering::SeqCst);
+    let backend = scripted.backend();
+    let id = submit(&backend, 3).await;
+    let stop = CancellationToken::new();
+    let engine = rig.spawn(backend.clone(), engine_config(Duration::from_secs(3), 5), stop.clone());
+    let job = wait_for(&backend, &id, Duration::from_secs(20), "job final", |j| j.status.is_terminal()).await;
+    stop.cancel();
+    engine.await.unwrap();
+    assert_eq!(scripted.vanishing_checkpoints.load(Ordering::SeqCst), 0, "a checkpoint vanished");
+    assert_eq!((job.status, job.steps_done, job.steps_total), (JobStatus::Succeeded, 3, 3), "{job:?}");
+    assert_eq!(inner.jobs.checkpoints(&id).await.unwrap().len(), 3, "every step checkpointed");
+    assert_eq!(job.usage.calls, 3, "the vanished step's second call is the only one kept");
+    assert!(scripted.receive_counts().len() >= 2, "a second delivery ran the missing step");
     assert_eq!(inner.queue.stats().await.unwrap(), QueueStats::default(), "no message left behind");
 }
 

@@ -45,9 +45,12 @@ enum Ack {
     Defer(Duration),
     /// Leave it: it reappears after its visibility timeout.
     Leave,
+    /// The job is final and asked for a webhook: deliver it in the
+    /// engine's delivery pool, then settle the message as that says.
+    Notify,
 }
 
-pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop) {
+pub(crate) async fn run_delivery(engine: &Arc<Engine>, delivery: Delivery, stop: Stop) {
     let job = delivery.message.job_id.clone();
     let ack = match run(engine, &delivery, &stop).await {
         Ok(ack) => ack,
@@ -63,13 +66,60 @@ pub(crate) async fn run_delivery(engine: &Engine, delivery: Delivery, stop: Stop
             Ack::Leave
         }
     };
+    if let Ack::Notify = ack {
+        match engine.deliveries.admit() {
+            // The worker slot is free once this returns.
+            Some(place) => {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let ack = deliver_in_pool(&engine, &delivery).await;
+                    acknowledge(&engine, &delivery, ack).await;
+                    drop(place);
+                });
+            }
+            // The pool is full: deliver here, holding the slot.
+            None => {
+                let ack = settle_webhook(engine, &delivery, &job).await;
+                acknowledge(engine, &delivery, ack).await;
+            }
+        }
+        return;
+    }
+    acknowledge(engine, &delivery, ack).await;
+}
+
+/// Delivers a finished job's webhook in the delivery pool: waits for a
+/// slot with the message kept hidden, then settles it. Aborted at shutdown,
+/// it hands the message back so another process delivers.
+async fn deliver_in_pool(engine: &Engine, delivery: &Delivery) -> Ack {
+    let pool = &engine.deliveries;
+    let keep =
+        tokio::spawn(keep_hidden(engine.backend.queue.clone(), delivery.receipt.clone(), engine.config.lease_ttl));
+    let slot = tokio::select! {
+        slot = pool.slot() => slot,
+        _ = pool.aborted().cancelled() => None,
+    };
+    keep.abort();
+    if slot.is_none() {
+        return Ack::HandBack;
+    }
+    tokio::select! {
+        ack = settle_webhook(engine, delivery, &delivery.message.job_id) => ack,
+        _ = pool.aborted().cancelled() => Ack::HandBack,
+    }
+}
+
+async fn acknowledge(engine: &Engine, delivery: &Delivery, ack: Ack) {
+    let job = &delivery.message.job_id;
     let q = &engine.backend.queue;
     let res = match ack {
+        // Settled by `run_delivery` before it gets here.
+        Ack::Notify => Ok(()),
         Ack::Delete => q.delete(&delivery.receipt).await,
         // A fresh copy rather than a visibility change: a hand-back is not
         // a receive that failed, so it must not count towards the redrive.
-        Ack::HandBack => q.defer(&delivery, Duration::ZERO).await,
-        Ack::Defer(d) => q.defer(&delivery, d).await,
+        Ack::HandBack => q.defer(delivery, Duration::ZERO).await,
+        Ack::Defer(d) => q.defer(delivery, d).await,
         Ack::Leave => Ok(()),
     };
     match res {
@@ -100,7 +150,7 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
             return Ok(Ack::Defer(Duration::from_micros(left) + Duration::from_secs(1)));
         }
         // Finished: its worker may have died before sending the webhook.
-        LeaseOutcome::Finished(_) => return Ok(settle_webhook(engine, delivery, id).await),
+        LeaseOutcome::Finished(_) => return Ok(Ack::Notify),
         LeaseOutcome::Missing => return Ok(Ack::Delete),
     };
     let Some(record) = jobs.get_job(id).await? else { return Ok(Ack::Delete) };
@@ -150,13 +200,13 @@ async fn run(engine: &Engine, delivery: &Delivery, stop: &Stop) -> Result<Ack, S
     match result {
         Ok(StepsEnd::AllDone) => {
             match finish(engine, &lease, &record.tenant, JobOutcome::Succeeded, record.created_at).await? {
-                Ack::Delete => Ok(settle_webhook(engine, delivery, id).await),
+                Ack::Delete if spec.webhook_url.is_some() => Ok(Ack::Notify),
                 other => Ok(other),
             }
         }
         Ok(StepsEnd::Failed(reason)) => {
             match finish(engine, &lease, &record.tenant, JobOutcome::Failed(reason), record.created_at).await? {
-                Ack::Delete => Ok(settle_webhook(engine, delivery, id).await),
+                Ack::Delete if spec.webhook_url.is_some() => Ok(Ack::Notify),
                 other => Ok(other),
             }
         }
@@ -207,6 +257,16 @@ async fn finish(
             let status = engine.backend.jobs.get_job(&lease.job_id).await?.map(|j| j.status);
             tracing::info!(job = %lease.job_id, ?status, "job lease lost before its final write");
             return Ok(if status.is_none_or(JobStatus::is_terminal) { Ack::Delete } else { Ack::HandBack });
+        }
+        // The run believed every step checkpointed, the store disagrees (a
+        // write that answered success and did not land): not finished. The
+        // next run loads the checkpoints and runs the missing steps; the
+        // short delay keeps a disagreement that persists from spinning.
+        Err(StorageError::StepsMissing { done, total }) => {
+            tracing::warn!(job = %lease.job_id, tenant = %tenant, done, total,
+                "job ran every step but has fewer checkpointed; not finished, handed back to run the missing ones");
+            engine.backend.jobs.release_lease(lease).await?;
+            return Ok(Ack::Defer(Duration::from_secs(1)));
         }
         Err(e) => return Err(e),
     }

@@ -76,6 +76,8 @@ pub struct Engine {
     telemetry: Arc<Telemetry>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
+    /// Finished jobs' webhooks, as many at once as there are job slots.
+    deliveries: notify::DeliveryPool,
 }
 
 impl Engine {
@@ -86,7 +88,8 @@ impl Engine {
         clock: Arc<dyn Clock>,
         config: EngineConfig,
     ) -> Self {
-        Self { backend, router, telemetry, clock, config }
+        let deliveries = notify::DeliveryPool::new(config.concurrency);
+        Self { backend, router, telemetry, clock, config, deliveries }
     }
 
     /// Runs workers until `shutdown` fires; then stops receiving, lets
@@ -168,6 +171,7 @@ impl Engine {
                 _ = &mut grace, if !stop.abort.is_cancelled() => stop.abort.cancel(),
             }
         }
+        self.deliveries.drain(self.config.shutdown_grace).await;
         let _ = sweeper.await;
         tracing::info!("workers stopped");
     }

@@ -398,31 +398,39 @@ impl JobStore for SqliteBackend {
             JobOutcome::Succeeded => (JobStatus::Succeeded, None),
             JobOutcome::Failed(e) => (JobStatus::Failed, Some(e.clone())),
         };
-        let finished = self
-            .write(move |conn| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
-                let tenant = tx
-                    .prepare_cached(
-                        "UPDATE jobs SET status = ?5, error = ?6, finished_at = ?4, updated_at = ?4,
-                                         lease_owner = NULL, lease_expires_at = NULL
-                          WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
-                            AND lease_expires_at > ?4 AND status = 'running'
-                          RETURNING tenant",
-                    )
-                    .db()?
-                    .query_row(
-                        rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now, status.as_str(), error],
-                        |r| r.get::<_, String>(0),
-                    )
-                    .optional()
-                    .db()?;
-                let Some(tenant) = tenant else { return Ok(false) };
-                count_out(&tx, &tenant)?;
-                tx.commit().db()?;
-                Ok(true)
-            })
-            .await?;
-        if finished { Ok(()) } else { Err(StorageError::LeaseLost) }
+        self.write(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            let progress = tx
+                .prepare_cached(
+                    "SELECT steps_done, steps_total FROM jobs
+                      WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                        AND lease_expires_at > ?4 AND status = 'running'",
+                )
+                .db()?
+                .query_row(rusqlite::params![l.job_id.as_str(), l.owner, int(l.epoch), now], |r| {
+                    Ok((r.get::<_, u32>(0)?, r.get::<_, u32>(1)?))
+                })
+                .optional()
+                .db()?;
+            let Some((done, total)) = progress else { return Err(StorageError::LeaseLost) };
+            if status == JobStatus::Succeeded && done != total {
+                return Err(StorageError::StepsMissing { done, total });
+            }
+            let tenant = tx
+                .prepare_cached(
+                    "UPDATE jobs SET status = ?2, error = ?3, finished_at = ?4, updated_at = ?4,
+                                     lease_owner = NULL, lease_expires_at = NULL
+                      WHERE id = ?1
+                      RETURNING tenant",
+                )
+                .db()?
+                .query_row(rusqlite::params![l.job_id.as_str(), status.as_str(), error, now], |r| r.get::<_, String>(0))
+                .db()?;
+            count_out(&tx, &tenant)?;
+            tx.commit().db()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn cancel_job(&self, id: &JobId, now: Micros) -> StorageResult<Option<JobStatus>> {

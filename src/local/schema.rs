@@ -7,7 +7,8 @@
 //! `response_cache`; 3 adds `webhook_deliveries`; 4 adds `tenant_jobs`,
 //! filled from the jobs already in flight when a file is upgraded; 5 adds
 //! `durable_calls` (the Calls door's stored answers); 6 adds
-//! `checkpoints.answer` (the answer's message beside its text).
+//! `checkpoints.answer` (the answer's message beside its text); 7 adds
+//! `usage_batches` (usage flushes applied, so a retried one adds nothing).
 //! Tables and indexes are added with `IF NOT EXISTS`, so running the whole
 //! schema brings a file of any older version up to date; a change to an
 //! existing table is its own step, run when the stored version is below the
@@ -19,7 +20,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 6;
+pub(super) const SCHEMA_VERSION: i64 = 7;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -183,6 +184,15 @@ CREATE TABLE IF NOT EXISTS usage (
     request_errors     INTEGER NOT NULL,
     PRIMARY KEY (tenant, org)
 ) WITHOUT ROWID;
+
+-- Since version 7. The usage flushes applied, by batch id, so a flush
+-- retried after its answer was lost adds nothing; ids are forgotten after
+-- a day (`USAGE_BATCH_MEMORY`).
+CREATE TABLE IF NOT EXISTS usage_batches (
+    id         TEXT    PRIMARY KEY NOT NULL,
+    applied_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_batches_age ON usage_batches (applied_at);
 
 -- Since version 3. Per tenant, its jobs queued or running: raised with the
 -- job's insert, lowered with the write that finishes it, in one transaction

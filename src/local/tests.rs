@@ -12,7 +12,7 @@ use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, StepKey, Ten
 use crate::storage::gcra::Rate;
 use crate::storage::{
     Acquisition, BucketKey, BucketParams, CacheKey, CachedResponse, Checkpoint, Cost, CreateOutcome, JobStatus,
-    LeaseOutcome, NewJob, OrgCounters, QueueMessage,
+    LeaseOutcome, NewJob, OrgCounters, QueueMessage, UsageBatch,
 };
 
 const T0: Micros = 1_700_000_000_000_000;
@@ -78,11 +78,11 @@ async fn state_survives_a_restart_without_clean_close() {
             panic!("grant")
         };
         b.usage
-            .add(&[(
+            .add(&UsageBatch::new(vec![(
                 job.tenant.clone(),
                 OrgName::parse("org-a").unwrap(),
                 OrgCounters { calls: 4, ..Default::default() },
-            )])
+            )]))
             .await
             .unwrap();
         // Never closed, like a killed process: no final WAL checkpoint runs,
@@ -274,6 +274,29 @@ async fn a_version_2_file_upgrades_with_its_jobs_in_flight_counted() {
     drop(b);
     let b = open(&path).backend();
     assert_eq!(b.jobs.jobs_in_flight(&acme).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_version_6_file_upgrades_to_usage_batches_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v6.db");
+    let acme = TenantId::parse("acme").unwrap();
+    let org = OrgName::parse("org-a").unwrap();
+    let batch = |calls| UsageBatch::new(vec![(acme.clone(), org.clone(), OrgCounters { calls, ..Default::default() })]);
+    {
+        let b = open(&path).backend();
+        b.usage.add(&batch(2)).await.unwrap();
+    }
+    // What a version 6 binary left behind: no batch ids, version 6.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch("DROP TABLE usage_batches; PRAGMA user_version = 6;").unwrap();
+    drop(raw);
+
+    let b = open(&path).backend();
+    let again = batch(3);
+    b.usage.add(&again).await.unwrap();
+    b.usage.add(&again).await.unwrap();
+    assert_eq!(b.usage.usage(&acme).await.unwrap()[0].1.calls, 5, "existing usage kept, the batch added once");
 }
 
 #[tokio::test]

@@ -5,19 +5,34 @@ use rusqlite::TransactionBehavior;
 
 use super::{OrBackend, SqliteBackend, int, parsed, uint};
 use crate::domain::{OrgName, TenantId};
-use crate::storage::{OrgCounters, StorageResult, UsageStore};
+use crate::storage::{OrgCounters, StorageResult, USAGE_BATCH_MEMORY, UsageBatch, UsageStore};
 
 #[async_trait]
 impl UsageStore for SqliteBackend {
-    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()> {
-        if deltas.is_empty() {
+    /// One transaction: the batch id recorded in `usage_batches` (ids
+    /// older than [`USAGE_BATCH_MEMORY`] forgotten) and every delta added,
+    /// or nothing if the id is already there.
+    async fn add(&self, batch: &UsageBatch) -> StorageResult<()> {
+        if batch.deltas.is_empty() {
             return Ok(());
         }
-        let deltas = deltas.to_vec();
+        let batch = batch.clone();
+        let now = self.now();
+        let forget_before = now - USAGE_BATCH_MEMORY.as_micros() as i64;
         self.write(move |conn| {
             // One transaction for the batch: one commit, and a flush is
             // either counted whole or not at all.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
+            tx.prepare_cached("DELETE FROM usage_batches WHERE applied_at < ?1").db()?.execute([forget_before]).db()?;
+            let fresh = tx
+                .prepare_cached("INSERT OR IGNORE INTO usage_batches (id, applied_at) VALUES (?1, ?2)")
+                .db()?
+                .execute(rusqlite::params![batch.id, now])
+                .db()?;
+            if fresh == 0 {
+                // Applied before (a retry whose first answer was lost).
+                return Ok(());
+            }
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -37,7 +52,7 @@ impl UsageStore for SqliteBackend {
                             request_errors = request_errors + excluded.request_errors",
                     )
                     .db()?;
-                for (tenant, org, c) in &deltas {
+                for (tenant, org, c) in &batch.deltas {
                     stmt.execute(rusqlite::params![
                         tenant.as_str(),
                         org.as_str(),

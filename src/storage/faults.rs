@@ -315,8 +315,8 @@ impl QuotaLedger for Faulty {
 
 #[async_trait]
 impl UsageStore for Faulty {
-    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()> {
-        self.injector.write("usage add", self.inner.usage.add(deltas)).await
+    async fn add(&self, batch: &UsageBatch) -> StorageResult<()> {
+        self.injector.write("usage add", self.inner.usage.add(batch)).await
     }
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>> {
         self.injector.read(self.inner.usage.usage(tenant)).await

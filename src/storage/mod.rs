@@ -43,6 +43,11 @@ pub enum StorageError {
     /// write whose first response was lost lands here too.
     #[error("step {0} already has a checkpoint")]
     CheckpointExists(StepKey),
+    /// `finish_job(Succeeded)` on a job with fewer steps checkpointed than
+    /// its `steps_total`: nothing was written and the lease is still held.
+    /// The run is not finished; the next one runs the missing steps.
+    #[error("job has {done} of {total} steps checkpointed")]
+    StepsMissing { done: u32, total: u32 },
     /// A record with this id is already stored. Ids are minted fresh, so
     /// this is a caller bug, never a client's.
     #[error("{0} already exists")]
@@ -368,6 +373,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// again writes the same number.
     async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()>;
     /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
+    /// `succeeded` is also conditional on `steps_done = steps_total` (every
+    /// step and instance checkpointed), else `StepsMissing` and nothing is
+    /// written; a lost lease is `LeaseLost` first.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()>;
     /// Cancels a queued or running job; a finished job is left as it is.
     /// Returns the status after the call, `None` if there is no such job.
@@ -547,12 +555,33 @@ impl OrgCounters {
     }
 }
 
+/// One flush of usage deltas. Its id makes it idempotent: a batch whose
+/// answer was lost, or that failed part-way, is retried as it is (same id,
+/// same deltas) and adds nothing that was already added.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageBatch {
+    pub id: String,
+    pub deltas: Vec<(TenantId, OrgName, OrgCounters)>,
+}
+
+impl UsageBatch {
+    /// A batch with a fresh id.
+    pub fn new(deltas: Vec<(TenantId, OrgName, OrgCounters)>) -> Self {
+        Self { id: uuid::Uuid::new_v4().simple().to_string(), deltas }
+    }
+}
+
+/// How long a backend remembers an applied batch id: far longer than a
+/// process keeps retrying a failed flush.
+pub const USAGE_BATCH_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
 /// Durable per-tenant, per-org usage counters. Events are aggregated in
 /// memory and written in batches by `flush`, never one write per call.
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
-    /// Adds a batch of per-(tenant, org) counter deltas.
-    async fn add(&self, deltas: &[(TenantId, OrgName, OrgCounters)]) -> StorageResult<()>;
+    /// Adds a batch of per-(tenant, org) counter deltas, once: deltas of a
+    /// batch id applied before (within [`USAGE_BATCH_MEMORY`]) add nothing.
+    async fn add(&self, batch: &UsageBatch) -> StorageResult<()>;
     /// The tenant's totals per org.
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>>;
 }

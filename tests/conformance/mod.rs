@@ -24,7 +24,7 @@ use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
     Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
     Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, QueueMessage, QueueStats,
-    StorageError,
+    StorageError, UsageBatch,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -141,6 +141,14 @@ fn checkpoint(step: &str, output: &str, tokens: u64) -> Checkpoint {
         attempts: 2,
         started_at: T0 + SEC,
         finished_at: T0 + 2 * SEC,
+    }
+}
+
+/// Checkpoints every step of a [`new_job`] (its `steps_total` is 3), so
+/// that it may finish `succeeded`.
+async fn checkpoint_all(h: &Harness, lease: &Lease, now: Micros) {
+    for step in ["s1", "s2", "s3"] {
+        h.backend.jobs.put_checkpoint(lease, &checkpoint(step, "x", 1), now).await.expect("checkpoint");
     }
 }
 
@@ -704,6 +712,7 @@ pub async fn finish_job_succeeded_and_failed(h: &Harness) {
     let jobs = &h.backend.jobs;
     let ok = create(h).await;
     let a = acquire(h, &ok, "worker-a", T0).await;
+    checkpoint_all(h, &a, T0 + 4).await;
     jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 5).await.expect("finish");
     let rec = get(h, &ok).await;
     assert_eq!(rec.status, JobStatus::Succeeded);
@@ -743,6 +752,42 @@ pub async fn finish_job_with_lost_lease(h: &Harness) {
     assert_eq!(get(h, &other).await.status, JobStatus::Running);
 }
 
+/// The final write is guarded: a job whose progress shows a step never
+/// checkpointed (a write that answered success and did not land) is not
+/// marked succeeded; it stays running under the same lease, so its run can
+/// hand it back and the next one runs the missing step.
+pub async fn finish_succeeded_needs_every_step_checkpointed(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let id = create(h).await;
+    let a = acquire(h, &id, "worker-a", T0).await;
+    jobs.put_checkpoint(&a, &checkpoint("s1", "x", 1), T0 + 1).await.expect("s1");
+    jobs.put_checkpoint(&a, &checkpoint("s3", "z", 1), T0 + 2).await.expect("s3");
+    let r = jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 3).await;
+    assert!(
+        matches!(r, Err(StorageError::StepsMissing { done: 2, total: 3 })),
+        "expected StepsMissing 2 of 3, got {r:?}"
+    );
+    let rec = get(h, &id).await;
+    assert_eq!((rec.status, rec.steps_done, rec.finished_at), (JobStatus::Running, 2, None), "nothing written");
+    assert_eq!(rec.lease_owner.as_deref(), Some("worker-a"), "the lease is still held");
+    assert_eq!(in_flight(h, "acme").await, 1, "not counted out");
+
+    // A lost lease is reported as such, whatever the progress.
+    let b = acquire(h, &id, "worker-b", a.expires_at).await;
+    assert_lease_lost(jobs.finish_job(&a, &JobOutcome::Succeeded, a.expires_at + 1).await, "taken over");
+    // The next run writes the missing step and may finish.
+    jobs.put_checkpoint(&b, &checkpoint("s2", "y", 1), a.expires_at + 2).await.expect("s2");
+    jobs.finish_job(&b, &JobOutcome::Succeeded, a.expires_at + 3).await.expect("finish");
+    assert_eq!(get(h, &id).await.status, JobStatus::Succeeded);
+    assert_eq!(in_flight(h, "acme").await, 0);
+
+    // A failure needs no progress.
+    let other = create(h).await;
+    let c = acquire(h, &other, "worker-c", T0).await;
+    jobs.finish_job(&c, &JobOutcome::Failed("step s1: refused".into()), T0 + 1).await.expect("fail");
+    assert_eq!(get(h, &other).await.status, JobStatus::Failed);
+}
+
 pub async fn cancel_queued_job(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
@@ -777,6 +822,7 @@ pub async fn cancel_finished_job_is_left_alone(h: &Harness) {
     let jobs = &h.backend.jobs;
     let id = create(h).await;
     let a = acquire(h, &id, "worker-a", T0).await;
+    checkpoint_all(h, &a, T0).await;
     jobs.finish_job(&a, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
     assert_eq!(jobs.cancel_job(&id, T0 + 2).await.expect("cancel"), Some(JobStatus::Succeeded));
     let rec = get(h, &id).await;
@@ -803,6 +849,7 @@ pub async fn fail_unleased_job(h: &Harness) {
 
     let done = create(h).await;
     let b = acquire(h, &done, "worker-b", T0).await;
+    checkpoint_all(h, &b, T0).await;
     jobs.finish_job(&b, &JobOutcome::Succeeded, T0 + 1).await.expect("finish");
     jobs.fail_unleased(&done, "too late", T0 + 4).await.expect("fail finished");
     let rec = get(h, &done).await;
@@ -981,6 +1028,7 @@ pub async fn in_flight_counts_each_job_out_exactly_once(h: &Harness) {
 
     let lease = acquire(h, &done, "w1", T0).await;
     assert_eq!(in_flight(h, "acme").await, 5, "running is still in flight");
+    checkpoint_all(h, &lease, T0).await;
     jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + SEC).await.expect("finish");
     assert_eq!(in_flight(h, "acme").await, 4);
     assert_lease_lost(jobs.finish_job(&lease, &JobOutcome::Failed("again".into()), T0 + SEC).await, "second finish");
@@ -1078,16 +1126,15 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
         connection_errors: 4,
         request_errors: 5,
     };
-    usage
-        .add(&[
-            (tenant("acme"), org("org-b"), c(1, 0)),
-            (tenant("acme"), org("org-a"), c(2, 1)),
-            (tenant("globex"), org("org-a"), c(7, 0)),
-        ])
-        .await
-        .expect("add");
-    usage.add(&[(tenant("acme"), org("org-a"), c(3, 2))]).await.expect("add");
-    usage.add(&[]).await.expect("empty batch");
+    let first = UsageBatch::new(vec![
+        (tenant("acme"), org("org-b"), c(1, 0)),
+        (tenant("acme"), org("org-a"), c(2, 1)),
+        (tenant("globex"), org("org-a"), c(7, 0)),
+    ]);
+    usage.add(&first).await.expect("add");
+    usage.add(&UsageBatch::new(vec![(tenant("acme"), org("org-a"), c(3, 2))])).await.expect("add");
+    usage.add(&UsageBatch::new(vec![])).await.expect("empty batch");
+    usage.add(&first).await.expect("the same batch again adds nothing");
 
     let mut acme = usage.usage(&tenant("acme")).await.expect("usage");
     acme.sort_by(|x, y| x.0.cmp(&y.0));
@@ -1096,6 +1143,54 @@ pub async fn usage_add_and_tenant_isolation(h: &Harness) {
     assert_eq!(acme, vec![(org("org-a"), a_total), (org("org-b"), c(1, 0))]);
     assert_eq!(usage.usage(&tenant("globex")).await.expect("usage"), vec![(org("org-a"), c(7, 0))]);
     assert!(usage.usage(&tenant("initech")).await.expect("usage").is_empty());
+}
+
+/// A usage flush whose answer is lost after it committed, or that failed
+/// (on DynamoDB a batch of over 100 pairs is several transactions, some of
+/// which may have landed), is retried as the same batch and counted once:
+/// the totals are exactly what was recorded.
+pub async fn usage_flushes_count_once_when_answers_are_lost(h: &Harness) {
+    use ratepool::storage::faults::{FaultPlan, Faulty};
+    use ratepool::storage::{CallEvent, CallOutcome};
+
+    let plan = FaultPlan { lost_response: 0.4, write_error: 0.2, seed: 11, ..FaultPlan::default() };
+    let (faulty, counts) = Faulty::wrap(h.backend.clone(), plan);
+    let telemetry = ratepool::telemetry::Telemetry::new();
+    let tenants = ["acme", "globex", "initech"];
+    let orgs: Vec<OrgName> = (0..50).map(|i| org(&format!("org-{i}"))).collect();
+    let mut expected: std::collections::BTreeMap<&str, std::collections::BTreeMap<OrgName, OrgCounters>> =
+        Default::default();
+    for round in 0..4u64 {
+        for t in tenants {
+            for (i, o) in orgs.iter().enumerate() {
+                let ev = CallEvent {
+                    tenant: tenant(t),
+                    org: o.clone(),
+                    model: model("gpt-4o-mini"),
+                    outcome: if i % 7 == 0 { CallOutcome::RateLimited } else { CallOutcome::Ok },
+                    usage: Usage { calls: 1, prompt_tokens: 10 + i as u64, completion_tokens: round + 1 },
+                    latency: Duration::from_millis(5),
+                };
+                telemetry.record_call(&ev);
+                expected.entry(t).or_default().entry(o.clone()).or_default().record(&ev);
+            }
+        }
+        let mut failures = 0;
+        while telemetry.flush(faulty.usage.as_ref()).await.is_err() {
+            failures += 1;
+            assert!(failures < 60, "round {round}: the flush never went through");
+        }
+    }
+    let lost = ratepool::storage::faults::FaultCounts::get(&counts.lost_responses);
+    assert!(lost > 0, "some answers were lost after their write committed");
+    for t in tenants {
+        let got = h.backend.usage.usage(&tenant(t)).await.expect("usage");
+        let want: Vec<(OrgName, OrgCounters)> = expected[t].clone().into_iter().collect();
+        assert_eq!(got.len(), want.len(), "{t}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "{t}: totals counted once ({lost} answers lost)");
+        }
+    }
 }
 
 // ------------------------------------------------------------------ cache
@@ -1218,6 +1313,7 @@ macro_rules! conformance_suite {
         checkpoints_round_trip,
         finish_job_succeeded_and_failed,
         finish_job_with_lost_lease,
+        finish_succeeded_needs_every_step_checkpointed,
         cancel_queued_job,
         cancel_running_job_revokes_lease,
         cancel_finished_job_is_left_alone,
@@ -1232,6 +1328,7 @@ macro_rules! conformance_suite {
         in_flight_limit_never_refuses_a_replay,
         in_flight_concurrent_creates_never_exceed_the_limit,
         usage_add_and_tenant_isolation,
+        usage_flushes_count_once_when_answers_are_lost,
         cache_miss_on_empty,
         cache_put_then_get_round_trips,
         cache_key_ignores_key_order_not_parameters,

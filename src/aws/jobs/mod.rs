@@ -63,7 +63,7 @@ use crate::answer::StepAnswer;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    OrgCounters, QueueMessage, StorageError, StorageResult, UsageStore,
+    OrgCounters, QueueMessage, StorageError, StorageResult, UsageBatch, UsageStore,
 };
 
 use items::*;
@@ -78,6 +78,8 @@ const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
 const WEBHOOK_SK: &str = "webhook";
 const USAGE_ORG_PREFIX: &str = "org#";
+/// Partition of a usage batch's markers, one item per chunk applied.
+const USAGE_BATCH_PREFIX: &str = "usagebatch#";
 const IN_FLIGHT_SK: &str = "in_flight";
 /// One partition for every unsent job: an entry lives from the job's
 /// creation to its send (milliseconds), so the partition stays small; two
@@ -514,7 +516,8 @@ impl JobStore for DynamoJobs {
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now` (as on
     /// SQLite): a worker whose lease lapsed renews it first. Starts the
-    /// job's retention.
+    /// job's retention. `succeeded` also requires `steps_done =
+    /// steps_total`; which condition failed is read back after a refusal.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
         let (status, error) = match outcome {
             JobOutcome::Succeeded => (JobStatus::Succeeded, None),
@@ -527,8 +530,12 @@ impl JobStore for DynamoJobs {
             "SET #status = :status, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
              REMOVE #lease_owner, #lease_expires_at"
         };
-        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
-                         AND #status = :running";
+        let condition = if error.is_some() {
+            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running"
+        } else {
+            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running \
+             AND #steps_done = #steps_total"
+        };
         let mut vals = values([
             (":status", s(status.as_str())),
             (":now", num(now)),
@@ -555,7 +562,20 @@ impl JobStore for DynamoJobs {
         match self.transact(items, "finishing a job").await {
             Ok(()) => Ok(()),
             Err(TxError::Other(e)) => Err(e),
-            Err(TxError::Cancelled(_)) => Err(StorageError::LeaseLost),
+            Err(TxError::Cancelled(_)) => {
+                let job = self.get_job_at(&lease.job_id, secs(now)).await?;
+                match job {
+                    Some(j)
+                        if j.status == JobStatus::Running
+                            && j.lease_owner.as_deref() == Some(lease.owner.as_str())
+                            && j.lease_expires_at.is_some_and(|t| t > now)
+                            && j.steps_done != j.steps_total =>
+                    {
+                        Err(StorageError::StepsMissing { done: j.steps_done, total: j.steps_total })
+                    }
+                    _ => Err(StorageError::LeaseLost),
+                }
+            }
         }
     }
 
