@@ -147,7 +147,8 @@ pub async fn connect(
         queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout, interactive_weight, clients.timeouts)
             .await?,
     );
-    let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), clients.s3.clone(), cfg, clock.clone()).await?);
+    let jobs =
+        Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), clients.s3.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));
     let calls = Arc::new(calls::DynamoCalls::new(clients.dynamodb.clone(), &cfg.jobs_table));

@@ -69,8 +69,8 @@ use crate::storage::{
 
 use items::*;
 pub(super) use items::{micros, num, s, secs_ceil};
-use outputs::{OutputBucket, OutputRef};
 pub(super) use outputs::ensure_bucket;
+use outputs::{OutputBucket, OutputRef};
 pub use tables::ensure_tables;
 use tables::{describe_status, missing_table};
 
