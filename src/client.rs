@@ -49,8 +49,21 @@ impl ApiClient {
         self.send(self.http.get(format!("{}/v1/jobs/{id}", self.base))).await
     }
 
+    /// The whole result: every page, merged into one (`next` null).
     pub async fn result(&self, id: &str) -> anyhow::Result<Value> {
-        self.send(self.http.get(format!("{}/v1/jobs/{id}/result", self.base))).await
+        let url = format!("{}/v1/jobs/{id}/result", self.base);
+        let mut whole = self.send(self.http.get(&url)).await?;
+        while let Some(after) = whole["next"].as_str().map(str::to_owned) {
+            let next = url::Url::parse_with_params(&url, [("after", &after)]).context("the result's page URL")?;
+            let page = self.send(self.http.get(next)).await?;
+            for part in ["outputs", "messages"] {
+                if let (Some(into), Some(from)) = (whole[part].as_object_mut(), page[part].as_object()) {
+                    into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+            whole["next"] = page["next"].clone();
+        }
+        Ok(whole)
     }
 
     pub async fn cancel(&self, id: &str) -> anyhow::Result<Value> {

@@ -664,6 +664,7 @@ impl Config {
             return Err("[simulator]: time_scale must be a number >= 0".into());
         }
         self.calls.validate(&at)?;
+        self.aws.validate()?;
         Ok(())
     }
 
@@ -787,6 +788,9 @@ mod tests {
             assert_eq!(cfg.orgs.len(), 3, "{file}");
             assert!(cfg.orgs.iter().all(|o| o.timeout_secs.get() == 120), "{file}");
             assert_eq!(cfg.aws.jobs_table, "Ratepool-JobsTable-1", "{file}");
+            // The bucket's lifecycle rule is computed from this retention.
+            assert_eq!(cfg.aws.retention_days.get(), 30, "{file}");
+            assert_eq!(cfg.aws.outputs_bucket.as_deref(), Some("ratepool-outputsbucket-6"), "{file}");
             assert_eq!(cfg.workers.shutdown_grace_secs, 70, "{file}");
             if calls {
                 assert_eq!(*cfg.calls.max_wait_secs.get_ref(), 60, "{file}");

@@ -24,12 +24,24 @@ fn endpoint() -> String {
     })
 }
 
-/// A config on fresh, uniquely named tables and queues.
+/// A config on fresh, uniquely named tables, queues and outputs bucket.
 fn write_aws_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], workers: &str) -> (std::path::PathBuf, Config) {
+    write_aws_config_with(dir, sim_url, orgs, workers, true)
+}
+
+/// [`write_aws_config`], with or without `[aws] outputs_bucket`.
+fn write_aws_config_with(
+    dir: &Path,
+    sim_url: &str,
+    orgs: &[OrgSpec],
+    workers: &str,
+    bucket: bool,
+) -> (std::path::PathBuf, Config) {
     let s = uuid::Uuid::new_v4().simple().to_string();
     let s = &s[..10];
+    let bucket = if bucket { format!("outputs_bucket = \"outputs-{s}\"\n") } else { String::new() };
     let mut toml = format!(
-        "[storage]\nbackend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\njobs_table = \"jobs-{s}\"\nledger_table = \"ledger-{s}\"\ninteractive_queue = \"i-{s}\"\nbatch_queue = \"b-{s}\"\ndead_letter_queue = \"d-{s}\"\nmetrics_namespace = \"Ratepool-{s}\"\n{workers}\n",
+        "[storage]\nbackend = \"aws\"\n[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\njobs_table = \"jobs-{s}\"\nledger_table = \"ledger-{s}\"\ninteractive_queue = \"i-{s}\"\nbatch_queue = \"b-{s}\"\ndead_letter_queue = \"d-{s}\"\nmetrics_namespace = \"Ratepool-{s}\"\n{bucket}{workers}\n",
         endpoint()
     );
     toml.push_str(&orgs_toml(sim_url, orgs));
@@ -483,4 +495,115 @@ fn fan_out_on_aws_resumes_after_a_killed_worker_and_fails_bad_outlines_by_name()
     assert_eq!(status, 200, "{result}");
     assert_eq!(result["messages"]["outline"]["parsed"]["scenes"].as_array().map(Vec::len), Some(scenes));
     assert_eq!(result["outputs"].as_object().map(|o| o.len()), Some(total_known as usize));
+}
+
+/// A job whose first step answers about 1 MB (two choices of 65,536 to
+/// 131,072 tokens, four characters each), read whole by the next step's
+/// template; a third step is small.
+fn large_answer_job() -> String {
+    json!({
+        "name": "large answer",
+        "defaults": {"model": "gpt-4o-mini"},
+        "steps": [
+            {"id": "draft", "max_tokens": 131_072, "n": 2,
+             "messages": [{"role": "user", "content": "Write the whole novel."}]},
+            {"id": "blurb", "max_tokens": 64,
+             "messages": [{"role": "user", "content": "Blurb for: {{steps.draft.output}}"}]},
+            {"id": "title", "max_tokens": 16,
+             "messages": [{"role": "user", "content": "A title."}]}
+        ]
+    })
+    .to_string()
+}
+
+/// Issue 15, item 7: a step's answer over DynamoDB's 400 KB item limit is
+/// stored in S3 behind a pointer, the job succeeds, the next step's
+/// template reads it, and `/result` through the Lambda serves it whole in
+/// pages under Lambda's 6 MB response limit.
+#[test]
+fn an_answer_over_the_item_limit_is_stored_in_s3_and_read_back_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 1_000, tpm: 100_000_000 }];
+    let sim = start_sim(dir.path(), &orgs, (20.0, 0.0, 1.0));
+    let workers = "[workers]\nconcurrency = 2\nvisibility_timeout_secs = 4\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let lambda = Lambda::new(&cfg);
+    let _worker = start_worker(dir.path(), &cfg_path, &orgs, "worker-1");
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some(&large_answer_job()));
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let doc = &lambda.wait_all(std::slice::from_ref(&id), Duration::from_secs(25))[0];
+    assert_eq!(doc["status"], "succeeded", "{doc}");
+    let requests: u64 = sim_requests(&sim).values().sum();
+    assert_eq!(requests, 3, "each step called once: {:?}", sim_requests(&sim));
+
+    let store = backend(&lambda.rt, &cfg);
+    let stored = lambda.rt.block_on(store.jobs.checkpoints(&JobId::parse(id.as_str()).unwrap())).unwrap();
+    let draft = stored.iter().find(|c| c.step.to_string() == "draft").expect("the draft step");
+    assert!(draft.answer_bytes() > 400 * 1024, "over the item limit: {} bytes", draft.answer_bytes());
+    assert_eq!(draft.answer.choices().len(), 2);
+
+    // One step a page: three pages, each naming the next.
+    let mut pages = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let query = match &next {
+            None => "?limit=1".to_string(),
+            Some(after) => format!("?limit=1&after={after}"),
+        };
+        let (status, page) = lambda.call("GET", &format!("/v1/jobs/{id}/result{query}"), None);
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["outputs"].as_object().map(|o| o.len()), Some(1), "{query}");
+        next = page["next"].as_str().map(str::to_owned);
+        pages.push(page);
+        if next.is_none() {
+            break;
+        }
+        assert!(pages.len() < 3, "three steps, three pages");
+    }
+    assert_eq!(pages.len(), 3);
+    let page_of = |step: &str| pages.iter().find(|p| p["outputs"].get(step).is_some()).expect(step);
+    assert_eq!(page_of("draft")["outputs"]["draft"].as_str(), Some(draft.output()));
+    assert_eq!(page_of("draft")["messages"]["draft"]["choices"].as_array().map(Vec::len), Some(2));
+
+    // Without a limit the byte budget pages it; together the pages are the
+    // whole result.
+    let (status, first) = lambda.call("GET", &format!("/v1/jobs/{id}/result"), None);
+    assert_eq!(status, 200, "{first}");
+    let mut seen: Vec<String> = first["outputs"].as_object().unwrap().keys().cloned().collect();
+    let mut after = first["next"].as_str().map(str::to_owned);
+    while let Some(a) = after {
+        let (status, page) = lambda.call("GET", &format!("/v1/jobs/{id}/result?after={a}"), None);
+        assert_eq!(status, 200, "{page}");
+        seen.extend(page["outputs"].as_object().unwrap().keys().cloned());
+        after = page["next"].as_str().map(str::to_owned);
+    }
+    seen.sort();
+    assert_eq!(seen, ["blurb", "draft", "title"]);
+    let (status, bad) = lambda.call("GET", &format!("/v1/jobs/{id}/result?after=nope"), None);
+    assert_eq!((status, bad["error"]["field"].as_str()), (400, Some("after")), "{bad}");
+}
+
+/// Without `[aws] outputs_bucket`, a step whose answer is over the item
+/// limit fails its job at once with a reason naming the setting, instead
+/// of being called again on every run until the job is dead-lettered.
+#[test]
+fn without_a_bucket_an_answer_over_the_item_limit_fails_the_job_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 1_000, tpm: 100_000_000 }];
+    let sim = start_sim(dir.path(), &orgs, (20.0, 0.0, 1.0));
+    let workers = "[workers]\nconcurrency = 2\nvisibility_timeout_secs = 2\nmax_receives = 2\n";
+    let (cfg_path, cfg) = write_aws_config_with(dir.path(), &sim.url, &orgs, workers, false);
+    let lambda = Lambda::new(&cfg);
+    let _worker = start_worker(dir.path(), &cfg_path, &orgs, "worker-1");
+    let (status, body) = lambda.call("POST", "/v1/jobs", Some(&large_answer_job()));
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let doc = &lambda.wait_all(std::slice::from_ref(&id), Duration::from_secs(20))[0];
+    assert_eq!(doc["status"], "failed", "{doc}");
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(error.contains("[aws] outputs_bucket") && error.contains("step draft"), "{doc}");
+    // The draft, and perhaps the title beside it; neither twice.
+    let requests = sim_requests(&sim);
+    assert!(requests.values().all(|n| *n == 1) && requests.len() <= 2, "no step called again: {requests:?}");
 }

@@ -33,6 +33,7 @@ pub fn unique_config() -> AwsConfig {
         interactive_queue: format!("interactive-{suffix}"),
         batch_queue: format!("batch-{suffix}"),
         dead_letter_queue: format!("dlq-{suffix}"),
+        outputs_bucket: Some(format!("outputs-{suffix}")),
         ..AwsConfig::default()
     }
 }
@@ -141,4 +142,118 @@ async fn a_checkpoint_without_its_answer_attribute_reads_as_its_text() {
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].answer, StepAnswer::text("an old answer".into()));
     assert_eq!(read[0].output(), "an old answer");
+}
+
+/// A step as a worker would checkpoint it: a lease on a fresh job in
+/// `cfg`'s tables, and an answer of `bytes` of text.
+async fn lease_and_answer(
+    cfg: &AwsConfig,
+    bytes: usize,
+) -> (AwsClients, ratepool::storage::Backend, ratepool::storage::Lease, ratepool::storage::Checkpoint) {
+    use ratepool::answer::StepAnswer;
+    use ratepool::domain::{JobId, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
+    use ratepool::storage::{Checkpoint, CreateOutcome, LeaseOutcome, NewJob};
+
+    let clients = AwsClients::load(cfg).await;
+    aws::init(&clients, cfg, VISIBILITY).await.expect("create tables, queues and bucket");
+    let backend = aws::connect(&clients, cfg, VISIBILITY, std::num::NonZeroU64::MIN, Arc::new(ManualClock::new(T0)))
+        .await
+        .expect("connect");
+    let job = NewJob {
+        id: JobId::generate(),
+        tenant: TenantId::parse("acme").unwrap(),
+        name: "big".into(),
+        priority: Priority::Batch,
+        spec_json: "{}".into(),
+        steps_total: 1,
+        idempotency: None,
+        created_at: T0,
+        in_flight_limit: None,
+    };
+    assert!(matches!(backend.jobs.create_job(&job).await.unwrap(), CreateOutcome::Created(_)));
+    let LeaseOutcome::Acquired(lease) =
+        backend.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
+    else {
+        panic!("lease")
+    };
+    let cp = Checkpoint {
+        step: StepKey::Instance { step: StepId::parse("scene").unwrap(), index: 3 },
+        answer: StepAnswer::text("x".repeat(bytes)),
+        usage: Usage { calls: 1, prompt_tokens: 3, completion_tokens: 4 },
+        org: OrgName::parse("org-a").unwrap(),
+        model: ModelName::parse("m").unwrap(),
+        attempts: 1,
+        started_at: T0,
+        finished_at: T0 + 1,
+    };
+    (clients, backend, lease, cp)
+}
+
+/// DynamoDB-only: an answer over the item limit is an S3 object named by
+/// its content, and the item holds only the pointer; writing the object
+/// again (a retried checkpoint) leaves one object with the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_answer_is_an_s3_object_and_its_item_a_pointer() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+
+    let cfg = unique_config();
+    let (clients, backend, lease, cp) = lease_and_answer(&cfg, 600 * 1024).await;
+    let bucket = cfg.outputs_bucket.clone().expect("a bucket");
+    backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.expect("stored through S3");
+    let item = clients
+        .dynamodb
+        .get_item()
+        .table_name(&cfg.jobs_table)
+        .key("PK", AttributeValue::S(lease.job_id.to_string()))
+        .key("SK", AttributeValue::S("step#scene[3]".into()))
+        .send()
+        .await
+        .expect("read the item")
+        .item
+        .expect("the step item");
+    assert!(!item.contains_key("output") && !item.contains_key("answer"), "no inline answer: {:?}", item.keys());
+    let key = item["output_ref"].as_s().expect("a pointer").clone();
+    assert!(key.starts_with(&format!("{}/scene[3]/", lease.job_id)), "{key}");
+    let listed = clients.s3.list_objects_v2().bucket(&bucket).send().await.expect("list");
+    assert_eq!(listed.contents().len(), 1);
+    let size = listed.contents()[0].size();
+    assert_eq!(item["output_bytes"].as_n().ok().and_then(|n| n.parse::<i64>().ok()), size);
+
+    // The retried checkpoint writes the same object and is refused by the
+    // item's condition: still one object, still readable.
+    let again = backend.jobs.put_checkpoint(&lease, &cp, T0 + 2).await;
+    assert!(matches!(again, Err(ratepool::storage::StorageError::CheckpointExists(_))), "{again:?}");
+    assert_eq!(clients.s3.list_objects_v2().bucket(&bucket).send().await.expect("list").contents().len(), 1);
+    let read = backend.jobs.checkpoints(&lease.job_id).await.expect("read back");
+    assert_eq!(read.len(), 1);
+    assert!(read[0] == cp, "the answer reads back whole");
+
+    // An object that does not match its pointer is an error, never a wrong answer.
+    clients
+        .s3
+        .put_object()
+        .bucket(&bucket)
+        .key(&key)
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"{\"output\":\"other\",\"answer\":\"{}\"}"))
+        .send()
+        .await
+        .expect("overwrite");
+    let err = backend.jobs.checkpoints(&lease.job_id).await.expect_err("mismatch");
+    assert!(err.to_string().contains("do not match"), "{err}");
+}
+
+/// DynamoDB-only: without `[aws] outputs_bucket` an answer over the item
+/// limit is `TooLarge` (which fails the step at once), naming its size and
+/// the setting; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_bucket_a_large_answer_is_too_large_and_names_the_setting() {
+    let cfg = AwsConfig { outputs_bucket: None, ..unique_config() };
+    let (_clients, backend, lease, cp) = lease_and_answer(&cfg, 400 * 1024).await;
+    let err = backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.expect_err("too large");
+    let ratepool::storage::StorageError::TooLarge(msg) = &err else { panic!("{err:?}") };
+    assert!(!err.is_transient());
+    assert!(msg.contains(&format!("{} bytes", cp.answer_bytes())), "names the size: {msg}");
+    assert!(msg.contains("[aws] outputs_bucket"), "{msg}");
+    assert!(backend.jobs.checkpoints(&lease.job_id).await.unwrap().is_empty());
+    assert_eq!(backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap().steps_done, 0);
 }

@@ -17,7 +17,23 @@ export interface AwsResourceNames {
   readonly batchQueue: string;
   readonly deadLetterQueue: string;
   readonly secretArn: string;
+  /** Step answers too large for a DynamoDB item. */
+  readonly outputsBucket: string;
 }
+
+/**
+ * Days a finished job's items are kept ([aws] retention_days, DynamoDB TTL).
+ * Written out, not left to the backend's default: the outputs bucket's
+ * lifecycle rule is computed from it.
+ */
+export const JOB_RETENTION_DAYS = 30;
+/**
+ * How long past the retention a step item may outlive its write: the
+ * backend's LIVE_MARGIN_SECS (SQS's 14-day message retention), in days. A step
+ * item's TTL is its write + retention + this margin, and so must its S3 object's
+ * expiry be (both start at the same moment).
+ */
+export const STEP_LIVE_MARGIN_DAYS = 14;
 
 /** The CloudWatch namespace the worker publishes to; IAM and alarms depend on it. */
 export const METRICS_NAMESPACE = 'Ratepool';
@@ -36,6 +52,8 @@ export function renderConfigToml(s: Settings, aws: AwsResourceNames): string {
     `dead_letter_queue = ${q(aws.deadLetterQueue)}`,
     `metrics_namespace = ${q(METRICS_NAMESPACE)}`,
     `secret_arn = ${q(aws.secretArn)}`,
+    `retention_days = ${JOB_RETENTION_DAYS}`,
+    `outputs_bucket = ${q(aws.outputsBucket)}`,
     '',
     '[workers]',
     `concurrency = ${s.workerConcurrency}`,

@@ -15,11 +15,18 @@ import * as ecs from 'aws-cdk-lib/aws-ecs';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as logs from 'aws-cdk-lib/aws-logs';
+import * as s3 from 'aws-cdk-lib/aws-s3';
 import type * as secretsmanager from 'aws-cdk-lib/aws-secretsmanager';
 import * as sqs from 'aws-cdk-lib/aws-sqs';
 import type { Construct } from 'constructs';
 import { CALLS_PORT, CallsEndpoint } from './calls-endpoint';
-import { AwsResourceNames, METRICS_NAMESPACE, renderConfigToml } from './config-toml';
+import {
+  AwsResourceNames,
+  JOB_RETENTION_DAYS,
+  METRICS_NAMESPACE,
+  renderConfigToml,
+  STEP_LIVE_MARGIN_DAYS,
+} from './config-toml';
 import { Monitoring } from './monitoring';
 import { repoRoot, Settings } from './settings';
 import { SQS_LONG_POLL_SECS, WORKER_STOP_TIMEOUT_SECS } from './timing';
@@ -53,6 +60,7 @@ const TABLE_WRITE = [
 export class RatepoolStack extends Stack {
   readonly jobsTable: dynamodb.Table;
   readonly ledgerTable: dynamodb.Table;
+  readonly outputsBucket: s3.Bucket;
   readonly interactiveQueue: sqs.Queue;
   readonly batchQueue: sqs.Queue;
   readonly deadLetterQueue: sqs.Queue;
@@ -86,6 +94,34 @@ export class RatepoolStack extends Stack {
       removalPolicy: RemovalPolicy.RETAIN,
     });
 
+    // Step answers too large for a DynamoDB item (over 350 KB): the step item
+    // points at an object named by job, step and content hash. Each object
+    // expires when its step item's TTL does (both are written together).
+    // Unversioned: an object is written once and never changed (the same key
+    // always holds the same bytes), so versions would only keep expired
+    // answers past their retention.
+    this.outputsBucket = new s3.Bucket(this, 'OutputsBucket', {
+      blockPublicAccess: s3.BlockPublicAccess.BLOCK_ALL,
+      encryption: s3.BucketEncryption.S3_MANAGED,
+      enforceSSL: true,
+      versioned: false,
+      objectOwnership: s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+      lifecycleRules: [
+        {
+          id: 'ExpireWithTheirSteps',
+          expiration: Duration.days(JOB_RETENTION_DAYS + STEP_LIVE_MARGIN_DAYS),
+          abortIncompleteMultipartUploadAfter: Duration.days(1),
+        },
+      ],
+      removalPolicy: RemovalPolicy.RETAIN,
+    });
+    Validations.of(this.outputsBucket).acknowledge({
+      id: 'AwsSolutions-S1',
+      reason:
+        'Objects are step answers read and written only by the API Lambda and the workers, which log each job; ' +
+        'server access logs would duplicate CloudTrail data events at the cost of a second bucket.',
+    });
+
     // ---- queues ----
     this.deadLetterQueue = new sqs.Queue(this, 'DeadLetterQueue', {
       encryption: sqs.QueueEncryption.SQS_MANAGED,
@@ -115,6 +151,7 @@ export class RatepoolStack extends Stack {
       batchQueue: this.batchQueue.queueName,
       deadLetterQueue: this.deadLetterQueue.queueName,
       secretArn: props.keys.secretArn,
+      outputsBucket: this.outputsBucket.bucketName,
     };
     const configToml = renderConfigToml(s, names);
     checkLambdaEnvSize(s);
@@ -211,6 +248,13 @@ export class RatepoolStack extends Stack {
     );
     fnRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
+        sid: 'OutputsRead', // GET /v1/jobs/{id}/result reads large answers
+        actions: ['s3:GetObject'],
+        resources: [this.outputsBucket.arnForObjects('*')],
+      }),
+    );
+    fnRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
         sid: 'LedgerRead', // GET /v1/usage shows headroom
         actions: TABLE_READ,
         resources: [this.ledgerTable.tableArn],
@@ -233,10 +277,13 @@ export class RatepoolStack extends Stack {
     );
     fnRole.addToPrincipalPolicy(readKeys(keys));
     fnRole.addToPrincipalPolicy(putMetrics());
-    Validations.of(fnRole).acknowledge({
-      id: 'AwsSolutions-IAM5[Resource::*]',
-      reason: 'cloudwatch:PutMetricData has no resource-level permissions; the statement is limited by the cloudwatch:namespace condition to Ratepool.',
-    });
+    Validations.of(fnRole).acknowledge(
+      {
+        id: 'AwsSolutions-IAM5[Resource::*]',
+        reason: 'cloudwatch:PutMetricData has no resource-level permissions; the statement is limited by the cloudwatch:namespace condition to Ratepool.',
+      },
+      outputsObjectsAck(this.outputsBucket, 's3:GetObject: the API reads any step answer a tenant asks for'),
+    );
     return fn;
   }
 
@@ -353,6 +400,15 @@ export class RatepoolStack extends Stack {
     );
     workerRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
+        // Large answers: written before their checkpoint, read on resume.
+        // Nothing is deleted by hand (the lifecycle rule does it).
+        sid: 'OutputsReadWrite',
+        actions: ['s3:GetObject', 's3:PutObject'],
+        resources: [this.outputsBucket.arnForObjects('*')],
+      }),
+    );
+    workerRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
         sid: 'Queues',
         actions: [
           'sqs:ReceiveMessage',
@@ -385,6 +441,7 @@ export class RatepoolStack extends Stack {
         id: 'AwsSolutions-IAM5[Resource::*]',
         reason: 'cloudwatch:PutMetricData has no resource-level permissions; the statement is limited by the cloudwatch:namespace condition to Ratepool.',
       },
+      outputsObjectsAck(this.outputsBucket, 's3:GetObject and s3:PutObject: a worker writes and reads back the answers of every job it runs'),
       {
         id: `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:<AWS::Region>:<AWS::AccountId>:task/<${this.getLogicalId(cluster.node.defaultChild as ecs.CfnCluster)}>/*]`,
         reason: 'A task protects itself, and task ids are not known before the tasks start; the ARN is limited to the tasks of this cluster.',
@@ -508,6 +565,14 @@ function putMetrics(): iam.PolicyStatement {
   });
 }
 
+/** The objects of the outputs bucket: keys are job ids, unknown before the jobs exist. */
+function outputsObjectsAck(bucket: s3.Bucket, what: string): { id: string; reason: string } {
+  return {
+    id: `AwsSolutions-IAM5[Resource::<${Stack.of(bucket).getLogicalId(bucket.node.defaultChild as s3.CfnBucket)}.Arn>/*]`,
+    reason: `${what}; object keys start with job ids, unknown before the jobs are submitted, and the ARN is limited to this one bucket.`,
+  };
+}
+
 /**
  * Lambda refuses more than 4 KB of environment, at deploy time. Rendered with
  * resource names as long as CloudFormation makes them, the config must fit,
@@ -522,6 +587,7 @@ function checkLambdaEnvSize(s: Settings): void {
     batchQueue: 'x'.repeat(80),
     deadLetterQueue: 'x'.repeat(80),
     secretArn: 'x'.repeat(160),
+    outputsBucket: 'x'.repeat(63),
   };
   const bytes = Buffer.byteLength('RATEPOOL_CONFIG_TOML' + renderConfigToml(s, longest));
   if (bytes > LAMBDA_ENV_LIMIT_BYTES) {

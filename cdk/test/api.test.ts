@@ -30,7 +30,7 @@ describe('Lambda', () => {
     expect(props.Code.S3Key).toMatch(/\.zip$/);
   });
 
-  test('RATEPOOL_CONFIG_TOML names this stack\'s tables, queues and secret', () => {
+  test('RATEPOOL_CONFIG_TOML names this stack\'s tables, queues, outputs bucket and secret', () => {
     const toml = flatten(apiFunction().props.Environment.Variables.RATEPOOL_CONFIG_TOML);
     const cfg = parse(toml) as any;
     const ref = (prefix: string) => `<Ref:${logicalId(t, 'AWS::DynamoDB::Table', prefix)}>`;
@@ -45,6 +45,8 @@ describe('Lambda', () => {
       dead_letter_queue: queue('DeadLetterQueue'),
       metrics_namespace: 'Ratepool',
       secret_arn: expect.stringMatching(/^<StackOutput:.*Keys/),
+      retention_days: 30,
+      outputs_bucket: `<Ref:${logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket')}>`,
     });
     expect(cfg.orgs.map((o: { name: string }) => o.name)).toEqual(['org-a', 'org-b', 'org-c']);
   });

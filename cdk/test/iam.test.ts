@@ -47,7 +47,7 @@ function lambdaRoleId(): string {
 describe('worker task role: only its tables, queues, secret, metrics namespace and task protection', () => {
   test('exactly these statements', () => {
     expect(Object.keys(bySid(statementsOf(taskRoleId()))).sort()).toEqual(
-      ['OwnTaskProtection', 'PutRatepoolMetrics', 'Queues', 'ReadKeys', 'TablesReadWrite'].sort(),
+      ['OutputsReadWrite', 'OwnTaskProtection', 'PutRatepoolMetrics', 'Queues', 'ReadKeys', 'TablesReadWrite'].sort(),
     );
     expect(statementsOf(taskRoleId()).every((s) => s.Effect === 'Allow')).toBe(true);
   });
@@ -58,6 +58,12 @@ describe('worker task role: only its tables, queues, secret, metrics namespace a
     expect(resourceSet(s.Resource)).toEqual(
       resourceSet([arn('AWS::DynamoDB::Table', 'JobsTable'), arn('AWS::DynamoDB::Table', 'LedgerTable')]),
     );
+  });
+
+  test('outputs bucket: get and put objects in it, nothing else (no delete, no listing, no other bucket)', () => {
+    const s = bySid(statementsOf(taskRoleId())).OutputsReadWrite;
+    expect(sorted(s.Action)).toEqual(['s3:GetObject', 's3:PutObject']);
+    expect(flatten(s.Resource)).toBe(`<GetAtt:${logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket')}.Arn>/*`);
   });
 
   test('queues: receive, delete, change visibility, send, attributes and url on the three queues', () => {
@@ -116,7 +122,15 @@ describe('API Lambda role', () => {
     const sids = statementsOf(lambdaRoleId())
       .map((s) => s.Sid ?? '')
       .filter((sid) => sid !== '');
-    expect(sids.sort()).toEqual(['Enqueue', 'JobsReadWrite', 'LedgerRead', 'PutRatepoolMetrics', 'ReadKeys', 'ResolveQueues'].sort());
+    expect(sids.sort()).toEqual(
+      ['Enqueue', 'JobsReadWrite', 'LedgerRead', 'OutputsRead', 'PutRatepoolMetrics', 'ReadKeys', 'ResolveQueues'].sort(),
+    );
+  });
+
+  test('outputs bucket: read objects only (the workers write them)', () => {
+    const s = bySid(statementsOf(lambdaRoleId())).OutputsRead;
+    expect(s.Action).toBe('s3:GetObject');
+    expect(flatten(s.Resource)).toBe(`<GetAtt:${logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket')}.Arn>/*`);
   });
 
   test('jobs read/write, ledger read only', () => {

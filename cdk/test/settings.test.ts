@@ -30,6 +30,7 @@ const NAMES = {
   batchQueue: 'Ratepool-BatchQueue-4',
   deadLetterQueue: 'Ratepool-DeadLetterQueue-5',
   secretArn: 'arn:aws:secretsmanager:eu-west-1:111122223333:secret:Keys-AbCdEf',
+  outputsBucket: 'ratepool-outputsbucket-6',
 };
 
 describe('settings from context', () => {
@@ -129,6 +130,8 @@ describe('RATEPOOL_CONFIG_TOML', () => {
       dead_letter_queue: NAMES.deadLetterQueue,
       metrics_namespace: 'Ratepool',
       secret_arn: NAMES.secretArn,
+      retention_days: 30,
+      outputs_bucket: NAMES.outputsBucket,
     });
     expect(toml.workers).toEqual({ concurrency: 64, visibility_timeout_secs: 30, shutdown_grace_secs: 70 });
     expect(toml.calls).toEqual({ max_wait_secs: 60 });

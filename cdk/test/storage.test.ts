@@ -1,5 +1,5 @@
 import { Match, Template } from 'aws-cdk-lib/assertions';
-import { buildApp, Built, logicalId, templates } from './helpers';
+import { buildApp, Built, logicalId, only, templates } from './helpers';
 
 let built: Built;
 let t: Template;
@@ -41,6 +41,42 @@ describe('DynamoDB', () => {
       DeletionPolicy: 'Retain',
     });
     t.resourceCountIs('AWS::DynamoDB::Table', 2);
+  });
+});
+
+describe('S3 outputs bucket', () => {
+  test('private, S3-managed SSE, TLS only, unversioned, retained like the tables', () => {
+    const outputs = t.toJSON().Resources[logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket')];
+    expect(outputs).toMatchObject({
+      Properties: {
+        PublicAccessBlockConfiguration: {
+          BlockPublicAcls: true,
+          BlockPublicPolicy: true,
+          IgnorePublicAcls: true,
+          RestrictPublicBuckets: true,
+        },
+        BucketEncryption: {
+          ServerSideEncryptionConfiguration: [{ ServerSideEncryptionByDefault: { SSEAlgorithm: 'AES256' } }],
+        },
+      },
+      DeletionPolicy: 'Retain',
+    });
+    expect(outputs.Properties.VersioningConfiguration).toBeUndefined();
+    const bucket = logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket');
+    const policy = Object.values(t.findResources('AWS::S3::BucketPolicy')).find(
+      (p) => JSON.stringify(p.Properties.Bucket) === JSON.stringify({ Ref: bucket }),
+    );
+    expect(policy?.Properties.PolicyDocument.Statement).toContainEqual(
+      expect.objectContaining({ Effect: 'Deny', Condition: { Bool: { 'aws:SecureTransport': 'false' } } }),
+    );
+  });
+
+  test('objects expire with their step items: retention (30 days) + the 14-day live margin', () => {
+    const rules = only(t, 'AWS::S3::Bucket', (r) => r === t.toJSON().Resources[logicalId(t, 'AWS::S3::Bucket', 'OutputsBucket')])
+      .props.LifecycleConfiguration.Rules;
+    expect(rules).toEqual([
+      expect.objectContaining({ Status: 'Enabled', ExpirationInDays: 44, AbortIncompleteMultipartUpload: { DaysAfterInitiation: 1 } }),
+    ]);
   });
 });
 

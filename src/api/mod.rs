@@ -13,26 +13,26 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use secrecy::ExposeSecret;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::TenantKey;
-use crate::domain::{Clock, IdempotencyKey, JobId, Micros, ModelName, OrgName, TenantId, Usage};
+use crate::domain::{Clock, IdempotencyKey, JobId, Micros, ModelName, OrgName, StepKey, TenantId, Usage};
 use crate::engine::quota::{QuotaKind, QuotaReport, TenantQuotas};
 use crate::engine::router::OrgStatus;
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::{self, BucketParams};
 use crate::storage::{
-    BucketKey, CreateOutcome, JobQueue, JobRecord, JobStatus, JobStore, NewJob, OrgCounters, QueueMessage, QuotaLedger,
-    UsageStore,
+    BucketKey, CreateOutcome, JobQueue, JobRecord, JobStatus, JobStore, NewJob, OrgCounters, PageRequest, QueueMessage,
+    QuotaLedger, UsageStore,
 };
 use crate::telemetry::Telemetry;
 pub use error::ApiError;
@@ -430,6 +430,26 @@ struct ResultView {
     /// parsed JSON of a step that asked for JSON, every choice of an
     /// `n > 1` step.
     messages: BTreeMap<String, serde_json::Value>,
+    /// When the steps did not fit one page: the `after` of the next page's
+    /// request. `null` on the last (for most jobs, the only) page.
+    next: Option<String>,
+}
+
+/// Stored answer bytes on one page of `/result`. Each step's text shows
+/// twice (`outputs` and `messages`) and JSON escapes it, so a page stays
+/// well inside the API Lambda's 6 MB response, escaped again in its
+/// envelope; a single step larger than this comes alone on its page.
+pub const RESULT_PAGE_BYTES: u64 = 1 << 20;
+/// The most steps one page may be asked for.
+const MAX_RESULT_PAGE_STEPS: usize = 1_000;
+
+/// `GET /v1/jobs/{id}/result?after=STEP&limit=N`.
+#[derive(Deserialize)]
+struct ResultQuery {
+    /// The previous page's `next`.
+    after: Option<String>,
+    /// Steps per page, at most [`MAX_RESULT_PAGE_STEPS`].
+    limit: Option<usize>,
 }
 
 /// One step's entry in `messages`. `wants_json`: its `response_format`
@@ -460,8 +480,19 @@ async fn job_result(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    query: Result<Query<ResultQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ResultView>, ApiError> {
     let tenant = authenticate(&state, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let after = match query.after.as_deref() {
+        None => None,
+        Some(a) => Some(StepKey::parse(a).map_err(|e| ApiError::invalid("after", e.to_string()))?),
+    };
+    let max_steps = match query.limit {
+        None => MAX_RESULT_PAGE_STEPS,
+        Some(n @ 1..=MAX_RESULT_PAGE_STEPS) => n,
+        Some(_) => return Err(ApiError::invalid("limit", format!("must be 1 to {MAX_RESULT_PAGE_STEPS}"))),
+    };
     let job = owned_job(&state, &tenant, &id).await?;
     if job.status != JobStatus::Succeeded {
         return Err(ApiError::NotReady(format!(
@@ -480,14 +511,19 @@ async fn job_result(
             .and_then(|s| s.params.response_format.as_ref())
             .is_some_and(|f| f.kind() != crate::spec::params::ResponseKind::Text)
     };
+    let request = PageRequest { after, max_steps, max_bytes: RESULT_PAGE_BYTES };
+    let Some(page) = state.jobs.checkpoint_page(&job.id, &request).await? else {
+        return Err(ApiError::invalid("after", format!("job {} has no step {:?}", job.id, query.after)));
+    };
     let mut outputs = BTreeMap::new();
     let mut messages = BTreeMap::new();
-    for c in state.jobs.checkpoints(&job.id).await? {
+    for c in page.checkpoints {
         let key = c.step.to_string();
         messages.insert(key.clone(), message_view(&c.answer, wants_json(c.step.step())));
         outputs.insert(key, c.output().to_owned());
     }
-    Ok(Json(ResultView { id: job.id, status: job.status, outputs, messages }))
+    let next = page.next.map(|k| k.to_string());
+    Ok(Json(ResultView { id: job.id, status: job.status, outputs, messages, next }))
 }
 
 async fn cancel(

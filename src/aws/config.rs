@@ -38,6 +38,37 @@ pub struct AwsConfig {
     /// Days a finished job's items are kept (DynamoDB TTL).
     #[serde(default = "default_retention_days")]
     pub retention_days: NonZeroU64,
+    /// An S3 bucket for step answers too large for a DynamoDB item (over
+    /// `jobs::MAX_PAYLOAD_BYTES`); the checkpoint keeps a pointer. Without
+    /// one, such a step fails its job. Its objects should expire like the
+    /// step items do (a lifecycle rule; the CDK app sets one).
+    #[serde(default)]
+    pub outputs_bucket: Option<String>,
+}
+
+impl AwsConfig {
+    /// What serde cannot check: a bucket name S3 would take.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.outputs_bucket {
+            Some(b) if !valid_bucket_name(b) => Err(format!(
+                "[aws] outputs_bucket {b:?} is not an S3 bucket name: 3 to 63 lowercase letters, digits, \
+                 '-' and '.', starting and ending with a letter or digit"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// S3's rules for a general purpose bucket's name, less the reserved
+/// prefixes and suffixes, which S3 names in its own refusal.
+fn valid_bucket_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (3..=63).contains(&b.len())
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+        && b.iter().all(|c| edge(c) || *c == b'-' || *c == b'.')
+        && !name.contains("..")
 }
 
 impl Default for AwsConfig {
@@ -53,6 +84,7 @@ impl Default for AwsConfig {
             metrics_namespace: default_namespace(),
             secret_arn: None,
             retention_days: default_retention_days(),
+            outputs_bucket: None,
         }
     }
 }
@@ -77,4 +109,22 @@ fn default_namespace() -> String {
 }
 fn default_retention_days() -> NonZeroU64 {
     NonZeroU64::new(30).unwrap_or(NonZeroU64::MIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_bucket_names_follow_s3s_rules() {
+        let with = |b: &str| AwsConfig { outputs_bucket: Some(b.into()), ..AwsConfig::default() }.validate();
+        for good in ["ratepool-outputs", "abc", "my.bucket-2", &"a".repeat(63)] {
+            assert_eq!(with(good), Ok(()), "{good}");
+        }
+        for bad in ["ab", "Ratepool", "-lead", "trail-", "a..b", "under_score", &"a".repeat(64), ""] {
+            let err = with(bad).expect_err(bad);
+            assert!(err.contains("outputs_bucket"), "{err}");
+        }
+        assert_eq!(AwsConfig::default().validate(), Ok(()), "no bucket is valid");
+    }
 }

@@ -65,6 +65,9 @@ pub struct AwsClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
+    /// Path-style addressing when an endpoint is set: the emulator (and
+    /// most S3 look-alikes) serve buckets under one host.
+    pub s3: aws_sdk_s3::Client,
     pub timeouts: Timeouts,
 }
 
@@ -83,6 +86,9 @@ impl AwsClients {
             dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
             cloudwatch: aws_sdk_cloudwatch::Client::new(&sdk),
             secrets: aws_sdk_secretsmanager::Client::new(&sdk),
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&sdk).force_path_style(sdk.endpoint_url().is_some()).build(),
+            ),
             timeouts,
         }
     }
@@ -141,19 +147,25 @@ pub async fn connect(
         queue::SqsQueue::connect(clients.sqs.clone(), cfg, visibility_timeout, interactive_weight, clients.timeouts)
             .await?,
     );
-    let jobs = Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), cfg, clock.clone()).await?);
+    let jobs =
+        Arc::new(jobs::DynamoJobs::connect(clients.dynamodb.clone(), clients.s3.clone(), cfg, clock.clone()).await?);
     let ledger = Arc::new(ledger::DynamoLedger::connect(clients.dynamodb.clone(), cfg, clock).await?);
     let cache = Arc::new(cache::DynamoCache::new(clients.dynamodb.clone(), &cfg.jobs_table));
     let calls = Arc::new(calls::DynamoCalls::new(clients.dynamodb.clone(), &cfg.jobs_table));
     Ok(Backend { queue, jobs: jobs.clone(), ledger, usage: jobs, cache, calls })
 }
 
-/// Creates the tables and queues that do not exist yet (`ratepool aws
-/// init`: for the emulator and dev accounts; production gets them from the
-/// CDK app). Returns what it created.
+/// Creates the tables, queues and outputs bucket that do not exist yet
+/// (`ratepool aws init`: for the emulator and dev accounts; production gets
+/// them from the CDK app). Returns what it created.
 pub async fn init(clients: &AwsClients, cfg: &AwsConfig, visibility_timeout: Duration) -> StorageResult<Vec<String>> {
     let mut created = jobs::ensure_tables(&clients.dynamodb, cfg).await?;
     created.extend(queue::ensure_queues(&clients.sqs, cfg, visibility_timeout).await?);
+    if let Some(bucket) = &cfg.outputs_bucket
+        && jobs::ensure_bucket(&clients.s3, bucket).await?
+    {
+        created.push(bucket.clone());
+    }
     Ok(created)
 }
 

@@ -544,7 +544,13 @@ async fn run_steps(
         };
         match step {
             Ok(s) => {
-                write_checkpoint(engine, lease, lost, &s.checkpoint).await?;
+                match write_checkpoint(engine, lease, lost, &s.checkpoint).await {
+                    Ok(()) => {}
+                    // The store will never hold this answer: calling the
+                    // step again on every run would end the same way.
+                    Err(StorageError::TooLarge(reason)) => return Ok(StepsEnd::Failed(reason)),
+                    Err(e) => return Err(e),
+                }
                 let total = s.started.elapsed();
                 engine.telemetry.step_done(total.saturating_sub(s.provider_time));
                 running -= 1;

@@ -321,6 +321,54 @@ impl Checkpoint {
     pub fn output(&self) -> &str {
         self.answer.output()
     }
+
+    /// What its answer takes in a store: choice 0's text and the rest.
+    pub fn answer_bytes(&self) -> u64 {
+        let (text, rest) = self.answer.split();
+        (text.len() + rest.len()) as u64
+    }
+}
+
+/// Which checkpoints a page holds: those after the step `after` (from the
+/// first when `None`), at most `max_steps` of them and as many as fit in
+/// `max_bytes` of stored answers, but always at least one, so a step
+/// larger than a page still comes out (alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub after: Option<StepKey>,
+    pub max_steps: usize,
+    pub max_bytes: u64,
+}
+
+impl PageRequest {
+    /// The page's range in `steps` (step and stored size, in order) and
+    /// the step to continue after when more follow; `None` when `after`
+    /// is not in `steps`.
+    pub fn window<'a>(&self, steps: &[(&'a StepKey, u64)]) -> Option<(std::ops::Range<usize>, Option<&'a StepKey>)> {
+        let start = match &self.after {
+            None => 0,
+            Some(a) => steps.iter().position(|(k, _)| *k == a)? + 1,
+        };
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < steps.len() && end - start < self.max_steps.max(1) {
+            bytes = bytes.saturating_add(steps[end].1);
+            if bytes > self.max_bytes && end > start {
+                break;
+            }
+            end += 1;
+        }
+        let next = (end < steps.len() && end > start).then(|| steps[end - 1].0);
+        Some((start..end, next))
+    }
+}
+
+/// A page of a job's checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointPage {
+    pub checkpoints: Vec<Checkpoint>,
+    /// The last step of this page, when more follow: the next page's `after`.
+    pub next: Option<StepKey>,
 }
 
 /// How a leased run ended.
@@ -367,6 +415,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// `CheckpointExists` and changes nothing.
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()>;
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>>;
+    /// One page of [`Self::checkpoints`], in the same order: see
+    /// [`PageRequest`]. `None` when `after` is not one of the job's steps.
+    /// This default reads every checkpoint; a backend whose answers cost a
+    /// read each (DynamoDB's in S3) reads only the page's.
+    async fn checkpoint_page(&self, id: &JobId, page: &PageRequest) -> StorageResult<Option<CheckpointPage>> {
+        let mut all = self.checkpoints(id).await?;
+        let sizes: Vec<_> = all.iter().map(|c| (&c.step, c.answer_bytes())).collect();
+        let Some((window, next)) = page.window(&sizes) else { return Ok(None) };
+        let next = next.cloned();
+        Ok(Some(CheckpointPage { checkpoints: all.drain(window).collect(), next }))
+    }
     /// Sets the job's `steps_total` (a fan-out step's size became known),
     /// only if `lease` is held and unexpired at `now` (else `LeaseLost`).
     /// An absolute value, so a resumed run that expands the same fan-out

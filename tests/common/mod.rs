@@ -303,6 +303,10 @@ pub fn lambda_call(
     lambda_call_with(rt, app, method, path, body, &[])
 }
 
+/// What a Lambda function may answer (its invocation payload limit).
+#[allow(dead_code)] // only the AWS tests call the Lambda
+pub const LAMBDA_RESPONSE_LIMIT: usize = 6 * 1024 * 1024;
+
 /// [`lambda_call`] with more request headers.
 #[allow(dead_code)] // only the AWS tests call the Lambda
 pub fn lambda_call_with(
@@ -315,6 +319,13 @@ pub fn lambda_call_with(
 ) -> (u16, Value) {
     use serde_json::json;
     let mut event: Value = serde_json::from_str(include_str!("../fixtures/apigw_proxy_event.json")).unwrap();
+    // API Gateway hands the handler the query string apart from the path.
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    if !pairs.is_empty() {
+        event["queryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        event["multiValueQueryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!([v]))).collect();
+    }
     event["httpMethod"] = json!(method);
     event["path"] = json!(path);
     event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
@@ -328,6 +339,8 @@ pub fn lambda_call_with(
     }
     let resp = rt.block_on(ratepool::lambda::invoke(app.clone(), event)).expect("a valid API Gateway proxy event");
     assert_eq!(resp["isBase64Encoded"], false, "the API answers JSON text: {resp}");
+    let size = serde_json::to_vec(&resp).map(|v| v.len()).unwrap_or(0);
+    assert!(size < LAMBDA_RESPONSE_LIMIT, "{method} {path}: a {size}-byte response is over Lambda's 6 MB");
     let body = resp["body"].as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null);
     (resp["statusCode"].as_u64().expect("a status code") as u16, body)
 }

@@ -100,3 +100,84 @@ pub async fn steps_total_is_set_only_under_the_lease(h: &Harness) {
     assert_lease_lost(jobs.set_steps_total(&second, 31, expired + 4).await, "cancelled job");
     assert_eq!(get(h, &id).await.steps_total, 30);
 }
+
+/// An answer of about 1 MB (two choices of 512 KB, over the 400 KB of a
+/// DynamoDB item) with a small one beside it, finishing in this order.
+fn large_and_small(finished_at: i64) -> (Checkpoint, Checkpoint) {
+    let big = |c: char| "lorem ipsum ".repeat(512 * 1024 / 12) + &c.to_string().repeat(512 * 1024 % 12);
+    let large = Checkpoint {
+        step: StepKey::Step(StepId::parse("draft").expect("step")),
+        answer: StepAnswer::new(vec![
+            AssistantMessage { content: Some(big('a')), finish_reason: Some("length".into()), ..Default::default() },
+            AssistantMessage { content: Some(big('b')), finish_reason: Some("stop".into()), ..Default::default() },
+        ])
+        .expect("two choices"),
+        usage: Usage { calls: 1, prompt_tokens: 10, completion_tokens: 262_144 },
+        org: org("org-a"),
+        model: model("gpt-4o-mini"),
+        attempts: 1,
+        started_at: T0,
+        finished_at,
+    };
+    let small = Checkpoint {
+        step: StepKey::Step(StepId::parse("title").expect("step")),
+        answer: StepAnswer::text("The Lighthouse".into()),
+        finished_at: finished_at + SEC,
+        ..large.clone()
+    };
+    (large, small)
+}
+
+/// Outputs of any size up to what a step can answer are stored and read
+/// back whole (on DynamoDB, through a pointer into S3), and the checkpoint
+/// still counts once.
+pub async fn a_checkpoint_of_about_a_megabyte_round_trips(h: &Harness) {
+    let jobs = &h.backend.jobs;
+    let id = create(h).await;
+    let lease = acquire(h, &id, "worker-a", T0).await;
+    let (large, small) = large_and_small(T0 + SEC);
+    assert!(large.answer_bytes() > 1_000_000, "{}", large.answer_bytes());
+    jobs.put_checkpoint(&lease, &large, T0 + 1).await.expect("a 1 MB answer is stored");
+    jobs.put_checkpoint(&lease, &small, T0 + 2).await.expect("a small one beside it");
+    let stored = jobs.checkpoints(&id).await.expect("checkpoints");
+    assert_eq!(stored.len(), 2);
+    assert!(stored[0] == large, "the large answer reads back whole ({} bytes)", stored[0].answer_bytes());
+    assert_eq!(stored[1], small);
+    // A retried write (its first answer lost) conflicts and changes nothing.
+    let again = jobs.put_checkpoint(&lease, &large, T0 + 3).await;
+    assert!(matches!(&again, Err(StorageError::CheckpointExists(k)) if k == &large.step), "{again:?}");
+    assert!(jobs.checkpoints(&id).await.expect("checkpoints")[0] == large);
+    let job = get(h, &id).await;
+    assert_eq!((job.steps_done, job.usage.completion_tokens), (2, 2 * 262_144));
+}
+
+/// Pages follow the order of `checkpoints`, stop at the byte budget (but
+/// hold at least one step), and name the step to continue after.
+pub async fn checkpoint_pages_split_by_bytes_and_steps(h: &Harness) {
+    use ratepool::storage::PageRequest;
+    let jobs = &h.backend.jobs;
+    let id = create(h).await;
+    let lease = acquire(h, &id, "worker-a", T0).await;
+    let (large, small) = large_and_small(T0 + SEC);
+    jobs.put_checkpoint(&lease, &large, T0 + 1).await.expect("large");
+    jobs.put_checkpoint(&lease, &small, T0 + 2).await.expect("small");
+    let id = &id;
+    let page = |after: Option<&StepKey>, max_steps: usize, max_bytes: u64| {
+        let req = PageRequest { after: after.cloned(), max_steps, max_bytes };
+        async move { jobs.checkpoint_page(id, &req).await.expect("page") }
+    };
+    // Everything fits: one page, nothing next.
+    let all = page(None, 100, 4 << 20).await.expect("known job");
+    assert_eq!((all.checkpoints.len(), all.next), (2, None));
+    // The large step alone is over the budget: it comes alone.
+    let first = page(None, 100, 1024).await.expect("first page");
+    assert!(first.checkpoints == vec![large.clone()], "the large step, whole");
+    assert_eq!(first.next.as_ref(), Some(&large.step));
+    let second = page(first.next.as_ref(), 100, 1024).await.expect("second page");
+    assert_eq!((second.checkpoints, second.next), (vec![small.clone()], None));
+    // A step cap of one splits the same way.
+    assert_eq!(page(None, 1, 4 << 20).await.expect("capped").next.as_ref(), Some(&large.step));
+    // An `after` that is not one of the job's steps.
+    let unknown = StepKey::Step(StepId::parse("nope").expect("step"));
+    assert!(page(Some(&unknown), 100, 1024).await.is_none());
+}

@@ -1336,6 +1336,8 @@ macro_rules! conformance_suite {
         cache_overwrite_last_write_wins,
         checkpoint_keeps_the_whole_answer_of_a_step_and_an_instance,
         steps_total_is_set_only_under_the_lease,
+        a_checkpoint_of_about_a_megabyte_round_trips,
+        checkpoint_pages_split_by_bytes_and_steps,
         );
     };
     (@tests $harness:ident; $($name:ident),* $(,)?) => {

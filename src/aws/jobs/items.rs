@@ -214,12 +214,48 @@ pub(super) fn job_from_item(item: &Item) -> StorageResult<JobRecord> {
     })
 }
 
-pub(super) fn checkpoint_from_item(item: &Item) -> StorageResult<Checkpoint> {
+/// Where a checkpoint item's answer is.
+pub(super) enum StoredAnswer {
+    Inline(StepAnswer),
+    InS3(OutputRef),
+}
+
+/// A checkpoint item's answer, or its pointer into the outputs bucket
+/// (`output_ref`, written instead of `output` and `answer`).
+pub(super) fn stored_answer(item: &Item) -> StorageResult<StoredAnswer> {
     let f = Fields::new(item, "checkpoint item");
+    if let Some(key) = f.opt_s("output_ref")? {
+        return Ok(StoredAnswer::InS3(OutputRef {
+            key: key.to_owned(),
+            bytes: f.n("output_bytes")?,
+            sha256: f.s("output_sha256")?.to_owned(),
+        }));
+    }
     let answer = StepAnswer::join(f.s("output")?.to_owned(), f.opt_s("answer")?)
         .map_err(|e| corrupt("checkpoint item", &e.to_string()))?;
+    Ok(StoredAnswer::Inline(answer))
+}
+
+/// What orders a job's checkpoints (when the step finished, then its key)
+/// and what its answer takes in store, read without the answer.
+pub(super) fn checkpoint_order(item: &Item) -> StorageResult<(Micros, StepKey, u64)> {
+    let f = Fields::new(item, "checkpoint item");
+    let bytes = match f.opt_n::<u64>("output_bytes")? {
+        Some(b) => b,
+        None => (f.opt_s("output")?.map_or(0, str::len) + f.opt_s("answer")?.map_or(0, str::len)) as u64,
+    };
+    Ok((f.n("finished_at")?, checkpoint_step(&f)?, bytes))
+}
+
+fn checkpoint_step(f: &Fields<'_>) -> StorageResult<StepKey> {
+    f.parsed("SK", |sk| StepKey::parse(sk.strip_prefix(STEP_PREFIX).unwrap_or(sk)))
+}
+
+/// A checkpoint item, with its answer (inline or read from S3).
+pub(super) fn checkpoint_from_item(item: &Item, answer: StepAnswer) -> StorageResult<Checkpoint> {
+    let f = Fields::new(item, "checkpoint item");
     Ok(Checkpoint {
-        step: f.parsed("SK", |sk| StepKey::parse(sk.strip_prefix(STEP_PREFIX).unwrap_or(sk)))?,
+        step: checkpoint_step(&f)?,
         answer,
         usage: Usage {
             calls: f.n("calls")?,

@@ -4,7 +4,7 @@
 //! | PK | SK | what |
 //! | --- | --- | --- |
 //! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters |
-//! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message) |
+//! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message), or for an answer over [`MAX_PAYLOAD_BYTES`] a pointer into the outputs bucket ([`outputs`]) |
 //! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
 //! | `unsent` | `<job id>` | a job whose queue message is not known to be sent: written with the job, deleted once sent |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
@@ -38,6 +38,7 @@
 
 mod admission;
 mod items;
+mod outputs;
 mod tables;
 mod usage;
 
@@ -62,12 +63,14 @@ use super::{dynamo_err, sdk_err};
 use crate::answer::StepAnswer;
 use crate::domain::{Clock, JobId, Micros, ModelName, OrgName, Priority, StepKey, TenantId, Usage};
 use crate::storage::{
-    Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
-    OrgCounters, QueueMessage, StorageError, StorageResult, UsageBatch, UsageStore,
+    Checkpoint, CheckpointPage, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease,
+    LeaseOutcome, NewJob, OrgCounters, PageRequest, QueueMessage, StorageError, StorageResult, UsageBatch, UsageStore,
 };
 
 use items::*;
 pub(super) use items::{micros, num, s, secs_ceil};
+pub(super) use outputs::ensure_bucket;
+use outputs::{OutputBucket, OutputRef};
 pub use tables::ensure_tables;
 use tables::{describe_status, missing_table};
 
@@ -88,10 +91,13 @@ const UNSENT_PK: &str = "unsent";
 /// The TTL attribute, in epoch seconds as DynamoDB TTL wants.
 pub(super) const TTL_ATTR: &str = "expires_at";
 
-/// The largest step output or job spec stored. An item holds at most 400 KB,
-/// attribute names and the other attributes included; this keeps the rest
-/// (an error message, counters, ids) comfortably inside.
+/// The largest job spec, or step answer kept in its item, stored. An item
+/// holds at most 400 KB, attribute names and the other attributes
+/// included; this keeps the rest (an error message, counters, ids)
+/// comfortably inside. A larger answer goes to the outputs bucket.
 pub const MAX_PAYLOAD_BYTES: usize = 350_000;
+/// S3 reads in flight at once while loading a job's answers.
+const S3_READS: usize = 8;
 /// Error messages are cut to this, so a long provider message can never make
 /// the final status write fail.
 const MAX_ERROR_BYTES: usize = 8_192;
@@ -119,11 +125,18 @@ pub struct DynamoJobs {
     /// transaction keeps processes apart; this keeps one process exact on
     /// the moto emulator too, whose writes to one item are not atomic.
     limited_creates: std::sync::Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
+    /// `[aws] outputs_bucket`: where answers over [`MAX_PAYLOAD_BYTES`] go.
+    outputs: Option<OutputBucket>,
 }
 
 impl DynamoJobs {
     /// Checks that the table exists; creates nothing (see [`ensure_tables`]).
-    pub async fn connect(client: Client, cfg: &AwsConfig, clock: Arc<dyn Clock>) -> StorageResult<Self> {
+    pub async fn connect(
+        client: Client,
+        s3: aws_sdk_s3::Client,
+        cfg: &AwsConfig,
+        clock: Arc<dyn Clock>,
+    ) -> StorageResult<Self> {
         describe_status(&client, &cfg.jobs_table).await?.ok_or_else(|| missing_table(&cfg.jobs_table))?;
         let retention_secs = i64::try_from(cfg.retention_days.get()).unwrap_or(i64::MAX / 86_400 / 2) * 86_400;
         Ok(Self {
@@ -132,6 +145,7 @@ impl DynamoJobs {
             retention_secs,
             clock,
             limited_creates: std::sync::Mutex::new(HashMap::new()),
+            outputs: cfg.outputs_bucket.clone().map(|b| OutputBucket::new(s3, b)),
         })
     }
 
@@ -201,6 +215,70 @@ impl DynamoJobs {
             return Err(TxError::Other(dynamo_err(what, e)));
         }
     }
+    /// A job's unexpired checkpoint items, in the order the steps finished
+    /// (`finished_at`, then step key), each with that order and its
+    /// answer's stored size.
+    async fn checkpoint_items(&self, id: &JobId) -> StorageResult<Vec<(Item, (Micros, StepKey, u64))>> {
+        let now_s = secs(self.clock.now());
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+                .expression_attribute_values(":pk", s(id.as_str()))
+                .expression_attribute_values(":prefix", s(STEP_PREFIX))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("reading checkpoints", e))?;
+            for item in page.items.unwrap_or_default() {
+                if !expired(&item, now_s) {
+                    let order = checkpoint_order(&item)?;
+                    out.push((item, order));
+                }
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        out.sort_by(|(_, (at_a, a, _)), (_, (at_b, b, _))| (at_a, a).cmp(&(at_b, b)));
+        Ok(out)
+    }
+
+    /// The checkpoints of `items`, in order, their S3 answers read a few
+    /// at a time.
+    async fn with_answers(&self, items: &[(Item, (Micros, StepKey, u64))]) -> StorageResult<Vec<Checkpoint>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(S3_READS) {
+            out.extend(futures::future::try_join_all(chunk.iter().map(|(item, _)| self.with_answer(item))).await?);
+        }
+        Ok(out)
+    }
+
+    async fn with_answer(&self, item: &Item) -> StorageResult<Checkpoint> {
+        let answer = match stored_answer(item)? {
+            StoredAnswer::Inline(a) => a,
+            StoredAnswer::InS3(r) => self.output_bucket(&r)?.get(&r).await?,
+        };
+        checkpoint_from_item(item, answer)
+    }
+
+    /// The bucket a pointer is read from: a checkpoint written with a
+    /// bucket cannot be read by a process configured without one.
+    fn output_bucket(&self, r: &OutputRef) -> StorageResult<&OutputBucket> {
+        self.outputs.as_ref().ok_or_else(|| {
+            StorageError::Backend(format!(
+                "a checkpoint's answer is in S3 ({}), but this process has no [aws] outputs_bucket",
+                r.key
+            ))
+        })
+    }
+
     async fn get_job_at(&self, id: &JobId, now_s: i64) -> StorageResult<Option<JobRecord>> {
         match self.read_item(id.as_str(), JOB_SK).await? {
             Some(item) if !expired(&item, now_s) => Ok(Some(job_from_item(&item)?)),
@@ -393,18 +471,24 @@ impl JobStore for DynamoJobs {
     /// One transaction: the job's progress update, conditional on the lease,
     /// and the step item, conditional on not existing. When both conditions
     /// fail it is `LeaseLost` (SQLite checks the lease first too). An answer
-    /// (text and message together) over [`MAX_PAYLOAD_BYTES`] is `TooLarge`
-    /// and writes nothing.
+    /// (text and message together) over [`MAX_PAYLOAD_BYTES`] is written to
+    /// the outputs bucket first and the item points at it; without a
+    /// bucket it is `TooLarge` and writes nothing.
     async fn put_checkpoint(&self, lease: &Lease, checkpoint: &Checkpoint, now: Micros) -> StorageResult<()> {
         let cp = checkpoint;
         let (text, rest) = cp.answer.split();
         let size = text.len() + rest.len();
-        if size > MAX_PAYLOAD_BYTES {
-            return Err(StorageError::TooLarge(format!(
-                "step {}: its answer is {size} bytes; the DynamoDB backend stores at most {MAX_PAYLOAD_BYTES} bytes per step",
-                cp.step
-            )));
-        }
+        let offloaded = match (&self.outputs, size > MAX_PAYLOAD_BYTES) {
+            (_, false) => None,
+            (Some(bucket), true) => Some(bucket.put(&lease.job_id, &cp.step, text, &rest).await?),
+            (None, true) => {
+                return Err(StorageError::TooLarge(format!(
+                    "step {}: its answer is {size} bytes; a DynamoDB item holds at most {MAX_PAYLOAD_BYTES} \
+                     bytes of answer, and larger ones need an S3 bucket: set [aws] outputs_bucket",
+                    cp.step
+                )));
+            }
+        };
         let update = "SET #stalled_runs = :zero, #updated_at = :now, #ttl = :live \
                       ADD #steps_done :one, #calls :calls, #prompt_tokens :pt, #completion_tokens :ct";
         let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
@@ -430,12 +514,17 @@ impl JobStore for DynamoJobs {
             ])))
             .build()
             .map_err(|e| sdk_err("building the checkpoint's job update", e))?;
-        let step = Put::builder()
-            .table_name(&self.table)
+        let step = Put::builder().table_name(&self.table);
+        let step = match offloaded {
+            None => step.item("output", s(text)).item("answer", s(&rest)),
+            Some(r) => step
+                .item("output_ref", s(&r.key))
+                .item("output_bytes", num(r.bytes))
+                .item("output_sha256", s(&r.sha256)),
+        };
+        let step = step
             .item("PK", s(lease.job_id.as_str()))
             .item("SK", s(&format!("{STEP_PREFIX}{}", cp.step)))
-            .item("output", s(text))
-            .item("answer", s(&rest))
             .item("calls", num(cp.usage.calls))
             .item("prompt_tokens", num(cp.usage.prompt_tokens))
             .item("completion_tokens", num(cp.usage.completion_tokens))
@@ -459,36 +548,19 @@ impl JobStore for DynamoJobs {
     }
 
     /// In the order the steps finished (`finished_at`, then step id); steps
-    /// whose retention ended are skipped.
+    /// whose retention ended are skipped. Answers in S3 are read back.
     async fn checkpoints(&self, id: &JobId) -> StorageResult<Vec<Checkpoint>> {
-        let now_s = secs(self.clock.now());
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(id.as_str()))
-                .expression_attribute_values(":prefix", s(STEP_PREFIX))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("reading checkpoints", e))?;
-            for item in page.items() {
-                if !expired(item, now_s) {
-                    out.push(checkpoint_from_item(item)?);
-                }
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
-        }
-        out.sort_by(|a, b| (a.finished_at, &a.step).cmp(&(b.finished_at, &b.step)));
-        Ok(out)
+        let items = self.checkpoint_items(id).await?;
+        self.with_answers(&items).await
+    }
+
+    /// Reads every checkpoint item, but the S3 objects of the page's only.
+    async fn checkpoint_page(&self, id: &JobId, page: &PageRequest) -> StorageResult<Option<CheckpointPage>> {
+        let items = self.checkpoint_items(id).await?;
+        let sizes: Vec<_> = items.iter().map(|(_, (_, step, bytes))| (step, *bytes)).collect();
+        let Some((window, next)) = page.window(&sizes) else { return Ok(None) };
+        let checkpoints = self.with_answers(&items[window]).await?;
+        Ok(Some(CheckpointPage { checkpoints, next: next.cloned() }))
     }
 
     /// One conditional UpdateItem on the job item, guarded like a
