@@ -87,6 +87,8 @@ pub struct Sizes {
     /// their simulator behind per-minute headers; 60 is the whole minute.
     pub window_orgs: usize,
     pub window_buckets: Vec<u64>,
+    /// The real buckets run again with ratepool told them (`burst_secs`).
+    pub window_told: Vec<u64>,
     /// Figure 10: the cells (concurrency, requests measured each way,
     /// streamed, the provider's latency); the least warm-up requests each
     /// way before a cell; clients and seconds of the sustained loop.
@@ -136,6 +138,7 @@ impl Sizes {
             flood_steps: 3,
             window_orgs: 3,
             window_buckets: vec![10, 20, 60],
+            window_told: vec![10],
             proxy_cells: vec![
                 ProxyCellSize::at_once(1, 1_000, false),
                 ProxyCellSize::at_once(64, 4_000, false),
@@ -176,6 +179,7 @@ impl Sizes {
             flood_steps: 2,
             window_orgs: 1,
             window_buckets: vec![10, 60],
+            window_told: vec![10],
             proxy_cells: vec![
                 ProxyCellSize::at_once(1, 10, false),
                 ProxyCellSize::at_once(4, 40, false),
@@ -277,6 +281,8 @@ pub struct PoolRun {
     /// The provider's real bucket in seconds of refill (60: the minute),
     /// the burst the bounds allow.
     pub real_burst_s: f64,
+    /// The `burst_secs` ratepool was configured with.
+    pub told_burst_s: f64,
     /// Each org's advertised limits.
     pub per_org_rpm: u64,
     pub per_org_tpm: u64,
@@ -314,6 +320,7 @@ async fn pool_run_on(ctx: &Ctx, name: &str, per_org: OrgLimits, orgs: usize, job
     let (tpm, rpm) = (per_org.tpm as f64 * n, per_org.rpm as f64 * n);
     // The real bucket's burst, then its refill.
     let real_burst_s = per_org.enforce_burst_secs.unwrap_or(60) as f64;
+    let told_burst_s = per_org.told_burst_secs.unwrap_or(60) as f64;
     let burst = real_burst_s / 60.0;
     let token_bound_s = ((stats.charged_tokens as f64 - tpm * burst) / (tpm / 60.0)).max(0.0);
     let request_bound_s = ((stats.accepted_calls as f64 - rpm * burst) / (rpm / 60.0)).max(0.0);
@@ -337,6 +344,7 @@ async fn pool_run_on(ctx: &Ctx, name: &str, per_org: OrgLimits, orgs: usize, job
         calls_per_s: stats.accepted_calls as f64 / makespan_s,
         ledger_ops_per_call: ledger_ops / calls.max(1.0),
         real_burst_s,
+        told_burst_s,
         per_org_rpm: per_org.rpm,
         per_org_tpm: per_org.tpm,
         learned_burst_s,
@@ -969,12 +977,19 @@ pub struct WindowRun {
 pub async fn window(ctx: &Ctx, run: usize) -> anyhow::Result<WindowRun> {
     let s = &ctx.sizes;
     let mut runs = Vec::new();
-    for &bucket in &s.window_buckets {
-        let per_org = OrgLimits { enforce_burst_secs: (bucket < 60).then_some(bucket), ..s.per_org };
+    let learned = s.window_buckets.iter().map(|&b| (b, false));
+    for (bucket, told) in learned.chain(s.window_told.iter().map(|&b| (b, true))) {
+        let per_org = OrgLimits {
+            enforce_burst_secs: (bucket < 60).then_some(bucket),
+            told_burst_secs: told.then_some(bucket),
+            ..s.per_org
+        };
         let n = s.window_orgs;
-        let r = pool_run_on(ctx, &format!("window-{run}-{bucket}s"), per_org, n, n * s.jobs_per_org).await?;
+        let name = format!("window-{run}-{bucket}s{}", if told { "-told" } else { "" });
+        let r = pool_run_on(ctx, &name, per_org, n, n * s.jobs_per_org).await?;
         eprintln!(
-            "  {bucket} s bucket: {} calls, {} answered 429 ({:.3}%), {:.1} s (bound {:.1} s, utilization {:.1}%), learned burst {:.1} s",
+            "  {bucket} s bucket{}: {} calls, {} answered 429 ({:.3}%), {:.1} s (bound {:.1} s, utilization {:.1}%), learned burst {:.1} s",
+            if told { ", burst_secs told" } else { "" },
             r.sim.accepted_calls,
             r.sim.answered_429,
             100.0 * r.share_429,

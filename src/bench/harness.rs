@@ -27,11 +27,14 @@ pub struct OrgLimits {
     /// The simulator's real bucket in seconds of refill, if shorter than
     /// the minute its headers advertise (ratepool is not told).
     pub enforce_burst_secs: Option<u64>,
+    /// The `burst_secs` ratepool is configured with for the org (its
+    /// default, 60, when `None`).
+    pub told_burst_secs: Option<u64>,
 }
 
 impl OrgLimits {
     pub fn per_minute(rpm: u64, tpm: u64) -> Self {
-        Self { rpm, tpm, enforce_burst_secs: None }
+        Self { rpm, tpm, enforce_burst_secs: None, told_burst_secs: None }
     }
 }
 
@@ -192,8 +195,10 @@ impl Server {
         let mut envs = Vec::new();
         for (i, o) in setup.orgs.iter().enumerate() {
             let var = format!("RATEPOOL_BENCH_ORG_{i}_KEY");
+            // `burst_secs` is the org's, before its model table.
+            let burst = o.told_burst_secs.map(|b| format!("burst_secs = {b}\n")).unwrap_or_default();
             toml.push_str(&format!(
-                "[[orgs]]\nname = \"{}\"\nbase_url = \"{}\"\napi_key_env = \"{var}\"\nheader_sync = {}\n\
+                "[[orgs]]\nname = \"{}\"\nbase_url = \"{}\"\napi_key_env = \"{var}\"\nheader_sync = {}\n{burst}\
                  [orgs.models.\"{MODEL}\"]\nrpm = {}\ntpm = {}\n",
                 org_name(i),
                 sim.base_url(),

@@ -316,16 +316,17 @@ pub fn report(r: &Results) -> String {
         );
         let _ = writeln!(
             s,
-            "| real bucket s | jobs × steps | calls | 429s | 429 share | makespan s | bound s (tokens / requests / chain) | makespan ÷ bound | utilization | learned burst s |"
+            "| real bucket s | ratepool's burst_secs | jobs × steps | calls | 429s | 429 share | makespan s | bound s (tokens / requests / chain) | makespan ÷ bound | utilization | learned burst s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
         for i in 0..w[0].runs.len() {
             let runs: Vec<&figures::PoolRun> = w.iter().filter_map(|x| x.runs.get(i)).collect();
             let p = runs[0];
             let _ = writeln!(
                 s,
-                "| {:.0} | {} × {} | {} | {:.0} [{}] | **{:.3}%** [{}] | {:.2} [{}] | {:.2} ({:.2} / {:.2} / {:.2}) | **{:.3}** [{}] | {:.1}% [{}] | {:.1} [{}] |",
+                "| {:.0} | {:.0} | {} × {} | {} | {:.0} [{}] | **{:.3}%** [{}] | {:.2} [{}] | {:.2} ({:.2} / {:.2} / {:.2}) | **{:.3}** [{}] | {:.1}% [{}] | {:.1} [{}] |",
                 p.real_burst_s,
+                p.told_burst_s,
                 p.jobs,
                 p.steps_per_job,
                 p.sim.accepted_calls,

@@ -260,13 +260,14 @@ async fn finish(
         }
         // The run believed every step checkpointed, the store disagrees (a
         // write that answered success and did not land): not finished. The
-        // next run loads the checkpoints and runs the missing steps; the
-        // short delay keeps a disagreement that persists from spinning.
+        // message is left to come back when the lease lapses, and that run
+        // loads the checkpoints and runs the missing steps. It counts as a
+        // stalled run (the lease is not given back), so a disagreement that
+        // persists ends in the poison check's failed job, not a loop.
         Err(StorageError::StepsMissing { done, total }) => {
             tracing::warn!(job = %lease.job_id, tenant = %tenant, done, total,
-                "job ran every step but has fewer checkpointed; not finished, handed back to run the missing ones");
-            engine.backend.jobs.release_lease(lease).await?;
-            return Ok(Ack::Defer(Duration::from_secs(1)));
+                "job ran every step but has fewer checkpointed; not finished, left to run the missing ones when its lease lapses");
+            return Ok(Ack::Leave);
         }
         Err(e) => return Err(e),
     }
