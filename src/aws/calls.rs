@@ -70,29 +70,22 @@ impl DynamoCalls {
         let prefix = format!("{PART_PREFIX}{token}#");
         let mut body = Vec::new();
         let mut found = 0usize;
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(pk))
-                .expression_attribute_values(":prefix", s(&prefix))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("reading a durable call's answer", e))?;
-            for item in out.items() {
-                let data = item.get("data").and_then(|v| v.as_b().ok()).ok_or_else(|| corrupt("part without data"))?;
-                body.extend_from_slice(data.as_ref());
-                found += 1;
-            }
-            match out.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
+        let mut items = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+            .expression_attribute_values(":pk", s(pk))
+            .expression_attribute_values(":prefix", s(&prefix))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item.map_err(|e| sdk_err("reading a durable call's answer", e))?;
+            let data = item.get("data").and_then(|v| v.as_b().ok()).ok_or_else(|| corrupt("part without data"))?;
+            body.extend_from_slice(data.as_ref());
+            found += 1;
         }
         if found != count {
             return Err(corrupt(&format!("answer has {found} of its {count} parts")));

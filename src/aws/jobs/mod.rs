@@ -221,29 +221,22 @@ impl DynamoJobs {
     async fn checkpoint_items(&self, id: &JobId) -> StorageResult<Vec<(Item, (Micros, StepKey, u64))>> {
         let now_s = secs(self.clock.now());
         let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(id.as_str()))
-                .expression_attribute_values(":prefix", s(STEP_PREFIX))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("reading checkpoints", e))?;
-            for item in page.items.unwrap_or_default() {
-                if !expired(&item, now_s) {
-                    let order = checkpoint_order(&item)?;
-                    out.push((item, order));
-                }
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
+        let mut items = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+            .expression_attribute_values(":pk", s(id.as_str()))
+            .expression_attribute_values(":prefix", s(STEP_PREFIX))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item.map_err(|e| sdk_err("reading checkpoints", e))?;
+            if !expired(&item, now_s) {
+                let order = checkpoint_order(&item)?;
+                out.push((item, order));
             }
         }
         out.sort_by(|(_, (at_a, a, _)), (_, (at_b, b, _))| (at_a, a).cmp(&(at_b, b)));
@@ -738,39 +731,32 @@ impl JobStore for DynamoJobs {
     /// failing), oldest first.
     async fn unsent_jobs(&self, before: Micros, max: usize) -> StorageResult<Vec<QueueMessage>> {
         let mut found = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk")
-                .filter_expression("#created_at <= :before")
-                .expression_attribute_names("#created_at", "created_at")
-                .expression_attribute_values(":pk", s(UNSENT_PK))
-                .expression_attribute_values(":before", num(before))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("reading unsent jobs", e))?;
-            for item in page.items() {
-                let f = Fields::new(item, "unsent entry");
-                let message = QueueMessage {
-                    job_id: f.parsed("SK", JobId::parse)?,
-                    tenant: f.parsed("tenant", TenantId::parse)?,
-                    priority: f.parsed("priority", |v| match v {
-                        "interactive" => Ok(Priority::Interactive),
-                        "batch" => Ok(Priority::Batch),
-                        other => Err(format!("unknown priority {other:?}")),
-                    })?,
-                };
-                found.push((f.n::<Micros>("created_at")?, message));
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
+        let mut items = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk")
+            .filter_expression("#created_at <= :before")
+            .expression_attribute_names("#created_at", "created_at")
+            .expression_attribute_values(":pk", s(UNSENT_PK))
+            .expression_attribute_values(":before", num(before))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item.map_err(|e| sdk_err("reading unsent jobs", e))?;
+            let f = Fields::new(&item, "unsent entry");
+            let message = QueueMessage {
+                job_id: f.parsed("SK", JobId::parse)?,
+                tenant: f.parsed("tenant", TenantId::parse)?,
+                priority: f.parsed("priority", |v| match v {
+                    "interactive" => Ok(Priority::Interactive),
+                    "batch" => Ok(Priority::Batch),
+                    other => Err(format!("unknown priority {other:?}")),
+                })?,
+            };
+            found.push((f.n::<Micros>("created_at")?, message));
         }
         found.sort_by_key(|(created_at, _)| *created_at);
         Ok(found.into_iter().take(max).map(|(_, m)| m).collect())

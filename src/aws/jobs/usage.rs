@@ -73,27 +73,20 @@ impl UsageStore for DynamoJobs {
     /// Ordered by org name.
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>> {
         let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-                .expression_attribute_values(":pk", s(&usage_pk(tenant)))
-                .expression_attribute_values(":prefix", s(USAGE_ORG_PREFIX))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("reading usage", e))?;
-            for item in page.items() {
-                out.push(usage_from_item(item)?);
-            }
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => break,
-            }
+        let mut items = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+            .expression_attribute_values(":pk", s(&usage_pk(tenant)))
+            .expression_attribute_values(":prefix", s(USAGE_ORG_PREFIX))
+            .consistent_read(true)
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = items.next().await {
+            let item = item.map_err(|e| sdk_err("reading usage", e))?;
+            out.push(usage_from_item(&item)?);
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
