@@ -83,75 +83,43 @@ async fn cache_put_over_400_kb_is_too_large() {
 async fn a_checkpoint_without_its_answer_attribute_reads_as_its_text() {
     use aws_sdk_dynamodb::types::AttributeValue;
     use ratepool::answer::{AssistantMessage, StepAnswer};
-    use ratepool::domain::{JobId, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
-    use ratepool::storage::{Checkpoint, CreateOutcome, LeaseOutcome, NewJob};
+    use ratepool::domain::{StepId, StepKey};
 
     let cfg = unique_config();
-    let clients = AwsClients::load(&cfg).await;
-    aws::init(&clients, &cfg, VISIBILITY).await.expect("create tables and queues");
-    let clock = Arc::new(ManualClock::new(T0));
-    let backend = aws::connect(&clients, &cfg, VISIBILITY, std::num::NonZeroU64::new(3).unwrap(), clock.clone())
-        .await
-        .expect("connect");
-    let job = NewJob {
-        id: JobId::generate(),
-        tenant: TenantId::parse("acme").unwrap(),
-        name: "old".into(),
-        priority: Priority::Batch,
-        spec_json: "{}".into(),
-        steps_total: 1,
-        idempotency: None,
-        created_at: T0,
-        in_flight_limit: None,
-    };
-    assert!(matches!(backend.jobs.create_job(&job).await.unwrap(), CreateOutcome::Created(_)));
-    let LeaseOutcome::Acquired(lease) =
-        backend.jobs.acquire_lease(&job.id, "w", Duration::from_secs(30), T0).await.unwrap()
-    else {
-        panic!("lease")
-    };
     let answer = StepAnswer::new(vec![AssistantMessage {
         content: Some("an old answer".into()),
         finish_reason: Some("stop".into()),
         ..AssistantMessage::default()
     }])
     .unwrap();
-    let cp = Checkpoint {
-        step: StepKey::Step(StepId::parse("s1").unwrap()),
-        answer,
-        usage: Usage { calls: 1, prompt_tokens: 3, completion_tokens: 4 },
-        org: OrgName::parse("org-a").unwrap(),
-        model: ModelName::parse("m").unwrap(),
-        attempts: 1,
-        started_at: T0,
-        finished_at: T0 + 1,
-    };
+    let (clients, backend, lease, cp) =
+        lease_and_answer(&cfg, StepKey::Step(StepId::parse("s1").unwrap()), answer).await;
     backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
     // What an older binary wrote: the same item without `answer`.
     clients
         .dynamodb
         .update_item()
         .table_name(&cfg.jobs_table)
-        .key("PK", AttributeValue::S(job.id.to_string()))
+        .key("PK", AttributeValue::S(lease.job_id.to_string()))
         .key("SK", AttributeValue::S("step#s1".into()))
         .update_expression("REMOVE answer")
         .send()
         .await
         .expect("remove the answer attribute");
-    let read = backend.jobs.checkpoints(&job.id).await.unwrap();
+    let read = backend.jobs.checkpoints(&lease.job_id).await.unwrap();
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].answer, StepAnswer::text("an old answer".into()));
     assert_eq!(read[0].output(), "an old answer");
 }
 
 /// A step as a worker would checkpoint it: a lease on a fresh job in
-/// `cfg`'s tables, and an answer of `bytes` of text.
+/// `cfg`'s tables, and `step`'s checkpoint with `answer`.
 async fn lease_and_answer(
     cfg: &AwsConfig,
-    bytes: usize,
+    step: ratepool::domain::StepKey,
+    answer: ratepool::answer::StepAnswer,
 ) -> (AwsClients, ratepool::storage::Backend, ratepool::storage::Lease, ratepool::storage::Checkpoint) {
-    use ratepool::answer::StepAnswer;
-    use ratepool::domain::{JobId, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
+    use ratepool::domain::{JobId, ModelName, OrgName, Priority, TenantId, Usage};
     use ratepool::storage::{Checkpoint, CreateOutcome, LeaseOutcome, NewJob};
 
     let clients = AwsClients::load(cfg).await;
@@ -177,8 +145,8 @@ async fn lease_and_answer(
         panic!("lease")
     };
     let cp = Checkpoint {
-        step: StepKey::Instance { step: StepId::parse("scene").unwrap(), index: 3 },
-        answer: StepAnswer::text("x".repeat(bytes)),
+        step,
+        answer,
         usage: Usage { calls: 1, prompt_tokens: 3, completion_tokens: 4 },
         org: OrgName::parse("org-a").unwrap(),
         model: ModelName::parse("m").unwrap(),
@@ -189,6 +157,15 @@ async fn lease_and_answer(
     (clients, backend, lease, cp)
 }
 
+fn scene_3() -> ratepool::domain::StepKey {
+    use ratepool::domain::{StepId, StepKey};
+    StepKey::Instance { step: StepId::parse("scene").unwrap(), index: 3 }
+}
+
+fn big(bytes: usize) -> ratepool::answer::StepAnswer {
+    ratepool::answer::StepAnswer::text("x".repeat(bytes))
+}
+
 /// DynamoDB-only: an answer over the item limit is an S3 object named by
 /// its content, and the item holds only the pointer; writing the object
 /// again (a retried checkpoint) leaves one object with the same bytes.
@@ -197,7 +174,7 @@ async fn a_large_answer_is_an_s3_object_and_its_item_a_pointer() {
     use aws_sdk_dynamodb::types::AttributeValue;
 
     let cfg = unique_config();
-    let (clients, backend, lease, cp) = lease_and_answer(&cfg, 600 * 1024).await;
+    let (clients, backend, lease, cp) = lease_and_answer(&cfg, scene_3(), big(600 * 1024)).await;
     let bucket = cfg.outputs_bucket.clone().expect("a bucket");
     backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.expect("stored through S3");
     let item = clients
@@ -248,7 +225,7 @@ async fn a_large_answer_is_an_s3_object_and_its_item_a_pointer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_bucket_a_large_answer_is_too_large_and_names_the_setting() {
     let cfg = AwsConfig { outputs_bucket: None, ..unique_config() };
-    let (_clients, backend, lease, cp) = lease_and_answer(&cfg, 400 * 1024).await;
+    let (_clients, backend, lease, cp) = lease_and_answer(&cfg, scene_3(), big(400 * 1024)).await;
     let err = backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.expect_err("too large");
     let ratepool::storage::StorageError::TooLarge(msg) = &err else { panic!("{err:?}") };
     assert!(!err.is_transient());
