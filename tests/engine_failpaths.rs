@@ -4,9 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
+
 use ratepool::config::Config;
+use ratepool::domain::Micros;
 use ratepool::domain::{Clock, JobId, SystemClock, TenantId};
 use ratepool::engine::router::{RetryPolicy, Router};
 use ratepool::engine::{Engine, EngineConfig};
@@ -15,7 +19,10 @@ use ratepool::provider::ProviderClient;
 use ratepool::sim::{SimConfig, Simulator};
 use ratepool::spec::JobSpec;
 use ratepool::storage::faults::{FaultCounts, FaultPlan, FaultScope, Faulty};
-use ratepool::storage::{Backend, CreateOutcome, JobStatus, NewJob, QueueMessage};
+use ratepool::storage::{
+    Acquisition, Backend, BucketKey, BucketParams, BucketState, Cost, CreateOutcome, JobStatus, NewJob, QueueMessage,
+    QuotaLedger, StorageResult,
+};
 use ratepool::telemetry::Telemetry;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -30,6 +37,11 @@ struct Rig {
     /// The store without faults: what the test itself reads and writes.
     store: Backend,
     counts: Arc<FaultCounts>,
+    /// Ledger charges the store committed, and those the router was told
+    /// of: equal when no charge was lost and made again.
+    charges: Charges,
+    /// The ledger's own fault counts, when it had its own plan.
+    ledger_counts: Option<Arc<FaultCounts>>,
     cfg: EngineConfig,
     shutdown: CancellationToken,
     engine: Option<tokio::task::JoinHandle<()>>,
@@ -46,9 +58,60 @@ impl Drop for Rig {
     }
 }
 
+/// Counts the grants a ledger answers with.
+struct CountingLedger {
+    inner: Arc<dyn QuotaLedger>,
+    granted: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl QuotaLedger for CountingLedger {
+    async fn acquire(
+        &self,
+        key: &BucketKey,
+        params: &BucketParams,
+        cost: Cost,
+        now: Micros,
+    ) -> StorageResult<Acquisition> {
+        let a = self.inner.acquire(key, params, cost, now).await;
+        if matches!(a, Ok(Acquisition::Granted(_))) {
+            self.granted.fetch_add(1, Ordering::Relaxed);
+        }
+        a
+    }
+
+    async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState> {
+        self.inner.raise(key, floor).await
+    }
+
+    async fn state(&self, key: &BucketKey) -> StorageResult<BucketState> {
+        self.inner.state(key).await
+    }
+}
+
+#[derive(Default, Clone)]
+struct Charges {
+    /// Granted by the store (below the fault injector).
+    committed: Arc<AtomicU64>,
+    /// Granted as the router saw them (above it).
+    delivered: Arc<AtomicU64>,
+}
+
 /// One org (`rpm`, `tpm`), calls of `latency_ms`; `toml` adds to the
 /// ratepool config (tenants with quotas); `tune` sets the engine.
 async fn rig(latency_ms: u64, plan: FaultPlan, toml: &str, tune: impl FnOnce(&mut EngineConfig)) -> Rig {
+    rig_with(latency_ms, plan, None, toml, tune).await
+}
+
+/// [`rig`], with the ledger's faults from `ledger_plan` when given (their
+/// counts added to the rest) instead of `plan`.
+async fn rig_with(
+    latency_ms: u64,
+    plan: FaultPlan,
+    ledger_plan: Option<FaultPlan>,
+    toml: &str,
+    tune: impl FnOnce(&mut EngineConfig),
+) -> Rig {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let sim_toml = format!(
         "seed = 7\n[latency]\nbase_ms = {latency_ms}\nper_token_ms = 0\ntime_scale = 1\n\
@@ -79,7 +142,17 @@ async fn rig(latency_ms: u64, plan: FaultPlan, toml: &str, tune: impl FnOnce(&mu
     )
     .unwrap();
     let store = sqlite.backend();
-    let (faulty, counts) = Faulty::wrap(store.clone(), plan);
+    let charges = Charges::default();
+    let mut counted = store.clone();
+    counted.ledger = Arc::new(CountingLedger { inner: store.ledger.clone(), granted: charges.committed.clone() });
+    let (mut faulty, counts) = Faulty::wrap(counted.clone(), plan);
+    let mut ledger_counts = None;
+    if let Some(ledger_plan) = ledger_plan {
+        let (for_ledger, c) = Faulty::wrap(counted, ledger_plan);
+        faulty.ledger = for_ledger.ledger;
+        ledger_counts = Some(c);
+    }
+    faulty.ledger = Arc::new(CountingLedger { inner: faulty.ledger.clone(), granted: charges.delivered.clone() });
     let telemetry = Arc::new(Telemetry::new());
     let router = Arc::new(
         Router::new(orgs, faulty.ledger.clone(), ProviderClient::new().unwrap(), clock.clone(), telemetry.clone(), {
@@ -95,7 +168,18 @@ async fn rig(latency_ms: u64, plan: FaultPlan, toml: &str, tune: impl FnOnce(&mu
     let engine = Arc::new(Engine::new(faulty, router, telemetry, clock, ecfg.clone()));
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(engine.run(shutdown.clone()));
-    Rig { base, store, counts, cfg: ecfg, shutdown, engine: Some(handle), stop_sim: Some(stop_sim), _dir: dir }
+    Rig {
+        base,
+        store,
+        counts,
+        ledger_counts,
+        charges,
+        cfg: ecfg,
+        shutdown,
+        engine: Some(handle),
+        stop_sim: Some(stop_sim),
+        _dir: dir,
+    }
 }
 
 impl Rig {
@@ -320,8 +404,11 @@ async fn a_webhook_receiver_that_hangs_does_not_slow_another_tenants_jobs() {
 /// answers lost after the write landed) and 2 % of its calls stall 1.5 s,
 /// longer than the lease's renewal interval (1 s of a 3 s lease). Every
 /// job succeeds, every step reaches the provider once, the jobs' usage
-/// counts exactly the calls made, and nothing is left queued, running or
-/// dead-lettered.
+/// counts exactly the calls made, every ledger charge the store committed
+/// is one the router was told of (none charged twice), and nothing is left
+/// queued, running or dead-lettered. The ledger's writes fail (3.5 %:
+/// errors and throttling) and stall like the rest, but never lose an
+/// answer: a lost ledger answer is charged again, by design (RELIABILITY.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_storage_faults_strands_nothing_and_calls_nothing_twice() {
     let plan = FaultPlan {
@@ -333,7 +420,8 @@ async fn a_storm_of_storage_faults_strands_nothing_and_calls_nothing_twice() {
         seed: 15,
         only: None,
     };
-    let rig = rig(20, plan, ONE_TENANT, |c| c.concurrency = 8).await;
+    let ledger_plan = FaultPlan { write_error: 0.03, throttle: 0.02, lost_response: 0.0, seed: 16, ..plan };
+    let rig = rig_with(20, plan, Some(ledger_plan), ONE_TENANT, |c| c.concurrency = 8).await;
     let started = Instant::now();
     let mut ids = Vec::new();
     for n in 0..40 {
@@ -361,16 +449,24 @@ async fn a_storm_of_storage_faults_strands_nothing_and_calls_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let c = &rig.counts;
+    let l = rig.ledger_counts.as_ref().expect("the ledger's own plan");
+    let both = |f: fn(&FaultCounts) -> &AtomicU64| count(f(c)) + count(f(l));
+    let (committed, delivered) = (count(&rig.charges.committed), count(&rig.charges.delivered));
     println!(
-        "storm: 40 jobs x 3 steps in {took:?}; {calls} provider calls for {} steps; injected {} errors, {} throttled, \
+        "storm: 40 jobs x 3 steps in {took:?}; {calls} provider calls for {} steps; {committed} ledger charges \
+         committed, {delivered} seen by the router; injected {} errors ({} on the ledger), {} throttled ({}), \
          {} lost answers, {} stalls of 1.5 s over {} writes applied",
         attempts.len(),
-        count(&c.write_errors),
-        count(&c.throttled),
+        both(|c| &c.write_errors),
+        count(&l.write_errors),
+        both(|c| &c.throttled),
+        count(&l.throttled),
         count(&c.lost_responses),
-        count(&c.slowed),
-        count(&c.writes_applied)
+        both(|c| &c.slowed),
+        both(|c| &c.writes_applied)
     );
+    assert_eq!(committed, delivered, "a ledger charge was lost and made again");
+    assert!(committed >= calls, "every call was charged: {committed} charges for {calls} calls");
     assert_eq!(attempts.len(), 120, "every step reached the provider");
     assert!(twice.is_empty(), "steps called again: {twice:?}");
     assert_eq!(usage_calls, calls, "the jobs' usage counts each call once");
@@ -381,6 +477,7 @@ async fn a_storm_of_storage_faults_strands_nothing_and_calls_nothing_twice() {
         ("throttling", count(&c.throttled)),
         ("lost answers", count(&c.lost_responses)),
         ("stalls", count(&c.slowed)),
+        ("ledger errors or throttling", count(&l.write_errors) + count(&l.throttled)),
     ] {
         assert!(n > 0, "no {kind} injected");
     }
