@@ -32,7 +32,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailur
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::jobs::{TTL_ATTR, num, s, secs_ceil};
+use super::jobs::{TTL_ATTR, num, query_prefix, s, secs_ceil};
 use super::sdk_err;
 use crate::domain::{Micros, OrgName, TenantId};
 use crate::storage::{
@@ -70,17 +70,7 @@ impl DynamoCalls {
         let prefix = format!("{PART_PREFIX}{token}#");
         let mut body = Vec::new();
         let mut found = 0usize;
-        let mut items = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-            .expression_attribute_values(":pk", s(pk))
-            .expression_attribute_values(":prefix", s(&prefix))
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send();
+        let mut items = query_prefix(&self.client, &self.table, pk, &prefix).into_paginator().items().send();
         while let Some(item) = items.next().await {
             let item = item.map_err(|e| sdk_err("reading a durable call's answer", e))?;
             let data = item.get("data").and_then(|v| v.as_b().ok()).ok_or_else(|| corrupt("part without data"))?;

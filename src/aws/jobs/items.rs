@@ -7,6 +7,24 @@ pub(in crate::aws) fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
 
+/// A strongly consistent query of the items of partition `pk` whose sort
+/// key starts with `prefix`; callers page through it with the SDK's
+/// paginator.
+pub(in crate::aws) fn query_prefix(
+    client: &Client,
+    table: &str,
+    pk: &str,
+    prefix: &str,
+) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+    client
+        .query()
+        .table_name(table)
+        .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
+        .expression_attribute_values(":pk", s(pk))
+        .expression_attribute_values(":prefix", s(prefix))
+        .consistent_read(true)
+}
+
 pub(in crate::aws) fn num(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }

@@ -68,7 +68,7 @@ use crate::storage::{
 };
 
 use items::*;
-pub(super) use items::{micros, num, s, secs_ceil};
+pub(super) use items::{micros, num, query_prefix, s, secs_ceil};
 pub(super) use outputs::ensure_bucket;
 use outputs::{OutputBucket, OutputRef};
 pub use tables::ensure_tables;
@@ -221,17 +221,8 @@ impl DynamoJobs {
     async fn checkpoint_items(&self, id: &JobId) -> StorageResult<Vec<(Item, (Micros, StepKey, u64))>> {
         let now_s = secs(self.clock.now());
         let mut out = Vec::new();
-        let mut items = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-            .expression_attribute_values(":pk", s(id.as_str()))
-            .expression_attribute_values(":prefix", s(STEP_PREFIX))
-            .consistent_read(true)
-            .into_paginator()
-            .items()
-            .send();
+        let mut items =
+            query_prefix(&self.client, &self.table, id.as_str(), STEP_PREFIX).into_paginator().items().send();
         while let Some(item) = items.next().await {
             let item = item.map_err(|e| sdk_err("reading checkpoints", e))?;
             if !expired(&item, now_s) {

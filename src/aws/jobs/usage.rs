@@ -73,14 +73,7 @@ impl UsageStore for DynamoJobs {
     /// Ordered by org name.
     async fn usage(&self, tenant: &TenantId) -> StorageResult<Vec<(OrgName, OrgCounters)>> {
         let mut out = Vec::new();
-        let mut items = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("PK = :pk AND begins_with(SK, :prefix)")
-            .expression_attribute_values(":pk", s(&usage_pk(tenant)))
-            .expression_attribute_values(":prefix", s(USAGE_ORG_PREFIX))
-            .consistent_read(true)
+        let mut items = query_prefix(&self.client, &self.table, &usage_pk(tenant), USAGE_ORG_PREFIX)
             .into_paginator()
             .items()
             .send();
