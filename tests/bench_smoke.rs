@@ -99,15 +99,18 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     assert!((f(&p["speedup"]) - f(&p["fifo_p50_s"]) / f(&p["interactive_p50_s"])).abs() < 1e-9, "{p}");
 
     // 9: each real bucket ran every step once, its bound uses that bucket,
-    // and the server reports a burst no larger than the configured minute.
+    // and the server reports a burst no larger than the one it was told
+    // (the minute, or the real bucket in the last row).
     let w = r["window"][0]["runs"].as_array().unwrap();
     let buckets: Vec<f64> = w.iter().map(|x| f(&x["real_burst_s"])).collect();
-    assert_eq!(buckets, [10.0, 60.0]);
+    assert_eq!(buckets, [10.0, 60.0, 10.0]);
+    let told: Vec<f64> = w.iter().map(|x| f(&x["told_burst_s"])).collect();
+    assert_eq!(told, [60.0, 60.0, 10.0]);
     for x in w {
         assert_eq!(f(&x["sim"]["accepted_calls"]), f(&x["jobs"]) * f(&x["steps_per_job"]), "{x}");
         assert!(f(&x["bound_s"]) >= f(&x["chain_bound_s"]), "{x}");
         let learned = f(&x["learned_burst_s"]);
-        assert!(learned > 0.0 && learned <= 60.0, "{x}");
+        assert!(learned > 0.0 && learned <= f(&x["told_burst_s"]), "{x}");
     }
     // 10: every request answered 200 (the figure fails on any other), every
     // one through ratepool made exactly one call at the simulator, and the
@@ -118,6 +121,10 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     assert_eq!(f(&x["door_ok"]), f(&x["through_requests"]), "{x}");
     let cells = x["cells"].as_array().unwrap();
     assert_eq!(cells.iter().filter(|c| c["streamed"] == true).count(), 1, "{x}");
+    // The cell against a slow provider: every answer took at least its time.
+    let slow: Vec<_> = cells.iter().filter(|c| f(&c["provider_ms"]) > 0.0).collect();
+    assert_eq!(slow.len(), 1, "{x}");
+    assert!(f(&slow[0]["direct_p50_ms"]) >= f(&slow[0]["provider_ms"]), "{x}");
     for c in cells {
         assert!(f(&c["requests"]) > 0.0, "{c}");
         for side in ["direct", "through"] {
