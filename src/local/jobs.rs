@@ -413,7 +413,7 @@ impl JobStore for SqliteBackend {
                 .optional()
                 .db()?;
             let Some((done, total)) = progress else { return Err(StorageError::LeaseLost) };
-            if status == JobStatus::Succeeded && done != total {
+            if status == JobStatus::Succeeded && done < total {
                 return Err(StorageError::StepsMissing { done, total });
             }
             let tenant = tx

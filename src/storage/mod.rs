@@ -432,7 +432,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// again writes the same number.
     async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()>;
     /// Ends a leased run: `succeeded` or `failed`, conditional on the lease.
-    /// `succeeded` is also conditional on `steps_done = steps_total` (every
+    /// `succeeded` is also conditional on `steps_done >= steps_total` (every
     /// step and instance checkpointed), else `StepsMissing` and nothing is
     /// written; a lost lease is `LeaseLost` first.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()>;

@@ -572,8 +572,9 @@ impl JobStore for DynamoJobs {
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now` (as on
     /// SQLite): a worker whose lease lapsed renews it first. Starts the
-    /// job's retention. `succeeded` also requires `steps_done =
-    /// steps_total`; which condition failed is read back after a refusal.
+    /// job's retention. `succeeded` also requires `steps_done >=
+    /// steps_total` (a step counted twice must not block the job: seen on
+    /// moto); which condition failed is read back after a refusal.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
         let (status, error) = match outcome {
             JobOutcome::Succeeded => (JobStatus::Succeeded, None),
@@ -590,7 +591,7 @@ impl JobStore for DynamoJobs {
             "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running"
         } else {
             "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running \
-             AND #steps_done = #steps_total"
+             AND #steps_done >= #steps_total"
         };
         let mut vals = values([
             (":status", s(status.as_str())),
@@ -625,7 +626,7 @@ impl JobStore for DynamoJobs {
                         if j.status == JobStatus::Running
                             && j.lease_owner.as_deref() == Some(lease.owner.as_str())
                             && j.lease_expires_at.is_some_and(|t| t > now)
-                            && j.steps_done != j.steps_total =>
+                            && j.steps_done < j.steps_total =>
                     {
                         Err(StorageError::StepsMissing { done: j.steps_done, total: j.steps_total })
                     }
