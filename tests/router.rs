@@ -20,7 +20,7 @@ use ratepool::local::{SqliteBackend, SqliteOptions};
 use ratepool::provider::{ProviderClient, ProviderRequest};
 use ratepool::sim::{OrgStats, SimConfig, Simulator};
 use ratepool::storage::gcra::BucketParams;
-use ratepool::storage::{Acquisition, BucketKey, BucketState, Cost, QuotaLedger};
+use ratepool::storage::{Acquisition, BucketKey, BucketState, ChargeId, Cost, QuotaLedger};
 use ratepool::telemetry::Telemetry;
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -252,7 +252,11 @@ async fn sequential_calls_spread_evenly_and_avoid_a_spent_org() {
     // cache still thinks a is the emptiest, so at most one call (whose
     // ledger write corrects the cache) may still go there.
     let (key, params) = h.bucket("a");
-    let granted = h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 90_000 }, h.clock.now()).await.unwrap();
+    let granted = h
+        .ledger
+        .acquire(&key, &params, Cost { requests: 1, tokens: 90_000 }, h.clock.now(), ChargeId::new())
+        .await
+        .unwrap();
     assert!(matches!(granted, Acquisition::Granted(_)), "{granted:?}");
     for i in 0..20 {
         h.call(format!("skew/{i}"), chat(MODEL, 40, 100)).await.unwrap();
@@ -603,7 +607,10 @@ async fn a_call_larger_than_every_org_is_unroutable_at_once() {
 async fn cancelling_calls_that_wait_for_capacity_returns_promptly() {
     let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
     let (key, params) = h.bucket("a");
-    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now()).await.unwrap();
+    h.ledger
+        .acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now(), ChargeId::new())
+        .await
+        .unwrap();
     // A 10 000-token call now needs ~9 s of refill; a second one queues behind it.
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -833,7 +840,10 @@ async fn a_cheap_step_with_no_fallback_org_runs_on_the_primaries() {
 async fn a_call_that_cannot_have_capacity_within_its_wait_is_told_when_and_charged_nothing() {
     let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
     let (key, params) = h.bucket("a");
-    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now()).await.unwrap();
+    h.ledger
+        .acquire(&key, &params, Cost { requests: 1, tokens: 59_000 }, h.clock.now(), ChargeId::new())
+        .await
+        .unwrap();
     let before = h.ledger.state(&key).await.unwrap();
     // A 10 000-token call needs ~9 s of refill: more than its 1 s wait.
     let mut req = request("bounded/1", chat(MODEL, 40, 9_990));
@@ -1013,7 +1023,10 @@ async fn a_call_held_at_its_gate_is_charged_only_once_the_gate_opens() {
 async fn a_call_waiting_long_for_capacity_does_not_hold_back_one_that_fits() {
     let h = start(&[org("a", 600, 60_000)], fast_policy()).await;
     let (key, params) = h.bucket("a");
-    h.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 58_000 }, h.clock.now()).await.unwrap();
+    h.ledger
+        .acquire(&key, &params, Cost { requests: 1, tokens: 58_000 }, h.clock.now(), ChargeId::new())
+        .await
+        .unwrap();
     // A 10,000-token call needs ~8 s of refill.
     let router = h.router.clone();
     let big =

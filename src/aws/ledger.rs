@@ -21,6 +21,12 @@
 //! it: when the cached state already denies, the stored one denies too, and
 //! the denial is answered without a request.
 //!
+//! Each write also sets the charge's slot attribute (`ch<slot>`, see
+//! [`ChargeId`]) on condition that it does not hold this charge already: an
+//! acquisition retried after a lost answer (by the caller, or by the SDK
+//! itself after a timeout) is refused, and the refused item, holding the
+//! charge, answers `Granted`.
+//!
 //! Within one process, writes to one item go one at a time (an async lock
 //! per key): each starts from the state the previous one returned, so
 //! in-process acquirers never refuse each other's writes and a full bucket
@@ -44,7 +50,7 @@ use super::{dynamo_err, sdk_err};
 use crate::domain::{Clock, Micros};
 use crate::storage::gcra::{self, Decision, Rate};
 use crate::storage::{
-    Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageError, StorageResult,
+    Acquisition, BucketKey, BucketParams, BucketState, ChargeId, Cost, QuotaLedger, StorageError, StorageResult,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -252,8 +258,11 @@ impl QuotaLedger for DynamoLedger {
         params: &BucketParams,
         cost: Cost,
         now: Micros,
+        charge: ChargeId,
     ) -> StorageResult<Acquisition> {
         bump(&self.counts.acquisitions);
+        let slot = format!("ch{}", charge.slot());
+        let mark = AttributeValue::N(charge.raw().to_string());
         let _turn = self.turn(key).await;
         // The provider charges when the call arrives, after this write
         // returns; waiting for our turn takes time, and a charge dated at
@@ -274,11 +283,15 @@ impl QuotaLedger for DynamoLedger {
             let t = branch("tokens_tat", "t", seen.tokens_tat, &params.tokens, cost.tokens, now);
             let mut values: Item = r.values.into_iter().chain(t.values).collect();
             values.insert(":now".into(), num(now));
+            values.insert(":charge".into(), mark.clone());
             bump(&self.counts.acquire_writes);
             let res = self
                 .update(key)
-                .update_expression(format!("SET {}, {}", r.set, t.set))
-                .condition_expression(format!("{} AND {}", r.condition, t.condition))
+                .update_expression(format!("SET {}, {}, {slot} = :charge", r.set, t.set))
+                .condition_expression(format!(
+                    "{} AND {} AND (attribute_not_exists({slot}) OR {slot} <> :charge)",
+                    r.condition, t.condition
+                ))
                 .set_expression_attribute_values(Some(values))
                 .return_values(ReturnValue::UpdatedNew)
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
@@ -295,7 +308,12 @@ impl QuotaLedger for DynamoLedger {
                         bump(&self.counts.acquire_refused);
                         match c.item().filter(|i| !i.is_empty()) {
                             Some(old) => {
-                                self.remember(key, state_of(old)?);
+                                let stored = state_of(old)?;
+                                self.remember(key, stored);
+                                if old.get(&slot) == Some(&mark) {
+                                    // This charge, granted before: its answer was lost.
+                                    return Ok(Acquisition::Granted(stored));
+                                }
                             }
                             None => self.forget(key),
                         }

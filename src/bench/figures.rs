@@ -23,7 +23,7 @@ use crate::spec::StepOutput;
 use crate::spec::template::Steps;
 use crate::spec::{JobSpec, SpecLimits};
 use crate::storage::gcra::Rate;
-use crate::storage::{BucketKey, BucketParams, Cost, QuotaLedger};
+use crate::storage::{BucketKey, BucketParams, ChargeId, Cost, QuotaLedger};
 use crate::telemetry::Telemetry;
 
 /// A sequential chain of `n` steps, each continuing the previous output.
@@ -634,7 +634,7 @@ async fn hammer(ledger: Arc<dyn QuotaLedger>, tasks: usize, keys: usize, secs: f
             let clock = SystemClock;
             let mut n = 0u64;
             while Instant::now() < stop {
-                ledger.acquire(&key, &params, Cost { requests: 1, tokens: 100 }, clock.now()).await?;
+                ledger.acquire(&key, &params, Cost { requests: 1, tokens: 100 }, clock.now(), ChargeId::new()).await?;
                 n += 1;
             }
             anyhow::Ok(n)

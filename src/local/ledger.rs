@@ -2,7 +2,8 @@
 //! see [`BucketKey::parts`]) holding both buckets' TATs.
 //!
 //! `acquire` reads, decides with [`gcra::decide`] and writes in one
-//! IMMEDIATE transaction, writing nothing when it denies.
+//! IMMEDIATE transaction, writing nothing when it denies; its charge's slot
+//! in `ledger_charges` is read and written in the same transaction.
 
 use async_trait::async_trait;
 use rusqlite::OptionalExtension;
@@ -10,7 +11,7 @@ use rusqlite::OptionalExtension;
 use super::{OrBackend, SqliteBackend};
 use crate::domain::Micros;
 use crate::storage::gcra::{self, Decision};
-use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, Cost, QuotaLedger, StorageResult};
+use crate::storage::{Acquisition, BucketKey, BucketParams, BucketState, ChargeId, Cost, QuotaLedger, StorageResult};
 
 const READ_STATE: &str = "SELECT requests_tat, tokens_tat FROM ledger WHERE org = ?1 AND model = ?2";
 
@@ -32,9 +33,12 @@ impl QuotaLedger for SqliteBackend {
         params: &BucketParams,
         cost: Cost,
         now: Micros,
+        charge: ChargeId,
     ) -> StorageResult<Acquisition> {
         let (org, model) = owned_parts(key);
         let params = *params;
+        // As SQLite stores it: the same 64 bits, read as signed.
+        let (slot, mark) = (charge.slot() as i64, charge.raw() as i64);
         // IMMEDIATE takes the write lock before the read, so another
         // process cannot change the row between decide and write.
         self.short_write(move |tx| {
@@ -45,6 +49,15 @@ impl QuotaLedger for SqliteBackend {
                 .optional()
                 .db()?
                 .unwrap_or_default();
+            let marked: Option<i64> = tx
+                .prepare_cached("SELECT charge FROM ledger_charges WHERE org = ?1 AND model = ?2 AND slot = ?3")
+                .db()?
+                .query_row(rusqlite::params![org, model, slot], |r| r.get(0))
+                .optional()
+                .db()?;
+            if marked == Some(mark) {
+                return Ok(Acquisition::Granted(state));
+            }
             match gcra::decide(state, &params, cost, now) {
                 Decision::Allow(after) => {
                     tx.prepare_cached(
@@ -54,6 +67,13 @@ impl QuotaLedger for SqliteBackend {
                     )
                     .db()?
                     .execute(rusqlite::params![org, model, after.requests_tat, after.tokens_tat])
+                    .db()?;
+                    tx.prepare_cached(
+                        "INSERT INTO ledger_charges (org, model, slot, charge) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (org, model, slot) DO UPDATE SET charge = excluded.charge",
+                    )
+                    .db()?
+                    .execute(rusqlite::params![org, model, slot, mark])
                     .db()?;
                     tx.commit().db()?;
                     Ok(Acquisition::Granted(after))

@@ -8,7 +8,9 @@
 //! filled from the jobs already in flight when a file is upgraded; 5 adds
 //! `durable_calls` (the Calls door's stored answers); 6 adds
 //! `checkpoints.answer` (the answer's message beside its text); 7 adds
-//! `usage_batches` (usage flushes applied, so a retried one adds nothing).
+//! `usage_batches` (usage flushes applied, so a retried one adds nothing);
+//! 8 adds `ledger_charges` (each bucket's recent charges, so an acquisition
+//! retried after a lost answer charges once).
 //! Tables and indexes are added with `IF NOT EXISTS`, so running the whole
 //! schema brings a file of any older version up to date; a change to an
 //! existing table is its own step, run when the stored version is below the
@@ -20,7 +22,7 @@ use super::{BUSY_TIMEOUT, OrBackend, STATEMENT_CACHE};
 use crate::storage::{StorageError, StorageResult};
 
 /// The version this binary writes and understands.
-pub(super) const SCHEMA_VERSION: i64 = 7;
+pub(super) const SCHEMA_VERSION: i64 = 8;
 
 /// Per-connection pragmas.
 pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()> {
@@ -168,6 +170,16 @@ CREATE TABLE IF NOT EXISTS ledger (
     requests_tat INTEGER NOT NULL,
     tokens_tat   INTEGER NOT NULL,
     PRIMARY KEY (org, model)
+) WITHOUT ROWID;
+
+-- Since version 8. The last charge of each of a bucket's slots
+-- (storage::ChargeId): at most CHARGE_SLOTS rows per bucket.
+CREATE TABLE IF NOT EXISTS ledger_charges (
+    org    TEXT    NOT NULL,
+    model  TEXT    NOT NULL,
+    slot   INTEGER NOT NULL,
+    charge INTEGER NOT NULL,
+    PRIMARY KEY (org, model, slot)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS usage (

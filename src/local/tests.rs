@@ -11,8 +11,8 @@ use super::*;
 use crate::domain::{JobId, ManualClock, ModelName, OrgName, StepId, StepKey, TenantId, Usage};
 use crate::storage::gcra::Rate;
 use crate::storage::{
-    Acquisition, BucketKey, BucketParams, CacheKey, CachedResponse, Checkpoint, Cost, CreateOutcome, JobStatus,
-    LeaseOutcome, NewJob, OrgCounters, QueueMessage, UsageBatch,
+    Acquisition, BucketKey, BucketParams, CacheKey, CachedResponse, ChargeId, Checkpoint, Cost, CreateOutcome,
+    JobStatus, LeaseOutcome, NewJob, OrgCounters, QueueMessage, UsageBatch,
 };
 
 const T0: Micros = 1_700_000_000_000_000;
@@ -73,7 +73,7 @@ async fn state_survives_a_restart_without_clean_close() {
         b.jobs.put_checkpoint(&lease, &checkpoint(), T0 + 1).await.unwrap();
         b.queue.send(&sent).await.unwrap();
         let Acquisition::Granted(st) =
-            b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 100 }, T0).await.unwrap()
+            b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 100 }, T0, ChargeId::new()).await.unwrap()
         else {
             panic!("grant")
         };
@@ -196,7 +196,7 @@ async fn operation_latency() {
         b.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
         samples[0].1.push(t.elapsed());
         let t = Instant::now();
-        b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 1 }, T0).await.unwrap();
+        b.ledger.acquire(&key, &params, Cost { requests: 1, tokens: 1 }, T0, ChargeId::new()).await.unwrap();
         samples[1].1.push(t.elapsed());
         let t = Instant::now();
         b.jobs.get_job(&job.id).await.unwrap();

@@ -302,8 +302,9 @@ impl QuotaLedger for Faulty {
         params: &BucketParams,
         cost: Cost,
         now: Micros,
+        charge: ChargeId,
     ) -> StorageResult<Acquisition> {
-        self.injector.write("ledger acquire", self.inner.ledger.acquire(key, params, cost, now)).await
+        self.injector.write("ledger acquire", self.inner.ledger.acquire(key, params, cost, now, charge)).await
     }
     async fn raise(&self, key: &BucketKey, floor: BucketState) -> StorageResult<BucketState> {
         self.injector.write("ledger raise", self.inner.ledger.raise(key, floor)).await

@@ -502,6 +502,46 @@ impl std::fmt::Display for BucketKey {
     }
 }
 
+/// How many recent charges a bucket remembers (see [`ChargeId`]).
+pub const CHARGE_SLOTS: u64 = 32;
+
+/// One admission's mark on the buckets it charges. A bucket keeps the last
+/// charge of each of [`CHARGE_SLOTS`] slots, so an acquisition sent again
+/// with the same id after its answer was lost (a timeout after the commit,
+/// an SDK's own retry) is answered `Granted` from what is stored and charges
+/// nothing more. Only another charge landing in the same slot between the
+/// lost answer and its retry (odds about 1 in 32 per charge in between)
+/// makes the retry charge again: conservative, never a charge too few.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChargeId(u64);
+
+impl ChargeId {
+    /// A fresh random id: one per admission of one provider call, kept
+    /// across that admission's retries and waits.
+    pub fn new() -> Self {
+        Self(rand::random())
+    }
+
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// The slot this charge is remembered in, below [`CHARGE_SLOTS`].
+    pub fn slot(self) -> u64 {
+        self.0 % CHARGE_SLOTS
+    }
+}
+
+impl Default for ChargeId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquisition {
     /// Charged; the bucket state after the charge.
@@ -516,13 +556,17 @@ pub enum Acquisition {
 #[async_trait]
 pub trait QuotaLedger: Send + Sync + 'static {
     /// Checks and takes `cost` from both buckets of `key` in one atomic
-    /// operation (GCRA, see [`gcra::decide`]).
+    /// operation (GCRA, see [`gcra::decide`]), marking them with `charge`;
+    /// when `key` already carries `charge` (this acquisition was granted
+    /// before and its answer lost), answers `Granted` with the stored state
+    /// and charges nothing.
     async fn acquire(
         &self,
         key: &BucketKey,
         params: &BucketParams,
         cost: Cost,
         now: Micros,
+        charge: ChargeId,
     ) -> StorageResult<Acquisition>;
     /// Raises the stored TATs to at least `floor` (the provider showed less
     /// headroom than the ledger believed). Returns the state after.

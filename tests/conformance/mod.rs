@@ -22,9 +22,9 @@ use ratepool::answer::StepAnswer;
 use ratepool::domain::{JobId, ManualClock, Micros, ModelName, OrgName, Priority, StepId, StepKey, TenantId, Usage};
 use ratepool::storage::gcra::Rate;
 use ratepool::storage::{
-    Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, Checkpoint, CreateOutcome,
-    Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, QueueMessage, QueueStats,
-    StorageError, UsageBatch,
+    Acquisition, Backend, BucketKey, BucketParams, BucketState, CacheKey, CachedResponse, ChargeId, Checkpoint,
+    CreateOutcome, Delivery, JobOutcome, JobRecord, JobStatus, Lease, LeaseOutcome, NewJob, OrgCounters, QueueMessage,
+    QueueStats, StorageError, UsageBatch,
 };
 
 /// A fixed, realistic epoch (Nov 2023) so stored times look like real ones.
@@ -874,23 +874,23 @@ pub async fn ledger_grants_up_to_limit_then_denies(h: &Harness) {
     let ledger = &h.backend.ledger;
     let (k, p) = (key(), params(5, 1_000));
     for i in 0..5 {
-        let r = ledger.acquire(&k, &p, one_call(100), T0).await.expect("acquire");
+        let r = ledger.acquire(&k, &p, one_call(100), T0, ChargeId::new()).await.expect("acquire");
         assert!(matches!(r, Acquisition::Granted(_)), "call {i} fits the burst: {r:?}");
     }
     // 5 rpm: 12 s per request; 1,000 tpm: 6 s per 100 tokens.
     let full = BucketState { requests_tat: T0 + 60 * SEC, tokens_tat: T0 + 30 * SEC };
     assert_eq!(ledger.state(&k).await.expect("state"), full);
     assert_eq!(
-        ledger.acquire(&k, &p, one_call(100), T0).await.expect("acquire"),
+        ledger.acquire(&k, &p, one_call(100), T0, ChargeId::new()).await.expect("acquire"),
         Acquisition::Denied { retry_at: T0 + 12 * SEC, state: full },
     );
     assert_eq!(ledger.state(&k).await.expect("state"), full, "a denial charges nothing");
     assert!(matches!(
-        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC - 1).await.expect("acquire"),
+        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC - 1, ChargeId::new()).await.expect("acquire"),
         Acquisition::Denied { .. }
     ));
     assert_eq!(
-        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC).await.expect("acquire"),
+        ledger.acquire(&k, &p, one_call(100), T0 + 12 * SEC, ChargeId::new()).await.expect("acquire"),
         Acquisition::Granted(BucketState { requests_tat: T0 + 72 * SEC, tokens_tat: T0 + 36 * SEC }),
     );
     let other = BucketKey::new(&org("org-b"), &model("gpt-4o-mini"));
@@ -900,7 +900,7 @@ pub async fn ledger_grants_up_to_limit_then_denies(h: &Harness) {
 pub async fn ledger_never_for_oversized_cost(h: &Harness) {
     let ledger = &h.backend.ledger;
     assert_eq!(
-        ledger.acquire(&key(), &params(5, 1_000), one_call(1_001), T0).await.expect("acquire"),
+        ledger.acquire(&key(), &params(5, 1_000), one_call(1_001), T0, ChargeId::new()).await.expect("acquire"),
         Acquisition::Never
     );
     assert_eq!(ledger.state(&key()).await.expect("state"), BucketState::default());
@@ -928,7 +928,7 @@ pub async fn ledger_concurrent_acquires_never_overgrant(h: &Harness) {
             tokio::spawn(async move {
                 let mut granted = 0u64;
                 for _ in 0..20 {
-                    match ledger.acquire(&key(), &p, one_call(10), T0).await.expect("acquire") {
+                    match ledger.acquire(&key(), &p, one_call(10), T0, ChargeId::new()).await.expect("acquire") {
                         Acquisition::Granted(_) => granted += 1,
                         Acquisition::Denied { retry_at, .. } => assert!(retry_at > T0),
                         Acquisition::Never => panic!("a small cost is never Never"),
@@ -947,6 +947,63 @@ pub async fn ledger_concurrent_acquires_never_overgrant(h: &Harness) {
     assert_eq!(ledger_state(h).await.requests_tat, T0 + 60 * SEC);
 }
 
+pub async fn ledger_charge_asked_again_is_taken_once(h: &Harness) {
+    let ledger = &h.backend.ledger;
+    let (k, p) = (key(), params(5, 1_000));
+    let charge = ChargeId::new();
+    let once = BucketState { requests_tat: T0 + 12 * SEC, tokens_tat: T0 + 6 * SEC };
+    assert_eq!(ledger.acquire(&k, &p, one_call(100), T0, charge).await.expect("acquire"), Acquisition::Granted(once));
+    // The same charge again (its answer was lost), later: granted, not taken.
+    let later = T0 + SEC;
+    assert_eq!(
+        ledger.acquire(&k, &p, one_call(100), later, charge).await.expect("acquire"),
+        Acquisition::Granted(once)
+    );
+    assert_eq!(ledger_state(h).await, once, "asked twice, charged once");
+    let twice = BucketState { requests_tat: T0 + 24 * SEC, tokens_tat: T0 + 12 * SEC };
+    assert_eq!(
+        ledger.acquire(&k, &p, one_call(100), later, ChargeId::new()).await.expect("acquire"),
+        Acquisition::Granted(twice),
+        "another charge is taken"
+    );
+    // The mark is per bucket: the same charge on another bucket is taken there.
+    let other = BucketKey::tenant(&tenant("acme"));
+    assert_eq!(
+        ledger.acquire(&other, &p, one_call(100), T0, charge).await.expect("acquire"),
+        Acquisition::Granted(once)
+    );
+}
+
+pub async fn ledger_charges_count_once_when_answers_are_lost(h: &Harness) {
+    use ratepool::storage::faults::{FaultCounts, FaultPlan, Faulty};
+
+    let plan = FaultPlan { lost_response: 0.4, write_error: 0.2, seed: 5, ..FaultPlan::default() };
+    let (faulty, counts) = Faulty::wrap(h.backend.clone(), plan);
+    // 6,000 rpm: 10 ms a request; the burst holds all 60 at one instant.
+    let p = params(6_000, 100_000_000);
+    const CALLS: i64 = 60;
+    for i in 0..CALLS {
+        let charge = ChargeId::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            assert!(tries < 60, "charge {i} never went through");
+            match faulty.ledger.acquire(&key(), &p, one_call(10), T0, charge).await {
+                Ok(Acquisition::Granted(_)) => break,
+                Ok(other) => panic!("charge {i}: the burst has room, got {other:?}"),
+                Err(_) => continue,
+            }
+        }
+    }
+    let lost = FaultCounts::get(&counts.lost_responses);
+    assert!(lost > 0, "some answers were lost after their charge committed");
+    assert_eq!(
+        ledger_state(h).await.requests_tat,
+        T0 + CALLS * 10_000,
+        "{CALLS} charges taken once each ({lost} answers lost)"
+    );
+}
+
 async fn ledger_state(h: &Harness) -> BucketState {
     h.backend.ledger.state(&key()).await.expect("state")
 }
@@ -958,16 +1015,19 @@ pub async fn ledger_tenant_buckets_are_apart_from_org_buckets(h: &Harness) {
     let orgs = [key(), BucketKey::new(&org("tenant"), &model("org-a")), BucketKey::new(&org("org-a"), &model("org-a"))];
     let p = params(5, 1_000);
     for i in 0..5 {
-        let r = ledger.acquire(&by_tenant, &p, one_call(100), T0).await.expect("acquire");
+        let r = ledger.acquire(&by_tenant, &p, one_call(100), T0, ChargeId::new()).await.expect("acquire");
         assert!(matches!(r, Acquisition::Granted(_)), "tenant call {i}: {r:?}");
     }
     assert!(matches!(
-        ledger.acquire(&by_tenant, &p, one_call(100), T0).await.expect("acquire"),
+        ledger.acquire(&by_tenant, &p, one_call(100), T0, ChargeId::new()).await.expect("acquire"),
         Acquisition::Denied { .. }
     ));
     for k in &orgs {
         assert_eq!(ledger.state(k).await.expect("state"), BucketState::default(), "{k} untouched by the tenant");
-        assert!(matches!(ledger.acquire(k, &p, one_call(100), T0).await.expect("acquire"), Acquisition::Granted(_)));
+        assert!(matches!(
+            ledger.acquire(k, &p, one_call(100), T0, ChargeId::new()).await.expect("acquire"),
+            Acquisition::Granted(_)
+        ));
     }
     let full = BucketState { requests_tat: T0 + 60 * SEC, tokens_tat: T0 + 30 * SEC };
     assert_eq!(ledger.state(&by_tenant).await.expect("state"), full, "org charges leave the tenant alone");
@@ -1321,6 +1381,8 @@ macro_rules! conformance_suite {
         ledger_grants_up_to_limit_then_denies,
         ledger_never_for_oversized_cost,
         ledger_raise_never_lowers,
+        ledger_charge_asked_again_is_taken_once,
+        ledger_charges_count_once_when_answers_are_lost,
         ledger_concurrent_acquires_never_overgrant,
         ledger_tenant_buckets_are_apart_from_org_buckets,
         in_flight_limit_refuses_and_stores_nothing,

@@ -10,7 +10,7 @@ use crate::domain::{Micros, TenantId};
 use crate::engine::quota::{QuotaKind, TenantQuota};
 use crate::engine::retry::{WriteRetry, retry_write};
 use crate::storage::gcra::{self, BucketParams, BucketState, Cost, Rate};
-use crate::storage::{Acquisition, BucketKey, StorageError};
+use crate::storage::{Acquisition, BucketKey, ChargeId, StorageError};
 
 /// Sleeps `wait` microseconds for capacity that returns at `retry_at`,
 /// unless that is past the call's deadline: then the call is told at once
@@ -87,7 +87,11 @@ impl Router {
         };
         // Before any charge: a call no org can ever take costs nothing.
         self.check_size(req, candidates.iter().copied())?;
-        self.charge_tenant(req, candidates, deadline, cancel).await?;
+        // One mark for every bucket this admission charges, kept through its
+        // retries and waits: a charge whose answer was lost is recognised
+        // when the same bucket is asked again, not taken twice.
+        let charge = ChargeId::new();
+        self.charge_tenant(req, candidates, deadline, charge, cancel).await?;
         let mut held = None;
         let is_fallback = |i: usize| self.orgs[i].settings.fallback;
         let has_fallback = candidates.iter().any(|&i| is_fallback(i));
@@ -163,7 +167,7 @@ impl Router {
             for (_, i, cost, params) in ready {
                 let org = &self.orgs[i];
                 let key = BucketKey::new(&org.settings.endpoint.name, model);
-                let (acquired, now) = self.acquire(&key, &params, cost, cancel).await?;
+                let (acquired, now) = self.acquire(&key, &params, cost, charge, cancel).await?;
                 match acquired {
                     Acquisition::Granted(state) => {
                         self.telemetry.ledger_op("acquire");
@@ -208,6 +212,7 @@ impl Router {
         key: &BucketKey,
         params: &BucketParams,
         cost: Cost,
+        charge: ChargeId,
         cancel: &CancellationToken,
     ) -> Result<(Acquisition, Micros), StorageError> {
         let mut now = self.clock.now();
@@ -217,7 +222,7 @@ impl Router {
             || !cancel.is_cancelled(),
             |_| {
                 now = self.clock.now();
-                self.ledger.acquire(key, params, cost, now)
+                self.ledger.acquire(key, params, cost, now, charge)
             },
         )
         .await?;
@@ -269,6 +274,7 @@ impl Router {
         req: &CallRequest,
         candidates: &[usize],
         deadline: Option<Micros>,
+        charge: ChargeId,
         cancel: &CancellationToken,
     ) -> Result<(), CallError> {
         let quota = self.quotas.get(&req.tenant);
@@ -286,7 +292,7 @@ impl Router {
         let _turn = turn(gate, within, || self.clock.now() + 1_000_000, cancel).await?;
         let mut counted = false;
         loop {
-            let (acquired, now) = self.acquire(&key, &params, cost, cancel).await?;
+            let (acquired, now) = self.acquire(&key, &params, cost, charge, cancel).await?;
             let retry_at = match acquired {
                 Acquisition::Granted(_) => {
                     self.telemetry.ledger_op("acquire");
