@@ -234,3 +234,43 @@ async fn without_a_bucket_a_large_answer_is_too_large_and_names_the_setting() {
     assert!(backend.jobs.checkpoints(&lease.job_id).await.unwrap().is_empty());
     assert_eq!(backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap().steps_done, 0);
 }
+
+/// DynamoDB-only: the job item's `steps_done` counter fell behind its
+/// checkpoint items (seen on moto, whose transactions are not atomic
+/// against concurrent writes to one item). The final write is refused by
+/// the counter, finds every checkpoint item, sets the counter from them and
+/// finishes; a step really missing is still `StepsMissing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_steps_done_counter_behind_its_checkpoints_is_recounted_at_the_final_write() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use ratepool::answer::StepAnswer;
+    use ratepool::domain::{StepId, StepKey};
+    use ratepool::storage::{JobOutcome, JobStatus, StorageError};
+
+    let cfg = unique_config();
+    let s1 = StepKey::Step(StepId::parse("s1").unwrap());
+    let (clients, backend, lease, cp) = lease_and_answer(&cfg, s1, StepAnswer::text("one".into())).await;
+    backend.jobs.set_steps_total(&lease, 2, T0 + 1).await.unwrap();
+    backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
+    // One step of two: really missing, so refused.
+    let err = backend.jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + 2).await.expect_err("a step is missing");
+    assert!(matches!(err, StorageError::StepsMissing { done: 1, total: 2 }), "{err:?}");
+    let s2 = ratepool::storage::Checkpoint { step: StepKey::Step(StepId::parse("s2").unwrap()), ..cp };
+    backend.jobs.put_checkpoint(&lease, &s2, T0 + 3).await.unwrap();
+    // The counter loses an increment, as a non-atomic transaction can.
+    clients
+        .dynamodb
+        .update_item()
+        .table_name(&cfg.jobs_table)
+        .key("PK", AttributeValue::S(lease.job_id.to_string()))
+        .key("SK", AttributeValue::S("job".into()))
+        .update_expression("SET steps_done = :one")
+        .expression_attribute_values(":one", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .expect("set the counter back");
+    assert_eq!(backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap().steps_done, 1);
+    backend.jobs.finish_job(&lease, &JobOutcome::Succeeded, T0 + 4).await.expect("both steps are checkpointed");
+    let job = backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap();
+    assert_eq!((job.status, job.steps_done, job.steps_total), (JobStatus::Succeeded, 2, 2));
+}

@@ -269,6 +269,116 @@ impl DynamoJobs {
             _ => Ok(None),
         }
     }
+
+    /// `finish_job`; with `repair`, a refusal for missing steps first checks
+    /// the counter against the checkpoint items ([`Self::recount_steps`])
+    /// and, if only the counter was behind, finishes again (once).
+    async fn finish(&self, lease: &Lease, outcome: &JobOutcome, now: Micros, repair: bool) -> StorageResult<()> {
+        let (status, error) = match outcome {
+            JobOutcome::Succeeded => (JobStatus::Succeeded, None),
+            JobOutcome::Failed(e) => (JobStatus::Failed, Some(clip(e))),
+        };
+        let update = if error.is_some() {
+            "SET #status = :status, #error = :error, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
+             REMOVE #lease_owner, #lease_expires_at"
+        } else {
+            "SET #status = :status, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
+             REMOVE #lease_owner, #lease_expires_at"
+        };
+        let condition = if error.is_some() {
+            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running"
+        } else {
+            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running \
+             AND #steps_done >= #steps_total"
+        };
+        let mut vals = values([
+            (":status", s(status.as_str())),
+            (":now", num(now)),
+            (":ttl", self.finished_ttl(now)),
+            (":owner", s(&lease.owner)),
+            (":epoch", num(lease.epoch)),
+            (":running", s(JobStatus::Running.as_str())),
+        ]);
+        if let Some(e) = error {
+            vals.insert(":error".into(), s(&e));
+        }
+        let Some(tenant) = self.tenant_of(&lease.job_id).await? else { return Err(StorageError::LeaseLost) };
+        let finish = Update::builder()
+            .table_name(&self.table)
+            .key("PK", s(lease.job_id.as_str()))
+            .key("SK", s(JOB_SK))
+            .update_expression(update)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names(&[update, condition])))
+            .set_expression_attribute_values(Some(vals))
+            .build()
+            .map_err(|e| sdk_err("building the job's final write", e))?;
+        let items = vec![TransactWriteItem::builder().update(finish).build(), self.count_out(&tenant)?];
+        match self.transact(items, "finishing a job").await {
+            Ok(()) => Ok(()),
+            Err(TxError::Other(e)) => Err(e),
+            Err(TxError::Cancelled(_)) => {
+                let job = self.get_job_at(&lease.job_id, secs(now)).await?;
+                match job {
+                    Some(j)
+                        if j.status == JobStatus::Running
+                            && j.lease_owner.as_deref() == Some(lease.owner.as_str())
+                            && j.lease_expires_at.is_some_and(|t| t > now)
+                            && j.steps_done < j.steps_total =>
+                    {
+                        if repair && self.recount_steps(lease, j.steps_done, j.steps_total, now).await? {
+                            return Box::pin(self.finish(lease, outcome, now, false)).await;
+                        }
+                        Err(StorageError::StepsMissing { done: j.steps_done, total: j.steps_total })
+                    }
+                    _ => Err(StorageError::LeaseLost),
+                }
+            }
+        }
+    }
+
+    /// `steps_done` is a counter beside the checkpoint items, raised in each
+    /// checkpoint's transaction; the items are the truth. When the counter
+    /// says fewer than `total` but the job has `total` checkpoint items (a
+    /// consistent query), the counter is set from them, under the lease and
+    /// only if it still reads `seen`: true when it was. (Seen on the moto
+    /// emulator, whose transactions are not atomic against concurrent
+    /// writes to one item: a job with 12 of 12 steps checkpointed and
+    /// `steps_done` 11, which the final-write guard refused run after run
+    /// until the poison check failed it.)
+    async fn recount_steps(&self, lease: &Lease, seen: u32, total: u32, now: Micros) -> StorageResult<bool> {
+        let Ok(items) = u32::try_from(self.checkpoint_items(&lease.job_id).await?.len()) else { return Ok(false) };
+        if items < total {
+            return Ok(false);
+        }
+        tracing::warn!(job = %lease.job_id, counted = seen, items, total,
+            "the job's steps_done disagrees with its checkpoint items; set from the items");
+        let update = "SET #steps_done = :items, #updated_at = :now";
+        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
+                         AND #status = :running AND #steps_done = :seen";
+        let res = self
+            .update(lease.job_id.as_str(), JOB_SK)
+            .update_expression(update)
+            .condition_expression(condition)
+            .set_expression_attribute_names(Some(names(&[update, condition])))
+            .set_expression_attribute_values(Some(values([
+                (":items", num(items)),
+                (":seen", num(seen)),
+                (":now", num(now)),
+                (":owner", s(&lease.owner)),
+                (":epoch", num(lease.epoch)),
+                (":running", s(JobStatus::Running.as_str())),
+            ])))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.as_service_error(), Some(UpdateItemError::ConditionalCheckFailedException(_))) => {
+                Ok(false)
+            }
+            Err(e) => Err(dynamo_err("recounting a job's steps", e)),
+        }
+    }
 }
 
 /// Why a transaction did not apply.
@@ -576,64 +686,7 @@ impl JobStore for DynamoJobs {
     /// steps_total` (a step counted twice must not block the job: seen on
     /// moto); which condition failed is read back after a refusal.
     async fn finish_job(&self, lease: &Lease, outcome: &JobOutcome, now: Micros) -> StorageResult<()> {
-        let (status, error) = match outcome {
-            JobOutcome::Succeeded => (JobStatus::Succeeded, None),
-            JobOutcome::Failed(e) => (JobStatus::Failed, Some(clip(e))),
-        };
-        let update = if error.is_some() {
-            "SET #status = :status, #error = :error, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
-             REMOVE #lease_owner, #lease_expires_at"
-        } else {
-            "SET #status = :status, #finished_at = :now, #updated_at = :now, #ttl = :ttl \
-             REMOVE #lease_owner, #lease_expires_at"
-        };
-        let condition = if error.is_some() {
-            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running"
-        } else {
-            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running \
-             AND #steps_done >= #steps_total"
-        };
-        let mut vals = values([
-            (":status", s(status.as_str())),
-            (":now", num(now)),
-            (":ttl", self.finished_ttl(now)),
-            (":owner", s(&lease.owner)),
-            (":epoch", num(lease.epoch)),
-            (":running", s(JobStatus::Running.as_str())),
-        ]);
-        if let Some(e) = error {
-            vals.insert(":error".into(), s(&e));
-        }
-        let Some(tenant) = self.tenant_of(&lease.job_id).await? else { return Err(StorageError::LeaseLost) };
-        let finish = Update::builder()
-            .table_name(&self.table)
-            .key("PK", s(lease.job_id.as_str()))
-            .key("SK", s(JOB_SK))
-            .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
-            .set_expression_attribute_values(Some(vals))
-            .build()
-            .map_err(|e| sdk_err("building the job's final write", e))?;
-        let items = vec![TransactWriteItem::builder().update(finish).build(), self.count_out(&tenant)?];
-        match self.transact(items, "finishing a job").await {
-            Ok(()) => Ok(()),
-            Err(TxError::Other(e)) => Err(e),
-            Err(TxError::Cancelled(_)) => {
-                let job = self.get_job_at(&lease.job_id, secs(now)).await?;
-                match job {
-                    Some(j)
-                        if j.status == JobStatus::Running
-                            && j.lease_owner.as_deref() == Some(lease.owner.as_str())
-                            && j.lease_expires_at.is_some_and(|t| t > now)
-                            && j.steps_done < j.steps_total =>
-                    {
-                        Err(StorageError::StepsMissing { done: j.steps_done, total: j.steps_total })
-                    }
-                    _ => Err(StorageError::LeaseLost),
-                }
-            }
-        }
+        self.finish(lease, outcome, now, true).await
     }
 
     /// Conditional on the job being queued or running, so a finished job is
