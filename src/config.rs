@@ -59,6 +59,23 @@ pub struct Config {
     /// The Calls door: `/v1/chat/completions` and `/v1/embeddings`.
     #[serde(default)]
     pub calls: CallsConfig,
+    /// Failure drills: faults injected on purpose. Never set in production.
+    #[serde(default)]
+    pub drill: DrillConfig,
+}
+
+/// `[drill]`: a game day's faults, injected by this process into its own
+/// storage calls (on any backend), so a staging deployment can show that
+/// jobs ride them out. Each fault is counted in `/metrics`
+/// (`ratepool_drill_storage_faults_total{kind}`), and the server warns at
+/// start while a drill is configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// Per-call probabilities of a failed, throttled or answer-lost write
+    /// and of a stall (`storage::faults::FaultPlan`).
+    #[serde(default)]
+    pub storage_faults: Option<crate::storage::faults::FaultPlan>,
 }
 
 fn default_interactive_weight() -> NonZeroU64 {
@@ -665,6 +682,9 @@ impl Config {
         }
         self.calls.validate(&at)?;
         self.aws.validate()?;
+        if let Some(plan) = &self.drill.storage_faults {
+            plan.check().map_err(|m| format!("[drill.storage_faults]: {m}"))?;
+        }
         Ok(())
     }
 

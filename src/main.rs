@@ -246,7 +246,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             let cfg = serve::load_config(config.as_deref())?;
             let clock = ratepool::domain::SystemClock;
-            let (backend, _) = serve::open_backend(&cfg, std::sync::Arc::new(clock)).await?;
+            let (backend, _) = serve::open_store(&cfg, std::sync::Arc::new(clock)).await?;
             if cfg.storage.backend == ratepool::config::StorageKind::Sqlite {
                 eprintln!(
                     "SQLite has no SQS redrive: its dead letters are the jobs the workers failed as poison \

@@ -22,6 +22,7 @@ use crate::local::{SqliteBackend, SqliteOptions};
 use crate::provider::ProviderClient;
 use crate::sim::{LatencyConfig, SimConfig, SimLimits, SimOrg, Simulator};
 use crate::storage::Backend;
+use crate::storage::faults::Faulty;
 use crate::telemetry::Telemetry;
 use crate::webhook::WebhookNotifier;
 
@@ -69,9 +70,28 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
     }
 }
 
-/// The configured backend. For AWS also the SDK clients (for metrics and
-/// secrets), built once here.
-pub async fn open_backend(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Backend, Option<AwsClients>)> {
+/// The configured backend, wrapped in the fault injector when a storage
+/// drill is configured (its counts then go to `telemetry`). For AWS also
+/// the SDK clients (for metrics and secrets), built once here.
+pub async fn open_backend(
+    cfg: &Config,
+    clock: Arc<dyn Clock>,
+    telemetry: &Telemetry,
+) -> anyhow::Result<(Backend, Option<AwsClients>)> {
+    let (backend, aws) = open_store(cfg, clock).await?;
+    let Some(plan) = cfg.drill.storage_faults else { return Ok((backend, aws)) };
+    tracing::warn!(
+        ?plan,
+        "[drill.storage_faults] is set: this process fails, throttles, stalls and loses the answers of its own storage calls on purpose"
+    );
+    let (faulty, counts) = Faulty::wrap(backend, plan);
+    telemetry.watch_drill(counts);
+    Ok((faulty, aws))
+}
+
+/// The configured backend as it is, without a drill's faults (for operator
+/// commands).
+pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(Backend, Option<AwsClients>)> {
     match cfg.storage.backend {
         StorageKind::Sqlite => {
             let db = SqliteBackend::open(
@@ -313,10 +333,10 @@ impl Workers {
 /// `ratepool listening on http://ADDR` on stdout once it accepts requests.
 pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (backend, aws) = open_backend(&cfg, clock.clone()).await?;
+    let telemetry = Arc::new(Telemetry::new());
+    let (backend, aws) = open_backend(&cfg, clock.clone(), &telemetry).await?;
     let env = key_env(&cfg, aws.as_ref()).await?;
     let tenants = config::tenant_keys(&cfg, env.as_ref())?;
-    let telemetry = Arc::new(Telemetry::new());
     let orgs = org_settings(&cfg, env.as_ref(), simulate, &shutdown).await?;
     let pool = pool_of(&orgs);
     let workers =
@@ -375,13 +395,13 @@ pub async fn worker(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (backend, aws) = open_backend(&cfg, clock.clone()).await?;
+    let telemetry = Arc::new(Telemetry::new());
+    let (backend, aws) = open_backend(&cfg, clock.clone(), &telemetry).await?;
     let env = key_env(&cfg, aws.as_ref()).await?;
     let keys = config::org_keys(&cfg, env.as_ref())?.ok_or_else(|| {
         anyhow::anyhow!("no org API keys found (set the orgs' api_key_env variables, or [aws] secret_arn)")
     })?;
     let orgs: Vec<OrgSettings> = cfg.orgs.iter().zip(keys).map(|(o, k)| o.settings(o.base_url.clone(), k)).collect();
-    let telemetry = Arc::new(Telemetry::new());
     let pool = pool_of(&orgs);
     let workers =
         start_workers(&cfg, &backend, aws.as_ref(), orgs, clock.clone(), telemetry.clone(), env.as_ref(), &shutdown)?;
@@ -416,12 +436,13 @@ pub async fn worker(
 /// or the environment, unless `env` is given.
 pub async fn lambda_state(cfg: &Config, env: Option<&(dyn Env + Send + Sync)>) -> anyhow::Result<Arc<ApiState>> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (backend, aws) = open_backend(cfg, clock.clone()).await?;
+    let telemetry = Arc::new(Telemetry::new());
+    let (backend, aws) = open_backend(cfg, clock.clone(), &telemetry).await?;
     let tenants = match env {
         Some(env) => config::tenant_keys(cfg, env)?,
         None => config::tenant_keys(cfg, key_env(cfg, aws.as_ref()).await?.as_ref())?,
     };
-    Ok(api_state(cfg, &backend, tenants, pool_from_config(cfg), clock, Arc::new(Telemetry::new()), None))
+    Ok(api_state(cfg, &backend, tenants, pool_from_config(cfg), clock, telemetry, None))
 }
 
 /// Reads the configuration from `path`, else from the `RATEPOOL_CONFIG_TOML`

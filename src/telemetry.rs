@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::domain::{OrgName, TenantId};
+use crate::storage::faults::FaultCounts;
 use crate::storage::{CallEvent, OrgCounters, QueueStats, StorageResult, UsageBatch, UsageStore};
 
 /// Logs go to stderr: as JSON lines when `json` (Fargate, CloudWatch Logs),
@@ -64,6 +65,11 @@ struct ResultLabels {
 struct TenantQuotaLabels {
     tenant: String,
     quota: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,6 +184,9 @@ pub struct Telemetry {
     queue_visible: Gauge,
     queue_in_flight: Gauge,
     queue_dead: Gauge,
+    /// A storage drill's fault counts, copied into `drill_faults` by `render`.
+    drill: Mutex<Option<std::sync::Arc<FaultCounts>>>,
+    drill_faults: Family<KindLabels, Gauge>,
     pending_usage: Mutex<HashMap<(TenantId, OrgName), OrgCounters>>,
     /// The last flush that failed, retried as it is by the next one.
     failed_usage: Mutex<Option<UsageBatch>>,
@@ -288,6 +297,12 @@ impl Telemetry {
         registry.register("queue_in_flight", "Jobs received and not yet finished", queue_in_flight.clone());
         let queue_dead = Gauge::default();
         registry.register("queue_dead_letters", "Jobs in the dead-letter queue", queue_dead.clone());
+        let drill_faults = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "drill_storage_faults",
+            "Faults a [drill.storage_faults] drill injected into this process's storage calls, by kind",
+            drill_faults.clone(),
+        );
         Self {
             registry,
             calls,
@@ -315,6 +330,8 @@ impl Telemetry {
             queue_visible,
             queue_in_flight,
             queue_dead,
+            drill: Mutex::new(None),
+            drill_faults,
             pending_usage: Mutex::new(HashMap::new()),
             failed_usage: Mutex::new(None),
             window: Mutex::new(Window::default()),
@@ -461,8 +478,25 @@ impl Telemetry {
         self.queue_dead.set(s.dead as i64);
     }
 
+    /// Shows a storage drill's fault counts (`[drill.storage_faults]`) as
+    /// `ratepool_drill_storage_faults{kind}`.
+    pub fn watch_drill(&self, counts: std::sync::Arc<FaultCounts>) {
+        *self.drill.lock().unwrap_or_else(|e| e.into_inner()) = Some(counts);
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let Some(c) = self.drill.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            for (kind, n) in [
+                ("write_error", &c.write_errors),
+                ("throttled", &c.throttled),
+                ("lost_response", &c.lost_responses),
+                ("slow", &c.slowed),
+                ("writes_applied", &c.writes_applied),
+            ] {
+                self.drill_faults.get_or_create(&KindLabels { kind }).set(FaultCounts::get(n) as i64);
+            }
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

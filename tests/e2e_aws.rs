@@ -95,6 +95,28 @@ fn backend(rt: &tokio::runtime::Runtime, cfg: &Config) -> ratepool::storage::Bac
     aws_store(rt, cfg, Duration::from_secs(3))
 }
 
+/// The queues end empty (within 30 s of the jobs finishing: a message
+/// deferred while a lease was held comes back once that lease would have
+/// ended, and the worker that receives it finds the job finished and
+/// deletes it) and no job is left leased.
+fn nothing_left_behind(rt: &tokio::runtime::Runtime, store: &ratepool::storage::Backend, ids: &[String]) {
+    rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let q = store.queue.stats().await.unwrap();
+            if (q.visible, q.in_flight, q.dead) == (0, 0, 0) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "queue not empty 30 s after the jobs finished: {q:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for id in ids {
+            let j = store.jobs.get_job(&JobId::parse(id.as_str()).unwrap()).await.unwrap().unwrap();
+            assert_eq!(j.lease_owner, None, "{id} still leased");
+        }
+    });
+}
+
 #[test]
 fn lambda_submits_workers_run_and_a_killed_worker_loses_no_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,25 +191,8 @@ fn lambda_submits_workers_run_and_a_killed_worker_loses_no_step() {
         assert!(m["peak_60s_tokens"].as_u64() <= m["window_bound_tokens"].as_u64(), "{}: {m}", o.name);
     }
     assert!(rejected * 1000 <= total, "429s on {rejected} of {total} calls");
-    // Nothing left behind: queues empty, no lease held. A message deferred
-    // while a lease was held (after the kill) comes back once that lease
-    // would have ended, and the worker that receives it finds the job
-    // finished and deletes it: allow it that long.
-    lambda.rt.block_on(async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let q = store.queue.stats().await.unwrap();
-            if (q.visible, q.in_flight, q.dead) == (0, 0, 0) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "queue not empty 30 s after the jobs finished: {q:?}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        for id in &ids {
-            let j = store.jobs.get_job(&JobId::parse(id.as_str()).unwrap()).await.unwrap().unwrap();
-            assert_eq!(j.lease_owner, None, "{id} still leased");
-        }
-    });
+    // Nothing left behind: queues empty, no lease held.
+    nothing_left_behind(&lambda.rt, &store, &ids);
 }
 
 #[test]
@@ -606,4 +611,65 @@ fn without_a_bucket_an_answer_over_the_item_limit_fails_the_job_at_once() {
     // The draft, and perhaps the title beside it; neither twice.
     let requests = sim_requests(&sim);
     assert!(requests.values().all(|n| *n == 1) && requests.len() <= 2, "no step called again: {requests:?}");
+}
+
+/// Issue 15's storm on SQS + DynamoDB: two `ratepool worker`s whose own
+/// storage calls fail, are throttled, lose their answers and stall past the
+/// lease's renewal time (`[drill.storage_faults]`, the same plan as the
+/// drill through `serve` in `e2e_faults`); the API (the Lambda) runs
+/// without the drill. Every job succeeds, every step reaches the provider
+/// once, the queues end empty and no lease is left.
+#[test]
+fn a_storage_fault_drill_on_sqs_and_dynamodb_strands_nothing_and_calls_nothing_twice() {
+    const JOBS: usize = 20;
+    const STEPS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 100_000, tpm: 100_000_000 }];
+    let sim = start_sim(dir.path(), &orgs, (20.0, 0.0, 1.0));
+    let workers = "[workers]\nconcurrency = 8\nvisibility_timeout_secs = 4\n\
+                   [drill.storage_faults]\nwrite_error = 0.02\nthrottle = 0.015\nlost_response = 0.015\n\
+                   slow = 0.02\nslow_ms = 2000\nseed = 15\n";
+    let (cfg_path, cfg) = write_aws_config(dir.path(), &sim.url, &orgs, workers);
+    let mut api_cfg = cfg.clone();
+    api_cfg.drill.storage_faults = None;
+    let lambda = Lambda::new(&api_cfg);
+    let w1 = start_listening_worker(dir.path(), &cfg_path, &orgs, "worker-1");
+    let w2 = start_listening_worker(dir.path(), &cfg_path, &orgs, "worker-2");
+    let started = Instant::now();
+    let ids: Vec<String> = (0..JOBS)
+        .map(|n| {
+            let (status, body) = lambda.call("POST", "/v1/jobs", Some(&chain_spec(&format!("drill-{n}"), STEPS, 16)));
+            assert_eq!(status, 202, "{body}");
+            body["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let docs = lambda.wait_all(&ids, Duration::from_secs(240));
+    let took = started.elapsed();
+    for d in &docs {
+        assert_eq!((d["status"].as_str(), d["steps_done"].as_u64()), (Some("succeeded"), Some(STEPS as u64)), "{d}");
+    }
+    let accepted = sim_requests(&sim);
+    let twice: Vec<_> = accepted.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(accepted.len(), JOBS * STEPS, "every step reached the provider");
+    assert!(twice.is_empty(), "steps called again: {twice:?}");
+    let store = backend(&lambda.rt, &cfg);
+    nothing_left_behind(&lambda.rt, &store, &ids);
+    let kinds = ["write_error", "throttled", "lost_response", "slow", "writes_applied"];
+    let mut injected = [0u64; 5];
+    for w in [&w1, &w2] {
+        let text = http().get(format!("{}/metrics", w.url)).send().unwrap().text().unwrap();
+        for (i, kind) in kinds.iter().enumerate() {
+            let prefix = format!("ratepool_drill_storage_faults{{kind=\"{kind}\"}} ");
+            injected[i] +=
+                text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        }
+    }
+    println!(
+        "drill on SQS + DynamoDB: {JOBS} jobs x {STEPS} steps in {took:?} on 2 workers; injected {} errors, {} \
+         throttled, {} lost answers, {} stalls of 2 s over {} writes applied",
+        injected[0], injected[1], injected[2], injected[3], injected[4]
+    );
+    for (kind, n) in kinds.iter().zip(injected).take(4) {
+        assert!(n > 0, "no {kind} injected");
+    }
 }

@@ -6,6 +6,12 @@
 //! run); the provider must see few 429s and no retry storm (calls per step
 //! bounded by the retry policy, the dead org asked only a handful of times).
 //!
+//! A storage drill through `ratepool serve` (`[drill.storage_faults]`):
+//! 40 chained jobs while the server's own storage calls fail, are
+//! throttled, lose their answers and stall past the lease's renewal time;
+//! every job succeeds, every step reaches the provider once, nothing is
+//! left queued, running or dead-lettered.
+//!
 //! Also: an org that starts answering `insufficient_quota` mid-run leaves
 //! the rotation and is reported while the jobs finish elsewhere; and an org
 //! that answers 503 "Slow Down" gets a lower admitted rate that recovers
@@ -130,6 +136,105 @@ impl Drop for Sampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// An unlabelled Prometheus sample `name` from a text exposition.
+fn plain_sample(text: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Submits `body` with `Idempotency-Key: key` until it is accepted: a
+/// storage fault answers 503, and the client sends the same request again.
+fn submit_until_accepted(server: &Proc, key: &str, body: &str) -> (String, u32) {
+    for tries in 1..=30 {
+        let r = http()
+            .post(format!("{}/v1/jobs", server.url))
+            .bearer_auth(TENANT_A_KEY)
+            .header("Idempotency-Key", key)
+            .body(body.to_owned())
+            .send()
+            .expect("POST");
+        let status = r.status().as_u16();
+        let doc: Value = r.json().unwrap_or(Value::Null);
+        match status {
+            200 | 202 => return (doc["id"].as_str().expect("an id").to_string(), tries),
+            503 => std::thread::sleep(Duration::from_millis(50)),
+            _ => panic!("submission {key}: {status} {doc}"),
+        }
+    }
+    panic!("submission {key} was refused 30 times")
+}
+
+/// Issue 15's storm through a real `ratepool serve`: the drill setting
+/// wraps its SQLite store in the fault injector (2 % of writes failing,
+/// 1.5 % throttled, 1.5 % landing and losing their answer, 2 % of calls
+/// stalling 1.5 s, longer than the 1 s renewal of a 3 s lease). 40 chains
+/// of 3 steps, submitted with an `Idempotency-Key` and sent again on 503.
+#[test]
+fn a_storage_fault_drill_through_serve_strands_nothing_and_calls_nothing_twice() {
+    const JOBS: usize = 40;
+    const STEPS: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 100_000, tpm: 100_000_000 }];
+    let sim = start_sim(dir.path(), &orgs, (20.0, 0.0, 1.0));
+    let extra = "[workers]\nconcurrency = 8\nvisibility_timeout_secs = 3\n\
+                 [drill.storage_faults]\nwrite_error = 0.02\nthrottle = 0.015\nlost_response = 0.015\n\
+                 slow = 0.02\nslow_ms = 1500\nseed = 15\n";
+    let cfg = write_serve_config(dir.path(), &sim.url, &orgs, extra);
+    let server = start_server(dir.path(), &cfg, &orgs, "serve.log");
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut resubmitted = 0;
+    for n in 0..JOBS {
+        let (id, tries) =
+            submit_until_accepted(&server, &format!("drill-{n}"), &chain_spec(&format!("drill-{n}"), STEPS, 16));
+        resubmitted += tries - 1;
+        ids.push(id);
+    }
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), JOBS, "one job per submission, however often it was sent");
+    let docs = wait_all(&server.url, TENANT_A_KEY, &ids, Duration::from_secs(120));
+    let took = started.elapsed();
+    let mut usage_calls = 0;
+    for d in &docs {
+        assert_eq!((d["status"].as_str(), d["steps_done"].as_u64()), (Some("succeeded"), Some(STEPS as u64)), "{d}");
+        usage_calls += d["usage"]["calls"].as_u64().unwrap_or(0);
+    }
+    let attempts = sim_attempts(&sim);
+    let calls: u64 = attempts.values().sum();
+    let twice: Vec<_> = attempts.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(attempts.len(), JOBS * STEPS, "every step reached the provider");
+    assert!(twice.is_empty(), "steps called again: {twice:?}");
+    assert_eq!(usage_calls, calls, "the jobs' usage counts each call once");
+    // The queue gauges are refreshed every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = metrics(&server);
+        let queue: Vec<_> = ["ratepool_queue_visible", "ratepool_queue_in_flight", "ratepool_queue_dead_letters"]
+            .iter()
+            .map(|m| plain_sample(&text, m))
+            .collect();
+        if queue.iter().all(|v| *v == Some(0.0)) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "left in the queue: {queue:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let injected =
+        |kind: &str| sample(&text, "ratepool_drill_storage_faults", &format!("kind=\"{kind}\"")).unwrap_or(0.0) as u64;
+    println!(
+        "drill through serve: {JOBS} jobs x {STEPS} steps in {took:?}; {calls} provider calls; {resubmitted} \
+         submissions sent again after a 503; injected {} errors, {} throttled, {} lost answers, {} stalls of 1.5 s \
+         over {} writes applied",
+        injected("write_error"),
+        injected("throttled"),
+        injected("lost_response"),
+        injected("slow"),
+        injected("writes_applied"),
+    );
+    for kind in ["write_error", "throttled", "lost_response", "slow"] {
+        assert!(injected(kind) > 0, "no {kind} injected:\n{text}");
     }
 }
 
