@@ -1,7 +1,8 @@
 # Sourced by infra/test.sh and `make chaos` (from the repository root): the
 # test tools' venv and a moto emulator on a free loopback port.
 #   moto_install  installs infra/requirements-test.txt into $venv if it changed
-#   moto_start    starts moto (log in target/moto.log), stops it when the
+#   moto_start    starts moto (infra/moto_server.py: moto's server with
+#                 atomic DynamoDB transactions; log in target/moto.log), stops it when the
 #                 calling shell exits, and exports AWS_ENDPOINT_URL and dummy
 #                 credentials for it
 #   moto_stop     stops it now (moto keeps every table and queue of its run in
@@ -21,7 +22,8 @@ moto_start() {
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   mkdir -p target
-  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >> target/moto.log 2>&1 &
+  # moto's own server, with atomic DynamoDB transactions (see the script).
+  "$venv/bin/python" infra/moto_server.py -H 127.0.0.1 -p "$port" >> target/moto.log 2>&1 &
   moto_pid=$!
   trap moto_stop EXIT
   for _ in $(seq 1 100); do
@@ -33,6 +35,8 @@ moto_start() {
   echo "== moto on 127.0.0.1:$port"
   export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+  # The tests rely on DynamoDB's atomic transactions: check them (~6 s).
+  "$venv/bin/python" infra/moto_atomicity.py "$AWS_ENDPOINT_URL"
 }
 
 moto_stop() {
