@@ -661,9 +661,8 @@ fn a_storage_fault_drill_on_sqs_and_dynamodb_strands_nothing_and_calls_nothing_t
     for w in [&w1, &w2] {
         let text = http().get(format!("{}/metrics", w.url)).send().unwrap().text().unwrap();
         for (i, kind) in kinds.iter().enumerate() {
-            let prefix = format!("ratepool_drill_storage_faults{{kind=\"{kind}\"}} ");
             injected[i] +=
-                text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                sample(&text, "ratepool_drill_storage_faults", &format!("kind=\"{kind}\"")).unwrap_or(0.0) as u64;
         }
     }
     println!(

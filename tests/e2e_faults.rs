@@ -39,12 +39,6 @@ use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "gpt-4o-mini";
 
-/// A Prometheus sample `name{labels}` from a text exposition.
-fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let prefix = format!("{name}{{{labels}}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
-}
-
 fn metrics(server: &Proc) -> String {
     http().get(format!("{}/metrics", server.url)).send().unwrap().text().unwrap()
 }

@@ -122,6 +122,12 @@ pub fn start_server(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str)
     spawn(&["serve", "--config", config.to_str().unwrap()], &envs, &dir.join(log_name))
 }
 
+/// A Prometheus sample `name{labels}` from a text exposition.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+}
+
 pub fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }

@@ -167,6 +167,36 @@ impl DynamoJobs {
         self.client.update_item().table_name(&self.table).key("PK", s(pk)).key("SK", s(sk))
     }
 
+    /// One UpdateItem on the job item under `lease` ([`UNDER_LEASE`], and
+    /// `condition` when not empty), with `vals` besides the lease's own:
+    /// false when a condition refused it.
+    async fn update_leased<const N: usize>(
+        &self,
+        lease: &Lease,
+        now: Micros,
+        (update, condition): (&str, &str),
+        vals: [(&str, AttributeValue); N],
+        what: &str,
+    ) -> StorageResult<bool> {
+        let condition =
+            if condition.is_empty() { UNDER_LEASE.to_string() } else { format!("{UNDER_LEASE} AND {condition}") };
+        let res = self
+            .update(lease.job_id.as_str(), JOB_SK)
+            .update_expression(update)
+            .condition_expression(&condition)
+            .set_expression_attribute_names(Some(names(&[update, &condition])))
+            .set_expression_attribute_values(Some(lease_values(lease, now, vals)))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.as_service_error(), Some(UpdateItemError::ConditionalCheckFailedException(_))) => {
+                Ok(false)
+            }
+            Err(e) => Err(dynamo_err(what, e)),
+        }
+    }
+
     async fn read_item(&self, pk: &str, sk: &str) -> StorageResult<Option<Item>> {
         let out = self
             .client
@@ -286,19 +316,11 @@ impl DynamoJobs {
              REMOVE #lease_owner, #lease_expires_at"
         };
         let condition = if error.is_some() {
-            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running"
+            UNDER_LEASE.to_string()
         } else {
-            "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running \
-             AND #steps_done >= #steps_total"
+            format!("{UNDER_LEASE} AND #steps_done >= #steps_total")
         };
-        let mut vals = values([
-            (":status", s(status.as_str())),
-            (":now", num(now)),
-            (":ttl", self.finished_ttl(now)),
-            (":owner", s(&lease.owner)),
-            (":epoch", num(lease.epoch)),
-            (":running", s(JobStatus::Running.as_str())),
-        ]);
+        let mut vals = lease_values(lease, now, [(":status", s(status.as_str())), (":ttl", self.finished_ttl(now))]);
         if let Some(e) = error {
             vals.insert(":error".into(), s(&e));
         }
@@ -308,8 +330,8 @@ impl DynamoJobs {
             .key("PK", s(lease.job_id.as_str()))
             .key("SK", s(JOB_SK))
             .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
+            .condition_expression(&condition)
+            .set_expression_attribute_names(Some(names(&[update, &condition])))
             .set_expression_attribute_values(Some(vals))
             .build()
             .map_err(|e| sdk_err("building the job's final write", e))?;
@@ -353,32 +375,36 @@ impl DynamoJobs {
         }
         tracing::warn!(job = %lease.job_id, counted = seen, items, total,
             "the job's steps_done disagrees with its checkpoint items; set from the items");
-        let update = "SET #steps_done = :items, #updated_at = :now";
-        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
-                         AND #status = :running AND #steps_done = :seen";
-        let res = self
-            .update(lease.job_id.as_str(), JOB_SK)
-            .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
-            .set_expression_attribute_values(Some(values([
-                (":items", num(items)),
-                (":seen", num(seen)),
-                (":now", num(now)),
-                (":owner", s(&lease.owner)),
-                (":epoch", num(lease.epoch)),
-                (":running", s(JobStatus::Running.as_str())),
-            ])))
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e) if matches!(e.as_service_error(), Some(UpdateItemError::ConditionalCheckFailedException(_))) => {
-                Ok(false)
-            }
-            Err(e) => Err(dynamo_err("recounting a job's steps", e)),
-        }
+        self.update_leased(
+            lease,
+            now,
+            ("SET #steps_done = :items, #updated_at = :now", "#steps_done = :seen"),
+            [(":items", num(items)), (":seen", num(seen))],
+            "recounting a job's steps",
+        )
+        .await
     }
+}
+
+/// What every write under a lease requires of the job item: the lease held
+/// by this owner and epoch, unexpired at `:now`, the job running.
+const UNDER_LEASE: &str =
+    "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now AND #status = :running";
+
+/// [`UNDER_LEASE`]'s values (`:now` among them), and `extra`.
+fn lease_values<const N: usize>(
+    lease: &Lease,
+    now: Micros,
+    extra: [(&str, AttributeValue); N],
+) -> HashMap<String, AttributeValue> {
+    let mut vals = values(extra);
+    vals.extend(values([
+        (":now", num(now)),
+        (":owner", s(&lease.owner)),
+        (":epoch", num(lease.epoch)),
+        (":running", s(JobStatus::Running.as_str())),
+    ]));
+    vals
 }
 
 /// Why a transaction did not apply.
@@ -585,27 +611,25 @@ impl JobStore for DynamoJobs {
         };
         let update = "SET #stalled_runs = :zero, #updated_at = :now, #ttl = :live \
                       ADD #steps_done :one, #calls :calls, #prompt_tokens :pt, #completion_tokens :ct";
-        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
-                         AND #status = :running";
         let progress = Update::builder()
             .table_name(&self.table)
             .key("PK", s(lease.job_id.as_str()))
             .key("SK", s(JOB_SK))
             .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
-            .set_expression_attribute_values(Some(values([
-                (":zero", num(0)),
-                (":one", num(1)),
-                (":now", num(now)),
-                (":live", self.live_ttl(now)),
-                (":calls", num(cp.usage.calls)),
-                (":pt", num(cp.usage.prompt_tokens)),
-                (":ct", num(cp.usage.completion_tokens)),
-                (":owner", s(&lease.owner)),
-                (":epoch", num(lease.epoch)),
-                (":running", s(JobStatus::Running.as_str())),
-            ])))
+            .condition_expression(UNDER_LEASE)
+            .set_expression_attribute_names(Some(names(&[update, UNDER_LEASE])))
+            .set_expression_attribute_values(Some(lease_values(
+                lease,
+                now,
+                [
+                    (":zero", num(0)),
+                    (":one", num(1)),
+                    (":live", self.live_ttl(now)),
+                    (":calls", num(cp.usage.calls)),
+                    (":pt", num(cp.usage.prompt_tokens)),
+                    (":ct", num(cp.usage.completion_tokens)),
+                ],
+            )))
             .build()
             .map_err(|e| sdk_err("building the checkpoint's job update", e))?;
         let step = Put::builder().table_name(&self.table);
@@ -660,24 +684,12 @@ impl JobStore for DynamoJobs {
     /// One conditional UpdateItem on the job item, guarded like a
     /// checkpoint's progress update.
     async fn set_steps_total(&self, lease: &Lease, steps_total: u32, now: Micros) -> StorageResult<()> {
-        let update = "SET #steps_total = :total, #updated_at = :now";
-        let condition = "#lease_owner = :owner AND #lease_epoch = :epoch AND #lease_expires_at > :now \
-                         AND #status = :running";
-        self.update(lease.job_id.as_str(), JOB_SK)
-            .update_expression(update)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names(&[update, condition])))
-            .set_expression_attribute_values(Some(values([
-                (":total", num(steps_total)),
-                (":now", num(now)),
-                (":owner", s(&lease.owner)),
-                (":epoch", num(lease.epoch)),
-                (":running", s(JobStatus::Running.as_str())),
-            ])))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| lease_lost_or(e, "setting a job's steps_total"))
+        let set = ("SET #steps_total = :total, #updated_at = :now", "");
+        match self.update_leased(lease, now, set, [(":total", num(steps_total))], "setting a job's steps_total").await?
+        {
+            true => Ok(()),
+            false => Err(StorageError::LeaseLost),
+        }
     }
 
     /// Like `put_checkpoint`, requires the lease unexpired at `now` (as on
