@@ -23,7 +23,7 @@ mod usage;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
@@ -71,6 +71,49 @@ struct Shared {
     /// (`interactive_weight + 1`), so batch jobs are never starved.
     batch_turn: AtomicU64,
     takes: AtomicU64,
+    _checkpointer: Checkpointer,
+}
+
+/// How often the checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// A thread with its own connection that checkpoints the WAL
+/// (`PRAGMA wal_checkpoint(PASSIVE)`: it waits for no reader or writer)
+/// every `CHECKPOINT_EVERY`, in place of SQLite's automatic checkpoint,
+/// which runs inside a commit on the committing thread (schema::configure).
+/// Stops and closes its connection when the backend is dropped.
+struct Checkpointer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> StorageResult<Self> {
+        let conn = Connection::open(path).db()?;
+        conn.busy_timeout(BUSY_TIMEOUT).db()?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                    // Busy only while another process checkpoints: next time.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::debug!(error = %e, "sqlite WAL checkpoint did not run");
+                    }
+                }
+            })
+            .map_err(|e| StorageError::Backend(format!("starting the sqlite checkpointer: {e}")))?;
+        Ok(Self { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Waiting on a lock held by another process (a second `ratepool` on the same
@@ -95,6 +138,7 @@ impl SqliteBackend {
         // finds the WAL index already in place.
         let reader = Connection::open(path).db()?;
         schema::configure(&reader, true)?;
+        let checkpointer = Checkpointer::start(path)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 writer: Mutex::new(writer),
@@ -104,6 +148,7 @@ impl SqliteBackend {
                 queue_ready: Notify::new(),
                 batch_turn: AtomicU64::new(DEFAULT_INTERACTIVE_WEIGHT + 1),
                 takes: AtomicU64::new(0),
+                _checkpointer: checkpointer,
             }),
         })
     }

@@ -42,6 +42,11 @@ pub(super) fn configure(conn: &Connection, read_only: bool) -> StorageResult<()>
     // only a power loss or kernel crash can drop the last few commits. FULL
     // would add an fsync to every checkpoint and lease write.
     conn.pragma_update(None, "synchronous", "NORMAL").db()?;
+    // No checkpoint inside a commit: it would copy the WAL into the file and
+    // fsync on the committing thread, often a tokio worker (`short_write`),
+    // stalling every task on it for milliseconds. The backend's own
+    // checkpointer thread does it (`Checkpointer`).
+    conn.pragma_update(None, "wal_autocheckpoint", 0).db()?;
     conn.pragma_update(None, "foreign_keys", true).db()?;
     Ok(())
 }

@@ -114,6 +114,7 @@ fn pragmas_and_schema_version() {
         let mode: String = w.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         assert_eq!(int("synchronous"), 1, "NORMAL");
+        assert_eq!(int("wal_autocheckpoint"), 0, "the checkpointer thread does it");
         assert_eq!(int("foreign_keys"), 1);
         assert_eq!(int("user_version"), SCHEMA_VERSION);
         let r = db.shared.reader.lock().unwrap();
@@ -125,6 +126,36 @@ fn pragmas_and_schema_version() {
     assert_eq!(raw.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).unwrap(), "wal");
     // Reopening an up-to-date file is a no-op.
     drop(open(&path));
+}
+
+/// Commits never checkpoint (`wal_autocheckpoint = 0`), so the WAL reaches
+/// the database file only through the checkpointer thread. 2 MB is under
+/// SQLite's default automatic checkpoint (1,000 pages, 4 MB), so without the
+/// thread the file would not grow either way.
+#[test]
+fn the_checkpointer_copies_the_wal_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let db = open(&path);
+    let before = std::fs::metadata(&path).unwrap().len();
+    {
+        let w = db.shared.writer.lock().unwrap();
+        w.execute_batch("CREATE TABLE filler(x BLOB)").unwrap();
+        for _ in 0..32 {
+            w.execute("INSERT INTO filler VALUES (zeroblob(65536))", []).unwrap();
+        }
+    }
+    let wal = std::fs::metadata(dir.path().join("c.db-wal")).unwrap().len();
+    assert!(wal >= 2 << 20, "the rows are in the WAL: {wal} bytes");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let size = std::fs::metadata(&path).unwrap().len();
+        if size >= before + (2 << 20) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "database file still {size} bytes (was {before})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
