@@ -84,6 +84,15 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// A do-nothing HTTP relay to `--to`: the benchmark's reference for
+    /// what any proxy process on a call's path costs (figure 10).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
     /// Submit a job spec (JSON file).
     Submit {
         file: PathBuf,
@@ -282,6 +291,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             serve::cancel_on_signals(shutdown.clone());
             ratepool::sim::serve(listener, sim, async move { shutdown.cancelled().await }).await?;
             Ok(())
+        }
+        Command::Relay { to, listen } => {
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            println!("ratepool relay listening on http://{}", listener.local_addr()?);
+            ratepool::bench::relay::serve(listener, &to).await
         }
         Command::Submit { file, wait, idempotency_key, client } => {
             let api = client.client()?;

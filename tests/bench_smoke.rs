@@ -116,7 +116,12 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     // one through ratepool made exactly one call at the simulator, and the
     // door counted each as answered.
     let x = &r["proxy"][0];
-    assert_eq!(f(&x["sim_calls"]), f(&x["direct_requests"]) + f(&x["through_requests"]), "{x}");
+    assert_eq!(
+        f(&x["sim_calls"]),
+        f(&x["direct_requests"]) + f(&x["through_requests"]) + f(&x["relay_requests"]),
+        "{x}"
+    );
+    assert!(f(&x["relay_requests"]) > 0.0, "the slow cell went through the relay too: {x}");
     assert_eq!(f(&x["provider_calls"]), f(&x["through_requests"]), "{x}");
     assert_eq!(f(&x["door_ok"]), f(&x["through_requests"]), "{x}");
     let cells = x["cells"].as_array().unwrap();
@@ -125,6 +130,8 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     let slow: Vec<_> = cells.iter().filter(|c| f(&c["provider_ms"]) > 0.0).collect();
     assert_eq!(slow.len(), 1, "{x}");
     assert!(f(&slow[0]["direct_p50_ms"]) >= f(&slow[0]["provider_ms"]), "{x}");
+    let relay = &slow[0]["relay"];
+    assert!(f(&relay["p50_ms"]) >= f(&slow[0]["provider_ms"]) && f(&relay["p50_ms"]) <= f(&relay["p99_ms"]), "{x}");
     for c in cells {
         assert!(f(&c["requests"]) > 0.0, "{c}");
         for side in ["direct", "through"] {

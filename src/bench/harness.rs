@@ -105,6 +105,11 @@ impl Proc {
     }
 }
 
+/// `ratepool relay --to upstream`: a do-nothing relay (figure 10).
+pub async fn start_relay(bin: &Path, dir: &Path, upstream: &str) -> anyhow::Result<Proc> {
+    Proc::spawn(bin, &["relay", "--to", upstream], &[], &dir.join("relay.log")).await
+}
+
 /// `ratepool sim` with one model per org.
 pub struct Sim {
     pub proc: Proc,

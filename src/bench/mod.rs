@@ -15,6 +15,7 @@
 pub mod figures;
 pub mod harness;
 pub mod proxy;
+pub mod relay;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -392,6 +393,35 @@ fn proxy_report(s: &mut String, runs: &[proxy::ProxyRun]) {
     let _ = writeln!(
         s,
         "\nAdded = a percentile through ratepool minus the same percentile direct, each over its own samples.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| concurrent | answer | provider ms | added p50 ms: ratepool | added p50 ms: do-nothing relay | added p99 ms: ratepool | added p99 ms: do-nothing relay |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for (i, c) in runs[0].cells.iter().enumerate().filter(|(_, c)| c.relay.is_some()) {
+        let cells: Vec<&proxy::ProxyCell> = runs.iter().filter_map(|r| r.cells.get(i)).collect();
+        let relay =
+            |f: fn(&proxy::RelayFigures) -> f64| move |x: &&proxy::ProxyCell| x.relay.as_ref().map_or(f64::NAN, f);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3} [{}] | {:.3} [{}] | **{:.3}** [{}] | **{:.3}** [{}] |",
+            c.concurrency,
+            if c.streamed { "streamed" } else { "whole" },
+            c.provider_ms,
+            med(&cells, |x| x.added_p50_ms),
+            all(&cells, |x| x.added_p50_ms, 3),
+            med(&cells, relay(|r| r.added_p50_ms)),
+            all(&cells, relay(|r| r.added_p50_ms), 3),
+            med(&cells, |x| x.added_p99_ms),
+            all(&cells, |x| x.added_p99_ms, 3),
+            med(&cells, relay(|r| r.added_p99_ms)),
+            all(&cells, relay(|r| r.added_p99_ms), 3),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe do-nothing relay (`ratepool relay`) takes each request and sends it on, nothing else: what a third process on the path costs.\n"
     );
     let _ = writeln!(
         s,

@@ -4,6 +4,11 @@
 //! The simulator answers at once and the limits never bind, so the
 //! difference is ratepool's own work: authentication, parsing, the ledger
 //! write, the provider call it makes and the relay of the answer.
+//!
+//! Against the slow provider the same requests also go through a do-nothing
+//! relay process ([`super::relay`]): on two cores shared by client, proxy
+//! and provider, a third process on the path costs wake-ups of its own, and
+//! the relay shows how much of ratepool's added latency that is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,7 +19,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::figures::{Ctx, ProxyCellSize, fixed, instant, unlimited};
-use super::harness::{self, MODEL, Server, ServerSetup, Sim};
+use super::harness::{self, MODEL, Proc, Server, ServerSetup, Sim};
 
 /// One side of a cell: where its requests go, with its own connection pool.
 struct Target {
@@ -159,6 +164,17 @@ pub struct ProxyCell {
     pub added_p99_ms: f64,
     pub ratio_p50: f64,
     pub ratio_p99: f64,
+    /// The same requests through the do-nothing relay (slow-provider cells).
+    pub relay: Option<RelayFigures>,
+}
+
+/// Percentiles through the do-nothing relay, and what it adds over direct.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayFigures {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub added_p50_ms: f64,
+    pub added_p99_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -177,6 +193,8 @@ pub struct ProxyRun {
     /// simulator, and through ratepool.
     pub direct_requests: u64,
     pub through_requests: u64,
+    /// Requests sent through the do-nothing relay, warm-ups included.
+    pub relay_requests: u64,
     /// Chat requests the simulator received, and the server's count of
     /// door calls answered `ok` and of provider calls it made.
     pub sim_calls: u64,
@@ -187,19 +205,24 @@ pub struct ProxyRun {
 impl ProxyRun {
     /// Provider calls per request through ratepool, as the simulator saw them.
     pub fn calls_per_request(&self) -> f64 {
-        self.sim_calls.saturating_sub(self.direct_requests) as f64 / self.through_requests.max(1) as f64
+        self.sim_calls.saturating_sub(self.direct_requests + self.relay_requests) as f64
+            / self.through_requests.max(1) as f64
     }
 }
 
-/// A simulator and a `ratepool serve` in front of it, and a client for each.
+/// A simulator, a `ratepool serve` and a do-nothing relay in front of it,
+/// and a client for each.
 struct Pair {
     sim: Sim,
     server: Server,
+    relay_proc: Proc,
     direct: Arc<Target>,
     through: Arc<Target>,
+    relay: Arc<Target>,
     /// Requests sent each way, warm-ups included.
     direct_requests: u64,
     through_requests: u64,
+    relay_requests: u64,
 }
 
 impl Pair {
@@ -209,31 +232,56 @@ impl Pair {
         let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], latency).await?;
         let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true };
         let server = Server::start(&ctx.bin, &dir, &sim, &setup).await?;
-        let direct = Target::new("the simulator", &sim.proc.url, sim.keys.first().context("one org")?)?;
+        let relay_proc = harness::start_relay(&ctx.bin, &dir, &sim.proc.url).await?;
+        let org_key = sim.keys.first().context("one org")?;
+        let direct = Target::new("the simulator", &sim.proc.url, org_key)?;
         let through = Target::new("ratepool", &server.proc.url, server.tenant_key())?;
-        Ok(Self { sim, server, direct, through, direct_requests: 0, through_requests: 0 })
+        let relay = Target::new("the do-nothing relay", &relay_proc.url, org_key)?;
+        Ok(Self {
+            sim,
+            server,
+            relay_proc,
+            direct,
+            through,
+            relay,
+            direct_requests: 0,
+            through_requests: 0,
+            relay_requests: 0,
+        })
     }
 
     /// One cell: a warm-up each way, then two alternating rounds each way,
-    /// so a drift in the machine's load falls on both sides.
+    /// so a drift in the machine's load falls on every side. Against a slow
+    /// provider the relay is a third way.
     async fn cell(&mut self, size: ProxyCellSize, warmup: usize) -> anyhow::Result<ProxyCell> {
         let ProxyCellSize { concurrency, requests, streamed, provider_ms } = size;
         let warm = (2 * concurrency).max(warmup);
         let spread = Duration::from_millis(provider_ms);
-        closed_loop(&self.direct, streamed, concurrency, warm, spread).await?;
-        closed_loop(&self.through, streamed, concurrency, warm, spread).await?;
-        let (mut d, mut t) = (Vec::new(), Vec::new());
+        let with_relay = provider_ms > 0;
+        let mut ways = vec![self.direct.clone(), self.through.clone()];
+        if with_relay {
+            ways.push(self.relay.clone());
+        }
+        let mut samples = vec![Vec::new(); ways.len()];
+        for way in &ways {
+            closed_loop(way, streamed, concurrency, warm, spread).await?;
+        }
         let half = requests / 2;
         for n in [half, requests - half] {
-            d.extend(closed_loop(&self.direct, streamed, concurrency, n, spread).await?);
-            t.extend(closed_loop(&self.through, streamed, concurrency, n, spread).await?);
+            for (way, s) in ways.iter().zip(&mut samples) {
+                s.extend(closed_loop(way, streamed, concurrency, n, spread).await?);
+            }
         }
         self.direct_requests += (warm + requests) as u64;
         self.through_requests += (warm + requests) as u64;
-        d.sort_by(f64::total_cmp);
-        t.sort_by(f64::total_cmp);
-        let (d50, d99, t50, t99) =
-            (percentile(&d, 0.5), percentile(&d, 0.99), percentile(&t, 0.5), percentile(&t, 0.99));
+        if with_relay {
+            self.relay_requests += (warm + requests) as u64;
+        }
+        for s in &mut samples {
+            s.sort_by(f64::total_cmp);
+        }
+        let (d, t) = (&samples[0], &samples[1]);
+        let (d50, d99, t50, t99) = (percentile(d, 0.5), percentile(d, 0.99), percentile(t, 0.5), percentile(t, 0.99));
         let cell = ProxyCell {
             concurrency,
             streamed,
@@ -247,6 +295,10 @@ impl Pair {
             added_p99_ms: t99 - d99,
             ratio_p50: t50 / d50,
             ratio_p99: t99 / d99,
+            relay: samples.get(2).map(|r| {
+                let (p50, p99) = (percentile(r, 0.5), percentile(r, 0.99));
+                RelayFigures { p50_ms: p50, p99_ms: p99, added_p50_ms: p50 - d50, added_p99_ms: p99 - d99 }
+            }),
         };
         eprintln!(
             "  {concurrency} concurrent{}, provider {provider_ms} ms: p50 {d50:.3} → {t50:.3} ms (+{:.3}), p99 {d99:.3} → {t99:.3} ms (+{:.3})",
@@ -254,6 +306,9 @@ impl Pair {
             cell.added_p50_ms,
             cell.added_p99_ms
         );
+        if let Some(r) = &cell.relay {
+            eprintln!("    through the do-nothing relay: p50 +{:.3} ms, p99 +{:.3} ms", r.added_p50_ms, r.added_p99_ms);
+        }
         Ok(cell)
     }
 
@@ -282,10 +337,12 @@ impl Pair {
         let m = self.server.metrics().await?;
         r.direct_requests += self.direct_requests;
         r.through_requests += self.through_requests;
+        r.relay_requests += self.relay_requests;
         r.sim_calls += stats.total_calls;
         r.door_ok += m.sum("ratepool_calls_total", &[("endpoint", "chat_completions"), ("outcome", "ok")]);
         r.provider_calls += m.sum("ratepool_provider_calls_total", &[]);
         self.server.proc.stop().await;
+        self.relay_proc.stop().await;
         self.sim.proc.stop().await;
         Ok(())
     }
@@ -310,6 +367,7 @@ pub async fn proxy(ctx: &Ctx, run: usize) -> anyhow::Result<ProxyRun> {
         sim_cpu_ms_per_request: 0.0,
         direct_requests: 0,
         through_requests: 0,
+        relay_requests: 0,
         sim_calls: 0,
         door_ok: 0.0,
         provider_calls: 0.0,

@@ -15,7 +15,7 @@
 
 mod durable;
 mod error;
-mod relay;
+pub(crate) mod relay;
 mod request;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::Stream;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde::Deserialize;
@@ -35,6 +36,11 @@ type Events = BoxStream<'static, Result<Event, EventStreamError<reqwest::Error>>
 
 /// The events of a provider's streamed answer.
 pub fn events(response: reqwest::Response) -> Events {
+    chunks(response).eventsource().boxed()
+}
+
+/// A response's body as it arrives, ending after the first error.
+pub fn chunks(response: reqwest::Response) -> impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static {
     futures::stream::unfold(Some(response), |response| async move {
         let mut response = response?;
         match response.chunk().await {
@@ -43,8 +49,6 @@ pub fn events(response: reqwest::Response) -> Events {
             Err(e) => Some((Err(e), None)),
         }
     })
-    .eventsource()
-    .boxed()
 }
 
 /// A durable stream's record of what the client was sent.
