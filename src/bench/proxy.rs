@@ -210,15 +210,14 @@ impl ProxyRun {
     }
 }
 
-/// A simulator, a `ratepool serve` and a do-nothing relay in front of it,
-/// and a client for each.
+/// A simulator and a `ratepool serve` in front of it (and, against a slow
+/// provider, a do-nothing relay), and a client for each.
 struct Pair {
     sim: Sim,
     server: Server,
-    relay_proc: Proc,
     direct: Arc<Target>,
     through: Arc<Target>,
-    relay: Arc<Target>,
+    relay: Option<(Proc, Arc<Target>)>,
     /// Requests sent each way, warm-ups included.
     direct_requests: u64,
     through_requests: u64,
@@ -232,22 +231,17 @@ impl Pair {
         let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], latency).await?;
         let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true };
         let server = Server::start(&ctx.bin, &dir, &sim, &setup).await?;
-        let relay_proc = harness::start_relay(&ctx.bin, &dir, &sim.proc.url).await?;
         let org_key = sim.keys.first().context("one org")?;
         let direct = Target::new("the simulator", &sim.proc.url, org_key)?;
         let through = Target::new("ratepool", &server.proc.url, server.tenant_key())?;
-        let relay = Target::new("the do-nothing relay", &relay_proc.url, org_key)?;
-        Ok(Self {
-            sim,
-            server,
-            relay_proc,
-            direct,
-            through,
-            relay,
-            direct_requests: 0,
-            through_requests: 0,
-            relay_requests: 0,
-        })
+        let relay = if provider_ms > 0 {
+            let proc = harness::start_relay(&ctx.bin, &dir, &sim.proc.url).await?;
+            let target = Target::new("the do-nothing relay", &proc.url, org_key)?;
+            Some((proc, target))
+        } else {
+            None
+        };
+        Ok(Self { sim, server, direct, through, relay, direct_requests: 0, through_requests: 0, relay_requests: 0 })
     }
 
     /// One cell: a warm-up each way, then two alternating rounds each way,
@@ -257,11 +251,8 @@ impl Pair {
         let ProxyCellSize { concurrency, requests, streamed, provider_ms } = size;
         let warm = (2 * concurrency).max(warmup);
         let spread = Duration::from_millis(provider_ms);
-        let with_relay = provider_ms > 0;
         let mut ways = vec![self.direct.clone(), self.through.clone()];
-        if with_relay {
-            ways.push(self.relay.clone());
-        }
+        ways.extend(self.relay.as_ref().map(|(_, target)| target.clone()));
         let mut samples = vec![Vec::new(); ways.len()];
         for way in &ways {
             closed_loop(way, streamed, concurrency, warm, spread).await?;
@@ -274,7 +265,7 @@ impl Pair {
         }
         self.direct_requests += (warm + requests) as u64;
         self.through_requests += (warm + requests) as u64;
-        if with_relay {
+        if self.relay.is_some() {
             self.relay_requests += (warm + requests) as u64;
         }
         for s in &mut samples {
@@ -342,7 +333,9 @@ impl Pair {
         r.door_ok += m.sum("ratepool_calls_total", &[("endpoint", "chat_completions"), ("outcome", "ok")]);
         r.provider_calls += m.sum("ratepool_provider_calls_total", &[]);
         self.server.proc.stop().await;
-        self.relay_proc.stop().await;
+        if let Some((proc, _)) = self.relay {
+            proc.stop().await;
+        }
         self.sim.proc.stop().await;
         Ok(())
     }
