@@ -3,7 +3,14 @@
 //! HTTP request for the same axum router `ratepool serve` uses, and its
 //! answer back into the proxy response. No route, check or body is
 //! implemented twice.
+//!
+//! The same binary is also the API's gateway authorizer
+//! ([`run_authorizer`]), so a request without a tenant's key is refused by
+//! API Gateway before the API Lambda runs.
 
+use std::sync::Arc;
+
+use lambda_http::aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Adapter, Context, LambdaEvent, RequestExt, Service};
 use tower::ServiceBuilder;
@@ -54,6 +61,62 @@ pub async fn invoke(app: axum::Router, event: serde_json::Value) -> Result<serde
     serde_json::to_value(response).map_err(|e| format!("response: {e}"))
 }
 
+/// API Gateway answers 401 when an authorizer fails with exactly this message.
+const UNAUTHORIZED: &str = "Unauthorized";
+
+/// Serves API Gateway's REQUEST authorizer (identity source: the
+/// `Authorization` header) on the Lambda Runtime API: the tenant of a
+/// `Bearer` key, or 401. `usage_key_prefix` + the tenant's name is the
+/// usage identifier key, which selects the tenant's usage plan (its
+/// throttle) in API Gateway.
+pub async fn run_authorizer(
+    keys: Arc<crate::api::TenantKeyring>,
+    usage_key_prefix: String,
+) -> Result<(), lambda_runtime::Error> {
+    let handler = lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<ApiGatewayCustomAuthorizerRequestTypeRequest>| {
+            let (keys, prefix) = (keys.clone(), usage_key_prefix.clone());
+            async move {
+                authorize(&keys, &prefix, &event.payload).await.map_err(|()| lambda_runtime::Error::from(UNAUTHORIZED))
+            }
+        },
+    );
+    lambda_runtime::run(handler).await
+}
+
+/// The authorizer's answer: an Allow policy for every method and path of
+/// the request's API stage (API Gateway caches the answer per key for all
+/// routes), the tenant as principal and context, and its usage key; `Err`
+/// for a missing or unknown key, or an event without a method ARN.
+pub async fn authorize(
+    keys: &crate::api::TenantKeyring,
+    usage_key_prefix: &str,
+    req: &ApiGatewayCustomAuthorizerRequestTypeRequest,
+) -> Result<serde_json::Value, ()> {
+    let tenant = keys.authenticate(&req.headers).await.map_err(|_| ())?;
+    // arn:aws:execute-api:REGION:ACCOUNT:API_ID/STAGE/METHOD/PATH…
+    let method_arn = req.method_arn.as_deref().ok_or(())?;
+    let (account_part, api_part) = method_arn.rsplit_once(':').ok_or(())?;
+    let mut api = api_part.splitn(3, '/');
+    let (Some(api_id), Some(stage)) = (api.next(), api.next()) else { return Err(()) };
+    if api_id.is_empty() || stage.is_empty() {
+        return Err(());
+    }
+    Ok(serde_json::json!({
+        "principalId": tenant.as_str(),
+        "policyDocument": {
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Action": "execute-api:Invoke",
+                "Effect": "Allow",
+                "Resource": format!("{account_part}:{api_id}/{stage}/*/*"),
+            }],
+        },
+        "context": {"tenant": tenant.as_str()},
+        "usageIdentifierKey": format!("{usage_key_prefix}{}", tenant.as_str()),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::routing::post;
@@ -100,5 +163,56 @@ mod tests {
     async fn an_event_that_is_not_an_http_event_is_refused() {
         let err = invoke(axum::Router::new(), json!({"hello": "world"})).await.unwrap_err();
         assert!(err.contains("not a Lambda HTTP event"), "{err}");
+    }
+
+    fn authorizer_event(authorization: Option<&str>) -> ApiGatewayCustomAuthorizerRequestTypeRequest {
+        let mut headers = json!({"Host": "abc123.execute-api.us-east-1.amazonaws.com"});
+        if let Some(a) = authorization {
+            headers["Authorization"] = json!(a);
+        }
+        serde_json::from_value(json!({
+            "type": "REQUEST",
+            "methodArn": "arn:aws:execute-api:us-east-1:111122223333:abc123/prod/POST/v1/jobs",
+            "resource": "/v1/jobs",
+            "path": "/v1/jobs",
+            "httpMethod": "POST",
+            "headers": headers,
+            "multiValueHeaders": {},
+            "queryStringParameters": {},
+            "pathParameters": {},
+            "stageVariables": {},
+            "requestContext": {"path": "/prod/v1/jobs", "accountId": "111122223333", "resourceId": "r1",
+                "stage": "prod", "requestId": "req-1", "resourcePath": "/v1/jobs", "httpMethod": "POST",
+                "apiId": "abc123", "identity": {"sourceIp": "192.0.2.1"}},
+        }))
+        .unwrap()
+    }
+
+    /// A tenant's key gets an Allow for the whole stage (one cached answer
+    /// serves every route), its name as principal and context, and its
+    /// usage plan's key; anything else is refused, which API Gateway turns
+    /// into a 401 before the API Lambda runs.
+    #[tokio::test]
+    async fn the_authorizer_allows_a_tenants_key_with_its_usage_key_and_refuses_anything_else() {
+        let keys = crate::api::TenantKeyring::fixed(vec![crate::config::TenantKey {
+            tenant: crate::domain::TenantId::parse("screenplays").unwrap(),
+            key: "screenplays-key-0123456789".to_string().into(),
+        }]);
+        let prefix = "Ratepool-usage-key-";
+        let ok = authorize(&keys, prefix, &authorizer_event(Some("Bearer screenplays-key-0123456789"))).await.unwrap();
+        assert_eq!(ok["principalId"], "screenplays");
+        assert_eq!(ok["context"]["tenant"], "screenplays");
+        assert_eq!(ok["usageIdentifierKey"], "Ratepool-usage-key-screenplays");
+        let statement = &ok["policyDocument"]["Statement"][0];
+        assert_eq!(statement["Effect"], "Allow");
+        assert_eq!(statement["Action"], "execute-api:Invoke");
+        assert_eq!(statement["Resource"], "arn:aws:execute-api:us-east-1:111122223333:abc123/prod/*/*");
+
+        for refused in [None, Some("Bearer wrong-key-0123456789abc"), Some("screenplays-key-0123456789"), Some("")] {
+            assert_eq!(authorize(&keys, prefix, &authorizer_event(refused)).await, Err(()), "{refused:?}");
+        }
+        let mut no_arn = authorizer_event(Some("Bearer screenplays-key-0123456789"));
+        no_arn.method_arn = Some("not-an-arn".into());
+        assert_eq!(authorize(&keys, prefix, &no_arn).await, Err(()));
     }
 }

@@ -66,6 +66,11 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// AWS resources.
     Aws {
         #[command(subcommand)]
@@ -148,6 +153,14 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a config file as `serve` and `worker` read it, without
+    /// starting anything or reading any key: prints `FILE: ok`, or exits 1
+    /// naming the line and the reason (the CDK app runs it at synth).
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum AwsCommand {
     /// Create the tables and queues of `[aws]` that do not exist yet (for
     /// the emulator and dev accounts; production gets them from the CDK app).
@@ -222,6 +235,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             serve::cancel_on_signals(shutdown.clone());
             serve::worker(cfg, listen, shutdown).await
+        }
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            ratepool::config::Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
         }
         Command::Aws { command: AwsCommand::Init { config } } => {
             ratepool::telemetry::init_logging(false);

@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::calls::{CallSettings, CallsDoor};
-use crate::api::{self, ApiState, PoolOrg};
+use crate::api::{self, ApiState, PoolOrg, TENANT_KEYS_MAX_AGE, TenantKeySource, TenantKeyring};
 use crate::aws::AwsClients;
 use crate::config::{self, Config, StorageKind};
 use crate::domain::{Clock, Env, ProcessEnv, SystemClock};
@@ -183,12 +183,45 @@ async fn org_settings(
         .collect())
 }
 
-/// The keys' source: the Secrets Manager secret named in `[aws]` (then the
-/// environment), or the environment alone.
-async fn key_env(cfg: &Config, aws: Option<&AwsClients>) -> anyhow::Result<Box<dyn Env + Send + Sync>> {
-    match (&cfg.aws.secret_arn, aws) {
+/// Where workers read the org keys and webhook secrets: `[aws]
+/// worker_keys_secret_arn` (then the environment), or the environment alone.
+async fn worker_env(cfg: &Config, aws: Option<&AwsClients>) -> anyhow::Result<Box<dyn Env + Send + Sync>> {
+    match (&cfg.aws.worker_keys_secret_arn, aws) {
         (Some(arn), Some(clients)) => Ok(Box::new(crate::aws::SecretEnv::load(clients, arn).await?)),
         _ => Ok(Box::new(ProcessEnv)),
+    }
+}
+
+/// The tenants' keys in `[aws] tenant_keys_secret_arn`, read again by the
+/// keyring when stale.
+struct SecretTenantKeys {
+    clients: AwsClients,
+    arn: String,
+    cfg: Config,
+}
+
+#[async_trait::async_trait]
+impl TenantKeySource for SecretTenantKeys {
+    async fn load(&self) -> anyhow::Result<Vec<config::TenantKey>> {
+        let env = crate::aws::SecretEnv::load(&self.clients, &self.arn).await?;
+        Ok(config::tenant_keys(&self.cfg, &env)?)
+    }
+}
+
+/// The API's tenant keys: from `[aws] tenant_keys_secret_arn`, read again
+/// once older than `max_age`; else from the environment, once.
+pub async fn tenant_keyring(
+    cfg: &Config,
+    aws: Option<&AwsClients>,
+    max_age: Duration,
+) -> anyhow::Result<Arc<TenantKeyring>> {
+    match (&cfg.aws.tenant_keys_secret_arn, aws) {
+        (Some(arn), Some(clients)) => {
+            let source = SecretTenantKeys { clients: clients.clone(), arn: arn.clone(), cfg: cfg.clone() };
+            let keys = source.load().await.context("reading the tenant keys ([aws] tenant_keys_secret_arn)")?;
+            Ok(Arc::new(TenantKeyring::reloading(keys, Box::new(source), max_age)))
+        }
+        _ => Ok(Arc::new(TenantKeyring::fixed(config::tenant_keys(cfg, &ProcessEnv)?))),
     }
 }
 
@@ -221,7 +254,7 @@ pub fn call_settings(cfg: &Config) -> CallSettings {
 fn api_state(
     cfg: &Config,
     backend: &Backend,
-    tenants: Vec<config::TenantKey>,
+    tenants: Arc<TenantKeyring>,
     pool: Vec<PoolOrg>,
     clock: Arc<dyn Clock>,
     telemetry: Arc<Telemetry>,
@@ -335,8 +368,8 @@ pub async fn run(cfg: Config, simulate: Simulate, shutdown: CancellationToken) -
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let telemetry = Arc::new(Telemetry::new());
     let (backend, aws) = open_backend(&cfg, clock.clone(), &telemetry).await?;
-    let env = key_env(&cfg, aws.as_ref()).await?;
-    let tenants = config::tenant_keys(&cfg, env.as_ref())?;
+    let env = worker_env(&cfg, aws.as_ref()).await?;
+    let tenants = tenant_keyring(&cfg, aws.as_ref(), TENANT_KEYS_MAX_AGE).await?;
     let orgs = org_settings(&cfg, env.as_ref(), simulate, &shutdown).await?;
     let pool = pool_of(&orgs);
     let workers =
@@ -397,9 +430,9 @@ pub async fn worker(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let telemetry = Arc::new(Telemetry::new());
     let (backend, aws) = open_backend(&cfg, clock.clone(), &telemetry).await?;
-    let env = key_env(&cfg, aws.as_ref()).await?;
+    let env = worker_env(&cfg, aws.as_ref()).await?;
     let keys = config::org_keys(&cfg, env.as_ref())?.ok_or_else(|| {
-        anyhow::anyhow!("no org API keys found (set the orgs' api_key_env variables, or [aws] secret_arn)")
+        anyhow::anyhow!("no org API keys found (set the orgs' api_key_env variables, or [aws] worker_keys_secret_arn)")
     })?;
     let orgs: Vec<OrgSettings> = cfg.orgs.iter().zip(keys).map(|(o, k)| o.settings(o.base_url.clone(), k)).collect();
     let pool = pool_of(&orgs);
@@ -409,7 +442,7 @@ pub async fn worker(
     // and a worker that cannot is refused at start, not at the first call.
     let api = match listen_on {
         Some(addr) => {
-            let tenants = config::tenant_keys(&cfg, env.as_ref())?;
+            let tenants = tenant_keyring(&cfg, aws.as_ref(), TENANT_KEYS_MAX_AGE).await?;
             let state =
                 api_state(&cfg, &backend, tenants, pool, clock, telemetry.clone(), Some(workers.router.clone()));
             Some(tokio::spawn(serve_api(listen(addr).await?, state, shutdown.clone())))
@@ -432,15 +465,16 @@ pub async fn worker(
 }
 
 /// The API state the Lambda serves: the same routes as `serve`, on the
-/// configured backend, without workers. Keys come from `[aws] secret_arn`
-/// or the environment, unless `env` is given.
+/// configured backend, without workers. Tenant keys come from `[aws]
+/// tenant_keys_secret_arn` (read again every [`TENANT_KEYS_MAX_AGE`]) or the
+/// environment, unless `env` is given.
 pub async fn lambda_state(cfg: &Config, env: Option<&(dyn Env + Send + Sync)>) -> anyhow::Result<Arc<ApiState>> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let telemetry = Arc::new(Telemetry::new());
     let (backend, aws) = open_backend(cfg, clock.clone(), &telemetry).await?;
     let tenants = match env {
-        Some(env) => config::tenant_keys(cfg, env)?,
-        None => config::tenant_keys(cfg, key_env(cfg, aws.as_ref()).await?.as_ref())?,
+        Some(env) => Arc::new(TenantKeyring::fixed(config::tenant_keys(cfg, env)?)),
+        None => tenant_keyring(cfg, aws.as_ref(), TENANT_KEYS_MAX_AGE).await?,
     };
     Ok(api_state(cfg, &backend, tenants, pool_from_config(cfg), clock, telemetry, None))
 }

@@ -674,3 +674,58 @@ fn a_storage_fault_drill_on_sqs_and_dynamodb_strands_nothing_and_calls_nothing_t
         assert!(n > 0, "no {kind} injected");
     }
 }
+
+/// Tenant keys live in their own Secrets Manager secret: the API (here the
+/// gateway authorizer, as the Lambda runs it) reads them at start and again
+/// once they are stale, so a rotated key works and the revoked one is
+/// refused without a restart; org keys are in the workers' secret, which
+/// the API never reads.
+#[test]
+fn a_tenant_key_rotated_in_its_secret_takes_effect_in_a_running_authorizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let orgs = [OrgSpec { name: "org-a", rpm: 100, tpm: 100_000 }];
+    let (_path, mut cfg) = write_aws_config(dir.path(), "http://127.0.0.1:9", &orgs, "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let clients = rt.block_on(AwsClients::load(&cfg.aws));
+    let (old, new) = ("tenant-key-old-0123456789", "tenant-key-new-0123456789");
+    let secret = |name: String, value: Value| {
+        let out =
+            rt.block_on(clients.secrets.create_secret().name(name).secret_string(value.to_string()).send()).unwrap();
+        out.arn().unwrap().to_string()
+    };
+    let s = uuid::Uuid::new_v4().simple().to_string();
+    let tenant_arn = secret(format!("tenants-{s}"), json!({"TENANT_A_KEY": old}));
+    cfg.aws.tenant_keys_secret_arn = Some(tenant_arn.clone());
+    cfg.aws.worker_keys_secret_arn = Some(secret(format!("workers-{s}"), json!({"ORG_A_KEY": "sk-org"})));
+
+    let keys = rt.block_on(ratepool::serve::tenant_keyring(&cfg, Some(&clients), Duration::from_secs(1))).unwrap();
+    let event = |key: &str| {
+        serde_json::from_value::<lambda_http::aws_lambda_events::apigw::ApiGatewayCustomAuthorizerRequestTypeRequest>(
+            json!({"type": "REQUEST", "methodArn": "arn:aws:execute-api:us-east-1:111122223333:api1/prod/GET/v1/usage",
+                   "headers": {"Authorization": format!("Bearer {key}")}, "requestContext": {}}),
+        )
+        .unwrap()
+    };
+    let tenant = |key: &str| {
+        rt.block_on(ratepool::lambda::authorize(&keys, "usage-", &event(key))).ok().map(|v| v["principalId"].clone())
+    };
+    assert_eq!(tenant(old), Some(json!("alpha")));
+    assert_eq!(tenant(new), None);
+
+    rt.block_on(
+        clients
+            .secrets
+            .put_secret_value()
+            .secret_id(&tenant_arn)
+            .secret_string(json!({"TENANT_A_KEY": new}).to_string())
+            .send(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(tenant(new), Some(json!("alpha")), "the rotated key is read again once the keys are stale");
+    assert_eq!(tenant(old), None, "the revoked key is refused");
+
+    // The org key is not among what the API reads.
+    let env = rt.block_on(ratepool::aws::SecretEnv::load(&clients, &tenant_arn)).unwrap();
+    assert_eq!(ratepool::domain::Env::var(&env, "ORG_A_KEY"), None);
+}

@@ -7,6 +7,7 @@
 
 pub mod calls;
 mod error;
+mod keyring;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::storage::{
 };
 use crate::telemetry::Telemetry;
 pub use error::ApiError;
+pub use keyring::{TENANT_KEYS_MAX_AGE, TenantKeySource, TenantKeyring};
 
 /// One org of the pool and its ledger parameters, for `/v1/usage`.
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ pub struct ApiState {
     pub queue: Arc<dyn JobQueue>,
     pub ledger: Arc<dyn QuotaLedger>,
     pub usage: Arc<dyn UsageStore>,
-    pub tenants: Vec<TenantKey>,
+    pub tenants: Arc<TenantKeyring>,
     pub pool: Vec<PoolOrg>,
     pub limits: SpecLimits,
     pub quotas: TenantQuotas,
@@ -108,11 +110,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// The tenant whose key is in `Authorization: Bearer KEY`. Every tenant's
 /// key is compared in constant time, and all of them are compared, so the
 /// answer time does not say which tenant (or how much of a key) matched.
-fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
-    authenticate_among(&state.tenants, headers)
+async fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+    state.tenants.authenticate(headers).await
 }
 
-fn authenticate_among(tenants: &[TenantKey], headers: &HeaderMap) -> Result<TenantId, ApiError> {
+pub(crate) fn authenticate_among(tenants: &[TenantKey], headers: &HeaderMap) -> Result<TenantId, ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -273,7 +275,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
 }
 
 async fn submit(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authenticate(&state, &headers).await?;
     let body = read_body(&headers, body, state.limits.max_body_bytes).await?;
     let key = idempotency_key(&headers)?;
     let spec = JobSpec::parse(&body, &state.limits, &|m| state.serves_model(m))
@@ -410,7 +412,7 @@ async fn job_status(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authenticate(&state, &headers).await?;
     let job = owned_job(&state, &tenant, &id).await?;
     let webhook = if JobSpec::stored_webhook_url(&job.spec_json).is_some() {
         Some(WebhookView::from(state.jobs.webhook_report(&job.id).await?))
@@ -482,7 +484,7 @@ async fn job_result(
     Path(id): Path<String>,
     query: Result<Query<ResultQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ResultView>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authenticate(&state, &headers).await?;
     let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let after = match query.after.as_deref() {
         None => None,
@@ -531,7 +533,7 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Accepted>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authenticate(&state, &headers).await?;
     let job = owned_job(&state, &tenant, &id).await?;
     match state.jobs.cancel_job(&job.id, state.clock.now()).await? {
         Some(JobStatus::Cancelled) => {
@@ -585,7 +587,7 @@ struct UsageReport {
 }
 
 async fn usage(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Json<UsageReport>, ApiError> {
-    let tenant = authenticate(&state, &headers)?;
+    let tenant = authenticate(&state, &headers).await?;
     // Include what this process has not written yet.
     if let Err(e) = state.telemetry.flush(state.usage.as_ref()).await {
         tracing::warn!(error = %e, "usage flush failed; report may lag");

@@ -30,11 +30,20 @@ pub struct AwsConfig {
     /// CloudWatch namespace for metrics.
     #[serde(default = "default_namespace")]
     pub metrics_namespace: String,
-    /// A Secrets Manager secret holding a JSON object of environment
-    /// variable names to values (the org and tenant keys); read once at
-    /// start and consulted before the process environment.
+    /// A Secrets Manager secret holding the tenants' API keys: a JSON
+    /// object of `api_key_env` names to keys. Read by the API (the Lambda,
+    /// its authorizer, and workers serving the calls door), again at most
+    /// every [`TENANT_KEYS_MAX_AGE`](crate::api::TENANT_KEYS_MAX_AGE), so a
+    /// rotated or revoked key takes effect without a restart. Consulted
+    /// before the process environment.
     #[serde(default)]
-    pub secret_arn: Option<String>,
+    pub tenant_keys_secret_arn: Option<String>,
+    /// A Secrets Manager secret holding what only workers read: the orgs'
+    /// provider keys and the tenants' webhook signing secrets (a JSON object
+    /// of `api_key_env` / `webhook_secret_env` names to values). Read once
+    /// at start and consulted before the process environment.
+    #[serde(default)]
+    pub worker_keys_secret_arn: Option<String>,
     /// Days a finished job's items are kept (DynamoDB TTL).
     #[serde(default = "default_retention_days")]
     pub retention_days: NonZeroU64,
@@ -82,7 +91,8 @@ impl Default for AwsConfig {
             batch_queue: default_batch_queue(),
             dead_letter_queue: default_dead_letter_queue(),
             metrics_namespace: default_namespace(),
-            secret_arn: None,
+            tenant_keys_secret_arn: None,
+            worker_keys_secret_arn: None,
             retention_days: default_retention_days(),
             outputs_bucket: None,
         }

@@ -106,7 +106,7 @@ async fn answer(state: &ApiState, endpoint: Endpoint, headers: &HeaderMap, body:
 /// Everything from the request to its answer; an `Err` is a refusal that
 /// reached no org and charged nothing.
 async fn call(state: &ApiState, endpoint: Endpoint, headers: &HeaderMap, body: Body) -> Result<Response, OpenAiError> {
-    let tenant = super::authenticate(state, headers)?;
+    let tenant = super::authenticate(state, headers).await?;
     let door = &state.calls;
     let Some(router) = door.router.as_ref() else { return Err(OpenAiError::not_served_here()) };
     let body = super::read_body(headers, body, door.settings.max_body_bytes).await?;
@@ -369,7 +369,7 @@ fn replay(state: &ApiState, router: &Router, model: &ModelName, endpoint: Endpoi
 
 /// `GET /v1/models`: the models the pool serves, in OpenAI's list shape.
 async fn models(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = super::authenticate(&state, &headers) {
+    if let Err(e) = super::authenticate(&state, &headers).await {
         return OpenAiError::from(e).into_response();
     }
     let data: Vec<_> = super::pool_models(&state.pool)
