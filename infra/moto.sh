@@ -2,7 +2,8 @@
 # test tools' venv and a moto emulator on a free loopback port.
 #   moto_install  installs infra/requirements-test.txt into $venv if it changed
 #   moto_start    starts moto (infra/moto_server.py: moto's server with
-#                 atomic DynamoDB transactions; log in target/moto.log), stops it when the
+#                 atomic DynamoDB transactions and an account of what requests
+#                 would cost on AWS; log in target/moto.log), stops it when the
 #                 calling shell exits, and exports AWS_ENDPOINT_URL and dummy
 #                 credentials for it
 #   moto_stop     stops it now (moto keeps every table and queue of its run in
@@ -37,6 +38,10 @@ moto_start() {
   export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
   # The tests rely on DynamoDB's atomic transactions: check them (~6 s).
   "$venv/bin/python" infra/moto_atomicity.py "$AWS_ENDPOINT_URL"
+  # `ratepool bench` reports the account moto keeps of what requests would
+  # cost on AWS (GET /_ratepool/usage): check it against the documented
+  # DynamoDB item sizes (~1 s; leaves the account reset).
+  "$venv/bin/python" infra/moto_capacity.py "$AWS_ENDPOINT_URL"
 }
 
 moto_stop() {
