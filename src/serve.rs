@@ -339,9 +339,8 @@ fn start_workers(
             }
         }
     }));
-    if let Some(clients) = aws {
+    if aws.is_some() {
         background.push(tokio::spawn(crate::aws::metrics::run_publisher(
-            clients.cloudwatch.clone(),
             cfg.aws.metrics_namespace.clone(),
             telemetry,
             Duration::from_secs(60),

@@ -100,8 +100,8 @@ fn overhead_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 1.25, 40))
 }
 
-/// Count, sum, minimum and maximum of samples: a CloudWatch statistic set,
-/// so a minute of latencies is one datum, not one call per sample.
+/// Count, sum, minimum and maximum of samples, so a minute of latencies is
+/// one metric value set, not one per sample (see `aws::metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StatSet {
     pub count: f64,

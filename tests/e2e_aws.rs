@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -288,12 +288,13 @@ fn sigterm_hands_jobs_back_drops_task_protection_and_publishes_metrics() {
     let (agent, protection) = fake_ecs_agent(&lambda.rt);
 
     let log = dir.path().join("worker-term.log");
+    let out = dir.path().join("worker-term.out");
     let mut child = Command::new(BIN)
         .args(["worker", "--config", cfg_path.to_str().unwrap()])
         .envs(server_env(&orgs))
         .env("ECS_AGENT_URI", &agent)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -340,26 +341,17 @@ fn sigterm_hands_jobs_back_drops_task_protection_and_publishes_metrics() {
     let docs = lambda.wait_all(std::slice::from_ref(&id), Duration::from_secs(25));
     assert_eq!(docs[0]["status"], "succeeded");
 
-    // The stopped worker's last window reached CloudWatch.
-    let calls: f64 = lambda.rt.block_on(async {
-        let clients = AwsClients::load(&cfg.aws).await;
-        let now = std::time::SystemTime::now();
-        let out = clients
-            .cloudwatch
-            .get_metric_statistics()
-            .namespace(&cfg.aws.metrics_namespace)
-            .metric_name("Calls")
-            .dimensions(aws_sdk_cloudwatch::types::Dimension::builder().name("Org").value("org-a").build())
-            .start_time((now - Duration::from_secs(3600)).into())
-            .end_time((now + Duration::from_secs(60)).into())
-            .period(60)
-            .statistics(aws_sdk_cloudwatch::types::Statistic::Sum)
-            .send()
-            .await
-            .unwrap();
-        out.datapoints().iter().filter_map(|d| d.sum()).sum()
-    });
-    assert!(calls >= 2.0, "CloudWatch Calls for org-a: {calls}");
+    // The stopped worker's last window left as CloudWatch embedded metric
+    // format documents on its stdout (the log driver ships them).
+    let emf = std::fs::read_to_string(&out).unwrap();
+    let docs: Vec<Value> =
+        emf.lines().filter(|l| l.contains("\"_aws\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!docs.is_empty(), "no EMF document on stdout:\n{emf}");
+    for d in &docs {
+        assert_eq!(d["_aws"]["CloudWatchMetrics"][0]["Namespace"], json!(cfg.aws.metrics_namespace), "{d}");
+    }
+    let calls: f64 = docs.iter().filter(|d| d["Org"] == "org-a").filter_map(|d| d["Calls"].as_f64()).sum();
+    assert!(calls >= 2.0, "EMF Calls for org-a: {calls}");
 }
 
 /// `ratepool worker --listen`, as the Fargate task runs it behind the load

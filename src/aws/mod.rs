@@ -63,7 +63,6 @@ impl Timeouts {
 pub struct AwsClients {
     pub sqs: aws_sdk_sqs::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
-    pub cloudwatch: aws_sdk_cloudwatch::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
     /// Path-style addressing when an endpoint is set: the emulator (and
     /// most S3 look-alikes) serve buckets under one host.
@@ -84,7 +83,6 @@ impl AwsClients {
         Self {
             sqs: aws_sdk_sqs::Client::new(&sdk),
             dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
-            cloudwatch: aws_sdk_cloudwatch::Client::new(&sdk),
             secrets: aws_sdk_secretsmanager::Client::new(&sdk),
             s3: aws_sdk_s3::Client::from_conf(
                 aws_sdk_s3::config::Builder::from(&sdk).force_path_style(sdk.endpoint_url().is_some()).build(),

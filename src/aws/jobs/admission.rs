@@ -7,7 +7,7 @@ impl DynamoJobs {
     /// The job and its count in the tenant's in-flight counter in one
     /// transaction.
     pub(super) async fn create_plain(&self, job: &NewJob) -> StorageResult<CreateOutcome> {
-        let items = vec![self.put_job(job)?, self.count_in(job)?, self.put_unsent(job)?];
+        let items = vec![self.put_job(job)?, self.count_in(job)?, self.put_unsent(job)?, self.put_spec(job)?];
         match self.transact(items, "creating a job").await {
             Ok(()) => Ok(CreateOutcome::Created(job.queued_record())),
             Err(TxError::Other(e)) => Err(e),
@@ -23,6 +23,23 @@ impl DynamoJobs {
             .condition_expression("attribute_not_exists(PK)")
             .build()
             .map_err(|e| sdk_err("building the job write", e))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// The spec in an item of its own, written once with the job: the job
+    /// item, written at every lease renewal, checkpoint and finish, stays
+    /// small, and DynamoDB bills a write by the whole item's size. Last in
+    /// its transaction (the callers read cancellation reasons by index).
+    /// It expires like a step item: `created + retention + LIVE_MARGIN`.
+    pub(super) fn put_spec(&self, job: &NewJob) -> StorageResult<TransactWriteItem> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .item("PK", s(job.id.as_str()))
+            .item("SK", s(SPEC_SK))
+            .item("spec_json", s(&job.spec_json))
+            .item(TTL_ATTR, self.live_ttl(job.created_at))
+            .build()
+            .map_err(|e| sdk_err("building the spec write", e))?;
         Ok(TransactWriteItem::builder().put(put).build())
     }
 
@@ -142,6 +159,7 @@ impl DynamoJobs {
             TransactWriteItem::builder().put(put_idem).build(),
             self.count_in(job)?,
             self.put_unsent(job)?,
+            self.put_spec(job)?,
         ];
         // A second round only if the key item vanished (TTL) between the
         // cancelled transaction and reading it.
@@ -197,7 +215,6 @@ impl DynamoJobs {
         item.insert("name".into(), s(&job.name));
         item.insert("priority".into(), s(priority_str(job.priority)));
         item.insert("status".into(), s(JobStatus::Queued.as_str()));
-        item.insert("spec_json".into(), s(&job.spec_json));
         item.insert("steps_total".into(), num(job.steps_total));
         for zero in ["steps_done", "calls", "prompt_tokens", "completion_tokens", "lease_epoch", "stalled_runs"] {
             item.insert(zero.into(), num(0));

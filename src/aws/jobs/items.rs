@@ -202,7 +202,9 @@ impl<'a> Fields<'a> {
     }
 }
 
-pub(super) fn job_from_item(item: &Item) -> StorageResult<JobRecord> {
+/// The job record from its item and its spec (the spec item's, or for a job
+/// stored before specs had their own item, the job item's).
+pub(super) fn job_from_item(item: &Item, spec_json: String) -> StorageResult<JobRecord> {
     let f = Fields::new(item, "job item");
     Ok(JobRecord {
         id: f.parsed("PK", JobId::parse)?,
@@ -214,7 +216,7 @@ pub(super) fn job_from_item(item: &Item) -> StorageResult<JobRecord> {
             other => Err(format!("unknown priority {other:?}")),
         })?,
         status: f.status()?,
-        spec_json: f.s("spec_json")?.to_owned(),
+        spec_json,
         steps_total: f.n("steps_total")?,
         steps_done: f.n("steps_done")?,
         usage: Usage {
@@ -249,9 +251,40 @@ pub(super) fn stored_answer(item: &Item) -> StorageResult<StoredAnswer> {
             sha256: f.s("output_sha256")?.to_owned(),
         }));
     }
-    let answer = StepAnswer::join(f.s("output")?.to_owned(), f.opt_s("answer")?)
-        .map_err(|e| corrupt("checkpoint item", &e.to_string()))?;
+    let answer = match item.get(PACKED_ATTR) {
+        Some(AttributeValue::B(z)) => {
+            let (text, rest) = unpack(z.as_ref()).map_err(|e| corrupt("checkpoint item", &e))?;
+            StepAnswer::join(text, Some(&rest))
+        }
+        _ => StepAnswer::join(f.s("output")?.to_owned(), f.opt_s("answer")?),
+    }
+    .map_err(|e| corrupt("checkpoint item", &e.to_string()))?;
     Ok(StoredAnswer::Inline(answer))
+}
+
+/// The attribute of a step item holding its answer deflated.
+pub(super) const PACKED_ATTR: &str = "packed";
+
+/// A step answer's text and the rest of its message, deflated together, if
+/// that is smaller than both as they are (a short answer often is not).
+pub(super) fn pack(text: &str, rest: &str) -> Option<Vec<u8>> {
+    use std::io::Write as _;
+    let raw = serde_json::to_vec(&(text, rest)).ok()?;
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&raw).ok()?;
+    let z = z.finish().ok()?;
+    (z.len() < text.len() + rest.len()).then_some(z)
+}
+
+/// [`pack`] undone; never more than an item's answer may hold.
+pub(super) fn unpack(z: &[u8]) -> Result<(String, String), String> {
+    use std::io::Read as _;
+    let mut raw = Vec::new();
+    flate2::read::DeflateDecoder::new(z)
+        .take(2 * MAX_PAYLOAD_BYTES as u64)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("packed answer: {e}"))?;
+    serde_json::from_slice(&raw).map_err(|e| format!("packed answer: {e}"))
 }
 
 /// What orders a job's checkpoints (when the step finished, then its key)
@@ -351,5 +384,21 @@ mod tests {
         assert!(expired(&item, 1_700_000_100));
         assert!(!expired(&Item::new(), i64::MAX), "an item without TTL never expires");
         assert_eq!(secs(1_700_000_000_999_999), 1_700_000_000);
+    }
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_packs_smaller_and_unpacks_whole_and_a_short_one_stays_as_it_is() {
+        let text = "INT. KITCHEN - NIGHT. The kettle screams; Mara does not move. ".repeat(30);
+        let rest = r#"{"finish_reason":"stop"}"#;
+        let z = pack(&text, rest).expect("prose deflates");
+        assert!(z.len() < text.len() / 2, "{} of {}", z.len(), text.len());
+        assert_eq!(unpack(&z).unwrap(), (text.clone(), rest.to_string()));
+        assert_eq!(pack("ok", "{}"), None, "two bytes do not deflate smaller");
+        assert!(unpack(b"not deflate").is_err());
     }
 }

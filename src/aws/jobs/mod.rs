@@ -3,8 +3,9 @@
 //!
 //! | PK | SK | what |
 //! | --- | --- | --- |
-//! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters |
-//! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message), or for an answer over [`MAX_PAYLOAD_BYTES`] a pointer into the outputs bucket ([`outputs`]) |
+//! | `<job id>` | `job` | the job record, its lease (owner, epoch, expiry) and counters: small (a few hundred bytes), since every lease renewal, checkpoint and finish rewrites it and DynamoDB bills a write by the whole item |
+//! | `<job id>` | `spec` | the job's spec, written once with the job and never again |
+//! | `<job id>` | `step#<step key>` | one step checkpoint (`step#scene[3]` for a fan-out instance): `output` text and `answer` (the rest of the message), or both deflated in `packed` (binary) when that is smaller, or for an answer over [`MAX_PAYLOAD_BYTES`] a pointer into the outputs bucket ([`outputs`]) |
 //! | `<job id>` | `webhook` | the job's last webhook delivery report (JSON) |
 //! | `unsent` | `<job id>` | a job whose queue message is not known to be sent: written with the job, deleted once sent |
 //! | `idem#<tenant>#<key>` | `idem` | an idempotency key: job id and request hash |
@@ -77,6 +78,7 @@ use tables::{describe_status, missing_table};
 type Item = HashMap<String, AttributeValue>;
 
 const JOB_SK: &str = "job";
+const SPEC_SK: &str = "spec";
 const STEP_PREFIX: &str = "step#";
 const IDEM_SK: &str = "idem";
 const WEBHOOK_SK: &str = "webhook";
@@ -294,10 +296,38 @@ impl DynamoJobs {
     }
 
     async fn get_job_at(&self, id: &JobId, now_s: i64) -> StorageResult<Option<JobRecord>> {
-        match self.read_item(id.as_str(), JOB_SK).await? {
-            Some(item) if !expired(&item, now_s) => Ok(Some(job_from_item(&item)?)),
-            _ => Ok(None),
+        let item = match self.read_item(id.as_str(), JOB_SK).await? {
+            Some(item) if !expired(&item, now_s) => item,
+            _ => return Ok(None),
+        };
+        // A job stored before specs had an item of their own keeps it inline.
+        let spec = match item.get("spec_json").and_then(|v| v.as_s().ok()) {
+            Some(inline) => inline.clone(),
+            None => self.spec_of(id).await?,
+        };
+        Ok(Some(job_from_item(&item, spec)?))
+    }
+
+    /// The spec item's text. It never changes once written, so an
+    /// eventually consistent read (half the read units) is tried first, and
+    /// a strongly consistent one only if that missed a just-created job's.
+    async fn spec_of(&self, id: &JobId) -> StorageResult<String> {
+        for consistent in [false, true] {
+            let out = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .key("PK", s(id.as_str()))
+                .key("SK", s(SPEC_SK))
+                .consistent_read(consistent)
+                .send()
+                .await
+                .map_err(|e| sdk_err("reading a job's spec", e))?;
+            if let Some(item) = out.item {
+                return Ok(Fields::new(&item, "spec item").s("spec_json")?.to_owned());
+            }
         }
+        Err(StorageError::Missing(format!("the spec of job {id}")))
     }
 
     /// `finish_job`; with `repair`, a refusal for missing steps first checks
@@ -634,7 +664,12 @@ impl JobStore for DynamoJobs {
             .map_err(|e| sdk_err("building the checkpoint's job update", e))?;
         let step = Put::builder().table_name(&self.table);
         let step = match offloaded {
-            None => step.item("output", s(text)).item("answer", s(&rest)),
+            None => match pack(text, &rest) {
+                Some(z) => step
+                    .item(PACKED_ATTR, AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(z)))
+                    .item("output_bytes", num(size)),
+                None => step.item("output", s(text)).item("answer", s(&rest)),
+            },
             Some(r) => step
                 .item("output_ref", s(&r.key))
                 .item("output_bytes", num(r.bytes))
