@@ -74,14 +74,16 @@ fuzz:
 CDK_ARGS   ?=
 LAMBDA_DIR := dist/lambda
 PLATFORM   ?= linux/arm64
-CDK        := cd cdk && CDK_DISABLE_VERSION_CHECK=1 node_modules/.bin/cdk
+# Synth runs `ratepool config check` with the binary `build` just made.
+CDK_BUILT  := cd cdk && CDK_DISABLE_VERSION_CHECK=1 RATEPOOL_BIN=$${RATEPOOL_BIN:-$(CURDIR)/$(BIN)} node_modules/.bin/cdk
 
 cdk-deps:
 	@test -d cdk/node_modules || (cd cdk && npm ci --no-audit --no-fund)
 
-## Once per account and region.
-cdk-bootstrap: cdk-deps
-	$(CDK) bootstrap $(CDK_ARGS)
+## Once per account and region. Bootstrap synthesizes the app, so it checks
+## the config file with the binary `build` makes, as synth does.
+cdk-bootstrap: build cdk-deps
+	$(CDK_BUILT) bootstrap $(CDK_ARGS)
 
 ## The Lambda's bootstrap (provided.al2023, arm64), built in Docker where the deploy runs.
 lambda-bundle:
@@ -89,16 +91,18 @@ lambda-bundle:
 	  --output type=local,dest=$(LAMBDA_DIR) .
 
 ## Templates in cdk/cdk.out, offline: no credentials, no Docker (a placeholder
-## Lambda bundle unless lambda-bundle ran).
-synth: cdk-deps
-	$(CDK) synth --quiet $(if $(wildcard $(LAMBDA_DIR)/bootstrap),,-c ratepool:lambdaAsset=cdk/test/fixtures/lambda-placeholder) $(CDK_ARGS)
+## Lambda bundle unless lambda-bundle ran). Synth checks the config file
+## (-c ratepool:configFile=FILE, default examples/aws.toml) with the release
+## binary's `ratepool config check`, hence `build` first.
+synth: build cdk-deps
+	$(CDK_BUILT) synth --quiet $(if $(wildcard $(LAMBDA_DIR)/bootstrap),,-c ratepool:lambdaAsset=cdk/test/fixtures/lambda-placeholder) $(CDK_ARGS)
 
-## First deploy only: the secret the keys go in.
-deploy-keys: cdk-deps
-	$(CDK) deploy RatepoolKeys $(CDK_ARGS)
+## First deploy only: the two secrets the keys go in (TenantKeys, WorkerKeys).
+deploy-keys: build cdk-deps
+	$(CDK_BUILT) deploy RatepoolKeys $(CDK_ARGS)
 
-deploy: lambda-bundle cdk-deps
-	$(CDK) deploy --all --require-approval broadening $(CDK_ARGS)
+deploy: build lambda-bundle cdk-deps
+	$(CDK_BUILT) deploy --all --require-approval broadening $(CDK_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -21,12 +21,13 @@ export function defineApp(app: App, opts: { nag: boolean }): RatepoolApp {
   const settings = loadSettings(app.node);
   const keys = new KeysStack(app, 'RatepoolKeys', {
     settings,
-    description: 'ratepool API keys (deploy and fill before the Ratepool stack)',
+    description: 'ratepool keys: tenant API keys, org keys and webhook secrets (deploy and fill before the Ratepool stack)',
   });
   const main = new RatepoolStack(app, 'Ratepool', {
     settings,
-    keys: keys.secret,
-    description: 'ratepool: API Gateway, Lambda, SQS, DynamoDB, Fargate workers, dashboard and alarms',
+    tenantKeys: keys.tenantKeys,
+    workerKeys: keys.workerKeys,
+    description: 'ratepool: API Gateway with a tenant authorizer, Lambda, SQS, DynamoDB, Fargate workers, dashboard and alarms',
   });
   if (opts.nag) Validations.of(app).addPlugins(new AwsSolutionsChecks(app));
   return { keys, main };

@@ -20,7 +20,6 @@ import * as iam from 'aws-cdk-lib/aws-iam';
 import * as s3 from 'aws-cdk-lib/aws-s3';
 import { Construct } from 'constructs';
 import type { CallsSettings } from './settings';
-import { callDrainSecs } from './timing';
 
 /** The port `ratepool worker --listen` serves the calls on, in the task. */
 export const CALLS_PORT = 8080;
@@ -53,7 +52,7 @@ export class CallsEndpoint extends Construct {
   constructor(scope: Construct, id: string, props: CallsEndpointProps) {
     super(scope, id);
     const tls = props.calls.tls;
-    const drainSecs = callDrainSecs(props.calls.maxWaitSecs);
+    const drainSecs = props.calls.drainSecs;
 
     const accessLogs = new s3.Bucket(this, 'AccessLogs', {
       // ELB log delivery supports S3-managed keys only.

@@ -3,8 +3,8 @@
  *
  * Per-org graphs are SEARCH expressions over the `Org` dimension the worker
  * publishes, so an org that starts sending shows up without a redeploy.
- * Alarms cannot use SEARCH; they are made per org from the same org list the
- * worker's config is rendered from, so they cover every configured org.
+ * Alarms cannot use SEARCH; they are made per org from the orgs of the config
+ * file the worker runs, so they cover every configured org.
  */
 import { Aws, Duration, RemovalPolicy, Stack } from 'aws-cdk-lib';
 import type * as apigw from 'aws-cdk-lib/aws-apigateway';
@@ -30,6 +30,7 @@ export interface MonitoringProps {
   readonly deadLetterQueue: sqs.IQueue;
   readonly api: apigw.RestApi;
   readonly apiFunction: lambda.IFunction;
+  readonly authorizerFunction: lambda.IFunction;
   readonly clusterName: string;
   readonly serviceName: string;
   readonly scaling: WorkerScaling;
@@ -265,9 +266,11 @@ export class Monitoring extends Construct {
             api.metricLatency({ period: MINUTE, statistic: 'p99', label: 'p99' }),
             api.metricIntegrationLatency({ period: MINUTE, statistic: 'p99', label: 'Lambda p99' }),
           ]),
-          graph('API Lambda errors', [
-            fn.metricErrors({ period: MINUTE, label: 'errors' }),
-            fn.metricThrottles({ period: MINUTE, label: 'throttles' }),
+          graph('API Lambda and authorizer errors', [
+            fn.metricErrors({ period: MINUTE, label: 'API errors' }),
+            fn.metricThrottles({ period: MINUTE, label: 'API throttles' }),
+            props.authorizerFunction.metricErrors({ period: MINUTE, label: 'authorizer errors' }),
+            props.authorizerFunction.metricThrottles({ period: MINUTE, label: 'authorizer throttles' }),
           ]),
           graph('API Lambda invocations and duration', [fn.metricInvocations({ period: MINUTE, label: 'invocations' })], {
             right: [fn.metricDuration({ period: MINUTE, statistic: 'p99', label: 'duration p99 (ms)' })],

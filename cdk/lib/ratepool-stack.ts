@@ -1,9 +1,10 @@
 /**
- * The production shape of ratepool (DESIGN.md): API Gateway → Lambda `api` →
- * SQS → Fargate `worker` service, DynamoDB for jobs and the quota ledger,
- * CloudWatch for metrics, dashboard and alarms; and the calls endpoint, an
- * Application Load Balancer in front of the same workers. Everything that
- * varies between deployments comes in through `Settings` (CDK context),
+ * The production shape of ratepool (DESIGN.md): API Gateway (a tenant
+ * authorizer, a usage plan per tenant) → Lambda `api` → SQS → Fargate
+ * `worker` service, DynamoDB for jobs and the quota ledger, CloudWatch for
+ * metrics, dashboard and alarms; and the calls endpoint, an Application Load
+ * Balancer in front of the same workers. Everything that varies between
+ * deployments comes in through `Settings` (the config file and CDK context),
  * never code edits.
  */
 import { Aws, CfnOutput, Duration, RemovalPolicy, Stack, StackProps, Validations } from 'aws-cdk-lib';
@@ -23,7 +24,7 @@ import { CALLS_PORT, CallsEndpoint } from './calls-endpoint';
 import {
   AwsResourceNames,
   JOB_RETENTION_DAYS,
-  METRICS_NAMESPACE,
+  longestNames,
   renderConfigToml,
   STEP_LIVE_MARGIN_DAYS,
 } from './config-toml';
@@ -34,28 +35,41 @@ import { addWorkerScaling } from './worker-scaling';
 
 export interface RatepoolStackProps extends StackProps {
   readonly settings: Settings;
-  /** The keys secret (KeysStack): JSON object, field name → key. */
-  readonly keys: secretsmanager.ISecret;
+  /** Tenants' API keys (KeysStack): read by the API Lambda, the authorizer, and workers serving calls. */
+  readonly tenantKeys: secretsmanager.ISecret;
+  /** Org keys and webhook secrets (KeysStack): read by the workers only. */
+  readonly workerKeys: secretsmanager.ISecret;
 }
 
 /** Lambda's limit on all of a function's environment variables together. */
 const LAMBDA_ENV_LIMIT_BYTES = 4096;
+/** The authorizer checks a key against the few it holds: the smallest size that starts fast. */
+const AUTHORIZER_MEMORY_MIB = 256;
 const LOG_RETENTION = logs.RetentionDays.ONE_MONTH;
 const WORKER_CONTAINER = 'worker';
 
 /**
- * Item-level DynamoDB actions (a TransactWriteItems needs those of its parts).
- * DescribeTable lets the backend check at start that its tables exist; there
- * is no Scan and no table administration.
+ * How long API Gateway keeps an authorizer's answer for one Authorization
+ * header. With the 60 s for which a process uses the tenant keys it read
+ * (src/api/keyring.rs, TENANT_KEYS_MAX_AGE), a rotated or revoked tenant key
+ * stops working within 60 s + this: 6 minutes.
  */
-const TABLE_READ = ['dynamodb:GetItem', 'dynamodb:BatchGetItem', 'dynamodb:Query', 'dynamodb:DescribeTable'];
-const TABLE_WRITE = [
-  'dynamodb:PutItem',
-  'dynamodb:UpdateItem',
-  'dynamodb:DeleteItem',
-  'dynamodb:BatchWriteItem',
-  'dynamodb:ConditionCheckItem',
-];
+export const AUTHORIZER_CACHE_SECS = 300;
+/** TENANT_KEYS_MAX_AGE of the Rust side: how stale a process's tenant keys may be. */
+export const TENANT_KEYS_MAX_AGE_SECS = 60;
+
+/**
+ * The DynamoDB actions each role's code calls (src/aws): item reads and
+ * writes (a TransactWriteItems is authorized as its parts: Put, Update,
+ * ConditionCheck), and DescribeTable, with which the backend checks at start
+ * that its tables exist. No Scan, no Batch*, no table administration (that is
+ * `ratepool aws init`, for dev accounts).
+ */
+const DESCRIBE = 'dynamodb:DescribeTable';
+/** Jobs, steps, usage, the unsent list, cached answers and stored calls. */
+const JOBS_ITEMS = ['dynamodb:GetItem', 'dynamodb:Query', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:DeleteItem'];
+/** The ledger: a strongly consistent read of a bucket, a conditional update to charge it. */
+const LEDGER_READ = ['dynamodb:GetItem', DESCRIBE];
 
 export class RatepoolStack extends Stack {
   readonly jobsTable: dynamodb.Table;
@@ -66,6 +80,8 @@ export class RatepoolStack extends Stack {
   readonly deadLetterQueue: sqs.Queue;
   readonly api: apigw.RestApi;
   readonly apiFunction: lambda.Function;
+  /** The same bundle as `apiFunction`, answering API Gateway's REQUEST authorizer events. */
+  readonly authorizerFunction: lambda.Function;
   readonly cluster: ecs.Cluster;
   readonly workerService: ecs.FargateService;
   /** Absent with `ratepool:calls=false`. */
@@ -150,16 +166,21 @@ export class RatepoolStack extends Stack {
       interactiveQueue: this.interactiveQueue.queueName,
       batchQueue: this.batchQueue.queueName,
       deadLetterQueue: this.deadLetterQueue.queueName,
-      secretArn: props.keys.secretArn,
+      tenantKeysSecretArn: props.tenantKeys.secretArn,
+      workerKeysSecretArn: props.workerKeys.secretArn,
       outputsBucket: this.outputsBucket.bucketName,
     };
-    const configToml = renderConfigToml(s, names);
-    checkLambdaEnvSize(s);
+    const configToml = renderConfigToml(s.configFile.text, names);
+    // Not a secret: an identifier the authorizer answers with and each
+    // tenant's API key (usage plan) has as its value. Clients never send it.
+    const usageKeyPrefix = `${this.stackName}-usage-key-`;
+    checkLambdaEnvSize(s, this.stackName, usageKeyPrefix);
     const queues = [this.interactiveQueue, this.batchQueue, this.deadLetterQueue];
 
-    this.apiFunction = this.addApiFunction(s, configToml, props.keys, queues);
-    this.api = this.addRestApi(s, this.apiFunction);
-    const workers = this.addWorkers(s, configToml, props.keys, queues);
+    this.apiFunction = this.addApiFunction(s, configToml, props.tenantKeys, queues);
+    this.authorizerFunction = this.addAuthorizerFunction(s, configToml, props.tenantKeys, usageKeyPrefix);
+    this.api = this.addRestApi(s, this.apiFunction, this.authorizerFunction, usageKeyPrefix);
+    const workers = this.addWorkers(s, configToml, props);
     this.cluster = workers.cluster;
     this.workerService = workers.service;
     if (s.calls) {
@@ -186,6 +207,7 @@ export class RatepoolStack extends Stack {
       deadLetterQueue: this.deadLetterQueue,
       api: this.api,
       apiFunction: this.apiFunction,
+      authorizerFunction: this.authorizerFunction,
       clusterName: this.cluster.clusterName,
       serviceName: this.workerService.serviceName,
       scaling,
@@ -208,6 +230,15 @@ export class RatepoolStack extends Stack {
         });
       }
     }
+    new CfnOutput(this, 'ApiFunctionName', {
+      value: this.apiFunction.functionName,
+      description: 'Its RATEPOOL_CONFIG_TOML is the deployed config, e.g. for `ratepool dlq` (README: runbook)',
+    });
+    new CfnOutput(this, 'WorkerClusterName', { value: this.cluster.clusterName });
+    new CfnOutput(this, 'WorkerServiceName', {
+      value: this.workerService.serviceName,
+      description: 'aws ecs update-service --cluster <WorkerClusterName> --service <this> --force-new-deployment: workers read WorkerKeys again',
+    });
     new CfnOutput(this, 'DashboardName', { value: this.monitoring.dashboard.dashboardName });
     new CfnOutput(this, 'AlarmTopicArn', { value: this.monitoring.alarmTopic.topicArn });
   }
@@ -216,13 +247,13 @@ export class RatepoolStack extends Stack {
   private addApiFunction(
     s: Settings,
     configToml: string,
-    keys: secretsmanager.ISecret,
+    tenantKeys: secretsmanager.ISecret,
     queues: sqs.IQueue[],
   ): lambda.Function {
     const fnLogs = new logs.LogGroup(this, 'ApiFunctionLogs', { retention: LOG_RETENTION });
     const fnRole = new iam.Role(this, 'ApiFunctionRole', {
       assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
-      description: 'ratepool API Lambda: its tables, enqueue, keys, metrics',
+      description: 'ratepool API Lambda: the jobs table, ledger reads, enqueue, tenant keys',
     });
     // Instead of the AWSLambdaBasicExecutionRole managed policy: its own log group only.
     fnLogs.grantWrite(fnRole);
@@ -241,8 +272,11 @@ export class RatepoolStack extends Stack {
     });
     fnRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
+        // Submit (a transaction of puts and updates), status, result pages,
+        // cancel, usage, idempotent replays; DeleteItem takes a job off the
+        // unsent list once its message is sent.
         sid: 'JobsReadWrite',
-        actions: [...TABLE_READ, ...TABLE_WRITE],
+        actions: [...JOBS_ITEMS, DESCRIBE],
         resources: [this.jobsTable.tableArn],
       }),
     );
@@ -255,8 +289,8 @@ export class RatepoolStack extends Stack {
     );
     fnRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
-        sid: 'LedgerRead', // GET /v1/usage shows headroom
-        actions: TABLE_READ,
+        sid: 'LedgerRead', // GET /v1/usage shows headroom; submissions check the tenant's quota bucket
+        actions: LEDGER_READ,
         resources: [this.ledgerTable.tableArn],
       }),
     );
@@ -269,57 +303,120 @@ export class RatepoolStack extends Stack {
     );
     fnRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
-        // The queue backend resolves all three queues by name at start.
+        // The queue backend resolves all three queues by name at start;
+        // /healthz and /metrics read their depths.
         sid: 'ResolveQueues',
         actions: ['sqs:GetQueueUrl', 'sqs:GetQueueAttributes'],
         resources: queues.map((q) => q.queueArn),
       }),
     );
-    fnRole.addToPrincipalPolicy(readKeys(keys));
-    fnRole.addToPrincipalPolicy(putMetrics());
+    fnRole.addToPrincipalPolicy(readSecret('ReadTenantKeys', tenantKeys));
     Validations.of(fnRole).acknowledge(
-      {
-        id: 'AwsSolutions-IAM5[Resource::*]',
-        reason: 'cloudwatch:PutMetricData has no resource-level permissions; the statement is limited by the cloudwatch:namespace condition to Ratepool.',
-      },
       outputsObjectsAck(this.outputsBucket, 's3:GetObject: the API reads any step answer a tenant asks for'),
     );
     return fn;
   }
 
-  /** REST API with access logs and throttling in front of the Lambda. */
-  private addRestApi(s: Settings, fn: lambda.Function): apigw.RestApi {
+  /**
+   * The tenant authorizer: the API's bundle again (`RATEPOOL_LAMBDA=authorizer`),
+   * reading only the tenant keys. It answers a valid `Bearer` key with an
+   * Allow for the whole stage (one cached answer serves every route), the
+   * tenant as principal and its usage plan's key; anything else is 401.
+   */
+  private addAuthorizerFunction(
+    s: Settings,
+    configToml: string,
+    tenantKeys: secretsmanager.ISecret,
+    usageKeyPrefix: string,
+  ): lambda.Function {
+    const fnLogs = new logs.LogGroup(this, 'AuthorizerFunctionLogs', { retention: LOG_RETENTION });
+    const fnRole = new iam.Role(this, 'AuthorizerFunctionRole', {
+      assumedBy: new iam.ServicePrincipal('lambda.amazonaws.com'),
+      description: 'ratepool tenant authorizer: reads the tenant keys, nothing else',
+    });
+    fnLogs.grantWrite(fnRole);
+    const fn = new lambda.Function(this, 'AuthorizerFunction', {
+      description: 'ratepool tenant authorizer (API Gateway REQUEST authorizer: Authorization: Bearer <tenant key>)',
+      runtime: lambda.Runtime.PROVIDED_AL2023,
+      architecture: lambda.Architecture.ARM_64,
+      handler: 'bootstrap',
+      code: lambda.Code.fromAsset(s.lambdaAsset),
+      memorySize: AUTHORIZER_MEMORY_MIB,
+      // A secret read at most; API Gateway answers 500 to a slow authorizer anyway.
+      timeout: Duration.seconds(10),
+      role: fnRole,
+      logGroup: fnLogs,
+      environment: {
+        RATEPOOL_LAMBDA: 'authorizer',
+        RATEPOOL_CONFIG_TOML: configToml,
+        RATEPOOL_USAGE_KEY_PREFIX: usageKeyPrefix,
+      },
+    });
+    fnRole.addToPrincipalPolicy(readSecret('ReadTenantKeys', tenantKeys));
+    return fn;
+  }
+
+  /**
+   * REST API with access logs in front of the Lambda: every method behind the
+   * tenant authorizer, and a usage plan (throttle) per tenant under the
+   * stage-wide throttle.
+   */
+  private addRestApi(s: Settings, fn: lambda.Function, authorizerFn: lambda.Function, usageKeyPrefix: string): apigw.RestApi {
     const accessLogs = new logs.LogGroup(this, 'ApiAccessLogs', { retention: LOG_RETENTION });
     const api = new apigw.RestApi(this, 'Api', {
       restApiName: 'ratepool',
       description: 'ratepool: submit and follow jobs (/v1/...)',
       endpointConfiguration: { types: [apigw.EndpointType.REGIONAL] },
       cloudWatchRole: false,
+      // The usage plan's key comes from the authorizer (usageIdentifierKey),
+      // never from the client: it is not a secret, the tenant key is.
+      apiKeySourceType: apigw.ApiKeySourceType.AUTHORIZER,
       deployOptions: {
         stageName: 'prod',
         accessLogDestination: new apigw.LogGroupLogDestination(accessLogs),
         accessLogFormat: apigw.AccessLogFormat.jsonWithStandardFields(),
+        // The cap over all tenants together; each tenant's own is its usage plan.
         throttlingRateLimit: s.apiRateLimit,
         throttlingBurstLimit: s.apiBurstLimit,
       },
     });
-    this.addRoutes(api, fn);
+    const authorizer = new apigw.RequestAuthorizer(this, 'TenantAuthorizer', {
+      authorizerName: 'tenant-key',
+      handler: authorizerFn,
+      // A request without the header is refused (401) without invoking it.
+      identitySources: [apigw.IdentitySource.header('Authorization')],
+      resultsCacheTtl: Duration.seconds(AUTHORIZER_CACHE_SECS),
+    });
+    this.addRoutes(api, fn, authorizer);
+
+    for (const tenant of s.tenants) {
+      const key = new apigw.ApiKey(this, `UsageKey-${tenant.name}`, {
+        apiKeyName: `${this.stackName}-${tenant.name}`,
+        description: `ratepool tenant ${tenant.name}: the usage plan identifier its authorizer answers with (not a secret)`,
+        value: `${usageKeyPrefix}${tenant.name}`,
+        enabled: true,
+      });
+      const plan = new apigw.UsagePlan(this, `UsagePlan-${tenant.name}`, {
+        name: `${this.stackName}-${tenant.name}`,
+        description: `ratepool tenant ${tenant.name}: its throttle`,
+        throttle: { rateLimit: tenant.throttle.rateLimit, burstLimit: tenant.throttle.burstLimit },
+        apiStages: [{ api, stage: api.deploymentStage }],
+      });
+      plan.addApiKey(key);
+    }
+
     Validations.of(api).acknowledge(
       {
-        id: 'AwsSolutions-APIG4',
-        reason: 'Every /v1 route authenticates the tenant API key (Authorization: Bearer) in the Lambda, which maps the key to its tenant; API Gateway rejects requests without the header before they reach it.',
-      },
-      {
         id: 'AwsSolutions-COG4',
-        reason: 'Clients are backend services holding tenant API keys, not Cognito users; the keys are checked in the Lambda.',
+        reason: 'Clients are backend services holding tenant API keys, not Cognito users; every method has the tenant authorizer (a Lambda REQUEST authorizer on the Authorization header).',
       },
       {
         id: 'AwsSolutions-APIG3',
-        reason: 'No WAF web ACL: a request without the Authorization header is refused by API Gateway and one with a wrong key by the Lambda, and the stage throttle (ratepool:apiRateLimit/apiBurstLimit) bounds what abuse can cost. Attach an account-level web ACL where policy requires one.',
+        reason: 'No WAF web ACL: a request without a valid tenant key is refused by the authorizer before the API Lambda runs, and each tenant has its usage plan throttle under the stage throttle (ratepool:apiRateLimit/apiBurstLimit). Attach an account-level web ACL where policy requires one.',
       },
       {
         id: 'AwsSolutions-APIG6',
-        reason: 'Execution logging needs the account-wide API Gateway CloudWatch role (AWS::ApiGateway::Account), which one stack should not own for the whole account; access logs (ApiAccessLogs) and the Lambda log cover every request.',
+        reason: 'Execution logging needs the account-wide API Gateway CloudWatch role (AWS::ApiGateway::Account), which one stack should not own for the whole account; access logs (ApiAccessLogs), the authorizer log and the Lambda log cover every request.',
       },
     );
     return api;
@@ -329,8 +426,7 @@ export class RatepoolStack extends Stack {
   private addWorkers(
     s: Settings,
     configToml: string,
-    keys: secretsmanager.ISecret,
-    queues: sqs.IQueue[],
+    keys: { tenantKeys: secretsmanager.ISecret; workerKeys: secretsmanager.ISecret },
   ): { cluster: ecs.Cluster; service: ecs.FargateService } {
     const flowLogs = new logs.LogGroup(this, 'VpcFlowLogs', { retention: LOG_RETENTION });
     const vpc = new ec2.Vpc(this, 'Vpc', {
@@ -387,15 +483,24 @@ export class RatepoolStack extends Stack {
     });
     Validations.of(taskDefinition).acknowledge({
       id: 'AwsSolutions-ECS2',
-      reason: 'RATEPOOL_CONFIG_TOML holds only resource names, org endpoints and limits; the API keys stay in Secrets Manager and are read by the worker at start.',
+      reason: 'RATEPOOL_CONFIG_TOML holds the config file (names of secret fields, never their values) and resource names; the keys stay in Secrets Manager and are read by the worker at start.',
     });
 
     const workerRole = taskDefinition.taskRole;
     workerRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
-        sid: 'TablesReadWrite',
-        actions: [...TABLE_READ, ...TABLE_WRITE],
-        resources: [this.jobsTable.tableArn, this.ledgerTable.tableArn],
+        // Leases, checkpoints, usage, the unsent sweep, cached answers,
+        // stored calls; ConditionCheckItem in the webhook report's transaction.
+        sid: 'JobsReadWrite',
+        actions: [...JOBS_ITEMS, 'dynamodb:ConditionCheckItem', DESCRIBE],
+        resources: [this.jobsTable.tableArn],
+      }),
+    );
+    workerRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
+        sid: 'LedgerReadWrite', // charge (conditional update) and read the orgs' and tenants' buckets
+        actions: [...LEDGER_READ, 'dynamodb:UpdateItem'],
+        resources: [this.ledgerTable.tableArn],
       }),
     );
     workerRole.addToPrincipalPolicy(
@@ -407,22 +512,36 @@ export class RatepoolStack extends Stack {
         resources: [this.outputsBucket.arnForObjects('*')],
       }),
     );
+    // Queue depths are read by /healthz, which only a worker serving calls has.
+    const depths = s.calls ? ['sqs:GetQueueAttributes'] : [];
     workerRole.addToPrincipalPolicy(
       new iam.PolicyStatement({
-        sid: 'Queues',
+        // Receive, heartbeat (visibility), finish (delete), defer and hand
+        // back (send a fresh copy, delete the old one).
+        sid: 'WorkQueues',
         actions: [
           'sqs:ReceiveMessage',
           'sqs:DeleteMessage',
           'sqs:ChangeMessageVisibility',
           'sqs:SendMessage',
-          'sqs:GetQueueAttributes',
           'sqs:GetQueueUrl',
+          ...depths,
         ],
-        resources: queues.map((q) => q.queueArn),
+        resources: [this.interactiveQueue.queueArn, this.batchQueue.queueArn],
       }),
     );
-    workerRole.addToPrincipalPolicy(readKeys(keys));
-    workerRole.addToPrincipalPolicy(putMetrics());
+    workerRole.addToPrincipalPolicy(
+      new iam.PolicyStatement({
+        // Dead-letters poison and unreadable messages; never reads the DLQ
+        // (that is `ratepool dlq`, run by an operator).
+        sid: 'DeadLetter',
+        actions: ['sqs:SendMessage', 'sqs:GetQueueUrl', ...depths],
+        resources: [this.deadLetterQueue.queueArn],
+      }),
+    );
+    workerRole.addToPrincipalPolicy(readSecret('ReadWorkerKeys', keys.workerKeys));
+    // The calls endpoint authenticates tenants in the worker.
+    if (s.calls) workerRole.addToPrincipalPolicy(readSecret('ReadTenantKeys', keys.tenantKeys));
     const ownTasks = Stack.of(this).formatArn({
       service: 'ecs',
       resource: 'task',
@@ -437,10 +556,6 @@ export class RatepoolStack extends Stack {
       }),
     );
     Validations.of(workerRole).acknowledge(
-      {
-        id: 'AwsSolutions-IAM5[Resource::*]',
-        reason: 'cloudwatch:PutMetricData has no resource-level permissions; the statement is limited by the cloudwatch:namespace condition to Ratepool.',
-      },
       outputsObjectsAck(this.outputsBucket, 's3:GetObject and s3:PutObject: a worker writes and reads back the answers of every job it runs'),
       {
         id: `AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ecs:<AWS::Region>:<AWS::AccountId>:task/<${this.getLogicalId(cluster.node.defaultChild as ecs.CfnCluster)}>/*]`,
@@ -485,9 +600,10 @@ export class RatepoolStack extends Stack {
   /**
    * `/v1/{proxy+}` and `/v1/jobs/{proxy+}` go to the Lambda as they are;
    * `POST /v1/jobs` gets its body checked against the job spec's outline
-   * first. Every method needs the Authorization header.
+   * first. Every method is behind the tenant authorizer and the tenant's
+   * usage plan.
    */
-  private addRoutes(api: apigw.RestApi, fn: lambda.IFunction): void {
+  private addRoutes(api: apigw.RestApi, fn: lambda.IFunction, authorizer: apigw.IAuthorizer): void {
     const integration = new apigw.LambdaIntegration(fn);
     const validator = api.addRequestValidator('Validator', {
       requestValidatorName: 'header-and-body',
@@ -497,6 +613,10 @@ export class RatepoolStack extends Stack {
     const authorized: apigw.MethodOptions = {
       requestValidator: validator,
       requestParameters: { 'method.request.header.Authorization': true },
+      authorizationType: apigw.AuthorizationType.CUSTOM,
+      authorizer,
+      // The tenant's usage plan (throttle), keyed by what the authorizer answers.
+      apiKeyRequired: true,
     };
     const jobSpec = api.addModel('JobSpec', {
       contentType: 'application/json',
@@ -522,11 +642,47 @@ export class RatepoolStack extends Stack {
     jobs.addProxy({ anyMethod: false }).addMethod('ANY', integration, authorized);
 
     // API Gateway's own refusals in the API's error shape (src/api/error.rs).
+    const unauthorized = errorBody('unauthorized', 'missing or invalid API key');
+    api.addGatewayResponse('Unauthorized', {
+      // The authorizer refused the key, or there was no Authorization header.
+      type: apigw.ResponseType.UNAUTHORIZED,
+      statusCode: '401',
+      responseHeaders: { 'WWW-Authenticate': "'Bearer'" },
+      templates: { 'application/json': unauthorized },
+    });
+    api.addGatewayResponse('AccessDenied', {
+      type: apigw.ResponseType.ACCESS_DENIED,
+      statusCode: '403',
+      templates: { 'application/json': errorBody('forbidden', 'this API key may not call this route') },
+    });
+    api.addGatewayResponse('NoUsagePlan', {
+      // The authorizer answered a usage key no usage plan of this stage has.
+      type: apigw.ResponseType.INVALID_API_KEY,
+      statusCode: '403',
+      templates: { 'application/json': errorBody('forbidden', 'this tenant has no usage plan on this API') },
+    });
+    api.addGatewayResponse('Throttled', {
+      type: apigw.ResponseType.THROTTLED,
+      statusCode: '429',
+      templates: {
+        'application/json': errorBody('rate_limited', 'too many requests: over this API\'s throttle for the tenant; retry with backoff'),
+      },
+    });
+    for (const [id, type] of [
+      ['AuthorizerFailure', apigw.ResponseType.AUTHORIZER_FAILURE],
+      ['AuthorizerConfiguration', apigw.ResponseType.AUTHORIZER_CONFIGURATION_ERROR],
+    ] as const) {
+      api.addGatewayResponse(id, {
+        type,
+        statusCode: '503',
+        templates: { 'application/json': errorBody('unavailable', 'the API key check is unavailable; retry with backoff') },
+      });
+    }
     api.addGatewayResponse('MissingKey', {
       type: apigw.ResponseType.BAD_REQUEST_PARAMETERS,
       statusCode: '401',
       responseHeaders: { 'WWW-Authenticate': "'Bearer'" },
-      templates: { 'application/json': errorBody('unauthorized', 'missing or invalid API key') },
+      templates: { 'application/json': unauthorized },
     });
     api.addGatewayResponse('InvalidBody', {
       type: apigw.ResponseType.BAD_REQUEST_BODY,
@@ -548,20 +704,11 @@ function errorBody(type: string, message: string, field?: string): string {
   return `{"error": {"type": "${type}", "message": "${message}"${fieldPart}}}`;
 }
 
-function readKeys(keys: secretsmanager.ISecret): iam.PolicyStatement {
+function readSecret(sid: string, secret: secretsmanager.ISecret): iam.PolicyStatement {
   return new iam.PolicyStatement({
-    sid: 'ReadKeys',
+    sid,
     actions: ['secretsmanager:GetSecretValue'],
-    resources: [keys.secretArn],
-  });
-}
-
-function putMetrics(): iam.PolicyStatement {
-  return new iam.PolicyStatement({
-    sid: 'PutRatepoolMetrics',
-    actions: ['cloudwatch:PutMetricData'],
-    resources: ['*'],
-    conditions: { StringEquals: { 'cloudwatch:namespace': METRICS_NAMESPACE } },
+    resources: [secret.secretArn],
   });
 }
 
@@ -575,25 +722,24 @@ function outputsObjectsAck(bucket: s3.Bucket, what: string): { id: string; reaso
 
 /**
  * Lambda refuses more than 4 KB of environment, at deploy time. Rendered with
- * resource names as long as CloudFormation makes them, the config must fit,
- * or synth stops here naming the cause.
+ * resource names as long as CloudFormation makes them, the authorizer's
+ * environment (the larger: the config and two more variables) must fit, or
+ * synth stops here naming the file.
  */
-function checkLambdaEnvSize(s: Settings): void {
-  const longest: AwsResourceNames = {
-    region: 'x'.repeat(16),
-    jobsTable: 'x'.repeat(128),
-    ledgerTable: 'x'.repeat(128),
-    interactiveQueue: 'x'.repeat(80),
-    batchQueue: 'x'.repeat(80),
-    deadLetterQueue: 'x'.repeat(80),
-    secretArn: 'x'.repeat(160),
-    outputsBucket: 'x'.repeat(63),
+function checkLambdaEnvSize(s: Settings, stackName: string, usageKeyPrefix: string): void {
+  const config = renderConfigToml(s.configFile.text, longestNames(stackName));
+  const env: Record<string, string> = {
+    RATEPOOL_CONFIG_TOML: config,
+    RATEPOOL_LAMBDA: 'authorizer',
+    RATEPOOL_USAGE_KEY_PREFIX: usageKeyPrefix,
   };
-  const bytes = Buffer.byteLength('RATEPOOL_CONFIG_TOML' + renderConfigToml(s, longest));
+  const bytes = Object.entries(env).reduce((n, [k, v]) => n + Buffer.byteLength(k) + Buffer.byteLength(v), 0);
   if (bytes > LAMBDA_ENV_LIMIT_BYTES) {
+    const fileBytes = Buffer.byteLength(s.configFile.text);
     throw new Error(
-      `RATEPOOL_CONFIG_TOML may reach ${bytes} bytes, over Lambda's ${LAMBDA_ENV_LIMIT_BYTES}-byte environment limit: ` +
-        'fewer orgs/models/tenants per deployment, or shorter names.',
+      `config file ${s.configFile.shownPath}: ${fileBytes} bytes, which with the [storage]/[aws] part the stack appends ` +
+        `makes a Lambda environment of up to ${bytes} bytes, over Lambda's ${LAMBDA_ENV_LIMIT_BYTES}-byte limit: ` +
+        `trim ${bytes - LAMBDA_ENV_LIMIT_BYTES} bytes (comments first), or split the deployment (fewer orgs, models or tenants per file)`,
     );
   }
 }

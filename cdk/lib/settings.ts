@@ -1,45 +1,39 @@
 /**
- * What a deployment is made of — orgs, tenants, sizes, limits — read from CDK
- * context (`cdk.json` defaults, `-c ratepool:KEY=VALUE` overrides) and checked
- * once, so a typo stops `cdk synth` with the key's name instead of surfacing
+ * What a deployment is made of. The ratepool config itself (orgs, tenants,
+ * quotas, workers, calls, ...) is a TOML file (`ratepool:configFile`, read
+ * and checked in config-file.ts); the AWS-only settings (sizes, scaling,
+ * NAT, TLS, alarms, throttles) are CDK context (`cdk.json` defaults,
+ * `-c ratepool:KEY=VALUE` overrides). Both are checked once, so a mistake
+ * stops `cdk synth` naming the key (or the file's line) instead of surfacing
  * as a worker that refuses its config after a deploy.
  */
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Node } from 'constructs';
-import {
-  ALB_MAX_IDLE_TIMEOUT_SECS,
-  callDrainSecs,
-  CALL_MARGIN_SECS,
-  MAX_CALLS_MAX_WAIT_SECS,
-  MAX_DEREGISTRATION_DELAY_SECS,
-  PROVIDER_TIMEOUT_SECS,
-} from './timing';
+import { ConfigFile, FileOrg, FileTenant, loadConfigFile } from './config-file';
+import { callDrainSecs } from './timing';
 
-export interface ModelLimits {
-  readonly rpm: number;
-  readonly tpm: number;
+export type OrgSettings = FileOrg;
+
+/** API Gateway throttling: requests per second and burst. */
+export interface Throttle {
+  readonly rateLimit: number;
+  readonly burstLimit: number;
 }
 
-export interface OrgSettings {
-  /** Also the CloudWatch dimension `Org` the worker publishes under. */
-  readonly name: string;
-  readonly baseUrl: string;
-  /** The field of the keys secret's JSON that holds this org's API key. */
-  readonly apiKeyEnv: string;
-  readonly models: Readonly<Record<string, ModelLimits>>;
-}
-
-export interface TenantSettings {
-  readonly name: string;
-  /** The field of the keys secret's JSON that holds this tenant's API key. */
-  readonly apiKeyEnv: string;
+export interface TenantSettings extends FileTenant {
+  /** Its usage plan's throttle (`ratepool:tenantThrottles`, else the tenant defaults). */
+  readonly throttle: Throttle;
 }
 
 /** The calls endpoint (the OpenAI-compatible door) behind the load balancer. */
 export interface CallsSettings {
-  /** `[calls] max_wait_secs`: the longest a call waits for pooled capacity. */
-  readonly maxWaitSecs: number;
+  /**
+   * The longest a call can take, with its margin: the config file's `[calls]
+   * max_wait_cap_secs` + its slowest org's `timeout_secs` + 30 s. The load
+   * balancer's idle timeout and the deregistration delay.
+   */
+  readonly drainSecs: number;
   /** Calls a minute one task is sized for; with `workerConcurrency`, what scaling divides by. */
   readonly perTaskPerMinute: number;
   /** HTTPS on the certificate's hostname; absent only when `ratepool:allowHttp` chose plain HTTP. */
@@ -54,13 +48,15 @@ export interface CallsTls {
 }
 
 export interface Settings {
+  /** The config file, checked; its text is the head of every `RATEPOOL_CONFIG_TOML`. */
+  readonly configFile: ConfigFile;
   readonly orgs: readonly OrgSettings[];
   readonly tenants: readonly TenantSettings[];
   /** Absolute path of the directory holding the Lambda's `bootstrap`. */
   readonly lambdaAsset: string;
-  /** Jobs one worker task runs at once; also the backlog one task is sized for. */
+  /** `[workers] concurrency`: jobs one worker task runs at once; also the backlog one task is sized for. */
   readonly workerConcurrency: number;
-  /** SQS visibility timeout; the worker extends it by heartbeat while it works. */
+  /** `[workers] visibility_timeout_secs`: the SQS visibility timeout; the worker extends it by heartbeat while it works. */
   readonly visibilityTimeoutSecs: number;
   readonly workerCpu: number;
   readonly workerMemoryMiB: number;
@@ -69,7 +65,7 @@ export interface Settings {
   readonly lambdaMemoryMiB: number;
   /** NAT gateways give the workers fixed egress IPs (for provider IP allowlists). */
   readonly natGateways: number;
-  /** API Gateway stage throttling, requests per second and burst. */
+  /** API Gateway stage throttling: the cap over every tenant together. */
   readonly apiRateLimit: number;
   readonly apiBurstLimit: number;
   /** Alarm when the oldest waiting message of a queue is older than this. */
@@ -80,6 +76,18 @@ export interface Settings {
   /** Absent with `ratepool:calls=false`: no load balancer, and workers may scale to zero. */
   readonly calls?: CallsSettings;
 }
+
+/** The config file of a deployment that names none (relative to the repository root). */
+export const DEFAULT_CONFIG_FILE = 'examples/aws.toml';
+
+/** Context keys that were settings before the config file carried them, with where they went. */
+const MOVED_TO_FILE: Record<string, string> = {
+  orgs: '[[orgs]]',
+  tenants: '[[tenants]]',
+  workerConcurrency: '[workers] concurrency',
+  visibilityTimeoutSecs: '[workers] visibility_timeout_secs',
+  callsMaxWaitSecs: '[calls] max_wait_secs and max_wait_cap_secs',
+};
 
 export const CONTEXT_PREFIX = 'ratepool:';
 
@@ -99,10 +107,6 @@ export function repoRoot(): string {
   return path.dirname(cdkDir());
 }
 
-// Same rule as the Rust side's `OrgName`/`TenantId` (src/domain.rs).
-const ID = /^[A-Za-z0-9._:-]{1,64}$/;
-const MODEL = /^[A-Za-z0-9._:-]{1,128}$/;
-const ENV_NAME = /^[A-Z_][A-Z0-9_]*$/;
 const CERTIFICATE_ARN = /^arn:aws[a-z-]*:acm:[a-z0-9-]+:\d{12}:certificate\/[A-Za-z0-9-]+$/;
 const HOSTNAME = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$/;
 
@@ -126,6 +130,11 @@ export function loadSettings(node: Node): Settings {
     }
     return v;
   };
+  const bool = (key: string): boolean => {
+    const v = raw(key);
+    if (typeof v !== 'boolean') throw new SettingsError(key, `expected true or false, got ${JSON.stringify(v)}`);
+    return v;
+  };
   const int = (key: string, min: number, max: number): number => {
     const v = raw(key);
     if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
@@ -134,13 +143,17 @@ export function loadSettings(node: Node): Settings {
     return v;
   };
 
-  const orgs = list(raw('orgs'), 'orgs').map((o, i) => parseOrg(o, `orgs[${i}]`));
-  if (orgs.length === 0) throw new SettingsError('orgs', 'at least one org is needed');
-  const tenants = list(raw('tenants'), 'tenants').map((t, i) => parseTenant(t, `tenants[${i}]`));
-  if (tenants.length === 0) throw new SettingsError('tenants', 'at least one tenant is needed');
-  unique(orgs.map((o) => o.name), 'orgs', 'name');
-  unique(tenants.map((t) => t.name), 'tenants', 'name');
-  unique([...orgs, ...tenants].map((x) => x.apiKeyEnv), 'orgs/tenants', 'apiKeyEnv');
+  for (const [key, where] of Object.entries(MOVED_TO_FILE)) {
+    if (node.tryGetContext(CONTEXT_PREFIX + key) !== undefined) {
+      throw new SettingsError(key, `is no longer a setting: it is ${where} in the config file (ratepool:configFile)`);
+    }
+  }
+  const callsOn = bool('calls');
+  const configPath = raw('configFile') ?? DEFAULT_CONFIG_FILE;
+  if (typeof configPath !== 'string' || configPath === '') {
+    throw new SettingsError('configFile', 'expected the path of a ratepool config file, relative to the repository root');
+  }
+  const file = loadConfigFile(path.resolve(repoRoot(), configPath), repoRoot(), { calls: callsOn });
 
   const asset = raw('lambdaAsset');
   if (typeof asset !== 'string' || asset === '') throw new SettingsError('lambdaAsset', 'expected a directory path');
@@ -155,11 +168,6 @@ export function loadSettings(node: Node): Settings {
 
   const minWorkers = int('minWorkers', 0, 1000);
   const maxWorkers = int('maxWorkers', Math.max(1, minWorkers), 1000);
-  const bool = (key: string): boolean => {
-    const v = raw(key);
-    if (typeof v !== 'boolean') throw new SettingsError(key, `expected true or false, got ${JSON.stringify(v)}`);
-    return v;
-  };
   /** A string matching `re`, or undefined when empty or missing. */
   const optional = (key: string, re: RegExp, what: string): string | undefined => {
     const v = raw(key);
@@ -173,23 +181,31 @@ export function loadSettings(node: Node): Settings {
     throw new SettingsError('alarmEmail', `expected an email address, got ${JSON.stringify(email)}`);
   }
 
-  const calls = bool('calls') ? parseCalls() : noCalls();
+  const calls = callsOn ? parseCalls() : noCalls();
+  const apiRateLimit = int('apiRateLimit', 1, 10000);
+  const apiBurstLimit = int('apiBurstLimit', 1, 5000);
+  const tenantDefault: Throttle = {
+    rateLimit: int('tenantRateLimit', 1, 10000),
+    burstLimit: int('tenantBurstLimit', 1, 5000),
+  };
+  const overrides = tenantThrottles(raw('tenantThrottles'), file);
+  const tenants = file.tenants.map((t) => ({ ...t, throttle: overrides.get(t.name) ?? tenantDefault }));
 
   return {
-    orgs,
+    configFile: file,
+    orgs: file.orgs,
     tenants,
     lambdaAsset,
-    workerConcurrency: int('workerConcurrency', 1, 10000),
-    // SQS allows up to 12 hours; more than a few minutes only delays crash recovery.
-    visibilityTimeoutSecs: int('visibilityTimeoutSecs', 5, 43200),
+    workerConcurrency: file.concurrency,
+    visibilityTimeoutSecs: file.visibilityTimeoutSecs,
     workerCpu: int('workerCpu', 256, 16384),
     workerMemoryMiB: int('workerMemoryMiB', 512, 122880),
     minWorkers,
     maxWorkers,
     lambdaMemoryMiB: int('lambdaMemoryMiB', 128, 10240),
     natGateways: int('natGateways', 1, 2),
-    apiRateLimit: int('apiRateLimit', 1, 10000),
-    apiBurstLimit: int('apiBurstLimit', 1, 5000),
+    apiRateLimit,
+    apiBurstLimit,
     interactiveMaxAgeSecs: int('interactiveMaxAgeSecs', 60, 1209600),
     batchMaxAgeSecs: int('batchMaxAgeSecs', 60, 1209600),
     alarmEmail: typeof email === 'string' && email !== '' ? email : undefined,
@@ -204,16 +220,9 @@ export function loadSettings(node: Node): Settings {
           '(or ratepool:calls=false for a jobs-only stack that scales from zero)',
       );
     }
-    const maxWaitSecs = int('callsMaxWaitSecs', 1, 86400);
-    if (maxWaitSecs > MAX_CALLS_MAX_WAIT_SECS) {
-      throw new SettingsError(
-        'callsMaxWaitSecs',
-        `${maxWaitSecs} s lets a call last ${callDrainSecs(maxWaitSecs)} s (+ ${PROVIDER_TIMEOUT_SECS} s provider ` +
-          `timeout + ${CALL_MARGIN_SECS} s margin), longer than the load balancer can hold it (idle timeout, at most ` +
-          `${ALB_MAX_IDLE_TIMEOUT_SECS} s) and drain it from a stopping task (deregistration delay, at most ` +
-          `${MAX_DEREGISTRATION_DELAY_SECS} s): at most ${MAX_CALLS_MAX_WAIT_SECS}`,
-      );
-    }
+    const slowest = Math.max(...file.orgs.map((o) => o.timeoutSecs));
+    // Checked against the load balancer's limits in config-file.ts.
+    const drainSecs = callDrainSecs(file.callsMaxWaitCapSecs, slowest);
     const perTaskPerMinute = int('callsPerTaskPerMinute', 1, 1000000);
     const certificateArn = optional('certificateArn', CERTIFICATE_ARN, 'an ACM certificate ARN');
     const domain = optional('callsDomain', HOSTNAME, 'a lowercase DNS hostname');
@@ -227,7 +236,7 @@ export function loadSettings(node: Node): Settings {
             'HTTP for a dev stack with ratepool:allowHttp=true; or no calls endpoint with ratepool:calls=false',
         );
       }
-      return { maxWaitSecs, perTaskPerMinute };
+      return { drainSecs, perTaskPerMinute };
     }
     if (certificateArn === undefined) {
       throw new SettingsError('certificateArn', `needed with ratepool:callsDomain: the ACM certificate for ${domain}`);
@@ -238,7 +247,7 @@ export function loadSettings(node: Node): Settings {
     if (allowHttp) {
       throw new SettingsError('allowHttp', 'must be false with a certificate: port 80 then only redirects to HTTPS');
     }
-    return { maxWaitSecs, perTaskPerMinute, tls: { certificateArn, domain } };
+    return { drainSecs, perTaskPerMinute, tls: { certificateArn, domain } };
   }
 
   /** With no calls endpoint, its TLS settings would silently do nothing. */
@@ -252,58 +261,28 @@ export function loadSettings(node: Node): Settings {
   }
 }
 
-function list(v: unknown, key: string): unknown[] {
-  if (!Array.isArray(v)) throw new SettingsError(key, `expected a JSON list, got ${JSON.stringify(v)}`);
-  return v;
-}
-
-function record(v: unknown, key: string): Record<string, unknown> {
+/** `ratepool:tenantThrottles`: `{TENANT: {rateLimit, burstLimit}}` for tenants of the config file. */
+function tenantThrottles(v: unknown, file: ConfigFile): Map<string, Throttle> {
+  const key = 'tenantThrottles';
+  const out = new Map<string, Throttle>();
+  if (v === undefined || v === '') return out;
   if (typeof v !== 'object' || v === null || Array.isArray(v)) {
-    throw new SettingsError(key, `expected a JSON object, got ${JSON.stringify(v)}`);
+    throw new SettingsError(key, `expected a JSON object {"TENANT": {"rateLimit": N, "burstLimit": N}}, got ${JSON.stringify(v)}`);
   }
-  return v as Record<string, unknown>;
-}
-
-function str(o: Record<string, unknown>, field: string, key: string, re?: RegExp): string {
-  const v = o[field];
-  if (typeof v !== 'string' || (re !== undefined && !re.test(v))) {
-    throw new SettingsError(`${key}.${field}`, `invalid value ${JSON.stringify(v)}${re ? ` (must match ${re})` : ''}`);
+  const names = new Set(file.tenants.map((t) => t.name));
+  for (const [tenant, t] of Object.entries(v as Record<string, unknown>)) {
+    if (!names.has(tenant)) {
+      throw new SettingsError(`${key}.${tenant}`, `no such tenant in ${file.shownPath} (tenants: ${[...names].join(', ')})`);
+    }
+    const o = (typeof t === 'object' && t !== null ? t : {}) as Record<string, unknown>;
+    const limit = (field: string, max: number): number => {
+      const n = o[field];
+      if (typeof n !== 'number' || !Number.isInteger(n) || n < 1 || n > max) {
+        throw new SettingsError(`${key}.${tenant}.${field}`, `expected an integer in 1..${max}, got ${JSON.stringify(n)}`);
+      }
+      return n;
+    };
+    out.set(tenant, { rateLimit: limit('rateLimit', 10000), burstLimit: limit('burstLimit', 5000) });
   }
-  return v;
-}
-
-function positive(o: Record<string, unknown>, field: string, key: string): number {
-  const v = o[field];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) {
-    throw new SettingsError(`${key}.${field}`, `expected a positive integer, got ${JSON.stringify(v)}`);
-  }
-  return v;
-}
-
-function parseOrg(v: unknown, key: string): OrgSettings {
-  const o = record(v, key);
-  const baseUrl = str(o, 'baseUrl', key, /^https?:\/\/\S+$/);
-  const modelsRaw = record(o.models, `${key}.models`);
-  const models: Record<string, ModelLimits> = {};
-  for (const [model, limits] of Object.entries(modelsRaw)) {
-    const k = `${key}.models.${model}`;
-    if (!MODEL.test(model)) throw new SettingsError(k, `model name must match ${MODEL}`);
-    const l = record(limits, k);
-    models[model] = { rpm: positive(l, 'rpm', k), tpm: positive(l, 'tpm', k) };
-  }
-  if (Object.keys(models).length === 0) throw new SettingsError(`${key}.models`, 'an org needs at least one model');
-  return { name: str(o, 'name', key, ID), baseUrl, apiKeyEnv: str(o, 'apiKeyEnv', key, ENV_NAME), models };
-}
-
-function parseTenant(v: unknown, key: string): TenantSettings {
-  const o = record(v, key);
-  return { name: str(o, 'name', key, ID), apiKeyEnv: str(o, 'apiKeyEnv', key, ENV_NAME) };
-}
-
-function unique(values: string[], key: string, field: string): void {
-  const seen = new Set<string>();
-  for (const v of values) {
-    if (seen.has(v)) throw new SettingsError(key, `${field} ${JSON.stringify(v)} appears twice`);
-    seen.add(v);
-  }
+  return out;
 }

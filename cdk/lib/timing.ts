@@ -9,12 +9,14 @@
  *    target unused once they are done or the deregistration delay has passed.
  *    ECS waits for that before anything else.
  * 2. SIGTERM. The worker stops taking jobs, lets running steps finish for
- *    `WORKER_SHUTDOWN_GRACE_SECS`, hands back the rest and exits: at most the
- *    SQS long poll in progress + the grace + the hand-back.
+ *    the config file's `[workers] shutdown_grace_secs`, hands back the rest
+ *    and exits: at most the SQS long poll in progress + the grace + the
+ *    hand-back.
  * 3. SIGKILL `WORKER_STOP_TIMEOUT_SECS` after SIGTERM.
  *
- * A call lasts at most its wait for capacity (`[calls] max_wait_secs`; the
- * router starts no attempt past it) plus one provider timeout. While it
+ * A call lasts at most its wait for capacity (`[calls] max_wait_secs`, or up
+ * to `max_wait_cap_secs` when it asks; the router starts no attempt past it)
+ * plus one provider timeout (its org's `timeout_secs`). While it
  * waits, and until a non-streamed answer arrives, no byte crosses the
  * connection, so the load balancer's idle timeout must outlast the whole
  * call, or it answers 504 in its place. The deregistration delay is the same
@@ -28,15 +30,20 @@ export const WORKER_STOP_TIMEOUT_SECS = 120;
 /** SQS long polling (the queues' ReceiveMessageWaitTime; the worker polls as long). */
 export const SQS_LONG_POLL_SECS = 20;
 
-/**
- * Seconds a stopping worker lets running steps finish. SIGTERM to exit is at
- * most the 20 s long poll in progress + this + the hand-back: under the 100 s
- * the design allows, well inside the task's 120 s stop timeout.
- */
-export const WORKER_SHUTDOWN_GRACE_SECS = 70;
+/** What a stopping worker takes after its grace: handing back the jobs it still holds. */
+export const HAND_BACK_SECS = 10;
 
-/** Every org's `timeout_secs` in the rendered config: one provider attempt. */
-export const PROVIDER_TIMEOUT_SECS = 120;
+/**
+ * SIGTERM to exit, at most: the design leaves 20 s of the 120 s stop timeout
+ * as a margin before SIGKILL.
+ */
+export const MAX_SIGTERM_TO_EXIT_SECS = 100;
+
+/**
+ * The largest `[workers] shutdown_grace_secs`: the long poll in progress +
+ * the grace + the hand-back must fit `MAX_SIGTERM_TO_EXIT_SECS`.
+ */
+export const MAX_SHUTDOWN_GRACE_SECS = MAX_SIGTERM_TO_EXIT_SECS - SQS_LONG_POLL_SECS - HAND_BACK_SECS;
 
 /**
  * What a call does besides waiting and the provider attempt: authentication
@@ -51,17 +58,18 @@ export const ALB_MAX_IDLE_TIMEOUT_SECS = 4000;
 /** A target group's largest deregistration delay. */
 export const MAX_DEREGISTRATION_DELAY_SECS = 3600;
 
-/**
- * The longest a call can take, with its margin: the ALB idle timeout and the
- * calls target group's deregistration delay.
- */
-export function callDrainSecs(maxWaitSecs: number): number {
-  return maxWaitSecs + PROVIDER_TIMEOUT_SECS + CALL_MARGIN_SECS;
-}
+/** SQS's largest visibility timeout (12 hours). */
+export const MAX_VISIBILITY_TIMEOUT_SECS = 43200;
 
 /**
- * The largest `[calls] max_wait_secs` whose calls both limits can hold (the
- * deregistration delay is the smaller one).
+ * The longest a call can take, with its margin: the ALB idle timeout and the
+ * calls target group's deregistration delay. `longestWaitSecs` is the config
+ * file's `[calls] max_wait_cap_secs` (a `Ratepool-Max-Wait` header may ask
+ * for that much), `providerTimeoutSecs` the largest `timeout_secs` of its orgs.
  */
-export const MAX_CALLS_MAX_WAIT_SECS =
-  Math.min(ALB_MAX_IDLE_TIMEOUT_SECS, MAX_DEREGISTRATION_DELAY_SECS) - PROVIDER_TIMEOUT_SECS - CALL_MARGIN_SECS;
+export function callDrainSecs(longestWaitSecs: number, providerTimeoutSecs: number): number {
+  return longestWaitSecs + providerTimeoutSecs + CALL_MARGIN_SECS;
+}
+
+/** The longest call both limits can hold (the deregistration delay is the smaller one). */
+export const MAX_CALL_DRAIN_SECS = Math.min(ALB_MAX_IDLE_TIMEOUT_SECS, MAX_DEREGISTRATION_DELAY_SECS);

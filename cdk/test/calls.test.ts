@@ -3,12 +3,24 @@ import { parse } from 'smol-toml';
 import { CALLS_PATHS } from '../lib/calls-endpoint';
 import {
   ALB_MAX_IDLE_TIMEOUT_SECS,
+  HAND_BACK_SECS,
   MAX_DEREGISTRATION_DELAY_SECS,
+  MAX_SHUTDOWN_GRACE_SECS,
   SQS_LONG_POLL_SECS,
-  WORKER_SHUTDOWN_GRACE_SECS,
   WORKER_STOP_TIMEOUT_SECS,
 } from '../lib/timing';
-import { buildApp, Built, flatten, JOBS_ONLY, logicalId, only, PLAIN_HTTP, templates, TLS_CONTEXT } from './helpers';
+import {
+  buildApp,
+  Built,
+  editedExample,
+  flatten,
+  JOBS_ONLY,
+  logicalId,
+  only,
+  PLAIN_HTTP,
+  templates,
+  TLS_CONTEXT,
+} from './helpers';
 
 // One synth per shape: production (TLS, the default of these tests), a dev
 // stack on plain HTTP, and a jobs-only stack without the endpoint.
@@ -78,48 +90,51 @@ describe('load balancer', () => {
 });
 
 describe('timeouts: a call outlives neither the idle timeout nor a stopping task', () => {
-  test('idle timeout and deregistration delay: max wait 60 + provider timeout 120 + margin 30', () => {
-    expect(lbAttributes(t)['idle_timeout.timeout_seconds']).toBe('210');
-    expect(tgAttributes(t)['deregistration_delay.timeout_seconds']).toBe('210');
+  test('idle timeout and deregistration delay: max_wait_cap_secs 300 + timeout_secs 120 + margin 30', () => {
+    expect(lbAttributes(t)['idle_timeout.timeout_seconds']).toBe('450');
+    expect(tgAttributes(t)['deregistration_delay.timeout_seconds']).toBe('450');
   });
 
-  test('both cover the longest call the worker\'s own config allows: [calls] max_wait_secs + the slowest org\'s timeout_secs', () => {
+  test('both cover the longest call the worker\'s own config allows: [calls] max_wait_cap_secs + the slowest org\'s timeout_secs', () => {
+    // A Ratepool-Max-Wait header may ask for up to max_wait_cap_secs, more than max_wait_secs.
     const cfg = workerConfig(t);
-    const longest = cfg.calls.max_wait_secs + Math.max(...cfg.orgs.map((o: any) => o.timeout_secs));
+    const longest = Math.max(cfg.calls.max_wait_secs, cfg.calls.max_wait_cap_secs) + Math.max(...cfg.orgs.map((o: any) => o.timeout_secs));
     expect(Number(lbAttributes(t)['idle_timeout.timeout_seconds'])).toBeGreaterThan(longest);
     expect(Number(tgAttributes(t)['deregistration_delay.timeout_seconds'])).toBeGreaterThan(longest);
   });
 
   test.each([
-    [300, '450'],
-    [3450, '3600'],
-  ])('ratepool:callsMaxWaitSecs=%d: idle timeout and deregistration delay %s', (maxWait, expected) => {
-    const other = buildApp({ 'ratepool:callsMaxWaitSecs': maxWait });
+    ['max_wait_secs = 60\nmax_wait_cap_secs = 300', 'max_wait_secs = 60\nmax_wait_cap_secs = 60', '210'],
+    ['max_wait_cap_secs = 300', 'max_wait_cap_secs = 3450', '3600'],
+    ['timeout_secs = 120\nfallback = true', 'timeout_secs = 600\nfallback = true', '930'],
+  ])('the config file\'s %j as %j: idle timeout and deregistration delay %s', (from, to, expected) => {
+    const other = buildApp(editedExample((text) => text.replace(from, to)));
     try {
       const o = Template.fromStack(other.main);
       expect(lbAttributes(o)['idle_timeout.timeout_seconds']).toBe(expected);
       expect(tgAttributes(o)['deregistration_delay.timeout_seconds']).toBe(expected);
-      expect(workerConfig(o).calls).toEqual({ max_wait_secs: maxWait });
       expect(Number(expected)).toBeLessThanOrEqual(Math.min(ALB_MAX_IDLE_TIMEOUT_SECS, MAX_DEREGISTRATION_DELAY_SECS));
     } finally {
       other.cleanup();
     }
   });
 
-  test('a max wait past what the ALB can hold stops synth, naming the setting', () => {
-    expect(() => buildApp({ 'ratepool:callsMaxWaitSecs': 3451 })).toThrow(/^context ratepool:callsMaxWaitSecs: /);
+  test('a wait past what the ALB can hold stops synth, naming the file\'s line', () => {
+    expect(() => buildApp(editedExample((text) => text.replace('max_wait_cap_secs = 300', 'max_wait_cap_secs = 3451')))).toThrow(
+      /^config file .*: line \d+: a call may last \[calls\] max_wait_cap_secs \(3451 s\)/,
+    );
   });
 
   test('SIGTERM comes after the drain, and what follows it fits the stop timeout', () => {
     const [c] = only(t, 'AWS::ECS::TaskDefinition').props.ContainerDefinitions;
     expect(c.StopTimeout).toBe(WORKER_STOP_TIMEOUT_SECS);
     const cfg = workerConfig(t);
-    expect(cfg.workers.shutdown_grace_secs).toBe(WORKER_SHUTDOWN_GRACE_SECS);
+    expect(cfg.workers.shutdown_grace_secs).toBe(70);
     // SIGTERM to exit: the long poll in progress + the grace + handing back
     // the jobs still held (a visibility change each), within the 100 s the
     // design allows, which leaves the stop timeout a margin before SIGKILL.
-    const handBackSecs = 10;
-    expect(SQS_LONG_POLL_SECS + cfg.workers.shutdown_grace_secs + handBackSecs).toBeLessThanOrEqual(100);
+    expect(SQS_LONG_POLL_SECS + cfg.workers.shutdown_grace_secs + HAND_BACK_SECS).toBeLessThanOrEqual(100);
+    expect(MAX_SHUTDOWN_GRACE_SECS).toBe(70);
     expect(c.StopTimeout).toBeGreaterThan(100);
     for (const q of ['InteractiveQueue', 'BatchQueue']) {
       expect(t.toJSON().Resources[logicalId(t, 'AWS::SQS::Queue', q)].Properties.ReceiveMessageWaitTimeSeconds).toBe(
@@ -334,6 +349,8 @@ describe('ratepool:calls=false', () => {
     // Only the outputs bucket.
     expect(Object.keys(j.findResources('AWS::S3::Bucket'))).toEqual([logicalId(j, 'AWS::S3::Bucket', 'OutputsBucket')]);
     expect(j.toJSON().Outputs.CallsUrl).toBeUndefined();
-    expect(workerConfig(j).calls).toBeUndefined();
+    // The file's [calls] is still there (the worker parses it), unused: no worker listens.
+    expect(workerConfig(j).calls).toEqual(workerConfig(t).calls);
+    expect(only(j, 'AWS::ECS::TaskDefinition').props.ContainerDefinitions[0].Command).toBeUndefined();
   });
 });

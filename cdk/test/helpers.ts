@@ -9,7 +9,7 @@ import * as path from 'path';
 import { App } from 'aws-cdk-lib';
 import { Template } from 'aws-cdk-lib/assertions';
 import { defineApp, RatepoolApp } from '../lib/app';
-import { cdkDir } from '../lib/settings';
+import { cdkDir, repoRoot } from '../lib/settings';
 
 export const PLACEHOLDER_ASSET = 'cdk/test/fixtures/lambda-placeholder';
 
@@ -33,6 +33,33 @@ export const JOBS_ONLY = {
   'ratepool:certificateArn': '',
   'ratepool:callsDomain': '',
 };
+
+/** The production config file cdk.json names (ratepool:configFile). */
+export const EXAMPLE_CONFIG = 'examples/aws.toml';
+
+/** The text of a config file relative to the repository root. */
+export function configText(file: string = EXAMPLE_CONFIG): string {
+  return fs.readFileSync(path.join(repoRoot(), file), 'utf8');
+}
+
+/**
+ * Writes `text` to a temporary config file and returns its absolute path (a
+ * `ratepool:configFile` value); the files go with the process's temp dir.
+ */
+export function tempConfig(text: string): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ratepool-cdk-config-'));
+  const file = path.join(dir, 'config.toml');
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+/** `ratepool:configFile` pointing at the example with `edit` applied to its text. */
+export function editedExample(edit: (text: string) => string): { 'ratepool:configFile': string } {
+  const before = configText();
+  const after = edit(before);
+  if (after === before) throw new Error('the edit changed nothing: the example config has changed under the test');
+  return { 'ratepool:configFile': tempConfig(after) };
+}
 
 /** The `context` of cdk.json: the defaults every deployment starts from. */
 export function cdkJsonContext(): Record<string, unknown> {

@@ -1,5 +1,5 @@
 import { Match, Template } from 'aws-cdk-lib/assertions';
-import { buildApp, Built, flatten, JOBS_ONLY, logicalId, only, templates } from './helpers';
+import { buildApp, Built, flatten, JOBS_ONLY, logicalId, only, tempConfig, templates } from './helpers';
 
 let built: Built;
 let t: Template;
@@ -42,7 +42,7 @@ describe('dashboard', () => {
 
   test('429 rate % per configured org, with the 1% alarm line', () => {
     const exprs = expressions('429 rate %, by org (alarm above 1%)');
-    expect(exprs).toEqual([0, 1, 2].map((i) => `IF(calls${i} > 0, 100 * FILL(limited${i}, 0) / calls${i}, 0)`));
+    expect(exprs).toEqual([0, 1, 2, 3].map((i) => `IF(calls${i} > 0, 100 * FILL(limited${i}, 0) / calls${i}, 0)`));
     expect(titled('429 rate %, by org (alarm above 1%)').annotations.horizontal[0].value).toBe(1);
   });
 
@@ -82,7 +82,12 @@ describe('dashboard', () => {
     const names = (title: string) => titled(title).metrics.map((m: any[]) => m[1]);
     expect(names('API requests and errors')).toEqual(['Count', '4XXError', '5XXError']);
     expect(names('API latency (ms)')).toEqual(['Latency', 'Latency', 'IntegrationLatency']);
-    expect(names('API Lambda errors')).toEqual(['Errors', 'Throttles']);
+    expect(names('API Lambda and authorizer errors')).toEqual(['Errors', 'Throttles', 'Errors', 'Throttles']);
+    const fns = titled('API Lambda and authorizer errors').metrics.map((m: any[]) => m[3]);
+    expect(fns).toEqual([
+      ...Array(2).fill(`<Ref:${logicalId(t, 'AWS::Lambda::Function', 'ApiFunction')}>`),
+      ...Array(2).fill(`<Ref:${logicalId(t, 'AWS::Lambda::Function', 'AuthorizerFunction')}>`),
+    ]);
     expect(names('Worker tasks')).toEqual(['RunningTaskCount', 'DesiredTaskCount']);
     expect(titled('Worker tasks').metrics[0][0]).toBe('ECS/ContainerInsights');
     expect(expressions('Scaling signal')[0]).toMatch(/^IF\(FILL\(tasks, 0\) > 0, \(.*\) \/ FILL\(tasks, 0\), \(.*\)\)$/);
@@ -142,7 +147,7 @@ describe('alarms', () => {
 
   test('every alarm except the scaling ones notifies the SNS topic on alarm and on recovery', () => {
     const own = alarms().filter((a) => typeof a.AlarmName === 'string');
-    expect(own).toHaveLength(2 + 1 + 2 * 3 + 3); // DLQ, two ages, two per org, three for calls
+    expect(own).toHaveLength(2 + 1 + 2 * 4 + 3); // DLQ, two ages, two per org (four in the example), three for calls
     for (const a of own) {
       expect(a.AlarmActions).toEqual([topic()]);
       expect(a.OKActions).toEqual([topic()]);
@@ -292,11 +297,10 @@ describe('alarms', () => {
     t.hasResourceProperties('AWS::SNS::Subscription', { Protocol: 'email', Endpoint: 'ops@example.test' });
   });
 
-  test('an org added in context gets its alarms without code edits', () => {
-    const orgs = [
-      { name: 'org-z', baseUrl: 'https://api.openai.com/v1', apiKeyEnv: 'ORG_Z_KEY', models: { 'gpt-4o-mini': { rpm: 1, tpm: 1 } } },
-    ];
-    const other = buildApp({ 'ratepool:orgs': orgs });
+  test('an org of the config file gets its alarms without code edits', () => {
+    const text = '[[orgs]]\nname = "org-z"\napi_key_env = "ORG_Z_KEY"\n[orgs.models."gpt-4o-mini"]\nrpm = 1\ntpm = 1\n\n' +
+      '[[tenants]]\nname = "t"\napi_key_env = "T_KEY"\n';
+    const other = buildApp({ 'ratepool:configFile': tempConfig(text) });
     try {
       const names = Object.values(Template.fromStack(other.main).findResources('AWS::CloudWatch::Alarm'))
         .map((a) => a.Properties.AlarmName)

@@ -124,14 +124,42 @@ describe('SQS', () => {
   });
 });
 
-describe('keys secret', () => {
-  test('lives in its own retained stack, starts as an empty JSON object', () => {
-    keys.hasResource('AWS::SecretsManager::Secret', {
-      Properties: { SecretString: '{}', Description: Match.stringLikeRegexp('ORG_A_KEY, ORG_B_KEY, ORG_C_KEY, TENANT_SCREENPLAYS_KEY') },
-      DeletionPolicy: 'Retain',
-    });
-    keys.hasOutput('KeysSecretArn', {});
+describe('keys secrets', () => {
+  const secrets = () =>
+    Object.fromEntries(
+      Object.entries(keys.findResources('AWS::SecretsManager::Secret')).map(([id, r]) => [id.replace(/[0-9A-F]{8}$/, ''), r]),
+    );
+
+  test('two, in their own stack, retained, each starting as an empty JSON object', () => {
+    const s = secrets();
+    expect(Object.keys(s).sort()).toEqual(['TenantKeys', 'WorkerKeys']);
+    for (const r of Object.values(s)) {
+      expect(r.Properties.SecretString).toBe('{}');
+      expect(r.DeletionPolicy).toBe('Retain');
+      expect(r.UpdateReplacePolicy).toBe('Retain');
+    }
     t.resourceCountIs('AWS::SecretsManager::Secret', 0);
+  });
+
+  test('TenantKeys: the tenants\' api_key_env; WorkerKeys: the orgs\' api_key_env and the tenants\' webhook_secret_env', () => {
+    const s = secrets();
+    expect(s.TenantKeys.Properties.Description).toMatch(/with the fields TENANT_SCREENPLAYS_KEY\. /);
+    expect(s.WorkerKeys.Properties.Description).toMatch(
+      /with the fields ORG_A_KEY, ORG_B_KEY, ORG_C_KEY, ORG_OVERFLOW_KEY, SCREENPLAYS_WEBHOOK_SECRET\. Read by the workers only/,
+    );
+  });
+
+  test('each ARN is an output saying how to put the keys', () => {
+    for (const [name, file, fields] of [
+      ['TenantKeysSecretArn', 'tenant-keys.json', 'TENANT_SCREENPLAYS_KEY'],
+      ['WorkerKeysSecretArn', 'worker-keys.json', 'ORG_A_KEY, ORG_B_KEY, ORG_C_KEY, ORG_OVERFLOW_KEY, SCREENPLAYS_WEBHOOK_SECRET'],
+    ]) {
+      keys.hasOutput(name, {
+        Value: { Ref: Match.stringLikeRegexp(name.replace('SecretArn', '')) },
+        Description: `Put the ${name === 'TenantKeysSecretArn' ? 'tenant API keys' : 'org provider keys and tenant webhook secrets'} with: ` +
+          `aws secretsmanager put-secret-value --secret-id <this> --secret-string file://${file} (fields: ${fields})`,
+      });
+    }
   });
 
   test('the main stack depends on the keys stack', () => {

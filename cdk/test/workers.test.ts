@@ -1,6 +1,6 @@
 import { Template } from 'aws-cdk-lib/assertions';
 import { stepSizes } from '../lib/worker-scaling';
-import { buildApp, Built, JOBS_ONLY, logicalId, only, templates } from './helpers';
+import { buildApp, Built, editedExample, JOBS_ONLY, logicalId, only, templates } from './helpers';
 
 let built: Built;
 let t: Template;
@@ -198,9 +198,9 @@ describe('scaling on backlog per task, counting in-flight jobs and calls', () =>
     expect(stepSizes(1000).length).toBeLessThan(40);
   });
 
-  test('concurrency and calls per task from context change the divisors', () => {
+  test('[workers] concurrency from the config file and calls per task from context change the divisors', () => {
     const other = buildApp({
-      'ratepool:workerConcurrency': 16,
+      ...editedExample((text) => text.replace('concurrency = 64', 'concurrency = 16')),
       'ratepool:callsPerTaskPerMinute': 500,
       'ratepool:minWorkers': 2,
     });
