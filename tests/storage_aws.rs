@@ -274,3 +274,72 @@ async fn a_steps_done_counter_behind_its_checkpoints_is_recounted_at_the_final_w
     let job = backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap();
     assert_eq!((job.status, job.steps_done, job.steps_total), (JobStatus::Succeeded, 2, 2));
 }
+
+/// The hot items stay small: the job item (rewritten by every lease
+/// renewal, checkpoint and finish) holds no spec, which has an item of its
+/// own, and a long answer is deflated in its step item, read back whole. A
+/// job stored before specs had their own item (spec inline, no spec item)
+/// still reads.
+#[tokio::test]
+async fn the_spec_has_its_own_item_answers_are_packed_and_an_inline_spec_still_reads() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use ratepool::answer::StepAnswer;
+    use ratepool::domain::{StepId, StepKey};
+
+    let cfg = unique_config();
+    let s1 = StepKey::Step(StepId::parse("s1").unwrap());
+    let long = "INT. KITCHEN - NIGHT. The kettle screams; Mara does not move. ".repeat(40);
+    let (clients, backend, lease, cp) = lease_and_answer(&cfg, s1, StepAnswer::text(long.clone())).await;
+    backend.jobs.put_checkpoint(&lease, &cp, T0 + 1).await.unwrap();
+    let item = |sk: &str| {
+        let (clients, cfg, id) = (clients.clone(), cfg.clone(), lease.job_id.to_string());
+        let sk = sk.to_string();
+        async move {
+            clients
+                .dynamodb
+                .get_item()
+                .table_name(&cfg.jobs_table)
+                .key("PK", AttributeValue::S(id))
+                .key("SK", AttributeValue::S(sk))
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .item
+                .unwrap_or_default()
+        }
+    };
+    let job = item("job").await;
+    assert!(!job.is_empty() && !job.contains_key("spec_json"), "{job:?}");
+    assert_eq!(item("spec").await.get("spec_json").and_then(|v| v.as_s().ok()).map(String::as_str), Some("{}"));
+    let step = item("step#s1").await;
+    let packed = step.get("packed").and_then(|v| v.as_b().ok()).expect("a long answer is packed");
+    assert!(packed.as_ref().len() < long.len() / 4, "{} bytes for {}", packed.as_ref().len(), long.len());
+    assert!(!step.contains_key("output"));
+    let read = backend.jobs.checkpoints(&lease.job_id).await.unwrap();
+    assert_eq!(read[0].answer.first().content.as_deref(), Some(long.as_str()));
+
+    // An item written by the layout before: the spec inline, no spec item.
+    clients
+        .dynamodb
+        .update_item()
+        .table_name(&cfg.jobs_table)
+        .key("PK", AttributeValue::S(lease.job_id.to_string()))
+        .key("SK", AttributeValue::S("job".into()))
+        .update_expression("SET spec_json = :spec")
+        .expression_attribute_values(":spec", AttributeValue::S(r#"{"inline":true}"#.into()))
+        .send()
+        .await
+        .unwrap();
+    clients
+        .dynamodb
+        .delete_item()
+        .table_name(&cfg.jobs_table)
+        .key("PK", AttributeValue::S(lease.job_id.to_string()))
+        .key("SK", AttributeValue::S("spec".into()))
+        .send()
+        .await
+        .unwrap();
+    let record = backend.jobs.get_job(&lease.job_id).await.unwrap().unwrap();
+    assert_eq!(record.spec_json, r#"{"inline":true}"#);
+}
