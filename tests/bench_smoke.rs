@@ -32,7 +32,9 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
-    for heading in ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9.", "### 10."] {
+    for heading in
+        ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9.", "### 10.", "### 11."]
+    {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -137,6 +139,20 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         for side in ["direct", "through"] {
             assert!(f(&c[format!("{side}_p50_ms")]) <= f(&c[format!("{side}_p99_ms")]), "{c}");
         }
+    } // 11: both variants ran on the emulator's accounting; every call paid
+    // the ledger at least one write unit and a checkpoint, and the spec, the
+    // largest jobs-table item, is far over any job item.
+    let cost = r["cost"].as_array().unwrap();
+    assert_eq!(cost.len(), 2, "{cost:?}");
+    for c in cost {
+        assert!(f(&c["provider_calls"]) >= 12.0, "at least the example's 12 steps: {c}");
+        assert!(f(&c["ledger_write_units_per_call"]) >= 1.0, "{c}");
+        assert!(f(&c["jobs_table_write_units_per_call"]) >= 2.0, "a checkpoint transaction: {c}");
+        assert!(f(&c["write_units_per_call"]) >= f(&c["jobs_table_write_units_per_call"]), "{c}");
+        assert!(f(&c["sqs_requests_per_call"]) > 0.0 && f(&c["read_units_per_call"]) > 0.0, "{c}");
+        assert_eq!(f(&c["cloudwatch_requests_per_call"]), 0.0, "metrics leave as EMF: {c}");
+        assert!(f(&c["largest_job_table_item_bytes"]) > 10_000.0, "the example's spec item: {c}");
     }
+
     assert!(f(&x["through_rps"]) > 0.0 && f(&x["direct_rps"]) > 0.0, "{x}");
 }

@@ -77,6 +77,8 @@ pub struct Sizes {
     /// Calls by four routers through a bucket of two thirds as many
     /// requests per minute; 0 skips it (a binding bucket takes a minute).
     pub contention_calls: usize,
+    /// Figure 11: example screenplays run on the emulator.
+    pub cost_jobs: usize,
     /// Figure 8: batch jobs flooding the queue, interactive jobs submitted
     /// behind them, jobs one server runs at once, and chain length.
     pub flood_jobs: usize,
@@ -132,6 +134,7 @@ impl Sizes {
             ledger_secs: 5.0,
             alone_calls: 200,
             contention_calls: 90,
+            cost_jobs: 3,
             flood_jobs: 300,
             interactive_jobs: 10,
             flood_concurrency: 8,
@@ -173,6 +176,7 @@ impl Sizes {
             ledger_secs: 0.3,
             alone_calls: 16,
             contention_calls: 0,
+            cost_jobs: 1,
             flood_jobs: 16,
             interactive_jobs: 3,
             flood_concurrency: 2,

@@ -55,7 +55,12 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `bin args…` and waits for the `listening on URL` line it prints.
-    async fn spawn(bin: &Path, args: &[&str], envs: &[(String, String)], log: &Path) -> anyhow::Result<Self> {
+    pub(crate) async fn spawn(
+        bin: &Path,
+        args: &[&str],
+        envs: &[(String, String)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let stderr = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = Command::new(bin)
             .args(args)
@@ -102,6 +107,21 @@ impl Proc {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits up to `within` for a clean exit.
+    pub async fn terminate(mut self, within: Duration) -> anyhow::Result<()> {
+        let sent = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().await?;
+        if !sent.success() {
+            bail!("could not signal {}", self.pid);
+        }
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running {within:?} after SIGTERM", self.pid))??;
+        if !status.success() {
+            bail!("{} exited {status} after SIGTERM", self.pid);
+        }
+        Ok(())
     }
 }
 

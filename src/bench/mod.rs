@@ -12,6 +12,7 @@
 //! OpenAI-compatible calls door adds to a call, and the requests per second
 //! it sustains. See `BENCHMARKS.md`.
 
+pub mod cost;
 pub mod figures;
 pub mod harness;
 pub mod proxy;
@@ -36,10 +37,11 @@ pub enum Figure {
     Priority,
     Window,
     Proxy,
+    Cost,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 9] = [
+    pub const ALL: [Figure; 10] = [
         Figure::Scaling,
         Figure::Baseline,
         Figure::Overhead,
@@ -49,6 +51,7 @@ impl Figure {
         Figure::Priority,
         Figure::Window,
         Figure::Proxy,
+        Figure::Cost,
     ];
 }
 
@@ -71,6 +74,7 @@ pub struct Results {
     pub priority: Vec<figures::PriorityRun>,
     pub window: Vec<figures::WindowRun>,
     pub proxy: Vec<proxy::ProxyRun>,
+    pub cost: Vec<cost::CostRun>,
 }
 
 /// Runs the chosen figures `runs` times each.
@@ -90,6 +94,7 @@ pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
                 Figure::Priority => r.priority.push(figures::priority(ctx, run).await?),
                 Figure::Window => r.window.push(figures::window(ctx, run).await?),
                 Figure::Proxy => r.proxy.push(proxy::proxy(ctx, run).await?),
+                Figure::Cost => r.cost.extend(cost::cost(ctx, run).await?),
             }
         }
     }
@@ -354,10 +359,57 @@ pub fn report(r: &Results) -> String {
     if !r.proxy.is_empty() {
         proxy_report(&mut s, &r.proxy);
     }
+    if !r.cost.is_empty() {
+        cost_report(&mut s, &r.cost);
+    }
     s
 }
 
 /// Figure 10's tables: one row per concurrency and body, then the sustained loop.
+fn cost_report(s: &mut String, all_runs: &[cost::CostRun]) {
+    let _ = writeln!(
+        s,
+        "### 11. What a provider call costs on AWS: the example screenplay through the Lambda handler and 2 workers\n"
+    );
+    let _ = writeln!(
+        s,
+        "Counted by the emulator's wrapper (`infra/moto_server.py`): every request, and DynamoDB capacity by the documented sizing rules (item size rounded up to 1 KB per write unit, the larger of before and after; twice in a transaction; 4 KB per read unit, half for eventually consistent reads).\n"
+    );
+    for variant in cost::VARIANTS {
+        let runs: Vec<&cost::CostRun> = all_runs.iter().filter(|r| r.variant == variant).collect();
+        let Some(first) = runs.first() else { continue };
+        let _ = writeln!(
+            s,
+            "**{variant}** ({} job(s) per run, {} provider calls in the first run)\n",
+            first.jobs, first.provider_calls
+        );
+        let _ = writeln!(s, "| per provider call | median | runs |");
+        let _ = writeln!(s, "|---|---|---|");
+        type Field = fn(&&cost::CostRun) -> f64;
+        let rows: [(&str, Field, usize); 9] = [
+            ("completion characters", |x| x.output_chars_per_call, 0),
+            ("DynamoDB write units, all tables", |x| x.write_units_per_call, 2),
+            ("of which the jobs table", |x| x.jobs_table_write_units_per_call, 2),
+            ("of which the quota ledger", |x| x.ledger_write_units_per_call, 2),
+            ("DynamoDB read units", |x| x.read_units_per_call, 2),
+            ("DynamoDB requests", |x| x.dynamodb_requests_per_call, 2),
+            ("SQS requests", |x| x.sqs_requests_per_call, 2),
+            ("CloudWatch requests", |x| x.cloudwatch_requests_per_call, 3),
+            ("largest jobs-table item at the end, bytes (the spec)", |x| x.largest_job_table_item_bytes as f64, 0),
+        ];
+        for (label, f, d) in rows {
+            let _ = writeln!(s, "| {label} | **{:.*}** | {} |", d, med(&runs, f), all(&runs, f, d));
+        }
+        let actions: std::collections::BTreeSet<&String> =
+            runs.iter().flat_map(|r| r.dynamodb_actions_per_call.keys()).collect();
+        for a in actions {
+            let f = |x: &&cost::CostRun| x.dynamodb_actions_per_call.get(a).copied().unwrap_or(0.0);
+            let _ = writeln!(s, "| DynamoDB {a} requests | {:.2} | {} |", med(&runs, f), all(&runs, f, 2));
+        }
+        let _ = writeln!(s);
+    }
+}
+
 fn proxy_report(s: &mut String, runs: &[proxy::ProxyRun]) {
     let _ = writeln!(
         s,
