@@ -61,6 +61,38 @@ pub async fn invoke(app: axum::Router, event: serde_json::Value) -> Result<serde
     serde_json::to_value(response).map_err(|e| format!("response: {e}"))
 }
 
+/// A REST proxy event as API Gateway sends it for `method path?query`
+/// with `body` and `headers` (on a real captured event,
+/// `tests/fixtures/apigw_proxy_event.json`): the query string apart from
+/// the path, each header in both `headers` and `multiValueHeaders`. For
+/// [`invoke`] in tests and the benchmark.
+pub fn rest_event(
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<serde_json::Value, String> {
+    use serde_json::{Value, json};
+    let mut event: Value = serde_json::from_str(include_str!("../tests/fixtures/apigw_proxy_event.json"))
+        .map_err(|e| format!("the captured event: {e}"))?;
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    if !pairs.is_empty() {
+        event["queryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        event["multiValueQueryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!([v]))).collect();
+    }
+    event["httpMethod"] = json!(method);
+    event["path"] = json!(path);
+    event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
+    event["requestContext"]["httpMethod"] = json!(method);
+    event["body"] = body.map_or(Value::Null, |b| json!(b));
+    for (name, value) in headers {
+        event["headers"][*name] = json!(value);
+        event["multiValueHeaders"][*name] = json!([value]);
+    }
+    Ok(event)
+}
+
 /// API Gateway answers 401 when an authorizer fails with exactly this message.
 const UNAUTHORIZED: &str = "Unauthorized";
 

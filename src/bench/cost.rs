@@ -241,14 +241,9 @@ fn example_spec() -> &'static Path {
 
 /// One request through the Lambda adapter, as API Gateway sends it.
 async fn lambda_call(app: &axum::Router, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Value)> {
-    let mut event: Value = serde_json::from_str(include_str!("../../tests/fixtures/apigw_proxy_event.json"))?;
-    event["httpMethod"] = json!(method);
-    event["path"] = json!(path);
-    event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
-    event["requestContext"]["httpMethod"] = json!(method);
-    event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_KEY}"));
-    event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_KEY}")]);
-    event["body"] = body.map_or(Value::Null, |b| json!(b));
+    let bearer = format!("Bearer {TENANT_KEY}");
+    let event = crate::lambda::rest_event(method, path, body, &[("Authorization", bearer.as_str())])
+        .map_err(|e| anyhow::anyhow!(e))?;
     let resp = crate::lambda::invoke(app.clone(), event).await.map_err(|e| anyhow::anyhow!(e))?;
     let status = resp["statusCode"].as_u64().unwrap_or(0) as u16;
     let body = resp["body"].as_str().and_then(|b| serde_json::from_str(b).ok()).unwrap_or(Value::Null);

@@ -323,26 +323,10 @@ pub fn lambda_call_with(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, Value) {
-    use serde_json::json;
-    let mut event: Value = serde_json::from_str(include_str!("../fixtures/apigw_proxy_event.json")).unwrap();
-    // API Gateway hands the handler the query string apart from the path.
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
-    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    if !pairs.is_empty() {
-        event["queryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        event["multiValueQueryStringParameters"] = pairs.iter().map(|(k, v)| (k.clone(), json!([v]))).collect();
-    }
-    event["httpMethod"] = json!(method);
-    event["path"] = json!(path);
-    event["pathParameters"]["proxy"] = json!(path.trim_start_matches('/'));
-    event["requestContext"]["httpMethod"] = json!(method);
-    event["headers"]["Authorization"] = json!(format!("Bearer {TENANT_A_KEY}"));
-    event["multiValueHeaders"]["Authorization"] = json!([format!("Bearer {TENANT_A_KEY}")]);
-    event["body"] = body.map_or(Value::Null, |b| json!(b));
-    for (name, value) in headers {
-        event["headers"][*name] = json!(value);
-        event["multiValueHeaders"][*name] = json!([value]);
-    }
+    let bearer = format!("Bearer {TENANT_A_KEY}");
+    let all: Vec<(&str, &str)> =
+        [("Authorization", bearer.as_str())].into_iter().chain(headers.iter().copied()).collect();
+    let event = ratepool::lambda::rest_event(method, path, body, &all).unwrap();
     let resp = rt.block_on(ratepool::lambda::invoke(app.clone(), event)).expect("a valid API Gateway proxy event");
     assert_eq!(resp["isBase64Encoded"], false, "the API answers JSON text: {resp}");
     let size = serde_json::to_vec(&resp).map(|v| v.len()).unwrap_or(0);
