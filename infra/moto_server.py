@@ -330,27 +330,28 @@ class _Plan:
         self.writes = []  # (table, hash key, range key, size before, factor, size at least)
         self.reads = []  # (table name, read units)
 
-    def write(self, backend, name, attrs, factor=1, applied=None):
+    @staticmethod
+    def _located(backend, name, attrs):
+        """(table, hash key, range key, size now) of the item `attrs` names, or None."""
         table = _table(backend, name)
         if table is None or not attrs:
-            return
+            return None
         try:
             hash_key, range_key = _key(table, attrs)
         except KeyError:
-            return  # moto answers with its own validation error
-        before = _item_size(table.get_item(hash_key, range_key))
-        self.writes.append((table, hash_key, range_key, before, factor, _item_size(applied)))
+            return None  # moto answers with its own validation error
+        return table, hash_key, range_key, _item_size(table.get_item(hash_key, range_key))
+
+    def write(self, backend, name, attrs, factor=1, applied=None):
+        found = self._located(backend, name, attrs)
+        if found is not None:
+            self.writes.append((*found, factor, _item_size(applied)))
 
     def read(self, backend, name, attrs, consistent, factor=1):
-        table = _table(backend, name)
-        if table is None or not attrs:
-            return
-        try:
-            hash_key, range_key = _key(table, attrs)
-        except KeyError:
-            return
-        size = _item_size(table.get_item(hash_key, range_key))
-        self.reads.append((table.name, factor * _read_units(size, consistent)))
+        found = self._located(backend, name, attrs)
+        if found is not None:
+            table, _, _, size = found
+            self.reads.append((table.name, factor * _read_units(size, consistent)))
 
 
 def _capacity_plan(handler):
