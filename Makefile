@@ -41,19 +41,19 @@ BENCH_ARGS ?=
 bench:
 	$(CARGO) build --release --locked
 	@mkdir -p target/bench
-	bash -c 'set -euo pipefail; source infra/moto.sh; moto_install; moto_start; \
-	  $(BIN) bench --runs $(BENCH_RUNS) $(BENCH_ARGS) | tee target/bench/report.md'
+	bash -c 'set -euo pipefail; source infra/moto.sh; source infra/postgres.sh; moto_install; pg_install; \
+	  pg_start; moto_start; $(BIN) bench --runs $(BENCH_RUNS) $(BENCH_ARGS) | tee target/bench/report.md'
 
-## A long kill storm on both backends (tests/chaos_kill_storm.rs): workers
+## A long kill storm on every backend (tests/chaos_kill_storm.rs): processes
 ## SIGKILLed CHAOS_KILLS times while CHAOS_JOBS jobs of CHAOS_STEPS steps run.
-## Starts and stops its own moto, like `make test`. `make test` runs the
-## 20-kill storm on both backends; this one is longer (RELIABILITY.md).
+## Starts and stops its own moto and PostgreSQL, like `make test`. `make test`
+## runs the 20-kill storm on every backend; this one is longer (RELIABILITY.md).
 CHAOS_KILLS ?= 200
 CHAOS_JOBS  ?= 50
 CHAOS_STEPS ?= 12
 chaos:
-	bash -c 'set -euo pipefail; source infra/moto.sh; moto_install; moto_start; \
-	  RATEPOOL_CHAOS_KILLS=$(CHAOS_KILLS) RATEPOOL_CHAOS_JOBS=$(CHAOS_JOBS) RATEPOOL_CHAOS_STEPS=$(CHAOS_STEPS) \
+	bash -c 'set -euo pipefail; source infra/moto.sh; source infra/postgres.sh; moto_install; pg_install; \
+	  pg_start; moto_start; RATEPOOL_CHAOS_KILLS=$(CHAOS_KILLS) RATEPOOL_CHAOS_JOBS=$(CHAOS_JOBS) RATEPOOL_CHAOS_STEPS=$(CHAOS_STEPS) \
 	  $(CARGO) test --locked --test chaos_kill_storm -- --include-ignored --nocapture --test-threads=1'
 
 ## Fuzz the parsers of untrusted input (fuzz/: spec_parse, template_render,

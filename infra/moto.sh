@@ -26,7 +26,7 @@ moto_start() {
   # moto's own server, with atomic DynamoDB transactions (see the script).
   "$venv/bin/python" infra/moto_server.py -H 127.0.0.1 -p "$port" >> target/moto.log 2>&1 &
   moto_pid=$!
-  trap moto_stop EXIT
+  trap infra_stop EXIT
   for _ in $(seq 1 100); do
     curl -sf "http://127.0.0.1:$port/moto-api/" > /dev/null && break
     sleep 0.2
@@ -51,3 +51,9 @@ moto_stop() {
     moto_pid=
   fi
 }
+
+# Stops whatever the sourced scripts started (infra/postgres.sh defines the
+# same, with its server too).
+if ! declare -F infra_stop > /dev/null; then
+  infra_stop() { moto_stop; }
+fi

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# `make test`: lint, then the whole Rust suite against a moto emulator that
-# this script starts on a free loopback port and stops on exit, then the CDK
-# app's checks. Installs what it needs: a Python venv for moto and the
-# openai SDK, npm packages (the openai Node SDK, the CDK app's).
+# `make test`: lint, then the whole Rust suite against a moto emulator and a
+# PostgreSQL server that this script starts on free loopback ports and stops
+# on exit, then the CDK app's checks. Installs what it needs: a Python venv
+# for moto and the openai SDK, npm packages (the openai Node SDK, the CDK
+# app's), Debian's postgresql package when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=infra/moto.sh
 source infra/moto.sh
+# shellcheck source=infra/postgres.sh
+source infra/postgres.sh
 moto_install
+pg_install
 
 # The official openai Node SDK that tests/e2e_sdk.rs drives, as pinned in
 # its lockfile; installed again only when the lockfile changed.
@@ -23,11 +27,12 @@ echo "== lint"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 
+pg_start
 moto_start
 echo "== cargo test"
 # Everything but the kill storms, which come last on a moto of their own: they
 # are its heaviest users, and one moto for the whole suite grew to 11 GB.
-RATEPOOL_VENV="$venv" cargo test --locked -- --skip server_killed_again_and_again --skip workers_killed_at_random
+RATEPOOL_VENV="$venv" cargo test --locked -- --skip server_killed_again_and_again --skip killed_at_random
 moto_stop
 moto_start
 echo "== cargo test --test chaos_kill_storm"

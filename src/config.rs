@@ -56,6 +56,9 @@ pub struct Config {
     /// Resource names for `storage.backend = "aws"`.
     #[serde(default)]
     pub aws: AwsConfig,
+    /// The server for `storage.backend = "postgres"`.
+    #[serde(default)]
+    pub postgres: crate::postgres::PostgresConfig,
     /// The Calls door: `/v1/chat/completions` and `/v1/embeddings`.
     #[serde(default)]
     pub calls: CallsConfig,
@@ -105,6 +108,8 @@ pub enum StorageKind {
     Sqlite,
     /// SQS + DynamoDB (+ CloudWatch metrics), named in `[aws]`.
     Aws,
+    /// One PostgreSQL database shared by every process, set in `[postgres]`.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -682,6 +687,7 @@ impl Config {
         }
         self.calls.validate(&at)?;
         self.aws.validate()?;
+        self.postgres.validate()?;
         if let Some(plan) = &self.drill.storage_faults {
             plan.check().map_err(|m| format!("[drill.storage_faults]: {m}"))?;
         }

@@ -206,6 +206,24 @@ pub enum Priority {
     Batch,
 }
 
+impl Priority {
+    /// The lowercase name, as serde writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "interactive" => Some(Self::Interactive),
+            "batch" => Some(Self::Batch),
+            _ => None,
+        }
+    }
+}
+
 /// Token and call counts of finished work, as the provider reported them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -228,6 +246,11 @@ impl Usage {
 /// Microseconds since the Unix epoch. Leases, checkpoints and ledger TATs are
 /// compared across processes, so they use wall-clock time, not `Instant`.
 pub type Micros = i64;
+
+/// A duration in whole microseconds, saturating far in the future.
+pub fn duration_micros(d: std::time::Duration) -> Micros {
+    Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
+}
 
 /// Where "now" comes from; injected so leases and the ledger are tested
 /// without sleeping.

@@ -31,6 +31,7 @@ pub mod domain;
 pub mod engine;
 pub mod lambda;
 pub mod local;
+pub mod postgres;
 pub mod provider;
 pub mod serve;
 pub mod sim;

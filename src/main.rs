@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: AwsCommand,
     },
+    /// The PostgreSQL backend's schema.
+    Postgres {
+        #[command(subcommand)]
+        command: PostgresCommand,
+    },
     /// The dead-letter queue: list it, re-drive its messages, or fail their jobs.
     Dlq {
         #[command(subcommand)]
@@ -170,6 +175,17 @@ enum AwsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum PostgresCommand {
+    /// Apply the schema migrations the database lacks (the URL comes from
+    /// the environment variable `[postgres] url_env` names). Safe to run
+    /// again, and beside running processes of the same version.
+    Migrate {
+        #[arg(long, env = "RATEPOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
 #[derive(clap::Args)]
 struct DlqTarget {
     /// Only this job's dead letters.
@@ -254,6 +270,19 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Postgres { command: PostgresCommand::Migrate { config } } => {
+            ratepool::telemetry::init_logging(false);
+            let cfg = serve::load_config(config.as_deref())?;
+            let url = cfg.postgres.url().map_err(anyhow::Error::msg)?;
+            let applied = ratepool::postgres::migrate_url(&url).await?;
+            if applied.is_empty() {
+                println!("the schema is up to date");
+            }
+            for version in applied {
+                println!("applied migration {version}");
+            }
+            Ok(())
+        }
         Command::Dlq { command } => {
             ratepool::telemetry::init_logging(false);
             let config = match &command {
@@ -274,9 +303,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let cfg = serve::load_config(config.as_deref())?;
             let clock = ratepool::domain::SystemClock;
             let (backend, _) = serve::open_store(&cfg, std::sync::Arc::new(clock)).await?;
-            if cfg.storage.backend == ratepool::config::StorageKind::Sqlite {
+            if cfg.storage.backend != ratepool::config::StorageKind::Aws {
                 eprintln!(
-                    "SQLite has no SQS redrive: its dead letters are the jobs the workers failed as poison \
+                    "SQLite and PostgreSQL have no SQS redrive: its dead letters are the jobs the workers failed as poison \
                      (max_receives runs in a row that crashed without finishing a step), already failed with the reason"
                 );
             }

@@ -19,6 +19,7 @@ use crate::domain::{Clock, Env, ProcessEnv, SystemClock};
 use crate::engine::router::{OrgSettings, RetryPolicy};
 use crate::engine::{Engine, EngineConfig, Router};
 use crate::local::{SqliteBackend, SqliteOptions};
+use crate::postgres::{PgBackend, PgOptions};
 use crate::provider::ProviderClient;
 use crate::sim::{LatencyConfig, SimConfig, SimLimits, SimOrg, Simulator};
 use crate::storage::Backend;
@@ -57,6 +58,8 @@ pub fn engine_config(cfg: &Config) -> EngineConfig {
         poll_wait: match cfg.storage.backend {
             StorageKind::Sqlite => Duration::from_secs(1),
             StorageKind::Aws => Duration::from_secs(20),
+            // A look waits on LISTEN/NOTIFY, so a long one costs nothing.
+            StorageKind::Postgres => Duration::from_secs(5),
         },
         shutdown_grace: Duration::from_secs(cfg.workers.shutdown_grace_secs),
         spec_limits: cfg.limits.spec_limits(),
@@ -114,6 +117,22 @@ pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<(
             .await
             .context("connecting to the AWS backend (run `ratepool aws init` to create missing tables and queues)")?;
             Ok((backend, Some(clients)))
+        }
+        StorageKind::Postgres => {
+            let url = cfg.postgres.url().map_err(anyhow::Error::msg)?;
+            let db = PgBackend::connect(
+                &url,
+                PgOptions {
+                    visibility_timeout: cfg.workers.visibility_timeout(),
+                    clock,
+                    max_connections: cfg.postgres.max_connections,
+                    migrate: cfg.postgres.migrate,
+                },
+            )
+            .await
+            .context("opening the PostgreSQL backend")?;
+            db.set_interactive_weight(cfg.workers.interactive_weight);
+            Ok((db.backend(), None))
         }
     }
 }

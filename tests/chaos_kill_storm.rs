@@ -1,7 +1,8 @@
-//! Kill storm, on both backends: while jobs run, a random worker process is
+//! Kill storm, on every backend: while jobs run, a random process is
 //! SIGKILLed and started again every few seconds — the one `ratepool serve`
 //! on SQLite, one of three `ratepool worker` processes on SQS + DynamoDB
-//! (moto). Jobs are topped up after every kill so that `JOBS` are always in
+//! (moto), one of a `ratepool serve` and three `ratepool worker` processes
+//! sharing one PostgreSQL database. Jobs are topped up after every kill so that `JOBS` are always in
 //! the system. Afterwards: every job succeeded with the outputs of a calm
 //! run, the queue and the dead-letter queue are empty, no lease is held,
 //! and the simulator's per-request counts show that no checkpointed step
@@ -17,7 +18,7 @@
 //!   run repeats at most the call the previous one had in flight;
 //! - on SQLite (one process, so a job changes hands only when it dies) a
 //!   step accepted n > 1 times was "open" (accepted, not checkpointed, in a
-//!   job the killed process leased or ran) at ≥ n − 1 kills. On AWS a slow
+//!   job the killed process leased or ran) at ≥ n − 1 kills. On AWS and PostgreSQL a slow
 //!   but live worker can also lose a job to another when its heartbeat
 //!   comes too late (moto under load); the per-run bound covers that;
 //! - no kill left more open calls than one process runs at once.
@@ -26,7 +27,8 @@
 //! `RATEPOOL_CHAOS_KILLS` (kills, default 20), `RATEPOOL_CHAOS_JOBS` (jobs
 //! kept in the system, 50), `RATEPOOL_CHAOS_STEPS` (chain length, 12),
 //! `RATEPOOL_CHAOS_SEED` (which process dies when; printed by every run).
-//! The AWS test needs the moto emulator `make test` starts (`AWS_ENDPOINT_URL`).
+//! The AWS test needs the moto emulator `make test` starts (`AWS_ENDPOINT_URL`),
+//! the PostgreSQL one the server it starts (`RATEPOOL_TEST_POSTGRES_URL`).
 
 mod common;
 
@@ -724,4 +726,116 @@ fn aws_workers_killed_at_random_lose_and_repeat_nothing_finished() {
     // One worker runs at most `concurrency` jobs, one step each (chains).
     let f = storm(&mut cluster, &sim, &k, (3_000, 5_000), 32, false);
     report("aws", &k, &f, started.elapsed());
+}
+
+// --------------------------------------------------------------- PostgreSQL
+
+/// The environment variable the PostgreSQL storm's processes read their
+/// database's URL from.
+const STORM_DB_ENV: &str = "RATEPOOL_STORM_POSTGRES_URL";
+
+/// A server (API and workers) and three workers on one PostgreSQL database,
+/// as on several machines: any of the four may be the one killed.
+struct Postgres {
+    dir: PathBuf,
+    config: PathBuf,
+    db_url: String,
+    /// Slot 0 is `ratepool serve`, the others `ratepool worker`.
+    procs: Vec<Option<Proc>>,
+    url: String,
+    killed: Option<usize>,
+    starts: usize,
+    rt: tokio::runtime::Runtime,
+    store: Backend,
+}
+
+impl Postgres {
+    fn start(&mut self, slot: usize) {
+        self.starts += 1;
+        let envs = [(STORM_DB_ENV, self.db_url.as_str())];
+        let proc = if slot == 0 {
+            let p = start_server_with_env(&self.dir, &self.config, &ORGS, &format!("serve-{}.log", self.starts), &envs);
+            self.url = p.url.clone();
+            p
+        } else {
+            start_worker_with_env(&self.dir, &self.config, &ORGS, &format!("worker-{}", self.starts), &envs)
+        };
+        self.procs[slot] = Some(proc);
+    }
+}
+
+impl Cluster for Postgres {
+    fn submit(&mut self, spec: &str) -> String {
+        let (status, body) = submit(&self.url, TENANT_A_KEY, spec);
+        assert_eq!(status, 202, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+    fn kill_one(&mut self, rng: &mut Rng) -> (u32, PathBuf) {
+        let slot = rng.below(self.procs.len() as u64) as usize;
+        let mut p = self.procs[slot].take().expect("a running process");
+        let pid = p.child.id();
+        p.kill();
+        self.killed = Some(slot);
+        (pid, p.log.clone())
+    }
+    fn restart(&mut self) {
+        let slot = self.killed.take().expect("a killed process");
+        self.start(slot);
+    }
+    fn outputs(&self, id: &str) -> Value {
+        let (status, body) = get(&format!("{}/v1/jobs/{id}/result", self.url), TENANT_A_KEY);
+        assert_eq!(status, 200, "{body}");
+        body["outputs"].clone()
+    }
+    fn store(&self) -> (&tokio::runtime::Runtime, &Backend) {
+        (&self.rt, &self.store)
+    }
+    fn log_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A server and three workers on the PostgreSQL server `make test` starts
+/// (`RATEPOOL_TEST_POSTGRES_URL`), one of the four SIGKILLed at a time.
+#[test]
+fn postgres_server_and_workers_killed_at_random_lose_and_repeat_nothing_finished() {
+    let k = knobs();
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = start_sim(dir.path(), &ORGS, STORM_LATENCY);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let db_url = rt.block_on(common::postgres::fresh_database());
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nbackend = \"postgres\"\n[postgres]\nurl_env = \"{STORM_DB_ENV}\"\n\
+         max_connections = 8\n[workers]\nconcurrency = 32\nstep_parallelism = 4\nvisibility_timeout_secs = 4\n"
+    );
+    toml.push_str(&orgs_toml(&sim.url, &ORGS));
+    toml.push_str("[[tenants]]\nname = \"alpha\"\napi_key_env = \"TENANT_A_KEY\"\n");
+    let config = dir.path().join("postgres.toml");
+    std::fs::write(&config, &toml).unwrap();
+    let store = rt.block_on(async {
+        let options = ratepool::postgres::PgOptions {
+            visibility_timeout: Duration::from_secs(4),
+            max_connections: 4,
+            ..Default::default()
+        };
+        ratepool::postgres::PgBackend::connect(&db_url, options).await.expect("connect to postgres").backend()
+    });
+    let mut cluster = Postgres {
+        dir: dir.path().to_path_buf(),
+        config,
+        db_url,
+        procs: (0..=WORKERS).map(|_| None).collect(),
+        url: String::new(),
+        killed: None,
+        starts: 0,
+        rt,
+        store,
+    };
+    for slot in 0..=WORKERS {
+        cluster.start(slot);
+    }
+    // One process runs at most `concurrency` jobs, one step each (chains).
+    let f = storm(&mut cluster, &sim, &k, (3_000, 5_000), 32, false);
+    report("postgres", &k, &f, started.elapsed());
 }

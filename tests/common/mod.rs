@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pool;
+pub mod postgres;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -115,10 +116,20 @@ pub fn write_serve_config(dir: &Path, sim_url: &str, orgs: &[OrgSpec], extra: &s
 }
 
 pub fn start_server(dir: &Path, config: &Path, orgs: &[OrgSpec], log_name: &str) -> Proc {
-    let keys: Vec<(String, String)> = orgs.iter().map(|o| (org_key_env(o.name), org_key(o.name))).collect();
+    start_server_with_env(dir, config, orgs, log_name, &[])
+}
+
+/// `start_server` with more environment variables (a database URL).
+pub fn start_server_with_env(
+    dir: &Path,
+    config: &Path,
+    orgs: &[OrgSpec],
+    log_name: &str,
+    extra: &[(&str, &str)],
+) -> Proc {
+    let keys = server_env(orgs);
     let mut envs: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    envs.push(("TENANT_A_KEY", TENANT_A_KEY));
-    envs.push(("TENANT_B_KEY", TENANT_B_KEY));
+    envs.extend_from_slice(extra);
     spawn(&["serve", "--config", config.to_str().unwrap()], &envs, &dir.join(log_name))
 }
 
@@ -250,26 +261,40 @@ pub use ratepool::bench::chain_spec;
 /// says it runs.
 #[allow(dead_code)] // only the AWS tests start workers
 pub fn start_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
-    spawn_worker(dir, config, orgs, name, &[])
+    spawn_worker(dir, config, orgs, name, &[], &[])
+}
+
+/// `start_worker` with more environment variables (a database URL).
+#[allow(dead_code)] // only the PostgreSQL storm passes any
+pub fn start_worker_with_env(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str, envs: &[(&str, &str)]) -> Proc {
+    spawn_worker(dir, config, orgs, name, &[], envs)
 }
 
 /// Starts `ratepool worker --listen 127.0.0.1:0` and waits until it both
 /// listens (`url` is set) and runs its workers.
 #[allow(dead_code)] // only the AWS tests start workers
 pub fn start_listening_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str) -> Proc {
-    spawn_worker(dir, config, orgs, name, &["--listen", "127.0.0.1:0"])
+    spawn_worker(dir, config, orgs, name, &["--listen", "127.0.0.1:0"], &[])
 }
 
 /// `ratepool worker` with `extra` arguments. Its stdout must say where it
 /// listens (only when `--listen` was given) and then that it runs, and
 /// nothing else before that.
 #[allow(dead_code)] // only the AWS tests start workers
-fn spawn_worker(dir: &Path, config: &Path, orgs: &[OrgSpec], name: &str, extra: &[&str]) -> Proc {
+fn spawn_worker(
+    dir: &Path,
+    config: &Path,
+    orgs: &[OrgSpec],
+    name: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(BIN)
         .args(["worker", "--config", config.to_str().unwrap(), "--text-logs"])
         .args(extra)
         .envs(server_env(orgs))
+        .envs(envs.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
