@@ -154,6 +154,10 @@ enum Command {
         /// without it they are skipped.
         #[arg(long, env = "AWS_ENDPOINT_URL")]
         aws_endpoint: Option<String>,
+        /// A PostgreSQL server for the PostgreSQL figures (each run creates
+        /// a database on it); without it they are skipped.
+        #[arg(long, env = "RATEPOOL_TEST_POSTGRES_URL")]
+        postgres_server: Option<String>,
     },
 }
 
@@ -364,7 +368,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Status { id, client } => print(&client.client()?.status(&id).await?),
         Command::Result { id, client } => print(&client.client()?.result(&id).await?),
         Command::Cancel { id, client } => print(&client.client()?.cancel(&id).await?),
-        Command::Bench { runs, quick, only, work_dir, json, aws_endpoint } => {
+        Command::Bench { runs, quick, only, work_dir, json, aws_endpoint, postgres_server } => {
             use ratepool::bench;
             std::fs::create_dir_all(&work_dir)?;
             let opts = bench::Options {
@@ -375,6 +379,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     work: work_dir,
                     sizes: if quick { bench::Sizes::quick() } else { bench::Sizes::full() },
                     aws_endpoint,
+                    postgres_server,
                 },
             };
             let results = bench::run(&opts, quick).await?;

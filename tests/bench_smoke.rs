@@ -3,8 +3,8 @@
 //! nothing worth quoting; it checks the benchmark still works and that what
 //! it counts adds up (every call made once, every step's overhead recorded,
 //! one provider call per request through the calls door), so `make bench`
-//! does not break unnoticed. Needs the moto emulator that
-//! `make test` starts, for the DynamoDB ledger figure.
+//! does not break unnoticed. Needs the moto emulator and the PostgreSQL
+//! server that `make test` starts, for the DynamoDB and PostgreSQL figures.
 
 use std::process::Command;
 
@@ -20,6 +20,9 @@ fn f(v: &Value) -> f64 {
 fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     let endpoint = std::env::var("AWS_ENDPOINT_URL")
         .unwrap_or_else(|_| panic!("AWS_ENDPOINT_URL is not set: run through `make test`, which starts moto"));
+    let postgres = std::env::var("RATEPOOL_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!("RATEPOOL_TEST_POSTGRES_URL is not set: run through `make test`, which starts PostgreSQL")
+    });
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("results.json");
     let out = Command::new(BIN)
@@ -28,13 +31,24 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
         .arg("--json")
         .arg(&json)
         .env("AWS_ENDPOINT_URL", &endpoint)
+        .env("RATEPOOL_TEST_POSTGRES_URL", &postgres)
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed:\n{}\n{}", report, String::from_utf8_lossy(&out.stderr));
-    for heading in
-        ["### 1 + 2.", "### 3.", "### 4.", "### 5.", "### 6.", "### 7.", "### 8.", "### 9.", "### 10.", "### 11."]
-    {
+    for heading in [
+        "### 1 + 2.",
+        "### 3.",
+        "### 4.",
+        "### 5.",
+        "### 6.",
+        "### 7.",
+        "### 8.",
+        "### 9.",
+        "### 10.",
+        "### 11.",
+        "### 12.",
+    ] {
         assert!(report.contains(heading), "report lacks {heading}:\n{report}");
     }
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -73,14 +87,27 @@ fn quick_benchmark_runs_every_figure_and_its_counts_add_up() {
     assert!(f(&m["calls_open"]) >= 40.0, "{m}");
     assert!(f(&m["idle_rss_mb"]) > 0.0 && f(&m["peak_rss_mb"]) >= f(&m["loaded_rss_mb"]), "{m}");
 
-    // 6: both backends measured; DynamoDB needs at least one write per call.
+    // 6: every backend measured; DynamoDB needs at least one write per call.
     let l = &r["ledger"][0];
     let backends: Vec<&str> =
         l["throughput"].as_array().unwrap().iter().map(|t| t["backend"].as_str().unwrap()).collect();
-    assert_eq!(backends, ["sqlite", "sqlite", "sqlite", "dynamodb", "dynamodb", "dynamodb"]);
+    assert_eq!(
+        backends,
+        ["sqlite", "sqlite", "sqlite", "postgres", "postgres", "postgres", "dynamodb", "dynamodb", "dynamodb"]
+    );
     assert!(l["throughput"].as_array().unwrap().iter().all(|t| f(&t["acquisitions"]) > 0.0));
     let alone = f(&l["dynamo_requests_per_call_alone"]);
     assert!((1.0..4.0).contains(&alone), "{alone}");
+
+    // 12: the same saturating workload ran on each backend, every step
+    // called once, none answered 429.
+    let b = &r["backends"][0];
+    for side in ["sqlite", "postgres"] {
+        let p = &b[side];
+        assert_eq!(f(&p["sim"]["accepted_calls"]), f(&p["jobs"]) * f(&p["steps_per_job"]), "{side}: {p}");
+        assert_eq!(f(&p["sim"]["answered_429"]), 0.0, "{side}: {p}");
+        assert!(f(&p["utilization"]) > 0.0 && f(&p["ledger_ops_per_call"]) >= 1.0, "{side}: {p}");
+    }
 
     // 7: both modes ran every step.
     let h = r["headers"][0].as_array().unwrap();

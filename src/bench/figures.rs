@@ -54,6 +54,9 @@ pub struct Ctx {
     pub sizes: Sizes,
     /// The emulator for the DynamoDB ledger figures, if one is running.
     pub aws_endpoint: Option<String>,
+    /// A PostgreSQL server for the PostgreSQL figures, if one is running;
+    /// each run makes a database of its own on it.
+    pub postgres_server: Option<String>,
 }
 
 /// Workload sizes; [`Sizes::full`] for `make bench`, [`Sizes::quick`] for
@@ -295,16 +298,24 @@ pub struct PoolRun {
 }
 
 pub async fn pool_run(ctx: &Ctx, name: &str, orgs: usize, jobs: usize) -> anyhow::Result<PoolRun> {
-    pool_run_on(ctx, name, ctx.sizes.per_org, orgs, jobs).await
+    pool_run_on(ctx, name, ctx.sizes.per_org, orgs, jobs, None).await
 }
 
-/// [`pool_run`] on `orgs` orgs of limits `per_org`.
-async fn pool_run_on(ctx: &Ctx, name: &str, per_org: OrgLimits, orgs: usize, jobs: usize) -> anyhow::Result<PoolRun> {
+/// [`pool_run`] on `orgs` orgs of limits `per_org`, stored in the
+/// PostgreSQL database `postgres` if given (else SQLite).
+async fn pool_run_on(
+    ctx: &Ctx,
+    name: &str,
+    per_org: OrgLimits,
+    orgs: usize,
+    jobs: usize,
+    postgres: Option<String>,
+) -> anyhow::Result<PoolRun> {
     let s = &ctx.sizes;
     let dir = harness::run_dir(&ctx.work, name)?;
     let limits = vec![per_org; orgs];
     let sim = Sim::start(&ctx.bin, &dir, &limits, s.latency).await?;
-    let setup = ServerSetup { orgs: limits.clone(), concurrency: jobs, header_sync: true };
+    let setup = ServerSetup { orgs: limits.clone(), concurrency: jobs, header_sync: true, postgres };
     let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
     let specs = (0..jobs).map(|j| chain_spec(&format!("{name}-{j}"), s.steps, s.max_tokens)).collect();
     let ids = submit_all(&server, specs).await?;
@@ -496,7 +507,7 @@ pub async fn overhead(ctx: &Ctx, run: usize) -> anyhow::Result<OverheadRun> {
     for (label, chains) in [("single", 1), ("concurrent", s.overhead_chains)] {
         let dir = harness::run_dir(&ctx.work, &format!("overhead-{run}-{label}"))?;
         let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], instant()).await?;
-        let setup = ServerSetup { orgs: vec![unlimited()], concurrency: chains, header_sync: true };
+        let setup = ServerSetup { orgs: vec![unlimited()], concurrency: chains, header_sync: true, postgres: None };
         let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
         let specs = (0..chains).map(|c| chain_spec(&format!("overhead-{c}"), s.overhead_steps, 16)).collect();
         let cpu_before = server.proc.cpu_time()?;
@@ -565,7 +576,7 @@ pub async fn memory(ctx: &Ctx, run: usize) -> anyhow::Result<MemoryRun> {
     // Every call hangs for 100 s: the jobs stay in flight while we look.
     let slow = LatencyConfig { base_ms: 100_000.0, per_token_ms: 0.0, time_scale: 1.0 };
     let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], slow).await?;
-    let setup = ServerSetup { orgs: vec![unlimited()], concurrency: jobs, header_sync: true };
+    let setup = ServerSetup { orgs: vec![unlimited()], concurrency: jobs, header_sync: true, postgres: None };
     let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = server.proc.memory()?.0;
@@ -676,6 +687,12 @@ pub async fn ledger(ctx: &Ctx, run: usize) -> anyhow::Result<LedgerRun> {
     )?;
     let mut out = Vec::new();
     throughput("sqlite", db.backend().ledger, ctx.sizes.ledger_secs, &mut out).await?;
+    if let Some(server) = &ctx.postgres_server {
+        let url = crate::postgres::create_database(server).await?;
+        let options = crate::postgres::PgOptions { clock: clock.clone(), ..Default::default() };
+        let pg = crate::postgres::PgBackend::connect(&url, options).await?;
+        throughput("postgres", pg.backend().ledger, ctx.sizes.ledger_secs, &mut out).await?;
+    }
     let (mut alone, mut contended) = (None, None);
     if let Some(endpoint) = &ctx.aws_endpoint {
         let aws_cfg = aws_config(endpoint, run);
@@ -835,7 +852,8 @@ pub async fn header_sync(ctx: &Ctx, run: usize) -> anyhow::Result<Vec<HeaderRun>
     for sync in [false, true] {
         let dir = harness::run_dir(&ctx.work, &format!("headers-{run}-{sync}"))?;
         let sim = Sim::start(&ctx.bin, &dir, &[s.header_org], s.latency).await?;
-        let setup = ServerSetup { orgs: vec![s.header_org], concurrency: s.header_jobs, header_sync: sync };
+        let setup =
+            ServerSetup { orgs: vec![s.header_org], concurrency: s.header_jobs, header_sync: sync, postgres: None };
         let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
         let stop = CancellationToken::new();
         let other = tokio::spawn(other_client(sim.base_url(), sim.keys[0].clone(), s.header_org, stop.clone()));
@@ -908,7 +926,8 @@ async fn flood_and_probe(ctx: &Ctx, name: &str, probe_priority: &str) -> anyhow:
     let s = &ctx.sizes;
     let dir = harness::run_dir(&ctx.work, name)?;
     let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], s.latency).await?;
-    let setup = ServerSetup { orgs: vec![unlimited()], concurrency: s.flood_concurrency, header_sync: true };
+    let setup =
+        ServerSetup { orgs: vec![unlimited()], concurrency: s.flood_concurrency, header_sync: true, postgres: None };
     let server = Arc::new(Server::start(&ctx.bin, &dir, &sim, &setup).await?);
     let flood: Vec<String> = (0..s.flood_jobs)
         .map(|j| with_priority(&chain_spec(&format!("{name}-flood-{j}"), s.flood_steps, s.max_tokens), "batch"))
@@ -990,7 +1009,7 @@ pub async fn window(ctx: &Ctx, run: usize) -> anyhow::Result<WindowRun> {
         };
         let n = s.window_orgs;
         let name = format!("window-{run}-{bucket}s{}", if told { "-told" } else { "" });
-        let r = pool_run_on(ctx, &name, per_org, n, n * s.jobs_per_org).await?;
+        let r = pool_run_on(ctx, &name, per_org, n, n * s.jobs_per_org, None).await?;
         eprintln!(
             "  {bucket} s bucket{}: {} calls, {} answered 429 ({:.3}%), {:.1} s (bound {:.1} s, utilization {:.1}%), learned burst {:.1} s",
             if told { ", burst_secs told" } else { "" },
@@ -1005,4 +1024,34 @@ pub async fn window(ctx: &Ctx, run: usize) -> anyhow::Result<WindowRun> {
         runs.push(r);
     }
     Ok(WindowRun { runs })
+}
+
+// ----------------------------------------------------------- 12: postgres
+
+/// Figure 12 of one run: the same saturating pool workload as figure 1's
+/// with one `ratepool serve` on each backend, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendsRun {
+    pub sqlite: PoolRun,
+    pub postgres: PoolRun,
+}
+
+pub async fn backends(ctx: &Ctx, run: usize) -> anyhow::Result<Option<BackendsRun>> {
+    let Some(server) = &ctx.postgres_server else {
+        eprintln!("  no PostgreSQL server (--postgres-server): figure 12 skipped");
+        return Ok(None);
+    };
+    let s = &ctx.sizes;
+    let orgs = s.org_counts.last().copied().unwrap_or(1);
+    let jobs = orgs * s.jobs_per_org;
+    let sqlite = pool_run_on(ctx, &format!("backends-{run}-sqlite"), s.per_org, orgs, jobs, None).await?;
+    let url = crate::postgres::create_database(server).await?;
+    let postgres = pool_run_on(ctx, &format!("backends-{run}-postgres"), s.per_org, orgs, jobs, Some(url)).await?;
+    for (name, r) in [("sqlite", &sqlite), ("postgres", &postgres)] {
+        eprintln!(
+            "  {name}: {} orgs, utilization {:.3}, 429 share {:.4}, {:.2} calls/s",
+            r.orgs, r.utilization, r.share_429, r.calls_per_s
+        );
+    }
+    Ok(Some(BackendsRun { sqlite, postgres }))
 }

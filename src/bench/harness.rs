@@ -177,9 +177,12 @@ pub struct ServerSetup {
     pub orgs: Vec<OrgLimits>,
     pub concurrency: usize,
     pub header_sync: bool,
+    /// A PostgreSQL database's URL to store in, instead of SQLite in `dir`.
+    pub postgres: Option<String>,
 }
 
-/// `ratepool serve` on SQLite in `dir`, calling the simulator's orgs.
+/// `ratepool serve` on SQLite in `dir` (or on PostgreSQL), calling the
+/// simulator's orgs.
 pub struct Server {
     pub proc: Proc,
     key: String,
@@ -209,15 +212,24 @@ struct Accepted {
     id: String,
 }
 
+/// The variable a PostgreSQL-backed server reads its database URL from.
+const POSTGRES_URL_ENV: &str = "RATEPOOL_BENCH_POSTGRES_URL";
+
 impl Server {
     pub async fn start(bin: &Path, dir: &Path, sim: &Sim, setup: &ServerSetup) -> anyhow::Result<Self> {
+        let mut envs = Vec::new();
+        let storage = match &setup.postgres {
+            None => format!("[storage]\nbackend = \"sqlite\"\npath = \"{}\"\n", dir.join("ratepool.db").display()),
+            Some(url) => {
+                envs.push((POSTGRES_URL_ENV.to_string(), url.clone()));
+                format!("[storage]\nbackend = \"postgres\"\n[postgres]\nurl_env = \"{POSTGRES_URL_ENV}\"\n")
+            }
+        };
         let mut toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nbackend = \"sqlite\"\npath = \"{}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n{storage}\
              [workers]\nconcurrency = {}\nstep_parallelism = 8\nvisibility_timeout_secs = 60\n",
-            dir.join("ratepool.db").display(),
             setup.concurrency.max(1)
         );
-        let mut envs = Vec::new();
         for (i, o) in setup.orgs.iter().enumerate() {
             let var = format!("RATEPOOL_BENCH_ORG_{i}_KEY");
             // `burst_secs` is the org's, before its model table.

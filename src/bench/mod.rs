@@ -10,7 +10,8 @@
 //! behind ratepool's back; interactive latency under a batch flood; a
 //! provider enforcing shorter windows than it advertises; the latency the
 //! OpenAI-compatible calls door adds to a call, and the requests per second
-//! it sustains. See `BENCHMARKS.md`.
+//! it sustains; what a call costs on AWS; the saturation figure on
+//! PostgreSQL beside SQLite. See `BENCHMARKS.md`.
 
 pub mod cost;
 pub mod figures;
@@ -38,10 +39,12 @@ pub enum Figure {
     Window,
     Proxy,
     Cost,
+    /// 12: the saturation figure on SQLite and on PostgreSQL.
+    Backends,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 10] = [
+    pub const ALL: [Figure; 11] = [
         Figure::Scaling,
         Figure::Baseline,
         Figure::Overhead,
@@ -52,6 +55,7 @@ impl Figure {
         Figure::Window,
         Figure::Proxy,
         Figure::Cost,
+        Figure::Backends,
     ];
 }
 
@@ -75,6 +79,7 @@ pub struct Results {
     pub window: Vec<figures::WindowRun>,
     pub proxy: Vec<proxy::ProxyRun>,
     pub cost: Vec<cost::CostRun>,
+    pub backends: Vec<figures::BackendsRun>,
 }
 
 /// Runs the chosen figures `runs` times each.
@@ -95,6 +100,7 @@ pub async fn run(opts: &Options, quick: bool) -> anyhow::Result<Results> {
                 Figure::Window => r.window.push(figures::window(ctx, run).await?),
                 Figure::Proxy => r.proxy.push(proxy::proxy(ctx, run).await?),
                 Figure::Cost => r.cost.extend(cost::cost(ctx, run).await?),
+                Figure::Backends => r.backends.extend(figures::backends(ctx, run).await?),
             }
         }
     }
@@ -362,7 +368,45 @@ pub fn report(r: &Results) -> String {
     if !r.cost.is_empty() {
         cost_report(&mut s, &r.cost);
     }
+    if !r.backends.is_empty() {
+        backends_report(&mut s, &r.backends);
+    }
     s
+}
+
+/// Figure 12's table: one row per backend, medians over the runs.
+fn backends_report(s: &mut String, runs: &[figures::BackendsRun]) {
+    let first = &runs[0].sqlite;
+    let _ = writeln!(
+        s,
+        "### 12. Saturation on PostgreSQL beside SQLite ({} orgs, {} jobs × {} steps, one `ratepool serve` each, same run)\n",
+        first.orgs, first.jobs, first.steps_per_job
+    );
+    let _ = writeln!(s, "| backend | makespan s | utilization | 429 share | calls/s | ledger ops/call |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    type Pick = fn(&figures::BackendsRun) -> &figures::PoolRun;
+    let rows: [(&str, Pick); 2] = [("sqlite", |x| &x.sqlite), ("postgres", |x| &x.postgres)];
+    for (name, pick) in rows {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.2} [{}] | **{:.1}%** [{}] | {:.3}% [{}] | {:.2} | {:.2} |",
+            med(runs, |x| pick(x).makespan_s),
+            all(runs, |x| pick(x).makespan_s, 2),
+            100.0 * med(runs, |x| pick(x).utilization),
+            all(runs, |x| 100.0 * pick(x).utilization, 1),
+            100.0 * med(runs, |x| pick(x).share_429),
+            all(runs, |x| 100.0 * pick(x).share_429, 3),
+            med(runs, |x| pick(x).calls_per_s),
+            med(runs, |x| pick(x).ledger_ops_per_call),
+        );
+    }
+    let ratio: Vec<f64> = runs.iter().map(|x| x.postgres.calls_per_s / x.sqlite.calls_per_s).collect();
+    let _ = writeln!(
+        s,
+        "\nCalls per second, PostgreSQL ÷ SQLite within a run: **{:.2}** [{}].\n",
+        median(ratio.clone()),
+        all(&ratio, |x| *x, 2)
+    );
 }
 
 /// Figure 10's tables: one row per concurrency and body, then the sustained loop.

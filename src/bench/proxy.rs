@@ -229,7 +229,7 @@ impl Pair {
         let dir = harness::run_dir(&ctx.work, name)?;
         let latency = if provider_ms == 0 { instant() } else { fixed(provider_ms) };
         let sim = Sim::start(&ctx.bin, &dir, &[unlimited()], latency).await?;
-        let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true };
+        let setup = ServerSetup { orgs: vec![unlimited()], concurrency: 1, header_sync: true, postgres: None };
         let server = Server::start(&ctx.bin, &dir, &sim, &setup).await?;
         let org_key = sim.keys.first().context("one org")?;
         let direct = Target::new("the simulator", &sim.proc.url, org_key)?;
