@@ -517,6 +517,13 @@ fn calm_outputs(specs: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// A finished job's outputs, from the API at `url`.
+fn outputs_at(url: &str, id: &str) -> Value {
+    let (status, body) = get(&format!("{url}/v1/jobs/{id}/result"), TENANT_A_KEY);
+    assert_eq!(status, 200, "{body}");
+    body["outputs"].clone()
+}
+
 /// Calls take long enough that most kills land mid-call.
 const STORM_LATENCY: (f64, f64, f64) = (1_000.0, 0.0, 1.0);
 
@@ -557,9 +564,7 @@ impl Cluster for Local {
         self.start();
     }
     fn outputs(&self, id: &str) -> Value {
-        let (status, body) = get(&format!("{}/v1/jobs/{id}/result", self.url), TENANT_A_KEY);
-        assert_eq!(status, 200, "{body}");
-        body["outputs"].clone()
+        outputs_at(&self.url, id)
     }
     fn store(&self) -> (&tokio::runtime::Runtime, &Backend) {
         (&self.rt, &self.store)
@@ -783,9 +788,7 @@ impl Cluster for Postgres {
         self.start(slot);
     }
     fn outputs(&self, id: &str) -> Value {
-        let (status, body) = get(&format!("{}/v1/jobs/{id}/result", self.url), TENANT_A_KEY);
-        assert_eq!(status, 200, "{body}");
-        body["outputs"].clone()
+        outputs_at(&self.url, id)
     }
     fn store(&self) -> (&tokio::runtime::Runtime, &Backend) {
         (&self.rt, &self.store)

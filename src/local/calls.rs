@@ -4,14 +4,11 @@
 //! a few at a time by later claims, like the response cache's.
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
 use super::{OrBackend, SqliteBackend};
 use crate::domain::{Micros, OrgName};
-use crate::storage::{
-    AnswerKind, CallClaim, CallStore, ClaimOutcome, RequestHash, StorageError, StorageResult, StoredCall,
-};
+use crate::storage::{CallClaim, CallStore, ClaimOutcome, RequestHash, StorageError, StorageResult, StoredCall};
 
 /// Expired rows deleted per claim; see `super::cache`'s purge for why a few.
 const PURGE_BATCH: i64 = 32;
@@ -31,15 +28,7 @@ struct Row {
 impl Row {
     /// The stored answer, if the row has one.
     fn answer(self) -> StorageResult<Option<StoredCall>> {
-        let (Some(status), Some(kind), Some(body)) = (self.status, self.kind, self.body) else { return Ok(None) };
-        let corrupt = |what: &str| StorageError::Backend(format!("stored durable call has a bad {what}"));
-        Ok(Some(StoredCall {
-            status: u16::try_from(status).map_err(|_| corrupt("status"))?,
-            kind: AnswerKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
-            org: self.org.map(OrgName::parse).transpose().map_err(|_| corrupt("org"))?,
-            body: Bytes::from(body),
-            created_at: self.created_at.unwrap_or_default(),
-        }))
+        StoredCall::from_columns(self.status, self.kind, self.org, self.body, self.created_at)
     }
 }
 

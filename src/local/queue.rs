@@ -11,7 +11,9 @@ use std::time::Duration;
 use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
 use crate::domain::Priority;
 use crate::domain::{JobId, Micros, TenantId};
-use crate::storage::{DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::storage::{
+    DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult, receive_woken,
+};
 use async_trait::async_trait;
 
 /// How often an idle receiver looks again even without a wake-up: messages
@@ -119,24 +121,7 @@ impl JobQueue for SqliteBackend {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Registered before looking, so a send between the look and the
-            // wait still wakes us (notify_waiters reaches every future that
-            // exists, polled or not).
-            let ready = self.shared.queue_ready.notified();
-            let got = self.take_visible(max).await?;
-            if !got.is_empty() {
-                return Ok(got);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(got);
-            }
-            let nap = (deadline - now).min(FALLBACK_POLL);
-            // Timing out is the fallback poll, not an error.
-            let _ = tokio::time::timeout(nap, ready).await;
-        }
+        receive_woken(&self.shared.queue_ready, wait, FALLBACK_POLL, || self.take_visible(max)).await
     }
 
     /// Extending a message whose visibility already lapsed but that nobody

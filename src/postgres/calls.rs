@@ -11,14 +11,11 @@
 //! time by later claims, like the response cache's.
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use sqlx::postgres::PgRow;
 
 use super::{PgBackend, col, db};
 use crate::domain::{Micros, OrgName};
-use crate::storage::{
-    AnswerKind, CallClaim, CallStore, ClaimOutcome, RequestHash, StorageError, StorageResult, StoredCall,
-};
+use crate::storage::{CallClaim, CallStore, ClaimOutcome, RequestHash, StorageError, StorageResult, StoredCall};
 
 /// Expired rows deleted per claim: enough to keep up with the claims, few
 /// enough that no claim pays for a backlog.
@@ -58,15 +55,7 @@ impl Record {
 
     /// The stored answer, if the record has one.
     fn answer(self) -> StorageResult<Option<StoredCall>> {
-        let (Some(status), Some(kind), Some(body)) = (self.status, self.kind, self.body) else { return Ok(None) };
-        let corrupt = |what: &str| StorageError::Backend(format!("stored durable call has a bad {what}"));
-        Ok(Some(StoredCall {
-            status: u16::try_from(status).map_err(|_| corrupt("status"))?,
-            kind: AnswerKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
-            org: self.org.map(OrgName::parse).transpose().map_err(|_| corrupt("org"))?,
-            body: Bytes::from(body),
-            created_at: self.created_at.unwrap_or_default(),
-        }))
+        StoredCall::from_columns(self.status.map(i64::from), self.kind, self.org, self.body, self.created_at)
     }
 }
 

@@ -221,15 +221,7 @@ impl PgBackend {
 
     /// Every role, all backed by this one database.
     pub fn backend(&self) -> Backend {
-        let me = Arc::new(self.clone());
-        Backend {
-            queue: me.clone(),
-            jobs: me.clone(),
-            ledger: me.clone(),
-            usage: me.clone(),
-            cache: me.clone(),
-            calls: me,
-        }
+        Backend::all(self.clone())
     }
 
     fn pool(&self) -> &PgPool {

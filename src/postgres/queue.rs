@@ -21,7 +21,9 @@ use sqlx::postgres::PgRow;
 
 use super::{PgBackend, QUEUE_CHANNEL, col, db, int, lane, lane_priority, parsed, ucol};
 use crate::domain::{JobId, Priority, TenantId, duration_micros};
-use crate::storage::{DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult};
+use crate::storage::{
+    DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult, receive_woken,
+};
 
 /// How often an idle receiver looks again even without a notification:
 /// messages whose visibility or delay expires signal nothing, and a
@@ -121,24 +123,7 @@ impl JobQueue for PgBackend {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Registered before looking, so a send between the look and the
-            // wait still wakes us (notify_waiters reaches every future that
-            // exists, polled or not).
-            let ready = self.shared.queue_ready.notified();
-            let got = self.take_visible(max).await?;
-            if !got.is_empty() {
-                return Ok(got);
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(got);
-            }
-            let nap = (deadline - now).min(FALLBACK_POLL);
-            // Timing out is the fallback poll, not an error.
-            let _ = tokio::time::timeout(nap, ready).await;
-        }
+        receive_woken(&self.shared.queue_ready, wait, FALLBACK_POLL, || self.take_visible(max)).await
     }
 
     /// Extending a message whose visibility already lapsed but that nobody

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{StorageResult, write_canonical_object};
+use super::{StorageError, StorageResult, write_canonical_object};
 use crate::domain::{IdempotencyKey, Micros, OrgName, TenantId};
 
 /// What the hashed bytes start with; bump it when the encoding changes.
@@ -104,6 +104,30 @@ pub struct StoredCall {
     pub org: Option<OrgName>,
     pub body: Bytes,
     pub created_at: Micros,
+}
+
+impl StoredCall {
+    /// The answer a record's columns hold, if it has one (status, kind and
+    /// body all set); a stored value that no longer parses is reported as
+    /// corrupt rather than trusted. For the SQL backends, whose rows keep
+    /// an answer's parts in nullable columns.
+    pub fn from_columns(
+        status: Option<i64>,
+        kind: Option<String>,
+        org: Option<String>,
+        body: Option<Vec<u8>>,
+        created_at: Option<Micros>,
+    ) -> StorageResult<Option<Self>> {
+        let (Some(status), Some(kind), Some(body)) = (status, kind, body) else { return Ok(None) };
+        let corrupt = |what: &str| StorageError::Backend(format!("stored durable call has a bad {what}"));
+        Ok(Some(Self {
+            status: u16::try_from(status).map_err(|_| corrupt("status"))?,
+            kind: AnswerKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
+            org: org.map(OrgName::parse).transpose().map_err(|_| corrupt("org"))?,
+            body: Bytes::from(body),
+            created_at: created_at.unwrap_or_default(),
+        }))
+    }
 }
 
 /// What a claim found.

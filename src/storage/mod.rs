@@ -120,6 +120,40 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+/// The receive loop of a queue that wakes `ready` when a message may have
+/// become visible (a send, a hand-back): `look`s until one finds messages
+/// or `wait` has passed, sleeping between looks until a wake-up or `poll`,
+/// whichever comes first (messages whose visibility runs out, or that
+/// another process sent unheard, signal nothing).
+pub async fn receive_woken<F, Fut>(
+    ready: &tokio::sync::Notify,
+    wait: Duration,
+    poll: Duration,
+    mut look: F,
+) -> StorageResult<Vec<Delivery>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StorageResult<Vec<Delivery>>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Registered before looking, so a send between the look and the
+        // wait still wakes us (notify_waiters reaches every future that
+        // exists, polled or not).
+        let woken = ready.notified();
+        let got = look().await?;
+        if !got.is_empty() {
+            return Ok(got);
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(got);
+        }
+        // Timing out is the fallback poll, not an error.
+        let _ = tokio::time::timeout((deadline - now).min(poll), woken).await;
+    }
+}
+
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
     async fn send(&self, message: &QueueMessage) -> StorageResult<()>;
@@ -821,6 +855,24 @@ pub struct Backend {
     pub usage: std::sync::Arc<dyn UsageStore>,
     pub cache: std::sync::Arc<dyn ResponseCache>,
     pub calls: std::sync::Arc<dyn CallStore>,
+}
+
+impl Backend {
+    /// Every role played by one value (a database that holds them all).
+    pub fn all<T>(store: T) -> Self
+    where
+        T: JobQueue + JobStore + QuotaLedger + UsageStore + ResponseCache + CallStore,
+    {
+        let me = std::sync::Arc::new(store);
+        Self {
+            queue: me.clone(),
+            jobs: me.clone(),
+            ledger: me.clone(),
+            usage: me.clone(),
+            cache: me.clone(),
+            calls: me,
+        }
+    }
 }
 
 #[cfg(test)]
