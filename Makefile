@@ -34,7 +34,7 @@ test:
 
 ## The benchmark behind BENCHMARKS.md: a release build, BENCH_RUNS runs of
 ## every figure (about 25 minutes for 3), with its own moto for the DynamoDB
-## ledger figures. The tables go to stdout and target/bench/report.md, every
+## figures and its own PostgreSQL server for the PostgreSQL ones (6 and 12). The tables go to stdout and target/bench/report.md, every
 ## run's numbers to target/bench/results.json. BENCH_ARGS="--only scaling" etc.
 BENCH_RUNS ?= 3
 BENCH_ARGS ?=

@@ -130,3 +130,14 @@ async fn a_nul_character_in_an_answer_or_a_name_does_not_fail_the_write() {
     assert_eq!(read[0].output(), answer);
     assert_eq!(h.backend.jobs.get_job(&job.id).await.unwrap().unwrap().name, "nul\u{fffd}name");
 }
+
+/// TLS is what the URL asks for: the test server has no certificate, so a
+/// URL that requires TLS is refused and one that disables it connects.
+#[tokio::test]
+async fn the_url_decides_whether_tls_is_required() {
+    let url = pg::fresh_database().await;
+    let with = |mode: &str| format!("{url}?sslmode={mode}");
+    let err = PgBackend::connect(&with("require"), options(true)).await.err().expect("refused").to_string();
+    assert!(err.to_lowercase().contains("tls") || err.to_lowercase().contains("ssl"), "{err}");
+    PgBackend::connect(&with("disable"), options(true)).await.expect("plain connection");
+}
