@@ -31,6 +31,24 @@ use crate::storage::{
 /// the job meanwhile, so a handful never runs out in practice.
 const MAX_RACES: u32 = 8;
 
+/// Binds `$1`, `$2` and `$3` of a statement a lease guards: the job, the
+/// owner and the epoch its `WHERE` clause checks.
+trait BindLease<'a> {
+    fn bind_lease(self, lease: &'a Lease) -> Self;
+}
+
+impl<'a> BindLease<'a> for sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_lease(self, lease: &'a Lease) -> Self {
+        self.bind(lease.job_id.as_str()).bind(&lease.owner).bind(int(lease.epoch))
+    }
+}
+
+impl<'q, O> BindLease<'q> for sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn bind_lease(self, lease: &'q Lease) -> Self {
+        self.bind(lease.job_id.as_str()).bind(&lease.owner).bind(int(lease.epoch))
+    }
+}
+
 /// The columns `job_from_row` reads.
 macro_rules! job_columns {
     () => {
@@ -322,9 +340,7 @@ impl JobStore for PgBackend {
             "UPDATE jobs SET lease_expires_at = $4, updated_at = $5
               WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3 AND status = 'running'",
         )
-        .bind(lease.job_id.as_str())
-        .bind(&lease.owner)
-        .bind(int(lease.epoch))
+        .bind_lease(lease)
         .bind(renewed.expires_at)
         .bind(now)
         .execute(self.pool())
@@ -344,9 +360,7 @@ impl JobStore for PgBackend {
                              stalled_runs = GREATEST(stalled_runs - 1, 0)
               WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
         )
-        .bind(lease.job_id.as_str())
-        .bind(&lease.owner)
-        .bind(int(lease.epoch))
+        .bind_lease(lease)
         .execute(self.pool())
         .await
         .map_err(db)?;
@@ -369,9 +383,7 @@ impl JobStore for PgBackend {
               WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
                 AND lease_expires_at > $4 AND status = 'running'",
         )
-        .bind(lease.job_id.as_str())
-        .bind(&lease.owner)
-        .bind(int(lease.epoch))
+        .bind_lease(lease)
         .bind(now)
         .bind(int(cp.usage.calls))
         .bind(int(cp.usage.prompt_tokens))
@@ -473,9 +485,7 @@ impl JobStore for PgBackend {
               WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
                 AND lease_expires_at > $4 AND status = 'running'",
         )
-        .bind(lease.job_id.as_str())
-        .bind(&lease.owner)
-        .bind(int(lease.epoch))
+        .bind_lease(lease)
         .bind(now)
         .bind(i64::from(steps_total))
         .execute(self.pool())
@@ -504,9 +514,7 @@ impl JobStore for PgBackend {
                     AND ($5 <> 'succeeded' OR steps_done >= steps_total)
                   RETURNING tenant"
             ))
-            .bind(lease.job_id.as_str())
-            .bind(&lease.owner)
-            .bind(int(lease.epoch))
+            .bind_lease(lease)
             .bind(now)
             .bind(status.as_str())
             .bind(error.as_deref())
@@ -521,9 +529,7 @@ impl JobStore for PgBackend {
                   WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
                     AND lease_expires_at > $4 AND status = 'running'",
             )
-            .bind(lease.job_id.as_str())
-            .bind(&lease.owner)
-            .bind(int(lease.epoch))
+            .bind_lease(lease)
             .bind(now)
             .fetch_optional(self.pool())
             .await
