@@ -188,12 +188,7 @@ impl PgBackend {
     /// Connects, brings the schema up to date (or checks it, when
     /// `options.migrate` is false) and starts listening for queue sends.
     pub async fn connect(url: &str, options: PgOptions) -> StorageResult<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(*MAX_CONNECTIONS.start()))
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(connect_options(url)?)
-            .await
-            .map_err(|e| StorageError::Backend(format!("connecting to PostgreSQL: {}", describe(&e))))?;
+        let pool = connect_pool(url, options.max_connections.max(*MAX_CONNECTIONS.start())).await?;
         if options.migrate {
             migrate(&pool).await?;
         } else {
@@ -233,6 +228,16 @@ impl PgBackend {
     }
 }
 
+/// A pool of at most `max` connections to `url`.
+async fn connect_pool(url: &str, max: u32) -> StorageResult<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(connect_options(url)?)
+        .await
+        .map_err(|e| StorageError::Backend(format!("connecting to PostgreSQL: {}", describe(&e))))
+}
+
 /// Applies the migrations this database lacks. Refuses a database that has
 /// one this binary does not know (a newer binary migrated it).
 pub async fn migrate(pool: &PgPool) -> StorageResult<()> {
@@ -245,12 +250,7 @@ pub async fn migrate(pool: &PgPool) -> StorageResult<()> {
 /// Connects to `url` and applies the missing migrations: `ratepool postgres
 /// migrate`. Returns the versions applied now.
 pub async fn migrate_url(url: &str) -> StorageResult<Vec<i64>> {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(connect_options(url)?)
-        .await
-        .map_err(|e| StorageError::Backend(format!("connecting to PostgreSQL: {}", describe(&e))))?;
+    let pool = connect_pool(url, 1).await?;
     let before = applied_versions(&pool).await?;
     migrate(&pool).await?;
     pool.close().await;
@@ -404,12 +404,7 @@ pub(crate) fn priority_col(row: &sqlx::postgres::PgRow, name: &str) -> StorageRe
 /// whose runs gets one of its own.
 pub async fn create_database(server_url: &str) -> StorageResult<String> {
     let name = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(connect_options(server_url)?)
-        .await
-        .map_err(|e| StorageError::Backend(format!("connecting to PostgreSQL: {}", describe(&e))))?;
+    let pool = connect_pool(server_url, 1).await?;
     // The name is made here of hex digits: nothing of a caller's reaches it.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&pool).await.map_err(db)?;
     pool.close().await;
