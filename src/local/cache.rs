@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
-use super::{OrBackend, SqliteBackend, micros};
-use crate::domain::Micros;
+use super::{OrBackend, SqliteBackend};
+use crate::domain::{Micros, duration_micros};
 use crate::storage::{CacheKey, CachedResponse, ResponseCache, StorageError, StorageResult};
 
 /// Expired rows deleted per put. More than one, so purging outpaces the one
@@ -42,7 +42,7 @@ impl ResponseCache for SqliteBackend {
         let key = key.as_str().to_owned();
         let value = serde_json::to_string(value)
             .map_err(|e| StorageError::Backend(format!("serializing a response cache entry: {e}")))?;
-        let expires_at = now.saturating_add(micros(ttl));
+        let expires_at = now.saturating_add(duration_micros(ttl));
         self.write(move |conn| {
             // One transaction: one commit for the write and the purge.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;

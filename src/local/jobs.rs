@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
-use super::{OrBackend, SqliteBackend, int, micros, parse_priority, parsed, priority_str, uint};
+use super::{OrBackend, SqliteBackend, int, parse_priority, parsed, uint};
 use crate::answer::StepAnswer;
-use crate::domain::{JobId, Micros, ModelName, OrgName, StepKey, TenantId, Usage};
+use crate::domain::{JobId, Micros, ModelName, OrgName, StepKey, TenantId, Usage, duration_micros};
 use crate::storage::{
     Checkpoint, CreateOutcome, DeliveryReport, JobOutcome, JobRecord, JobStatus, JobStore, Lease, LeaseOutcome, NewJob,
     QueueMessage, StorageError, StorageResult,
@@ -157,7 +157,7 @@ impl JobStore for SqliteBackend {
                     job.id.as_str(),
                     job.tenant.as_str(),
                     job.name,
-                    priority_str(job.priority),
+                    job.priority.as_str(),
                     job.spec_json,
                     job.steps_total,
                     job.created_at,
@@ -209,7 +209,7 @@ impl JobStore for SqliteBackend {
     async fn acquire_lease(&self, id: &JobId, owner: &str, ttl: Duration, now: Micros) -> StorageResult<LeaseOutcome> {
         let id = id.clone();
         let owner = owner.to_owned();
-        let expires_at = now.saturating_add(micros(ttl));
+        let expires_at = now.saturating_add(duration_micros(ttl));
         self.write(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).db()?;
             let current = tx
@@ -255,7 +255,7 @@ impl JobStore for SqliteBackend {
     /// still this worker's, and renewing it is how it recovers.
     async fn renew_lease(&self, lease: &Lease, ttl: Duration, now: Micros) -> StorageResult<Lease> {
         let mut renewed = lease.clone();
-        renewed.expires_at = now.saturating_add(micros(ttl));
+        renewed.expires_at = now.saturating_add(duration_micros(ttl));
         let l = renewed.clone();
         let changed = self
             .write(move |conn| {

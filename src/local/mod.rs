@@ -247,11 +247,6 @@ impl<T> OrBackend<T> for rusqlite::Result<T> {
     }
 }
 
-/// A duration as stored: whole microseconds, saturating far in the future.
-fn micros(d: Duration) -> Micros {
-    Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
-}
-
 /// Reads a validated id from column `idx`; a stored value that no longer
 /// parses is reported as a conversion failure rather than trusted.
 fn parsed<T>(
@@ -280,24 +275,15 @@ where
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e)))
 }
 
-fn priority_str(p: Priority) -> &'static str {
-    match p {
-        Priority::Interactive => "interactive",
-        Priority::Batch => "batch",
-    }
-}
-
 fn parse_priority(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Priority> {
     let s: String = row.get(idx)?;
-    match s.as_str() {
-        "interactive" => Ok(Priority::Interactive),
-        "batch" => Ok(Priority::Batch),
-        _ => Err(rusqlite::Error::FromSqlConversionFailure(
+    Priority::parse(&s).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
             idx,
             rusqlite::types::Type::Text,
             format!("unknown priority {s:?}").into(),
-        )),
-    }
+        )
+    })
 }
 
 #[cfg(test)]

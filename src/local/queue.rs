@@ -8,9 +8,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{OrBackend, SqliteBackend, int, micros, parsed, uint};
+use super::{OrBackend, SqliteBackend, int, parsed, uint};
 use crate::domain::Priority;
-use crate::domain::{JobId, Micros, TenantId};
+use crate::domain::{JobId, Micros, TenantId, duration_micros};
 use crate::storage::{
     DeadLetter, Delivery, JobQueue, QueueMessage, QueueStats, StorageError, StorageResult, receive_woken,
 };
@@ -52,7 +52,7 @@ impl SqliteBackend {
     /// One look at the queue: takes up to `max` visible messages.
     async fn take_visible(&self, max: usize) -> StorageResult<Vec<Delivery>> {
         let now = self.now();
-        let hidden_until = now.saturating_add(micros(self.shared.visibility_timeout));
+        let hidden_until = now.saturating_add(duration_micros(self.shared.visibility_timeout));
         let turn = self.shared.takes.fetch_add(1, Ordering::Relaxed);
         let batch_turn = self.shared.batch_turn.load(Ordering::Relaxed).max(1);
         // Lane order for this take: batch first on its turn.
@@ -128,7 +128,7 @@ impl JobQueue for SqliteBackend {
     /// received again succeeds (the receipt is still the latest); SQS would
     /// refuse that, but no other worker can hold it, so it is safe.
     async fn extend(&self, receipt: &str, timeout: Duration) -> StorageResult<()> {
-        let visible_at = self.now().saturating_add(micros(timeout));
+        let visible_at = self.now().saturating_add(duration_micros(timeout));
         let receipt = receipt.to_owned();
         let changed = self
             .write(move |conn| {
@@ -160,7 +160,7 @@ impl JobQueue for SqliteBackend {
     /// One statement: the row is hidden, re-receipted and its count reset,
     /// so there is never a moment with two copies or none.
     async fn defer(&self, delivery: &Delivery, delay: Duration) -> StorageResult<()> {
-        let visible_at = self.now().saturating_add(micros(delay));
+        let visible_at = self.now().saturating_add(duration_micros(delay));
         let receipt = delivery.receipt.clone();
         let changed = self
             .write(move |conn| {
